@@ -1,0 +1,247 @@
+"""Atomic step-N checkpoints with a verified manifest, retention and resume.
+
+Layout under `<output_dir>/checkpoints/`:
+    step-00000100/manifest.json   step, epoch, data position, world size, strategy, config hash,
+                                  trainer state, and every file with its size and SHA-256
+    step-00000100/*.pt            strategy state (rank 0 for replicated state, one file per rank
+                                  for shards) and one RNG file per rank
+    latest                        text: the folder name of the newest complete checkpoint
+
+A save writes into `.tmp-step-N/`, fsyncs every file and the folder, renames it to `step-N/`,
+then replaces `latest` through a temporary file and a rename. A crash at any instant leaves the
+previous checkpoint and `latest` valid. Files are loaded with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+log = logging.getLogger("dist_train")
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory (so a rename into it is durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- RNG state ------------------------------------------------------------------------------------
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state["numpy"] = (kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, gauss)
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        kind, keys, pos, has_gauss, gauss_np = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, gauss_np))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
+# --- writing ------------------------------------------------------------------------------------------
+
+
+def begin_save(root: Path, step: int) -> Path:
+    """Rank 0: a fresh temporary folder for step `step` (stale leftovers of a crashed save removed)."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp-{step_dir_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def fsync_files(folder: Path, names: list[str]) -> None:
+    for name in names:
+        fsync_path(folder / name)
+
+
+def commit_save(
+    root: Path, tmp: Path, step: int, meta: dict, files: list[str], keep_last: int, keep_every: int | None
+) -> Path:
+    """Rank 0, after every rank wrote and fsynced its files: manifest, rename, `latest`, retention."""
+    entries = {name: {"size": (tmp / name).stat().st_size, "sha256": sha256_file(tmp / name)} for name in sorted(files)}
+    manifest = {"format_version": FORMAT_VERSION, "step": step, **meta, "files": entries}
+    write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
+    final = root / step_dir_name(step)
+    if final.exists():  # a complete checkpoint of this step already exists: keep it, drop ours
+        shutil.rmtree(tmp)
+    else:
+        os.rename(tmp, final)
+        fsync_path(root)
+    write_atomic(root / "latest", (final.name + "\n").encode())
+    apply_retention(root, keep_last, keep_every)
+    return final
+
+
+def apply_retention(root: Path, keep_last: int, keep_every: int | None) -> None:
+    """Delete complete checkpoints beyond the newest `keep_last`, except multiples of `keep_every`."""
+    steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    latest = read_latest(root)
+    for step in steps[:-keep_last] if keep_last else []:
+        name = step_dir_name(step)
+        if name == latest or (keep_every and step % keep_every == 0):
+            continue
+        shutil.rmtree(root / name, ignore_errors=True)
+
+
+# --- reading --------------------------------------------------------------------------------------------
+
+
+def read_latest(root: Path) -> str | None:
+    try:
+        return (root / "latest").read_text().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def verify(folder: Path) -> dict:
+    """The manifest of a complete, intact checkpoint folder; ValueError saying what is wrong otherwise."""
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{folder} has no {MANIFEST} (incomplete or not a checkpoint)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{folder}/{MANIFEST} is not valid JSON") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
+        raise ValueError(f"{folder}/{MANIFEST} is not a dist_train manifest")
+    for name, entry in manifest["files"].items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"{folder.name}: file {name} is missing")
+        if path.stat().st_size != entry["size"]:
+            raise ValueError(
+                f"{folder.name}: file {name} has {path.stat().st_size} bytes, manifest says {entry['size']}"
+            )
+        if sha256_file(path) != entry["sha256"]:
+            raise ValueError(f"{folder.name}: file {name} fails its checksum (corrupted)")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Found:
+    folder: Path
+    manifest: dict
+
+
+def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
+    """Resolve `checkpoint.resume` to a verified checkpoint (rank 0 only: it reads every byte).
+
+    `auto`: `latest`, else the newest intact `step-*` folder; a corrupt candidate is reported in
+    one line and skipped. A path: a checkpoint folder or a run folder; must be intact.
+    """
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.exists():
+            raise UserError(
+                f"checkpoint.resume: {path} does not exist (give a step-XXXXXXXX folder, a run folder, auto or never)"
+            )
+        if not (path / MANIFEST).exists():
+            root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+            latest = read_latest(root)
+            if latest is None:
+                raise UserError(
+                    f"checkpoint.resume: {path} is neither a checkpoint folder nor a run folder with checkpoints/latest"
+                )
+            path = root / latest
+            if not path.is_dir():
+                raise UserError(f"checkpoint.resume: {root}/latest names {latest}, which does not exist")
+        try:
+            return Found(path, verify(path))
+        except ValueError as err:
+            raise UserError(f"checkpoint.resume: {err}") from None
+
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return None
+    candidates = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), reverse=True)
+    latest = read_latest(root)
+    if latest and not (root / latest).is_dir():
+        log.warning(
+            "checkpoints/latest names %s, which does not exist; looking for the newest intact checkpoint", latest
+        )
+    elif latest:  # trust `latest` first: it is only ever replaced after a complete save
+        candidates.sort(key=lambda p: p.name != latest)
+    for folder in candidates:
+        try:
+            return Found(folder, verify(folder))
+        except ValueError as err:
+            log.warning("skipping checkpoint %s: %s; falling back to an older one", folder.name, err)
+    return None
+
+
+def load_payload(path: Path, device: torch.device | str = "cpu") -> dict:
+    """torch.load without unpickling arbitrary objects."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one bad-checkpoint message
+        raise UserError(f"cannot load {path}: {type(err).__name__}: {str(err).splitlines()[0]}") from None
+
+
+def config_hash(training_config: dict) -> str:
+    """A short hash of the training-relevant config (model, data, batch shape, optimiser, schedule)."""
+    return hashlib.sha256(json.dumps(training_config, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,98 @@
+"""Command line: `dist-train [train] --config FILE [KEY=VALUE ...]` and the tool sub-commands.
+
+Every mistake a user can fix becomes one line on stderr starting `dist_train: error:` and exit
+status 2, with no traceback. A failed run exits 1 (the message names the rank and step); a run
+stopped by SIGTERM/SIGUSR1 after writing its checkpoint exits 75 (EXIT_PREEMPTED).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import UserError
+
+EXIT_USAGE = 2
+SUBCOMMANDS = ("train", "plot")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would print usage + exit 2; we want one line
+        raise UserError(f"{message} (see `dist-train {self.prog.split()[-1]} --help`)" if " " in self.prog else message)
+
+
+def _train_parser(prog: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=prog, description="Train as configured; KEY=VALUE overrides use dotted YAML paths.")
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4 strategy.name=ddp")
+    return parser
+
+
+def run_train(argv: list[str]) -> int:
+    from .config import load_config
+
+    args = _train_parser("dist-train train").parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+
+    from .control import EXIT_PREEMPTED
+    from .distributed import init_distributed, teardown
+    from .logging_setup import setup_logging
+    from .trainer import TrainingError, train
+
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    log = setup_logging(rank, world)
+    ctx = None
+    try:
+        ctx = init_distributed(cfg.dist.backend, cfg.dist.timeout_s)
+        setup_logging(ctx.rank, ctx.world_size)
+        result = train(cfg, ctx)
+        return EXIT_PREEMPTED if result["status"] == "preempted" else 0
+    except TrainingError as err:
+        log.error("%s", err, exc_info=err.__cause__ is not None)
+        return 1
+    except (UserError, KeyboardInterrupt):
+        raise
+    except Exception as err:  # noqa: BLE001 - any other failure: name the rank, keep the traceback
+        log.exception("rank %d failed: %s: %s", ctx.rank if ctx else rank, type(err).__name__, err)
+        return 1
+    finally:
+        teardown(ctx)
+
+
+def run_plot(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from .plots import plot_metrics
+
+    parser = _Parser(prog="dist-train plot", description="Plot a run's metrics.jsonl to metrics.png.")
+    parser.add_argument("run_dir")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+        raise UserError(f"{args.run_dir} has no metrics.jsonl: give a run's output folder")
+    out = plot_metrics(args.run_dir, args.out)
+    if out is None:
+        raise UserError("plotting needs matplotlib: pip install 'dist-train[plot]'")
+    print(out)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            command, rest = argv[0], argv[1:]
+        else:
+            command, rest = "train", argv
+        if command == "plot":
+            return run_plot(rest)
+        return run_train(rest)
+    except UserError as err:
+        print(f"dist_train: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        logging.getLogger("dist_train").error("interrupted")
+        return 130

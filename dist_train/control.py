@@ -1,0 +1,115 @@
+"""Control plane: preemption signals, stop agreement across ranks, the hang watchdog, and a
+CPU (gloo) process group with an explicit timeout for checkpoint coordination.
+
+Signal handlers only set a flag. Whether to stop is decided at an optimizer-step boundary by a
+collective, so every rank stops after the same step and saves the same checkpoint (saving inside
+a handler is a known source of broken checkpoints).
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import logging
+import signal
+import sys
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .distributed import DistContext
+
+log = logging.getLogger("dist_train")
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+EXIT_PREEMPTED = (
+    75  # documented exit status of a run stopped by SIGTERM/SIGUSR1 after its checkpoint (EX_TEMPFAIL: retry)
+)
+
+
+class Control:
+    def __init__(self, ctx: DistContext, timeout_s: float, save_timeout_s: float):
+        self.ctx = ctx
+        self.timeout_s = timeout_s
+        self.signal_received: int | None = None
+        self._previous: dict[int, Any] = {}
+        self._pending: tuple[Any, torch.Tensor] | None = None
+        # A separate gloo group bounds the wait of ranks that idle while rank 0 writes a checkpoint,
+        # and lets the stop vote run on the CPU without touching the accelerator stream.
+        self.group = None
+        if ctx.is_distributed:
+            self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=save_timeout_s))
+
+    # --- signals -------------------------------------------------------------------------------
+    def install(self) -> None:
+        for sig in STOP_SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. embedded use): signals stay as they were
+                return
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_received is None:
+            self.signal_received = signum  # a second signal during the save changes nothing
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def should_stop(self) -> bool:
+        """Collective: True on every rank iff some rank had a stop signal by the previous boundary.
+
+        The vote is asynchronous: the all-reduce launched at one boundary is waited on at the next,
+        so it overlaps a whole step and costs no stall. (Deciding one step later is fine: every
+        rank decides on the same reduced value at the same step.)
+        """
+        if not self.ctx.is_distributed:
+            return self.signal_received is not None
+        decided = False
+        if self._pending is not None:
+            work, flag = self._pending
+            work.wait()
+            decided = bool(flag.item())  # CPU tensor on the gloo group: no device sync
+        flag = torch.tensor([int(self.signal_received is not None)], dtype=torch.int32)
+        self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        return decided
+
+    def finish_vote(self) -> None:
+        """Drain the outstanding vote so no collective is left in flight at teardown."""
+        if self._pending is not None:
+            self._pending[0].wait()
+            self._pending = None
+
+    # --- coordination ----------------------------------------------------------------------------
+    def barrier(self) -> None:
+        if self.group is not None:
+            dist.barrier(group=self.group)
+
+    def gather_objects(self, obj: Any) -> list[Any]:
+        if self.group is None:
+            return [obj]
+        out: list[Any] = [None] * self.ctx.world_size
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def broadcast_object(self, obj: Any) -> Any:
+        if self.group is None:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    # --- watchdog ----------------------------------------------------------------------------------
+    def arm_watchdog(self, seconds: float | None = None) -> None:
+        """If this rank makes no progress for `seconds`, dump every thread's stack and exit.
+
+        A rank stuck outside a collective (a hung data loader, a deadlock in user code) would
+        otherwise wait forever while its peers time out; this ends it with its stack on stderr.
+        """
+        faulthandler.dump_traceback_later(seconds or self.timeout_s + 30, exit=True, file=sys.stderr)
+
+    @staticmethod
+    def disarm_watchdog() -> None:
+        faulthandler.cancel_dump_traceback_later()

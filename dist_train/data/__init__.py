@@ -1,0 +1,104 @@
+"""Dataset registry and the per-rank DataLoaders built on the samplers in `sampler.py`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from ..config import Config
+from ..distributed import DistContext
+from ..errors import UserError
+from ..imports import call_factory, resolve
+from .sampler import PaddedEvalSampler, ResumableDistributedSampler
+
+REGISTRY: dict[str, str] = {
+    "synthetic_tokens": "dist_train.data.synthetic:synthetic_tokens",
+    "synthetic_images": "dist_train.data.synthetic:synthetic_images",
+    "synthetic_vectors": "dist_train.data.synthetic:synthetic_vectors",
+}
+
+
+def build_dataset(name: str, split: str, kwargs: dict) -> Dataset | None:
+    factory = resolve(name, REGISTRY, "dataset")
+    dataset = call_factory(factory, kwargs, f"dataset {name!r}", split)
+    if dataset is not None and not hasattr(dataset, "__len__"):
+        raise UserError(f"dataset {name!r} split {split!r} must be a map-style Dataset with __len__")
+    if dataset is not None and len(dataset) == 0:
+        return None
+    return dataset
+
+
+def _loader(
+    cfg: Config, ctx: DistContext, dataset: Dataset, sampler, batch_size: int, drop_last: bool, seed: int
+) -> DataLoader:
+    workers = cfg.loader.num_workers
+    pin = cfg.loader.pin_memory if cfg.loader.pin_memory is not None else ctx.device.type == "cuda"
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        drop_last=drop_last,
+        num_workers=workers,
+        pin_memory=pin,
+        persistent_workers=cfg.loader.persistent_workers and workers > 0,
+        prefetch_factor=cfg.loader.prefetch_factor if workers > 0 else None,
+        generator=torch.Generator().manual_seed(seed),  # worker seeds independent of the global RNG
+    )
+
+
+@dataclass
+class TrainData:
+    loader: DataLoader
+    sampler: ResumableDistributedSampler
+    steps_per_epoch: int
+    global_batch: int
+
+    def epoch_batches(self, epoch: int, start_sample: int) -> Iterator:
+        """This rank's micro-batches for `epoch`, from global sample offset `start_sample` on."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start(start_sample)
+        return iter(self.loader)
+
+
+@dataclass
+class EvalData:
+    loader: DataLoader
+    valid: torch.Tensor  # (rank's padded shard length,) bool: False for DistributedSampler's padding
+    size: int
+
+
+def build_train_data(cfg: Config, ctx: DistContext) -> TrainData:
+    dataset = build_dataset(cfg.data.name, "train", cfg.data.kwargs)
+    if dataset is None:
+        raise UserError(f"dataset {cfg.data.name!r} has no `train` split")
+    t = cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum_steps * ctx.world_size
+    if global_batch > len(dataset):
+        raise UserError(
+            f"global batch {global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum_steps "
+            f"{t.grad_accum_steps} x world size {ctx.world_size}) is larger than the train split ({len(dataset)} samples): "
+            "lower train.micro_batch_size or train.grad_accum_steps"
+        )
+    if not cfg.loader.drop_last and len(dataset) % global_batch:
+        raise UserError(
+            f"loader.drop_last=false needs the train split ({len(dataset)}) to be a multiple of the global batch "
+            f"({global_batch}) so every step sees a full global batch; set loader.drop_last=true or change the batch"
+        )
+    sampler = ResumableDistributedSampler(
+        dataset, ctx.world_size, ctx.rank, cfg.loader.shuffle, cfg.run.seed, global_batch
+    )
+    loader = _loader(cfg, ctx, dataset, sampler, t.micro_batch_size, True, cfg.run.seed * 1009 + ctx.rank)
+    return TrainData(loader, sampler, len(dataset) // global_batch, global_batch)
+
+
+def build_eval_data(cfg: Config, ctx: DistContext) -> EvalData | None:
+    dataset = build_dataset(cfg.data.name, "eval", cfg.data.kwargs)
+    if dataset is None:
+        return None
+    sampler = PaddedEvalSampler(dataset, ctx.world_size, ctx.rank)
+    batch = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
+    loader = _loader(cfg, ctx, dataset, sampler, batch, False, cfg.run.seed)
+    return EvalData(loader, torch.tensor(sampler.valid_flags(), dtype=torch.bool), len(dataset))

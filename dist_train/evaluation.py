@@ -1,0 +1,48 @@
+"""Exact distributed evaluation: sums reduced across ranks, DistributedSampler padding not counted."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .data import EvalData
+from .distributed import DistContext, all_reduce_sum
+from .losses import IGNORE_INDEX, Loss
+from .strategies import Strategy
+
+
+@torch.no_grad()
+def evaluate(strategy: Strategy, loss_fn: Loss, eval_data: EvalData, ctx: DistContext) -> dict[str, float]:
+    """Sample-weighted mean loss (token-weighted for LMs), accuracy and perplexity over the whole split."""
+    model = strategy.model
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, counted elements, correct
+    position, is_lm = 0, False
+    for inputs, targets in eval_data.loader:
+        batch = targets.shape[0]
+        valid = eval_data.valid[position : position + batch].to(ctx.device).view(batch, 1)
+        position += batch
+        inputs = inputs.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        with strategy.autocast():
+            outputs = model(inputs)
+        is_lm = is_lm or (loss_fn.classification and outputs.dim() == 3)
+        losses = loss_fn.elementwise(outputs, targets).reshape(batch, -1).double()
+        counted = valid if not loss_fn.ignores_targets else valid & (targets != IGNORE_INDEX).reshape(batch, -1)
+        counted = counted.expand_as(losses).double()
+        totals[0] += (losses * counted).sum()
+        totals[1] += counted.sum()
+        if loss_fn.classification:
+            totals[2] += (loss_fn.correct(outputs, targets).reshape(batch, -1).double() * counted).sum()
+    all_reduce_sum(totals, ctx)
+    if was_training:
+        model.train()
+    loss_sum, count, correct = totals.tolist()
+    metrics = {"eval_loss": loss_sum / max(count, 1.0)}
+    if loss_fn.classification:
+        metrics["eval_accuracy"] = correct / max(count, 1.0)
+    if is_lm:
+        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 80.0))
+    return metrics

@@ -1,0 +1,63 @@
+"""Resolve `package.module:attr` names and optional dependencies with one-line errors."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .errors import UserError
+
+
+def import_object(spec: str, what: str) -> Any:
+    """`package.module:factory` -> the object; a clear error when it cannot be found."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise UserError(f"{what} {spec!r} is neither a registry name nor `package.module:factory`")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as err:
+        raise UserError(f"{what} {spec!r}: cannot import `{module_name}` ({err}); is it on PYTHONPATH?") from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise UserError(f"{what} {spec!r}: module `{module_name}` has no attribute `{attr}`") from None
+
+
+def require(module_name: str, extra: str, feature: str) -> Any:
+    """Import an optional dependency, or fail with the pip extra that provides it."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError:
+        raise UserError(
+            f"{feature} needs `{module_name}`: install it with `pip install 'dist-train[{extra}]'`"
+        ) from None
+
+
+def resolve(name: str, registry: dict[str, str], what: str) -> Any:
+    """A registry name (mapped to `module:attr`, imported lazily) or a user import path."""
+    if name in registry:
+        return import_object(registry[name], what)
+    if ":" not in name:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(registry), n=1)
+        hint = f"did you mean `{close[0]}`?" if close else f"known: {', '.join(sorted(registry))}"
+        raise UserError(f"unknown {what} {name!r} ({hint}; or give `package.module:factory`)")
+    return import_object(name, what)
+
+
+def call_factory(factory: Any, kwargs: dict, what: str, *args: Any) -> Any:
+    """Call a factory with config kwargs; unknown or missing kwargs become one-line errors."""
+    import inspect
+
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(*args, **kwargs)
+        except TypeError as err:
+            params = [p for p in signature.parameters if p not in ("split",)]
+            raise UserError(f"{what}: {err} (it takes: {', '.join(params) or 'no arguments'})") from None
+    return factory(*args, **kwargs)

@@ -1,0 +1,122 @@
+"""Losses by name, computed as (sum over counted elements) so the trainer can normalise by the
+global count: the update then equals one big batch whatever the micro-batching and world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UserError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Loss:
+    name: str
+    elementwise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # -> per counted element, ignored ones 0
+    classification: bool  # report accuracy in eval
+    ignores_targets: bool  # targets may hold IGNORE_INDEX: count them per batch
+
+    def count(self, targets: torch.Tensor) -> int:
+        """Counted elements of a (host) target batch; the normaliser's share of this micro-batch."""
+        if self.ignores_targets:
+            return int((targets != IGNORE_INDEX).sum())
+        return targets.numel()
+
+    def sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return self.elementwise(outputs, targets).sum()
+
+    def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-element 0/1 correctness, same shape as the elementwise loss (classification only)."""
+        if self.name == "bce_with_logits":
+            return ((outputs > 0).to(targets.dtype) == targets).float()
+        predicted = outputs.argmax(dim=-1)
+        return ((predicted == targets) & (targets != IGNORE_INDEX)).float()
+
+
+def _class_logits(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) with (B,), or (B, T, C) with (B, T) -> flat (N, C) logits and (N,) targets, in fp32."""
+    if outputs.dim() != targets.dim() + 1 or outputs.shape[:-1] != targets.shape:
+        raise UserError(
+            f"loss {name}: outputs {tuple(outputs.shape)} do not fit targets {tuple(targets.shape)}; "
+            "expected outputs (B, C) with targets (B,), or (B, T, C) with (B, T)"
+        )
+    return outputs.reshape(-1, outputs.shape[-1]).float(), targets.reshape(-1)
+
+
+def _same_shape(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if outputs.shape != targets.shape:
+        if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1:
+            outputs = outputs.squeeze(-1)  # (B, 1) predictions for (B,) targets
+        else:
+            raise UserError(
+                f"loss {name}: outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ in shape"
+            )
+    return outputs.float(), targets.float()
+
+
+def build_loss(name: str, **kwargs: float) -> Loss:
+    """`train.loss` + `train.loss_kwargs` -> Loss."""
+    allowed = {
+        "cross_entropy": {"label_smoothing"},
+        "focal": {"gamma", "alpha"},
+        "smooth_l1": {"beta"},
+        "mse": set(),
+        "l1": set(),
+        "bce_with_logits": {"pos_weight"},
+    }
+    if name not in allowed:
+        raise UserError(f"unknown train.loss {name!r} (known: {', '.join(allowed)})")
+    unknown = set(kwargs) - allowed[name]
+    if unknown:
+        raise UserError(
+            f"train.loss_kwargs {sorted(unknown)} do not apply to {name} (it takes: {sorted(allowed[name]) or 'none'})"
+        )
+
+    if name == "cross_entropy":
+        smoothing = float(kwargs.get("label_smoothing", 0.0))
+
+        def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            logits, flat = _class_logits(outputs, targets, name)
+            return F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=smoothing)
+
+        return Loss(name, cross_entropy, classification=True, ignores_targets=True)
+    if name == "focal":
+        gamma, alpha = float(kwargs.get("gamma", 2.0)), kwargs.get("alpha")
+
+        def focal(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            # Lin et al. 2017: -alpha (1 - p_t)^gamma log p_t, on softmax probabilities
+            logits, flat = _class_logits(outputs, targets, name)
+            keep = flat != IGNORE_INDEX
+            log_p = F.log_softmax(logits, dim=-1).gather(1, flat.clamp(min=0).unsqueeze(1)).squeeze(1)
+            loss = -((1 - log_p.exp()) ** gamma) * log_p
+            if alpha is not None:
+                loss = float(alpha) * loss
+            return loss * keep
+
+        return Loss(name, focal, classification=True, ignores_targets=True)
+    if name == "bce_with_logits":
+        pos_weight = kwargs.get("pos_weight")
+
+        def bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            out, tgt = _same_shape(outputs, targets, name)
+            weight = None if pos_weight is None else torch.tensor(float(pos_weight), device=out.device)
+            return F.binary_cross_entropy_with_logits(out, tgt, reduction="none", pos_weight=weight)
+
+        return Loss(name, bce, classification=True, ignores_targets=False)
+    beta = float(kwargs.get("beta", 1.0))
+    functions = {
+        "mse": lambda o, t: F.mse_loss(o, t, reduction="none"),
+        "l1": lambda o, t: F.l1_loss(o, t, reduction="none"),
+        "smooth_l1": lambda o, t: F.smooth_l1_loss(o, t, reduction="none", beta=beta),
+    }
+
+    def regression(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return functions[name](*_same_shape(outputs, targets, name))
+
+    return Loss(name, regression, classification=False, ignores_targets=False)

@@ -1,0 +1,113 @@
+"""Rank-0 output: metrics.jsonl rows, a tqdm bar on a terminal or plain lines otherwise, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import psutil
+
+log = logging.getLogger("dist_train")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux ru_maxrss is in KiB)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    except ImportError:  # pragma: no cover - non-Unix
+        return psutil.Process().memory_info().rss / 2**20
+
+
+def _clean(value: object) -> object:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf
+    return value
+
+
+class MetricsLogger:
+    """Writes rows on rank 0; every method is a no-op on the other ranks."""
+
+    def __init__(
+        self, output_dir: Path, enabled: bool, total_steps: int, start_step: int, progress: str, tensorboard: bool
+    ):
+        self.enabled = enabled
+        self.file = None
+        self.bar = None
+        self.tb = None
+        if not enabled:
+            return
+        self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no row
+        use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
+        if use_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        if tensorboard:
+            from .imports import require
+
+            require("tensorboard", "tb", "log.tensorboard")
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(output_dir / "tb"))
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
+        if self.tb is not None and "step" in row:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def text(self, tag: str, text: str) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text)
+
+    def console(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        if "loss" in row:
+            short = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "samples/s": f"{row['samples_per_s']:.0f}"}
+        else:
+            short = {k: f"{v:.4f}" for k, v in row.items() if k.startswith("eval_") and isinstance(v, float)}
+        if self.bar is not None:
+            self.bar.n = row["step"]
+            self.bar.set_postfix(short, refresh=True)
+        else:
+            log.info("step %d | %s", row["step"], " | ".join(f"{k} {v}" for k, v in short.items()))
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.file is not None:
+            self.file.close()
+
+
+class Throughput:
+    """Wall-clock window between logging steps (the logging step's host read is the sync point)."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.steps = 0
+        self.data_wait = 0.0
+
+    def rates(self, samples_per_step: int, tokens_per_sample: int) -> dict:
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        row = {
+            "samples_per_s": self.steps * samples_per_step / elapsed,
+            "step_time_s": elapsed / max(self.steps, 1),
+            "data_wait_frac": self.data_wait / elapsed,
+        }
+        if tokens_per_sample > 1:
+            row["tokens_per_s"] = row["samples_per_s"] * tokens_per_sample
+        self.start, self.steps, self.data_wait = now, 0, 0.0
+        return row

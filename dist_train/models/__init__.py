@@ -1,0 +1,24 @@
+"""Model registry: a name maps to `module:factory`, imported only when the config names it."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from ..imports import call_factory, resolve
+
+REGISTRY: dict[str, str] = {
+    "mlp": "dist_train.models.mlp:mlp",
+    "resnet": "dist_train.models.resnet:resnet",
+    "transformer_lm": "dist_train.models.transformer_lm:transformer_lm",
+}
+
+
+def build_model(name: str, kwargs: dict) -> nn.Module:
+    """`model.name` + the other `model.*` keys -> an nn.Module (same init on every rank: seed first)."""
+    from ..errors import UserError
+
+    factory = resolve(name, REGISTRY, "model")
+    model = call_factory(factory, kwargs, f"model {name!r}")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model

@@ -1,0 +1,144 @@
+"""The trainer's replicated state, and saving/restoring a whole run through `checkpoint.py`."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import Config, to_dict
+from .control import Control
+from .distributed import DistContext
+from .errors import UserError
+from .strategies import Strategy
+
+log = logging.getLogger("dist_train")
+
+
+@dataclass
+class TrainState:
+    """Everything besides model/optimizer/RNG that a resumed run needs (JSON, in the manifest)."""
+
+    step: int = 0  # optimizer steps completed
+    epoch: int = 0
+    samples_in_epoch: int = 0  # global samples of `epoch` consumed: resumable at another world size
+    skipped_steps: int = 0  # non-finite steps skipped so far
+    best_metric: float | None = None
+    evals_without_improvement: int = 0
+    window_count: float = 0.0  # counted elements in the open logging window (sums are per rank)
+
+
+def training_config(cfg: Config) -> dict:
+    """The part of the config that defines the optimisation trajectory (hashed into manifests)."""
+    full = to_dict(cfg)
+    train = {k: v for k, v in full["train"].items() if k not in ("max_steps", "epochs")}
+    return {k: full[k] for k in ("model", "data", "optim", "schedule")} | {"train": train, "seed": cfg.run.seed}
+
+
+def save(
+    cfg: Config,
+    ctx: DistContext,
+    control: Control,
+    strategy: Strategy,
+    state: TrainState,
+    output_dir: Path,
+    window_loss_sum: torch.Tensor,
+) -> Path | None:
+    """Collective: every rank writes its files into a temporary folder, rank 0 commits it atomically."""
+    root = output_dir / "checkpoints"
+    tmp = None
+    if ctx.is_rank_zero:
+        tmp = ckpt.begin_save(root, state.step)
+    tmp = Path(control.broadcast_object(str(tmp)))
+    files = strategy.save(tmp)
+    # per rank: RNG streams and this rank's share of the open logging window
+    torch.save({"rng": ckpt.rng_state(), "window_loss_sum": window_loss_sum.cpu()}, tmp / ckpt.rng_file(ctx.rank))
+    files.append(ckpt.rng_file(ctx.rank))
+    ckpt.fsync_files(tmp, files)
+    all_files = [name for rank_files in control.gather_objects(files) for name in rank_files]
+    final = None
+    if ctx.is_rank_zero:
+        meta = {
+            "epoch": state.epoch,
+            "world_size": ctx.world_size,
+            "strategy": cfg.strategy.name,
+            "zero_stage": cfg.strategy.zero_stage if cfg.strategy.name == "deepspeed" else None,
+            "config_hash": ckpt.config_hash(training_config(cfg)),
+            "trainer": dataclasses.asdict(state),
+        }
+        final = ckpt.commit_save(
+            root, tmp, state.step, meta, all_files, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
+        )
+        log.info("checkpoint %s written", final.name)
+    control.barrier()  # bounded by checkpoint.save_timeout_s: nobody leaves before `latest` is in place
+    return final
+
+
+def restore(
+    cfg: Config, ctx: DistContext, control: Control, strategy: Strategy, output_dir: Path
+) -> tuple[TrainState, str, torch.Tensor] | None:
+    """Find (rank 0) and load (every rank) the checkpoint named by `checkpoint.resume`, if any.
+
+    Returns the trainer state, the checkpoint's folder name and this rank's open-window loss sum.
+    """
+    found = None
+    if ctx.is_rank_zero:
+        try:
+            found = ckpt.find_resume_checkpoint(cfg.checkpoint.resume, output_dir)
+            found = None if found is None else (str(found.folder), found.manifest)
+        except UserError as err:
+            found = err
+    found = control.broadcast_object(found)
+    if isinstance(found, UserError):
+        raise found
+    if found is None:
+        return None
+    folder, manifest = Path(found[0]), found[1]
+    sharded = cfg.strategy.name != "ddp"
+    if manifest.get("strategy", "ddp") != cfg.strategy.name:
+        raise UserError(
+            f"checkpoint {folder} was written by strategy {manifest.get('strategy')!r}, this run uses "
+            f"{cfg.strategy.name!r}; resume with the same strategy or set checkpoint.resume=never"
+        )
+    if sharded and manifest["world_size"] != ctx.world_size and not strategy.reshards:
+        raise UserError(
+            f"checkpoint {folder} holds {manifest['world_size']} shards; this strategy cannot reshard it: "
+            f"resume with world size {manifest['world_size']}"
+        )
+    if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):
+        log.warning("the training config differs from the one checkpoint %s was written with", folder.name)
+    try:
+        strategy.load(folder)
+    except RuntimeError as err:  # shape/key mismatch from load_state_dict
+        raise UserError(f"checkpoint {folder} does not fit this model: {str(err).splitlines()[0]}") from None
+    window_loss_sum = torch.zeros((), dtype=torch.float64)
+    rank_path = folder / ckpt.rng_file(ctx.rank)
+    if rank_path.exists() and manifest["world_size"] == ctx.world_size:
+        rank_state = ckpt.load_payload(rank_path)
+        ckpt.set_rng_state(rank_state["rng"])
+        window_loss_sum = rank_state["window_loss_sum"]
+    elif ctx.is_rank_zero:
+        log.warning("world size changed (%d -> %d): RNG streams start fresh", manifest["world_size"], ctx.world_size)
+    state = TrainState(**manifest["trainer"])
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size
+    if state.samples_in_epoch % ctx.world_size:
+        raise UserError(
+            f"checkpoint {folder} stopped {state.samples_in_epoch} samples into an epoch, which world size "
+            f"{ctx.world_size} cannot split evenly; resume at world size {manifest['world_size']}"
+        )
+    if state.samples_in_epoch % global_batch:
+        log.warning(
+            "global batch changed since the checkpoint: the current epoch continues from sample %d",
+            state.samples_in_epoch,
+        )
+    if ctx.is_distributed:
+        dist.barrier(group=control.group)
+    if manifest["world_size"] != ctx.world_size:
+        state.window_count = 0.0  # the open window's per-rank sums cannot be redistributed
+    log.info("resumed from %s (step %d)", folder.name, state.step)
+    return state, folder.name, window_loss_sum.to(ctx.device)

@@ -1,0 +1,91 @@
+"""The strategy interface: everything the shared loop needs from a parallelism strategy.
+
+The loop calls only these methods; strategy-specific behaviour (DDP buckets, DeepSpeed's
+engine, FSDP's sharding, loss scaling) stays behind them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..distributed import DistContext
+
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Strategy:
+    """Wraps one model and its optimizer for one parallelism scheme."""
+
+    name = "base"
+    reshards = True  # can load a checkpoint written at another world size
+
+    def __init__(self, cfg: Config, ctx: DistContext):
+        self.cfg, self.ctx = cfg, ctx
+        self.model: nn.Module  # what the loop calls forward on
+        self.optimizer: torch.optim.Optimizer
+
+    # --- set-up ---------------------------------------------------------------------------
+    def setup(self, model: nn.Module) -> None:
+        """Move/shard/wrap `model` and build the optimizer over its (possibly sharded) parameters."""
+        raise NotImplementedError
+
+    @property
+    def module(self) -> nn.Module:
+        """The bare model (no wrapper), for its config-independent structure and metrics."""
+        raise NotImplementedError
+
+    # --- one step ---------------------------------------------------------------------------
+    def autocast(self) -> ContextManager:
+        dtype = PRECISION_DTYPES.get(self.cfg.train.precision)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.ctx.device.type, dtype=dtype)
+
+    def no_sync(self) -> ContextManager:
+        """Context for the forward and backward of accumulation micro-steps: no gradient sync."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        """Clip the global gradient norm; return the norm before clipping (a device tensor)."""
+        raise NotImplementedError
+
+    def grad_norm(self) -> torch.Tensor:
+        """Global gradient norm without clipping (used on logging steps)."""
+        return self.clip_grad_norm(float("inf"))
+
+    def clip_grad_value(self, value: float) -> None:
+        torch.nn.utils.clip_grad_value_(self.module.parameters(), value)
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def optimizer_step(self, skip: torch.Tensor) -> None:
+        """Apply the accumulated gradients unless `skip` (a 0-d device tensor, 1.0 = non-finite
+        step) is set, then zero them. Implementations avoid reading `skip` on the host when they can.
+        """
+        raise NotImplementedError
+
+    # --- checkpoints and export -----------------------------------------------------------------
+    def save(self, folder: Path) -> list[str]:
+        """Write this rank's share of model/optimizer state into `folder`; return the file names written."""
+        raise NotImplementedError
+
+    def load(self, folder: Path) -> None:
+        raise NotImplementedError
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Consolidated fp32 weights with the bare model's key names, on rank 0 (None elsewhere). Collective."""
+        raise NotImplementedError
+
+    def teardown(self) -> None:
+        """Release strategy resources before the process group goes away."""

@@ -1,0 +1,101 @@
+"""DistributedDataParallel (and plain single-process training at world size 1)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..optim import build_optimizer, step_unless
+from .base import Strategy
+
+
+def fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Floating tensors to fp32, everything on the CPU (integer buffers keep their dtype)."""
+    return {
+        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous() for k, v in state.items()
+    }
+
+
+class DDPStrategy(Strategy):
+    name = "ddp"
+
+    def setup(self, model: nn.Module) -> None:
+        self._module = model.to(self.ctx.device)
+        if self.ctx.world_size > 1:
+            cuda = self.ctx.device.type == "cuda"
+            self.model = DistributedDataParallel(
+                self._module,
+                device_ids=[self.ctx.device.index] if cuda else None,
+                bucket_cap_mb=self.cfg.strategy.bucket_cap_mb,
+                find_unused_parameters=self.cfg.strategy.find_unused_parameters,
+                gradient_as_bucket_view=True,  # grads live in the buckets: no extra copy per step
+            )
+        else:
+            self.model = self._module
+        self.optimizer = build_optimizer(self.cfg, self._module)
+        fp16 = self.cfg.train.precision == "fp16"
+        self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=fp16) if fp16 else None
+
+    @property
+    def module(self) -> nn.Module:
+        return self._module
+
+    def no_sync(self) -> ContextManager:
+        if isinstance(self.model, DistributedDataParallel):
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        return torch.nn.utils.clip_grad_norm_(self._module.parameters(), max_norm, foreach=True)
+
+    def grad_norm(self) -> torch.Tensor:
+        grads = [p.grad for p in self._module.parameters() if p.grad is not None]
+        norms = torch._foreach_norm(grads)
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        if self.scaler:
+            total = total / self.scaler.get_scale()
+        return total
+
+    def clip_grad_value(self, value: float) -> None:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        super().clip_grad_value(value)
+
+    def optimizer_step(self, skip: torch.Tensor) -> None:
+        if self.scaler:  # GradScaler finds and skips non-finite steps itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            step_unless(self.optimizer, skip)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def save(self, folder: Path) -> list[str]:
+        if not self.ctx.is_rank_zero:  # replicated state: rank 0 writes it once
+            return []
+        torch.save(self._module.state_dict(), folder / "model.pt")
+        state = {"optimizer": self.optimizer.state_dict()}
+        if self.scaler:
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, folder / "optimizer.pt")
+        return ["model.pt", "optimizer.pt"]
+
+    def load(self, folder: Path) -> None:
+        model_state = torch.load(folder / "model.pt", map_location=self.ctx.device, weights_only=True)
+        self._module.load_state_dict(model_state)
+        state = torch.load(folder / "optimizer.pt", map_location=self.ctx.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        return fp32_cpu(self._module.state_dict()) if self.ctx.is_rank_zero else None

@@ -1,0 +1,302 @@
+"""The one shared training loop: `train()` drives steps, evaluation, checkpoints and export;
+`train_step()` does one optimizer step of gradient accumulation for any strategy.
+
+Hot-loop discipline: nothing reads a device value on the host except on logging, evaluation and
+checkpoint steps. Loss sums, counts and the non-finite guard stay on the device in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import state as run_state
+from .checkpoint import write_atomic
+from .config import Config, dump_yaml
+from .control import Control
+from .data import build_eval_data, build_train_data
+from .distributed import DistContext, all_reduce_sum
+from .evaluation import evaluate
+from .losses import Loss, build_loss
+from .metrics import MetricsLogger, Throughput, peak_rss_mb
+from .models import build_model
+from .optim import lr_at
+from .safetensors_io import save_file
+from .strategies import Strategy, build_strategy
+from .transforms import apply_transforms
+
+log = logging.getLogger("dist_train")
+
+
+class TrainingError(RuntimeError):
+    """The run failed on this rank; the message names the rank and step."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    with contextlib.suppress(ImportError):
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+
+
+@dataclass
+class StepResult:
+    loss_sum: torch.Tensor  # this rank's summed loss over the global batch's counted elements
+    count: torch.Tensor | int  # global counted elements (loss normaliser)
+    grad_norm: torch.Tensor  # pre-clip global norm
+    nonfinite: torch.Tensor  # 1.0 when the step was skipped
+
+
+def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Config, ctx: DistContext) -> StepResult:
+    """One optimizer step over `grad_accum_steps` micro-batches.
+
+    Each micro-batch's loss is its *sum* divided by the global count of counted elements (all
+    micro-steps, all ranks), times the world size because the strategy averages gradients across
+    ranks: the update then equals one big batch exactly, padding and ignored tokens included.
+    Gradient sync is suppressed for the forward *and* backward of all but the last micro-step
+    (suppressing only backward is a known DDP pitfall: pytorch/pytorch#47260-style hangs/extra syncs).
+    """
+    local_count = sum(loss_fn.count(targets) for _, targets in micro_batches)  # host ints: no sync
+    if loss_fn.ignores_targets and ctx.world_size > 1:
+        count = all_reduce_sum(torch.tensor(float(local_count), device=ctx.device), ctx)
+    else:
+        count = local_count * ctx.world_size
+    scale = ctx.world_size / count
+    loss_total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    last = len(micro_batches) - 1
+    for i, (inputs, targets) in enumerate(micro_batches):
+        inputs = inputs.to(ctx.device, non_blocking=True)
+        targets = targets.to(ctx.device, non_blocking=True)
+        with strategy.no_sync() if i < last else contextlib.nullcontext():
+            with strategy.autocast():
+                outputs = strategy.model(inputs)
+            loss_sum = loss_fn.sum(outputs, targets)
+            strategy.backward(loss_sum * scale)
+        loss_total += loss_sum.detach()
+    clip = cfg.train
+    grad_norm = strategy.clip_grad_norm(clip.grad_clip_norm) if clip.grad_clip_norm else strategy.grad_norm()
+    if clip.grad_clip_value:
+        strategy.clip_grad_value(clip.grad_clip_value)
+    nonfinite = (~torch.isfinite(grad_norm)).float()
+    strategy.optimizer_step(nonfinite)
+    return StepResult(loss_total, count, grad_norm.detach(), nonfinite)
+
+
+class Guard:
+    """Counts non-finite (skipped) steps on the device; checked on the host only on logging steps."""
+
+    def __init__(self, device: torch.device, limit: int, skipped: int = 0):
+        self.limit = limit
+        self.run = torch.zeros((), device=device)
+        self.longest_run = torch.zeros((), device=device)
+        self.skipped = torch.full((), float(skipped), device=device)
+
+    def update(self, nonfinite: torch.Tensor) -> None:
+        self.run = (self.run + 1) * nonfinite
+        self.longest_run = torch.maximum(self.longest_run, self.run)
+        self.skipped += nonfinite
+
+
+def _log_row(
+    state, result: StepResult, window: list, lr: float, guard: Guard, throughput: Throughput, data, tokens, ctx
+) -> dict:
+    loss_sum = all_reduce_sum(window[0].clone(), ctx)
+    loss_sum, count, grad_norm, skipped, longest = torch.stack(
+        [
+            loss_sum,
+            torch.as_tensor(window[1], dtype=torch.float64, device=ctx.device),
+            result.grad_norm.double(),
+            guard.skipped.double(),
+            guard.longest_run.double(),
+        ]
+    ).tolist()  # the one host read of this logging step
+    if longest >= guard.limit:
+        raise TrainingError(
+            f"loss or gradient norm was not finite for {int(longest)} steps in a row (by step {state.step})"
+        )
+    row = {
+        "step": state.step,
+        "epoch": state.epoch,
+        "loss": loss_sum / max(count, 1.0),
+        "lr": lr,
+        "grad_norm": grad_norm,
+    }
+    row.update(throughput.rates(data.global_batch, tokens))
+    row.update(skipped_steps=int(skipped), peak_rss_mb=round(peak_rss_mb(), 1))
+    if ctx.device.type == "cuda":
+        row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
+    return row
+
+
+def _improved(cfg: Config, state: run_state.TrainState, metrics: dict) -> bool:
+    value = metrics.get(cfg.eval.metric)
+    if value is None:
+        from .errors import UserError
+
+        raise UserError(f"eval.metric {cfg.eval.metric!r} is not among the eval metrics ({', '.join(metrics)})")
+    best = state.best_metric
+    better = best is None or (
+        value < best - cfg.eval.min_delta if cfg.eval.mode == "min" else value > best + cfg.eval.min_delta
+    )
+    if better:
+        state.best_metric, state.evals_without_improvement = value, 0
+    else:
+        state.evals_without_improvement += 1
+    return better
+
+
+def train(cfg: Config, ctx: DistContext) -> dict:
+    """Run (or resume) training as configured. Returns a summary with `status` and `step`."""
+    output_dir = Path(cfg.run.output_dir)
+    if ctx.is_rank_zero:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
+    control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)
+    seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
+    model = apply_transforms(build_model(cfg.model.name, cfg.model.kwargs), cfg, ctx)
+    strategy = build_strategy(cfg, ctx)
+    strategy.setup(model)
+    seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
+    loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
+    data = build_train_data(cfg, ctx)
+    eval_data = build_eval_data(cfg, ctx)
+    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
+        from .errors import UserError
+
+        raise UserError(
+            f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
+        )
+    sample = data.loader.dataset[0][0]
+    tokens_per_sample = sample.numel() if not sample.is_floating_point() else 1  # token inputs: report tokens/s
+    total_steps = cfg.train.max_steps
+    if cfg.train.epochs:
+        total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
+
+    restored = run_state.restore(cfg, ctx, control, strategy, output_dir)
+    state, window = restored[0] if restored else run_state.TrainState(), [None, 0.0]
+    metrics = MetricsLogger(
+        output_dir, ctx.is_rank_zero, total_steps, state.step, cfg.log.progress, cfg.log.tensorboard
+    )
+    if restored:
+        metrics.write({"resumed_from": restored[1], "step": state.step})
+        window = [restored[2], state.window_count]
+    else:
+        metrics.text("config", "```\n" + dump_yaml(cfg) + "```")
+    if window[0] is None:
+        window[0] = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    guard = Guard(
+        ctx.device, cfg.train.max_nonfinite_steps if cfg.train.precision != "fp16" else 10**9, state.skipped_steps
+    )
+    log.info(
+        "training %s on %d rank(s), strategy %s: global batch %d, %d steps/epoch, %d steps (from %d)",
+        cfg.model.name,
+        ctx.world_size,
+        cfg.strategy.name,
+        data.global_batch,
+        data.steps_per_epoch,
+        total_steps,
+        state.step,
+    )
+
+    status, last_saved, last_eval, batches, throughput = "finished", -1, -1, None, Throughput()
+    control.install()
+    try:
+        while state.step < total_steps:
+            control.arm_watchdog()
+            if control.should_stop():
+                status = "preempted"
+                break
+            if state.samples_in_epoch + data.global_batch > data.sampler.usable_samples():
+                state.epoch, state.samples_in_epoch, batches = state.epoch + 1, 0, None
+            if batches is None:
+                batches = data.epoch_batches(state.epoch, state.samples_in_epoch)
+            wait_start = time.perf_counter()
+            micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+            throughput.data_wait += time.perf_counter() - wait_start
+            lr = lr_at(cfg, state.step)
+            strategy.set_lr(lr)
+            try:
+                result = train_step(strategy, loss_fn, micro_batches, cfg, ctx)
+            except Exception as err:
+                raise TrainingError(
+                    f"rank {ctx.rank} failed at step {state.step + 1}: {type(err).__name__}: {err}"
+                ) from err
+            state.step += 1
+            state.samples_in_epoch += data.global_batch
+            throughput.steps += 1
+            guard.update(result.nonfinite)
+            window[0] += result.loss_sum
+            window[1] = window[1] + result.count
+            if state.step % cfg.log.every_steps == 0 or state.step == total_steps:
+                row = _log_row(state, result, window, lr, guard, throughput, data, tokens_per_sample, ctx)
+                state.skipped_steps = row["skipped_steps"]
+                window = [torch.zeros_like(window[0]), 0.0]
+                metrics.write(row)
+                metrics.console(row)
+            if eval_data is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
+                control.arm_watchdog()
+                last_eval = state.step
+                eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx)}
+                metrics.write(eval_row)
+                metrics.console(eval_row)
+                _improved(cfg, state, eval_row)
+                patience = cfg.eval.early_stopping_patience
+                if patience and state.evals_without_improvement >= patience:
+                    log.info(
+                        "early stopping at step %d: no improvement of %s in %d evaluations",
+                        state.step,
+                        cfg.eval.metric,
+                        patience,
+                    )
+                    status = "early_stopped"
+            if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+                _save(cfg, ctx, control, strategy, state, window, guard, output_dir)
+                last_saved = state.step
+            if status == "early_stopped":
+                break
+        control.disarm_watchdog()
+        control.finish_vote()
+        if status == "preempted":
+            log.warning("stop signal received: checkpointing step %d and exiting", state.step)
+        elif cfg.eval.at_end and eval_data is not None and last_eval != state.step:
+            eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx)}
+            metrics.write(eval_row)
+            metrics.console(eval_row)
+        if state.step > 0 and last_saved != state.step and (cfg.checkpoint.at_end or status == "preempted"):
+            _save(cfg, ctx, control, strategy, state, window, guard, output_dir)
+        if status != "preempted":
+            export_weights(strategy, ctx, output_dir / "model.safetensors", state.step)
+    finally:
+        control.disarm_watchdog()
+        control.restore()
+        metrics.close()
+    if status != "preempted" and ctx.is_rank_zero and cfg.log.plot:
+        from .plots import plot_metrics
+
+        plot_metrics(output_dir)
+    strategy.teardown()
+    return {"status": status, "step": state.step}
+
+
+def _save(cfg, ctx, control, strategy, state, window, guard, output_dir) -> None:
+    control.arm_watchdog(cfg.checkpoint.save_timeout_s + 60)
+    state.window_count = float(torch.as_tensor(window[1]).item())
+    state.skipped_steps = int(guard.skipped.item())
+    run_state.save(cfg, ctx, control, strategy, state, output_dir, window[0])
+    control.arm_watchdog()
+
+
+def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int) -> None:
+    """Consolidated fp32 weights with the bare model's names (collective; rank 0 writes)."""
+    tensors = strategy.full_state_dict()
+    if ctx.is_rank_zero and tensors is not None:
+        save_file(tensors, path, metadata={"format": "pt", "step": str(step)})
+        log.info("wrote %s (%d tensors)", path, len(tensors))

@@ -1,0 +1,70 @@
+"""Model transforms applied before the strategy wraps the model, in one fixed order:
+
+1. SyncBatchNorm conversion: must see the original BatchNorm modules, before anything wraps them.
+2. Activation checkpointing per block: patches block forwards in place, so parameter names and
+   `state_dict` keys stay those of the bare model (checkpoints and export see no wrapper names).
+3. torch.compile last: it must trace the model as it will run, checkpointing included.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import Config
+from .distributed import DistContext
+
+log = logging.getLogger("dist_train")
+
+
+def find_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a model: its `blocks` (zoo) or `layers` ModuleList, else none."""
+    for name in ("blocks", "layers"):
+        blocks = getattr(model, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            return list(blocks)
+    return []
+
+
+def _checkpointed_forward(original, *args, **kwargs):
+    # Non-reentrant checkpointing: works with kwargs, DDP/FSDP hooks and inputs that need no grad.
+    if not torch.is_grad_enabled():
+        return original(*args, **kwargs)
+    return checkpoint(original, *args, use_reentrant=False, **kwargs)
+
+
+def enable_grad_checkpointing(model: nn.Module, every: int = 1) -> int:
+    """Recompute every `every`-th block's activations in backward. Returns how many blocks it covers."""
+    if hasattr(model, "gradient_checkpointing_enable") and hasattr(model, "config"):  # Hugging Face
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return -1
+    blocks = find_blocks(model)
+    if not blocks:
+        from .errors import UserError
+
+        raise UserError(
+            "train.grad_checkpointing needs a model whose repeated blocks are an nn.ModuleList attribute "
+            "`blocks` or `layers`, or a Hugging Face model"
+        )
+    chosen = blocks[::every]
+    for block in chosen:
+        block.forward = functools.partial(_checkpointed_forward, block.forward)
+    return len(chosen)
+
+
+def apply_transforms(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Module:
+    """Apply the configured transforms in the order documented above."""
+    if cfg.train.sync_batchnorm:
+        from .sync_batchnorm import convert_sync_batchnorm
+
+        model = convert_sync_batchnorm(model, ctx.device.type)
+    if cfg.train.grad_checkpointing:
+        count = enable_grad_checkpointing(model, cfg.train.grad_checkpointing_every)
+        log.info("activation checkpointing on %s", "the Hugging Face model" if count < 0 else f"{count} blocks")
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return model

@@ -1,0 +1,103 @@
+"""Start N ranks on this machine with torch.multiprocessing.spawn (no torchrun).
+
+    python launch/spawn.py --nproc_per_node 2 --config configs/quickstart.yaml [KEY=VALUE ...]
+
+Nothing is exposed beyond the machine: this parent process hosts the rendezvous store on a
+socket it binds to 127.0.0.1 itself (a TCPStore given only MASTER_ADDR=127.0.0.1 still listens
+on all interfaces), every rank connects to it as a client (TORCHELASTIC_USE_AGENT_STORE), and
+gloo binds its sockets to the loopback interface. SIGTERM/SIGUSR1 sent to this process are
+forwarded to every rank, so a preempted job checkpoints. The exit status is the first failing
+rank's (2 bad input, 75 stopped by a signal after checkpointing, 1 failure), else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def _rank_main(local_rank: int, nproc: int, port: int, argv: list[str]) -> None:
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(nproc),
+        LOCAL_WORLD_SIZE=str(nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # the store lives in the parent: every rank is a client
+        DIST_TRAIN_LAUNCHER="spawn",
+    )
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    from dist_train.cli import main
+
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip interpreter teardown: the exit code is what the parent reads
+
+
+def loopback_store(nproc: int):
+    """A TCPStore server listening on 127.0.0.1 only; returns (store, port)."""
+    import torch.distributed as dist
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    store = dist.TCPStore(
+        "127.0.0.1",
+        port,
+        nproc,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=timedelta(minutes=30),
+        master_listen_fd=sock.detach(),
+        use_libuv=False,
+    )
+    return store, port
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1, help="ranks to start")
+    args, rest = parser.parse_known_args(argv)
+    if args.nproc_per_node < 1:
+        print("dist_train: error: --nproc_per_node must be >= 1", file=sys.stderr)
+        return 2
+    import torch.multiprocessing as mp
+
+    store, port = loopback_store(args.nproc_per_node)
+    context = mp.start_processes(
+        _rank_main, args=(args.nproc_per_node, port, rest), nprocs=args.nproc_per_node, join=False, start_method="spawn"
+    )
+
+    def forward(signum, frame):
+        for process in context.processes:
+            if process.is_alive():
+                os.kill(process.pid, signum)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    try:
+        while not context.join():
+            pass
+    except mp.ProcessExitedException as err:
+        return err.exit_code if err.exit_code and err.exit_code > 0 else 1
+    except mp.ProcessRaisedException as err:
+        print(err, file=sys.stderr)
+        return 1
+    finally:
+        del store
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
