@@ -7,8 +7,8 @@ engine, FSDP's sharding, loss scaling) stays behind them.
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 import torch.nn as nn

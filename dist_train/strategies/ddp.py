@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
-from typing import ContextManager
 
 import torch
 import torch.nn as nn
