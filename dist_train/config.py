@@ -237,6 +237,8 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
     for key, value in raw.items():
         if key not in names:
             raise UserError(f"unknown key `{section}.{key}`{_nearest(str(key), names)}")
+        if value is None and key in ("output_dir", "name"):
+            continue  # a required key left empty: validate() says it is required
         values[key] = _coerce(value, hints[key], f"{section}.{key}")
     return cls(**values)
 

@@ -92,3 +92,75 @@ def run_cli(
 
 
 PYTHON = sys.executable
+
+
+def write_config(path: Path, config: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def launch(
+    config: dict | Path,
+    tmp_path: Path,
+    overrides: list[str] = (),
+    nproc: int = 1,
+    launcher: str = "spawn",
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
+    """Run dist_train on `nproc` ranks through `launcher` ("single", "spawn" or "torchrun")."""
+    if isinstance(config, dict):
+        config = write_config(tmp_path / f"config-{len(list(tmp_path.glob('config-*.yaml')))}.yaml", config)
+    args = ["--config", str(config), *overrides]
+    if launcher == "single":
+        cmd = [PYTHON, "-m", "dist_train", *args]
+    elif launcher == "spawn":
+        cmd = [PYTHON, str(REPO_ROOT / "launch" / "spawn.py"), "--nproc_per_node", str(nproc), *args]
+    else:
+        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), "-m", "dist_train", *args]
+    return run_cli(cmd, env=env, timeout=timeout)
+
+
+def load_weights(run_dir: Path) -> dict:
+    from dist_train.safetensors_io import load_file
+
+    return load_file(Path(run_dir) / "model.safetensors")
+
+
+def max_abs_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys(), (sorted(a), sorted(b))
+    return max(float((a[k].double() - b[k].double()).abs().max()) if a[k].numel() else 0.0 for k in a)
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    import json
+
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def ctx_from_env():
+    """The DistContext of a rank started by run_ranks (the process group already exists)."""
+    import torch
+
+    from dist_train.distributed import DistContext
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    return DistContext(rank, rank, world, world, torch.device("cpu"), "gloo", "spawn")
+
+
+def tiny_lm_config(output_dir: Path, **sections) -> dict:
+    """A small transformer_lm config that runs in a couple of seconds; sections override keys."""
+    config = {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "model": {"name": "transformer_lm", "vocab_size": 64, "seq_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 2},
+        "data": {"name": "synthetic_tokens", "vocab_size": 64, "seq_len": 16, "num_samples": 512, "eval_samples": 50},
+        "train": {"max_steps": 10, "micro_batch_size": 4, "grad_accum_steps": 2, "lr": 1e-3, "grad_clip_norm": 0.5},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config

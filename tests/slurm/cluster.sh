@@ -23,19 +23,27 @@
 #    "AuthInfo=cred_expire=N invalid" and the 120 s default is used instead).  We set
 #    AuthInfo=cred_expire=5 and make the schedulers poll every second
 #    (SchedulerParameters=sched_interval=1,bf_interval=1), because a BeginTime expiring is not
-#    an event that triggers scheduling by itself.  Measured: the requeued job starts again about
-#    7-10 s after `scontrol requeue` (see README of the tests / the report).  An even faster restart from the
-#    outside is `scontrol update JobId=<id> BeginTime=now` (or `scontrol release <id>` for a
-#    held job) once the job is PENDING again.
+#    an event that triggers scheduling by itself.  Measured: the requeued job starts again
+#    6.0 s after `scontrol requeue` (121.2 s with the default cred_expire=120).
+#    `scontrol update JobId=<id> BeginTime=now` on the requeued PENDING job does NOT help: 22.05
+#    answers "Update of this parameter is not supported: BeginTime=now".  RequeueExit is not set
+#    here (jobs can still requeue themselves with `scontrol requeue $SLURM_JOB_ID`).
 #  * `--requeue` (or JobRequeue=1, set here) makes a batch job requeue-able; SLURM_RESTART_COUNT
-#    is set to 1, 2, ... in the restarted runs (unset in the first run).
+#    is set to 1, 2, ... in the restarted runs (unset in the first run).  The restarted run
+#    TRUNCATES the job's output file unless the job uses `--open-mode=append`.
 #  * Time-limit signals (`--signal=[B:]USR1@T`) are sent by slurmctld's periodic time-limit
 #    check, which runs every ~30 s (hard-coded), so the signal can come up to ~30 s earlier than
-#    T seconds before the limit.  `scancel --signal=USR1 --batch <id>` signals only the batch
-#    shell; `scancel -s USR1 <id>` signals the job steps (srun tasks) — and not the batch shell.
+#    T seconds before the limit (measured: --time=1 --signal=B:USR1@5 arrived after 48 s,
+#    @30 after 18 s).  The time limit itself is enforced with the same granularity.
+#    `scancel --signal=USR1 --batch <id>` signals only the batch shell (not its children, and
+#    bash runs the trap only after the foreground command returns — `wait` on a background
+#    child is interrupted at once); `scancel -s USR1 <id>` signals every process of every srun
+#    step (proctrack/linuxproc: the whole process tree of each task) but NOT the batch shell.
 #  * KillWait (SIGTERM -> SIGKILL grace) is 5 s here (env DIST_TRAIN_SLURM_KILLWAIT).
 #  * No accounting daemon: `sacct` does not work; use `scontrol show job` / `squeue`
 #    (finished jobs stay visible to scontrol for MinJobAge=300 s).
+#
+# Only one such cluster per machine: the ports (6817/6818) are fixed.
 #
 # Env knobs: DIST_TRAIN_SLURM_DIR (state folder), DIST_TRAIN_SLURM_CPUS (CPUs the node
 # advertises; default nproc — the node is configured with SlurmdParameters=config_overrides,

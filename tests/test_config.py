@@ -1,0 +1,127 @@
+"""Config loading, overrides and validation; CLI error handling (exit 2, one line, no traceback)."""
+
+from pathlib import Path
+
+import pytest
+from helpers import PYTHON, run_cli, write_config
+
+from dist_train.config import config_reference, from_dict, load_config, to_dict
+from dist_train.errors import UserError
+
+BASE = {"run": {"output_dir": "/tmp/x"}, "model": {"name": "mlp"}, "data": {"name": "synthetic_vectors"}}
+
+
+def cfg_with(**sections):
+    raw = {k: dict(v) for k, v in BASE.items()}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return from_dict(raw)
+
+
+def test_defaults_and_free_form_sections():
+    cfg = cfg_with(model={"hidden_dim": 7})
+    assert cfg.train.grad_accum_steps == 1 and cfg.strategy.name == "ddp" and cfg.checkpoint.resume == "auto"
+    assert cfg.model.kwargs == {"hidden_dim": 7}
+    assert to_dict(cfg)["model"] == {"name": "mlp", "hidden_dim": 7}
+
+
+@pytest.mark.parametrize("spelling", ["3e-4", "3E-4", "0.0003", 3e-4, ".0003"])
+def test_float_keys_accept_every_numeric_spelling(tmp_path, spelling):
+    assert cfg_with(train={"lr": spelling}).train.lr == pytest.approx(3e-4)
+    path = write_config(tmp_path / "c.yaml", BASE)
+    assert load_config(path, [f"train.lr={spelling}"]).train.lr == pytest.approx(3e-4)
+
+
+def test_int_key_accepts_int_for_float():
+    assert cfg_with(train={"grad_clip_norm": 1}).train.grad_clip_norm == 1.0
+
+
+@pytest.mark.parametrize(
+    "sections, message",
+    [
+        ({"train": {"micro_batchsize": 1}}, "unknown key `train.micro_batchsize` (did you mean `micro_batch_size`?)"),
+        ({"trian": {}}, "unknown section `trian` (did you mean `train`?)"),
+        ({"train": {"max_steps": "ten"}}, "`train.max_steps` must be an integer"),
+        ({"train": {"max_steps": 2.5}}, "`train.max_steps` must be an integer"),
+        ({"train": {"grad_checkpointing": "yes"}}, "`train.grad_checkpointing` must be true or false"),
+        ({"train": {"grad_accum_steps": 0}}, "`train.grad_accum_steps` must be > 0"),
+        ({"train": {"precision": "fp8"}}, "`train.precision` must be one of fp32, bf16, fp16"),
+        ({"strategy": {"zero_stage": 4}}, "`strategy.zero_stage` must be 0, 1, 2 or 3"),
+        ({"train": {"lr": "fast"}}, "`train.lr` must be a number"),
+        ({"run": {"output_dir": None}}, "`run.output_dir` is required"),
+    ],
+)
+def test_invalid_values_name_the_key(sections, message):
+    with pytest.raises(UserError) as err:
+        cfg_with(**sections)
+    assert message in str(err.value)
+
+
+def test_overrides_apply_and_are_type_checked(tmp_path):
+    path = write_config(tmp_path / "c.yaml", BASE)
+    cfg = load_config(path, ["train.max_steps=7", "model.hidden_dim=9", "train.grad_clip_norm=null", "eval.every_steps=3"])
+    assert (cfg.train.max_steps, cfg.model.kwargs["hidden_dim"], cfg.train.grad_clip_norm) == (7, 9, None)
+    with pytest.raises(UserError, match="must look like"):
+        load_config(path, ["train.max_steps"])
+    with pytest.raises(UserError, match="unknown key `train.max_step`"):
+        load_config(path, ["train.max_step=3"])
+
+
+def test_malformed_yaml_reports_line_and_column(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("run:\n  output_dir: /tmp/x\ntrain: [1, 2\n")
+    with pytest.raises(UserError, match=r"malformed YAML at line \d+, column \d+"):
+        load_config(path)
+
+
+def test_reference_lists_every_key():
+    table = config_reference()
+    for key in ("run.output_dir", "train.grad_accum_steps", "strategy.zero_stage", "checkpoint.resume", "eval.at_end"):
+        assert f"`{key}`" in table
+
+
+def _cli(args, tmp_path):
+    return run_cli([PYTHON, "-m", "dist_train", *args], cwd=tmp_path, timeout=60)
+
+
+def test_cli_bad_inputs_exit_2_with_one_line(tmp_path: Path):
+    marker = tmp_path / "pwned"
+    payload = tmp_path / "payload.yaml"
+    payload.write_text(f"run: !!python/object/apply:os.system ['touch {marker}']\n")
+    unknown = write_config(tmp_path / "unknown.yaml", {**BASE, "train": {"lr_rate": 1}})
+    wrong_type = write_config(tmp_path / "type.yaml", {**BASE, "train": {"micro_batch_size": "big"}})
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("run: {output_dir: /tmp/x\n")
+    cases = {
+        "payload": [["--config", str(payload)], "Python object tags"],
+        "unknown": [["--config", str(unknown)], "unknown key `train.lr_rate`"],
+        "type": [["--config", str(wrong_type)], "`train.micro_batch_size` must be an integer"],
+        "malformed": [["--config", str(malformed)], "malformed YAML at line"],
+        "missing": [["--config", str(tmp_path / "nope.yaml")], "config file not found"],
+        "no-config": [[], "--config"],
+        "bad-override": [["--config", str(unknown), "oops"], "must look like `section.key=value`"],
+    }
+    for name, (args, expected) in cases.items():
+        proc = _cli(args, tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, (name, proc.stderr)
+        assert len(lines) == 1 and lines[0].startswith("dist_train: error:"), (name, proc.stderr)
+        assert expected in lines[0], (name, lines[0])
+        assert "Traceback" not in proc.stderr
+    assert not marker.exists(), "the YAML payload was executed"
+
+
+@pytest.mark.slow
+def test_cli_errors_that_need_the_data_exit_2(tmp_path):
+    base = {**BASE, "run": {"output_dir": str(tmp_path / "out")}}
+    too_big = write_config(tmp_path / "big.yaml", {**base, "train": {"micro_batch_size": 4096}})
+    bad_model = write_config(tmp_path / "model.yaml", {**base, "model": {"name": "mlp", "widht": 3}})
+    bad_name = write_config(tmp_path / "name.yaml", {**base, "model": {"name": "transfomer_lm"}})
+    for path, expected in (
+        (too_big, "is larger than the train split (2048 samples)"),
+        (bad_model, "unexpected keyword argument 'widht'"),
+        (bad_name, "did you mean `transformer_lm`?"),
+    ):
+        proc = _cli(["--config", str(path)], tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr

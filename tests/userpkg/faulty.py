@@ -1,0 +1,30 @@
+"""A model that raises, or hangs, on one rank at a given forward call: for failure-handling tests."""
+
+import os
+import time
+
+import torch
+import torch.nn as nn
+
+
+class Faulty(nn.Module):
+    def __init__(self, fail_rank: int, fail_call: int, mode: str):
+        super().__init__()
+        self.linear = nn.Linear(32, 4)
+        self.fail_rank, self.fail_call, self.mode, self.calls = fail_rank, fail_call, mode, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if int(os.environ.get("RANK", "0")) == self.fail_rank and self.calls == self.fail_call:
+            if self.mode == "raise":
+                raise RuntimeError("injected failure")
+            if self.mode == "hang":
+                while True:
+                    time.sleep(1)
+            if self.mode == "exit":
+                os._exit(9)
+        return self.linear(x)
+
+
+def faulty(fail_rank: int = 1, fail_call: int = 3, mode: str = "raise") -> nn.Module:
+    return Faulty(fail_rank, fail_call, mode)
