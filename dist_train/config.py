@@ -94,7 +94,9 @@ class ScheduleConfig:
 class LoaderConfig:
     num_workers: int = _f(0, "DataLoader worker processes per rank")
     pin_memory: Union[bool, None] = _f(None, "pin host memory (null: on exactly when training on CUDA)")
-    persistent_workers: bool = _f(True, "keep workers alive between epochs (when num_workers > 0)")
+    persistent_workers: bool = _f(
+        False, "keep workers alive between epochs; workers then keep their first epoch's RNG seed across a resume"
+    )
     prefetch_factor: int = _f(2, "batches each worker loads ahead (when num_workers > 0)")
     shuffle: bool = _f(True, "reshuffle the train split every epoch (seeded by run.seed and the epoch)")
     drop_last: bool = _f(True, "drop the tail of an epoch that does not fill a global batch")
@@ -377,8 +379,18 @@ def dump_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+def type_name(tp: Any) -> str:
+    """`Union[int, None]` -> `int or null`, `Literal['a', 'b']` -> `a | b`, for the docs."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return " \\| ".join(f"`{a}`" for a in get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
 def config_reference() -> str:
-    """A Markdown table of every key: type, default, meaning (pasted into the README)."""
+    """A Markdown table of every key: type, default, meaning (the README's config reference)."""
     rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for section in dataclasses.fields(Config):
         cls = get_type_hints(Config)[section.name]
@@ -388,16 +400,12 @@ def config_reference() -> str:
                 rows.append(f"| `{section.name}.*` | any | | {f.metadata['doc']} |")
                 continue
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            shown = (
-                "required" if default is None and "required" in f.metadata["doc"] else yaml.safe_dump(default).strip()
-            )
-            shown = shown.removesuffix("\n...").strip()
-            tp = str(hints[f.name]).replace("typing.", "").replace("NoneType", "None")
-            tp = {
-                "<class 'int'>": "int",
-                "<class 'float'>": "float",
-                "<class 'str'>": "str",
-                "<class 'bool'>": "bool",
-            }.get(tp, tp.replace("<class '", "").replace("'>", ""))
-            rows.append(f"| `{section.name}.{f.name}` | {tp} | `{shown}` | {f.metadata['doc']} |")
+            required = default is None and "required" in f.metadata["doc"]
+            shown = "required" if required else yaml.safe_dump(default, default_flow_style=True).strip()
+            shown = shown.removesuffix("...").strip()
+            rows.append(f"| `{section.name}.{f.name}` | {type_name(hints[f.name])} | `{shown}` | {f.metadata['doc']} |")
     return "\n".join(rows)
+
+
+if __name__ == "__main__":  # `python -m dist_train.config` prints the README's reference table
+    print(config_reference())

@@ -125,3 +125,11 @@ def test_cli_errors_that_need_the_data_exit_2(tmp_path):
         proc = _cli(["--config", str(path)], tmp_path)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr
+
+
+def test_readme_config_reference_is_current():
+    from helpers import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
+    assert section == config_reference(), "README config table is stale: paste `python -m dist_train.config`"

@@ -55,11 +55,17 @@ class TrainData:
     sampler: ResumableDistributedSampler
     steps_per_epoch: int
     global_batch: int
+    seed: int
 
     def epoch_batches(self, epoch: int, start_sample: int) -> Iterator:
-        """This rank's micro-batches for `epoch`, from global sample offset `start_sample` on."""
+        """This rank's micro-batches for `epoch`, from global sample offset `start_sample` on.
+
+        Worker seeds derive from (seed, rank, epoch) alone, so a resumed run's workers draw the
+        same random numbers as the uninterrupted run's.
+        """
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start_sample)
+        self.loader.generator.manual_seed(self.seed + 7 * epoch)
         return iter(self.loader)
 
 
@@ -90,8 +96,9 @@ def build_train_data(cfg: Config, ctx: DistContext) -> TrainData:
     sampler = ResumableDistributedSampler(
         dataset, ctx.world_size, ctx.rank, cfg.loader.shuffle, cfg.run.seed, global_batch
     )
-    loader = _loader(cfg, ctx, dataset, sampler, t.micro_batch_size, True, cfg.run.seed * 1009 + ctx.rank)
-    return TrainData(loader, sampler, len(dataset) // global_batch, global_batch)
+    seed = cfg.run.seed * 1009 + ctx.rank * 100_003
+    loader = _loader(cfg, ctx, dataset, sampler, t.micro_batch_size, True, seed)
+    return TrainData(loader, sampler, len(dataset) // global_batch, global_batch, seed)
 
 
 def build_eval_data(cfg: Config, ctx: DistContext) -> EvalData | None:

@@ -1,0 +1,154 @@
+"""Runtime behaviour: exact distributed eval, failing ranks, loopback-only spawn, the quickstart."""
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PYTHON, REPO_ROOT, ctx_from_env, launch, read_rows, run_ranks, tiny_lm_config, write_config
+
+from dist_train.config import from_dict
+
+pytestmark = pytest.mark.slow
+
+
+def _eval_on_ranks(rank, world, raw):
+    from dist_train.data import build_eval_data
+    from dist_train.evaluation import evaluate
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+
+    cfg = from_dict(raw)
+    ctx = ctx_from_env()
+    torch.manual_seed(0)
+    strategy = build_strategy(cfg, ctx)
+    strategy.setup(build_model(cfg.model.name, cfg.model.kwargs))
+    return evaluate(strategy, build_loss(cfg.train.loss), build_eval_data(cfg, ctx), ctx)
+
+
+def test_eval_metrics_identical_for_world_sizes_1_2_3():
+    raws = {
+        "lm": tiny_lm_config("unused", data={"eval_samples": 49}, eval={"micro_batch_size": 4}),
+        "mlp": {
+            "run": {"output_dir": "unused"},
+            "model": {"name": "mlp"},
+            "data": {"name": "synthetic_vectors", "eval_samples": 97},
+            "eval": {"micro_batch_size": 8},
+        },
+    }
+    for name, raw in raws.items():
+        results = [run_ranks(_eval_on_ranks, world, raw) for world in (1, 2, 3)]
+        for per_rank in results:
+            assert all(r == per_rank[0] for r in per_rank)  # every rank reports the same
+        reference = results[0][0]
+        assert "eval_accuracy" in reference and (("eval_perplexity" in reference) == (name == "lm"))
+        for per_rank in results[1:]:
+            assert per_rank[0]["eval_accuracy"] == reference["eval_accuracy"]
+            assert per_rank[0]["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-6)
+
+
+def faulty_config(tmp_path, mode, **train):
+    return {
+        "run": {"output_dir": str(tmp_path / f"out-{mode}")},
+        "model": {"name": "userpkg.faulty:faulty", "fail_rank": 1, "fail_call": 3, "mode": mode},
+        "data": {"name": "synthetic_vectors"},
+        "train": {"max_steps": 50, **train},
+        "dist": {"timeout_s": 20},
+        "log": {"every_steps": 1, "plot": False},
+    }
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "spawn"])
+def test_a_rank_that_raises_fails_the_whole_job(tmp_path, launcher):
+    start = time.monotonic()
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    proc = launch(faulty_config(tmp_path, "raise"), tmp_path, nproc=2, launcher=launcher, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert time.monotonic() - start < 60
+    assert "rank 1 failed at step 3: RuntimeError: injected failure" in proc.stderr
+
+
+def test_a_hung_rank_fails_within_the_timeout_with_stacks(tmp_path):
+    start = time.monotonic()
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    proc = launch(faulty_config(tmp_path, "hang"), tmp_path, nproc=2, launcher="torchrun", timeout=200, env=env)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0
+    assert elapsed < 20 + 30 + 15, elapsed  # timeout + 30 s, plus launcher start-up
+    assert "faulty.py" in proc.stderr and "in forward" in proc.stderr  # the hung rank's stack was dumped
+
+
+def _listening_sockets(pids: set[int]) -> list[str]:
+    inodes = set()
+    for pid in pids:
+        try:
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+        except (FileNotFoundError, PermissionError):
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1].split(":")[0])
+    return found
+
+
+def _descendants(root: int) -> set[int]:
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parents[int(entry)] = int(stat.rsplit(")", 1)[1].split()[1])
+            except (FileNotFoundError, IndexError):
+                continue
+    family, grew = {root}, True
+    while grew:
+        new = {pid for pid, ppid in parents.items() if ppid in family} - family
+        family |= new
+        grew = bool(new)
+    return family
+
+
+LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
+
+
+def test_spawn_listens_on_loopback_only(tmp_path):
+    config = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "out", train={"max_steps": 400}))
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("GLOO_SOCKET_IFNAME", None)
+    proc = subprocess.Popen([PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2", "--config", str(config)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    seen = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (tmp_path / "out" / "metrics.jsonl").exists():  # training: store and gloo are up
+                seen = _listening_sockets(_descendants(proc.pid))
+                if seen:
+                    break
+            time.sleep(0.2)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    assert seen, "found no listening socket of the run"
+    assert set(seen) <= LOOPBACK, seen
+
+
+def test_quickstart_trains_on_two_ranks_with_falling_loss(tmp_path):
+    start = time.monotonic()
+    proc = launch(REPO_ROOT / "configs/quickstart.yaml", tmp_path, [f"run.output_dir={tmp_path / 'qs'}"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.monotonic() - start < 60
+    rows = read_rows(tmp_path / "qs")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < 0.6 * losses[0]
+    assert (tmp_path / "qs" / "model.safetensors").stat().st_size > 100_000
+    assert (tmp_path / "qs" / "checkpoints" / "latest").read_text().strip() == "step-00000120"
