@@ -119,8 +119,20 @@ def launch(
     elif launcher == "spawn":
         cmd = [PYTHON, str(REPO_ROOT / "launch" / "spawn.py"), "--nproc_per_node", str(nproc), *args]
     else:
-        cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), "-m", "dist_train", *args]
+        cmd = [
+            PYTHON,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "dist_train",
+            *args,
+        ]
     return run_cli(cmd, env=env, timeout=timeout)
 
 
@@ -155,7 +167,14 @@ def tiny_lm_config(output_dir: Path, **sections) -> dict:
     """A small transformer_lm config that runs in a couple of seconds; sections override keys."""
     config = {
         "run": {"output_dir": str(output_dir), "seed": 0},
-        "model": {"name": "transformer_lm", "vocab_size": 64, "seq_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 2},
+        "model": {
+            "name": "transformer_lm",
+            "vocab_size": 64,
+            "seq_len": 16,
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 2,
+        },
         "data": {"name": "synthetic_tokens", "vocab_size": 64, "seq_len": 16, "num_samples": 512, "eval_samples": 50},
         "train": {"max_steps": 10, "micro_batch_size": 4, "grad_accum_steps": 2, "lr": 1e-3, "grad_clip_norm": 0.5},
         "checkpoint": {"every_steps": None},

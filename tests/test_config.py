@@ -59,7 +59,9 @@ def test_invalid_values_name_the_key(sections, message):
 
 def test_overrides_apply_and_are_type_checked(tmp_path):
     path = write_config(tmp_path / "c.yaml", BASE)
-    cfg = load_config(path, ["train.max_steps=7", "model.hidden_dim=9", "train.grad_clip_norm=null", "eval.every_steps=3"])
+    cfg = load_config(
+        path, ["train.max_steps=7", "model.hidden_dim=9", "train.grad_clip_norm=null", "eval.every_steps=3"]
+    )
     assert (cfg.train.max_steps, cfg.model.kwargs["hidden_dim"], cfg.train.grad_clip_norm) == (7, 9, None)
     with pytest.raises(UserError, match="must look like"):
         load_config(path, ["train.max_steps"])

@@ -80,7 +80,9 @@ def test_loss_falls_and_eval_metrics_logged(lm_runs):
 
 
 def test_mlp_two_ranks_match_one_rank(tmp_path):
-    reference = run_ok(mlp_config(tmp_path / "ref", micro_batch_size=16, grad_accum_steps=1), tmp_path, launcher="single")
+    reference = run_ok(
+        mlp_config(tmp_path / "ref", micro_batch_size=16, grad_accum_steps=1), tmp_path, launcher="single"
+    )
     spawned = run_ok(mlp_config(tmp_path / "two", micro_batch_size=4, grad_accum_steps=2), tmp_path, nproc=2)
     assert max_abs_diff(load_weights(reference), load_weights(spawned)) <= TOL
 

@@ -124,8 +124,12 @@ def test_spawn_listens_on_loopback_only(tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "out", train={"max_steps": 400}))
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
     env.pop("GLOO_SOCKET_IFNAME", None)
-    proc = subprocess.Popen([PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2", "--config", str(config)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2", "--config", str(config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     seen = []
     try:
         deadline = time.monotonic() + 60

@@ -3,9 +3,9 @@
 import math
 
 import pytest
+import torch
 from torch.utils.data import TensorDataset
 
-import torch
 from dist_train.config import from_dict
 from dist_train.data.sampler import PaddedEvalSampler, ResumableDistributedSampler
 from dist_train.optim import lr_at
