@@ -15,16 +15,26 @@ import sys
 from .errors import UserError
 
 EXIT_USAGE = 2
-SUBCOMMANDS = ("train", "plot")
+# sub-command -> "module:function"; each function takes the remaining argv and returns an exit status
+SUBCOMMANDS = {
+    "train": "dist_train.cli:run_train",
+    "plot": "dist_train.cli:run_plot",
+    "check": "dist_train.tools.check:main",
+    "doctor": "dist_train.tools.doctor:main",
+    "verify": "dist_train.tools.verify:main",
+    "slurm": "dist_train.slurm:main",
+}
 
 
-class _Parser(argparse.ArgumentParser):
+class ArgParser(argparse.ArgumentParser):
+    """argparse that raises UserError (one line, exit 2) instead of printing usage."""
+
     def error(self, message: str):  # argparse would print usage + exit 2; we want one line
         raise UserError(f"{message} (see `dist-train {self.prog.split()[-1]} --help`)" if " " in self.prog else message)
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
-    parser = _Parser(prog=prog, description="Train as configured; KEY=VALUE overrides use dotted YAML paths.")
+    parser = ArgParser(prog=prog, description="Train as configured; KEY=VALUE overrides use dotted YAML paths.")
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4 strategy.name=ddp")
     return parser
@@ -67,7 +77,7 @@ def run_plot(argv: list[str]) -> int:
 
     from .plots import plot_metrics
 
-    parser = _Parser(prog="dist-train plot", description="Plot a run's metrics.jsonl to metrics.png.")
+    parser = ArgParser(prog="dist-train plot", description="Plot a run's metrics.jsonl to metrics.png.")
     parser.add_argument("run_dir")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -87,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             command, rest = argv[0], argv[1:]
         else:
             command, rest = "train", argv
-        if command == "plot":
-            return run_plot(rest)
-        return run_train(rest)
+        from .imports import import_object
+
+        return import_object(SUBCOMMANDS[command], "sub-command")(rest)
     except UserError as err:
         print(f"dist_train: error: {err}", file=sys.stderr)
         return EXIT_USAGE
