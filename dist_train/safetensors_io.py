@@ -36,7 +36,7 @@ def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict
     blobs, offset = [], 0
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
-        data = tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
         header[name] = {
             "dtype": DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
