@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS ?= dev,deepspeed
+EXTRAS ?= dev,deepspeed,hf
 NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=

@@ -126,9 +126,11 @@ def commit_save(
     manifest = {"format_version": FORMAT_VERSION, "step": step, **meta, "files": entries}
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     final = root / step_dir_name(step)
-    if final.exists():  # a complete checkpoint of this step already exists: keep it, drop ours
+    if final.exists() and _intact(final):  # a resumed run re-reached a saved step: keep the good one
         shutil.rmtree(tmp)
     else:
+        if final.exists():  # a damaged copy: set it aside (never delete evidence), then take its place
+            os.rename(final, root / f".corrupt-{final.name}-{os.getpid()}")
         os.rename(tmp, final)
         fsync_path(root)
     write_atomic(root / "latest", (final.name + "\n").encode())
@@ -145,6 +147,14 @@ def apply_retention(root: Path, keep_last: int, keep_every: int | None) -> None:
         if name == latest or (keep_every and step % keep_every == 0):
             continue
         shutil.rmtree(root / name, ignore_errors=True)
+
+
+def _intact(folder: Path) -> bool:
+    try:
+        verify(folder)
+        return True
+    except ValueError:
+        return False
 
 
 # --- reading --------------------------------------------------------------------------------------------

@@ -90,6 +90,24 @@ def run_plot(argv: list[str]) -> int:
     return 0
 
 
+def exit_with(code: int) -> None:
+    """Flush and leave without interpreter teardown.
+
+    Background threads of c10d/gloo (and DeepSpeed) can abort at static destruction ("terminate
+    called without an active exception", SIGABRT) after the process group is gone, which would turn
+    a finished run's exit status into 134. Our own state is closed explicitly before this point.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def console_script() -> None:
+    """Entry point of the `dist-train` console script."""
+    exit_with(main())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -11,11 +11,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import logging
 import os
 import re
+import signal
 import socket
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -44,36 +47,88 @@ class DistContext:
 
 
 def first_slurm_host(nodelist: str) -> str:
-    """First hostname of a SLURM nodelist such as `gpu[003-005,9],cpu1` -> `gpu003`."""
-    match = re.match(r"([^,\[]+)(?:\[([^\]]+)\])?", nodelist.strip())
-    if not match:
-        return nodelist
-    prefix, ranges = match.group(1), match.group(2)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+    """First host of a SLURM hostlist, the one `scontrol show hostnames` lists first.
+
+    `gpu[003-005,9],cpu1` -> `gpu003`; `rack[1-2]-n[3-4]` -> `rack1-n3` (each bracket contributes
+    its first value, zero padding kept); a plain `host1,host2` -> `host1`.
+    """
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):  # the first entry ends at a comma outside brackets
+        depth += (char == "[") - (char == "]")
+        if char == "," and depth == 0:
+            end = i
+            break
+    first_entry = nodelist[:end].strip()
+    return re.sub(r"\[([^\]]*)\]", lambda m: m.group(1).split(",")[0].split("-")[0].strip(), first_entry)
 
 
 def detect_launcher(env: dict[str, str] | None = None) -> str:
-    env = dict(os.environ if env is None else env)
+    """The launcher that started this process: "spawn", "torchrun", "srun" or "single".
+
+    torchrun's variables win over SLURM's (torchrun inside an srun task). "srun" means a job step
+    (SLURM_STEP_ID; the batch script itself has none) of more than one task; an srun step of one
+    task, or a batch script calling python directly, is a single process.
+    """
+    env = os.environ if env is None else env
     if env.get("DIST_TRAIN_LAUNCHER") == "spawn":
         return "spawn"
     if "RANK" in env and "WORLD_SIZE" in env:
         return "torchrun"
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_ID" in env:
+    step_tasks = env.get("SLURM_STEP_NUM_TASKS") or env.get("SLURM_NTASKS") or "1"
+    if "SLURM_PROCID" in env and "SLURM_STEP_ID" in env and int(step_tasks) > 1:
         return "srun"
     return "single"
 
 
 def _adopt_srun_environment() -> None:
-    """Direct srun (one task per GPU): translate SLURM's variables into torchrun's."""
+    """Direct srun (one task per rank): translate the job step's SLURM variables into torchrun's.
+
+    RANK, LOCAL_RANK, WORLD_SIZE and LOCAL_WORLD_SIZE describe the step (LOCAL_WORLD_SIZE: this
+    node's entry of SLURM_STEP_TASKS_PER_NODE, e.g. `2(x3),1`). MASTER_ADDR is the step's first node
+    (rank 0 runs there); MASTER_PORT is 15000 + (16 x job id + step id) mod 17000: below Linux's
+    ephemeral ports, the same for every task and for a requeued job, different for concurrent steps.
+    MASTER_ADDR/MASTER_PORT exported by the user are kept.
+    """
     env = os.environ
-    env.setdefault("RANK", env["SLURM_PROCID"])
-    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
-    env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
-    env.setdefault("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0])
-    env.setdefault("MASTER_ADDR", first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
-    env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+    env["RANK"] = env["SLURM_PROCID"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    env["WORLD_SIZE"] = env.get("SLURM_STEP_NUM_TASKS") or env["SLURM_NTASKS"]
+    tasks_per_node: list[int] = []
+    for part in (env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "").split(","):
+        match = re.fullmatch(r"\s*(\d+)(?:\(x(\d+)\))?\s*", part)
+        if match:
+            tasks_per_node += [int(match.group(1))] * int(match.group(2) or 1)
+    node_index = int(env.get("SLURM_NODEID", "0"))
+    if tasks_per_node:
+        env["LOCAL_WORLD_SIZE"] = str(tasks_per_node[min(node_index, len(tasks_per_node) - 1)])
+    else:
+        env["LOCAL_WORLD_SIZE"] = (env.get("SLURM_NTASKS_PER_NODE") or "1").split("(")[0]
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or ""
+    env.setdefault("MASTER_ADDR", first_slurm_host(nodelist) or "127.0.0.1")
+    job_id = int(env.get("SLURM_JOB_ID") or 0)
+    step_id = int(env["SLURM_STEP_ID"]) if env.get("SLURM_STEP_ID", "").isdigit() else 0
+    env.setdefault("MASTER_PORT", str(15000 + (16 * job_id + step_id) % 17000))
+
+
+def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
+    """The MASTER_ADDR:MASTER_PORT store, namespaced by the torchrun restart attempt.
+
+    torchrun's static rendezvous keeps one store across `--max-restarts` attempts, so restarted
+    workers could read the previous attempt's gloo/NCCL addresses and fail to connect; a prefix
+    per attempt gives every attempt fresh keys. Under torchrun (and spawn.py) the launcher hosts
+    the store and every rank is a client; otherwise (direct srun) rank 0 hosts it.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world_size,
+        is_master=not agent_hosts_store and rank == 0,
+        timeout=timeout,
+        multi_tenant=True,
+    )
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"dist_train/attempt-{attempt}", store)
 
 
 def pick_backend(requested: str) -> str:
@@ -93,6 +148,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
             torch.cuda.set_device(device)
         return DistContext(0, 0, 1, 1, device, None, launcher)
 
+    if launcher in ("torchrun", "spawn"):
+        die_with_parent()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
@@ -102,11 +159,30 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    init_kwargs = {"backend": backend, "timeout": datetime.timedelta(seconds=timeout_s)}
+    timeout = datetime.timedelta(seconds=timeout_s)
+    init_kwargs = {"backend": backend, "timeout": timeout, "rank": rank, "world_size": world_size}
+    init_kwargs["store"] = rendezvous_store(rank, world_size, timeout)
     if device.type == "cuda":
         init_kwargs["device_id"] = device  # eager NCCL init: bind this rank to its GPU up front
     dist.init_process_group(**init_kwargs)
     return DistContext(rank, local_rank, world_size, local_world_size, device, backend, launcher)
+
+
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the launcher process dies (kill -9 of torchrun or spawn.py).
+
+    Otherwise orphaned ranks would train on, and write into the same output folder as the job
+    that replaces them.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        return
+    if os.getppid() == 1:  # the launcher died before we could ask
+        os._exit(1)
 
 
 def teardown(ctx: DistContext | None) -> None:

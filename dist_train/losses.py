@@ -34,7 +34,8 @@ class Loss:
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-element 0/1 correctness, same shape as the elementwise loss (classification only)."""
         if self.name == "bce_with_logits":
-            return ((outputs > 0).to(targets.dtype) == targets).float()
+            outputs, targets = _same_shape(outputs, targets, self.name)  # (B, 1) vs (B,) must not broadcast
+            return ((outputs > 0).float() == targets).float()
         predicted = outputs.argmax(dim=-1)
         return ((predicted == targets) & (targets != IGNORE_INDEX)).float()
 
@@ -88,15 +89,21 @@ def build_loss(name: str, **kwargs: float) -> Loss:
         return Loss(name, cross_entropy, classification=True, ignores_targets=True)
     if name == "focal":
         gamma, alpha = float(kwargs.get("gamma", 2.0)), kwargs.get("alpha")
+        if gamma < 0:
+            raise UserError(f"train.loss_kwargs.gamma must be >= 0 for focal, got {gamma}")
 
         def focal(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            # Lin et al. 2017: -alpha (1 - p_t)^gamma log p_t, on softmax probabilities
+            # Lin et al. 2017: -alpha_t (1 - p_t)^gamma log p_t, on softmax probabilities
             logits, flat = _class_logits(outputs, targets, name)
             keep = flat != IGNORE_INDEX
-            log_p = F.log_softmax(logits, dim=-1).gather(1, flat.clamp(min=0).unsqueeze(1)).squeeze(1)
-            loss = -((1 - log_p.exp()) ** gamma) * log_p
-            if alpha is not None:
-                loss = float(alpha) * loss
+            index = flat.clamp(min=0)  # ignored targets: any valid class, zeroed below
+            log_p = F.log_softmax(logits, dim=-1).gather(1, index.unsqueeze(1)).squeeze(1)
+            # 1 - p_t as -expm1(log p_t): exact near p_t = 1. The clamp keeps the gradient of
+            # x^gamma (gamma < 1) finite when p_t rounds to 1; it was NaN there before.
+            loss = -((-torch.expm1(log_p)).clamp(min=1e-12) ** gamma) * log_p
+            if alpha is not None:  # a scalar, or a list of one weight per class
+                alpha_t = torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)
+                loss = loss * (alpha_t[index] if alpha_t.dim() else alpha_t)
             return loss * keep
 
         return Loss(name, focal, classification=True, ignores_targets=True)
@@ -105,7 +112,8 @@ def build_loss(name: str, **kwargs: float) -> Loss:
 
         def bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             out, tgt = _same_shape(outputs, targets, name)
-            weight = None if pos_weight is None else torch.tensor(float(pos_weight), device=out.device)
+            # a scalar, or one weight per output column
+            weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=out.dtype, device=out.device)
             return F.binary_cross_entropy_with_logits(out, tgt, reduction="none", pos_weight=weight)
 
         return Loss(name, bce, classification=True, ignores_targets=False)

@@ -40,6 +40,10 @@ class MetricsLogger:
         self.file = None
         self.bar = None
         self.tb = None
+        if tensorboard:  # checked on every rank, so a missing package stops all of them alike (exit 2)
+            from .imports import require
+
+            require("tensorboard", "tb", "log.tensorboard")
         if not enabled:
             return
         self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no row
@@ -49,18 +53,18 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
         if tensorboard:
-            from .imports import require
-
-            require("tensorboard", "tb", "log.tensorboard")
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(output_dir / "tb"))
+            # A resumed run re-logs the steps after its checkpoint: purge_step drops the old run's
+            # events from there on, so each tag keeps one value per step.
+            purge = start_step + 1 if start_step else None
+            self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=purge, flush_secs=10)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        if self.tb is not None and "step" in row:
+        if self.tb is not None and "step" in row:  # tags are the metrics.jsonl keys
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(key, value, row["step"])

@@ -1,9 +1,15 @@
-"""`metrics.png`: loss and eval loss, learning rate, grad norm and throughput against step."""
+"""`metrics.png`: loss and eval loss, learning rate, grad norm and throughput against step.
+
+Drawn with matplotlib's object API (no pyplot, so no global backend switch and no GUI). Resumed
+runs are plotted as one curve: after a `resumed_from` row the steps past the checkpoint, logged
+again by the resumed run, replace the ones the interrupted run had logged.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 
 log = logging.getLogger("dist_train")
@@ -14,47 +20,62 @@ PANELS = (
     ("grad norm (pre-clip)", ("grad_norm",)),
     ("throughput (samples/s)", ("samples_per_s",)),
 )
+FIGSIZE, DPI = (11, 7), 100  # metrics.png is 1100 x 700 pixels
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
     rows = []
-    with open(run_dir / "metrics.jsonl") as f:
+    with open(Path(run_dir) / "metrics.jsonl") as f:
         for line in f:
             line = line.strip()
-            if line:
+            if not line:
+                continue
+            try:
                 rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                log.warning("metrics.jsonl: skipping a malformed line")
     return rows
+
+
+def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) points of one metric; a resume drops the interrupted run's points past its checkpoint."""
+    points: list[tuple[int, float]] = []
+    for row in rows:
+        if "resumed_from" in row:
+            points = [p for p in points if p[0] <= row["step"]]
+            continue
+        value = row.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            points.append((row["step"], float(value)))
+    return points
 
 
 def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path | None:
     """Write the plot; returns its path, or None when matplotlib is missing (the run does not fail)."""
     run_dir = Path(run_dir)
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.figure import Figure
     except ImportError:
         log.info("matplotlib is not installed: skipping metrics.png (pip install 'dist-train[plot]')")
         return None
     rows = read_metrics(run_dir)
-    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    fig = Figure(figsize=FIGSIZE)
+    axes = fig.subplots(2, 2)
     for ax, (title, keys) in zip(axes.flat, PANELS):
         for key in keys:
-            points = [
-                (r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "resumed_from" not in r
-            ]
+            points = series(rows, key)
             if points:
                 steps, values = zip(*points)
-                ax.plot(steps, values, marker="o" if key.startswith("eval") else None, markersize=3, label=key)
+                sparse = key.startswith("eval") or len(points) < 20
+                ax.plot(steps, values, marker="o" if sparse else None, markersize=3, label=key)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if len(keys) > 1:
+        if len(keys) > 1 and ax.lines:
             ax.legend()
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out) if out else run_dir / "metrics.png"
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
+    fig.savefig(out, dpi=DPI)
     return out

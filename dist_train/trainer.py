@@ -281,7 +281,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     if status != "preempted" and ctx.is_rank_zero and cfg.log.plot:
         from .plots import plot_metrics
 
-        plot_metrics(output_dir)
+        try:
+            plot_metrics(output_dir)
+        except Exception as err:  # noqa: BLE001 - a finished run never fails over its plot
+            log.warning("could not write metrics.png: %s: %s", type(err).__name__, err)
     strategy.teardown()
     return {"status": status, "step": state.step}
 

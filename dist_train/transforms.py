@@ -34,7 +34,25 @@ def _checkpointed_forward(original, *args, **kwargs):
     # Non-reentrant checkpointing: works with kwargs, DDP/FSDP hooks and inputs that need no grad.
     if not torch.is_grad_enabled():
         return original(*args, **kwargs)
-    return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    calls = []
+
+    def run(*a, **k):
+        if not calls:  # the forward pass
+            calls.append(1)
+            return original(*a, **k)
+        # The recompute in backward runs the block in train mode again: keep BatchNorm's running
+        # statistics (and num_batches_tracked) as the forward left them, or they move twice a step.
+        module = original.__self__
+        buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()]
+        saved = [b.clone() for b in buffers]
+        try:
+            return original(*a, **k)
+        finally:  # also when checkpoint's early stop ends the recompute with an exception
+            with torch.no_grad():
+                for buffer, value in zip(buffers, saved):
+                    buffer.copy_(value)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def enable_grad_checkpointing(model: nn.Module, every: int = 1) -> int:

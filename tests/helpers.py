@@ -52,6 +52,9 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple
     with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
         pickle.dump(payload, f)
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # c10d threads can abort at interpreter teardown (see dist_train.cli.exit_with)
 
 
 def run_ranks(

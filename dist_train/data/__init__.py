@@ -18,6 +18,9 @@ REGISTRY: dict[str, str] = {
     "synthetic_tokens": "dist_train.data.synthetic:synthetic_tokens",
     "synthetic_images": "dist_train.data.synthetic:synthetic_images",
     "synthetic_vectors": "dist_train.data.synthetic:synthetic_vectors",
+    "synthetic_sequences": "dist_train.data.synthetic_seq:synthetic_sequences",
+    "synthetic_series": "dist_train.data.synthetic_seq:synthetic_series",
+    "hf": "dist_train.data.hf:hf_dataset",
 }
 
 

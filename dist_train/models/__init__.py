@@ -10,6 +10,12 @@ REGISTRY: dict[str, str] = {
     "mlp": "dist_train.models.mlp:mlp",
     "resnet": "dist_train.models.resnet:resnet",
     "transformer_lm": "dist_train.models.transformer_lm:transformer_lm",
+    "cnn": "dist_train.models.cnn:cnn",
+    "rnn_classifier": "dist_train.models.rnn:rnn_classifier",
+    "tcn": "dist_train.models.tcn:tcn",
+    "transformer_classifier": "dist_train.models.transformer_classifier:transformer_classifier",
+    "hf_causal_lm": "dist_train.models.hf:hf_causal_lm",
+    "hf_seq_cls": "dist_train.models.hf:hf_seq_cls",
 }
 
 

@@ -1,0 +1,238 @@
+"""`data.name: hf`: local json/jsonl/csv/parquet/text files through `datasets.load_dataset`,
+tokenised once, cached as tensors, and served as a TensorDataset.
+
+Tokenizers: `bytes` (built in: ids 0 pad, 1 eos, 2 unk, byte b -> b + 3; vocabulary 259, the
+ByT5 layout) or a local folder loaded with `AutoTokenizer.from_pretrained(local_files_only=True)`.
+Tasks: `lm` packs all texts (each followed by eos) into `block_size` windows, items
+`(ids[i:i+T], ids[i+1:i+T+1])`; `classification` truncates/right-pads each text to `max_length`,
+items `(ids, label)`, string labels numbered in sorted order.
+
+Preprocessing runs once: rank 0 builds `<cache_dir>/<hash of files and settings>/data.pt`
+(temp file + rename) while the other ranks wait at a barrier, then every rank loads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from ..errors import UserError
+
+log = logging.getLogger("dist_train")
+
+CACHE_VERSION = 1  # bump when the preprocessing changes, so old caches are not reused
+BYTE_PAD, BYTE_EOS, BYTE_OFFSET = 0, 1, 3
+FORMATS = {
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+    ".txt": "text",
+    ".md": "text",
+}
+
+
+def hf_dataset(
+    split: str,
+    files: dict[str, Any] | str,
+    task: str = "lm",
+    tokenizer: str = "bytes",
+    text_column: str = "text",
+    label_column: str = "label",
+    block_size: int = 128,
+    max_length: int = 128,
+    format: str | None = None,
+    cache_dir: str | None = None,
+) -> Dataset | None:
+    """`files`: {train: path or [paths], eval: ...} (a single path: train only)."""
+    if task not in ("lm", "classification"):
+        raise UserError(f"data.task must be lm or classification, got {task!r}")
+    paths = _paths(files if isinstance(files, dict) else {"train": files})
+    if split not in paths:
+        return None
+    settings = {
+        "task": task,
+        "tokenizer": _tokenizer_identity(tokenizer),
+        "text_column": text_column,
+        "label_column": label_column if task == "classification" else None,
+        "length": block_size if task == "lm" else max_length,
+        "format": format,
+        "version": CACHE_VERSION,
+    }
+    files_id = {name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in ps] for name, ps in paths.items()}
+    key = hashlib.sha256(json.dumps([files_id, settings], sort_keys=True).encode()).hexdigest()[:16]
+    first = next(iter(paths.values()))[0]
+    folder = (Path(cache_dir) if cache_dir else first.parent / ".dist_train_cache") / key
+    data = _prepare(folder, lambda scratch: _preprocess(paths, settings, tokenizer, format, scratch))
+    return TensorDataset(data[f"{split}_inputs"], data[f"{split}_targets"])
+
+
+def _paths(files: dict[str, Any]) -> dict[str, list[Path]]:
+    paths = {}
+    for name, value in files.items():
+        if name not in ("train", "eval"):
+            raise UserError(f"data.files has split {name!r}: use `train` and `eval`")
+        paths[name] = [Path(p).expanduser().resolve() for p in (value if isinstance(value, list) else [value])]
+        for path in paths[name]:
+            if not path.is_file():
+                raise UserError(f"data.files.{name}: no file {str(path)!r}")
+    if not paths:
+        raise UserError("data.files is empty: give {train: FILE, eval: FILE}")
+    return paths
+
+
+def _tokenizer_identity(tokenizer: str) -> Any:
+    """What the cache key records of the tokenizer: `bytes`, or its folder's files with sizes and times."""
+    if tokenizer == "bytes":
+        return "bytes"
+    folder = Path(tokenizer).expanduser().resolve()
+    if not folder.is_dir():
+        raise UserError(f"data.tokenizer must be `bytes` or a local tokenizer folder; {tokenizer!r} is neither")
+    return [str(folder)] + sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir())
+
+
+def _prepare(folder: Path, build) -> dict[str, torch.Tensor]:
+    """Rank 0 builds the cache if missing, the others wait at a barrier; then every rank loads it."""
+    import torch.distributed as dist
+
+    distributed = dist.is_available() and dist.is_initialized()
+    rank = dist.get_rank() if distributed else 0
+    data_file = folder / "data.pt"
+    error = None
+    if rank == 0 and not data_file.exists():
+        try:
+            _build_atomic(folder, build, rank)
+        except Exception as err:  # noqa: BLE001 - re-raised after the barrier, so no rank hangs
+            error = err
+    if distributed:
+        # The barrier's timeout is the process group's (dist.timeout_s): raise it for big corpora.
+        gpu = dist.get_backend() == "nccl"
+        dist.barrier(**({"device_ids": [torch.cuda.current_device()]} if gpu else {}))
+    if error is not None:
+        raise error
+    if not data_file.exists():
+        # Rank 0 failed (and says why), or the cache folder is not shared with this node: build here.
+        _build_atomic(folder, build, rank)
+    return torch.load(data_file, weights_only=True)
+
+
+def _build_atomic(folder: Path, build, rank: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    log.info("hf data: preprocessing into %s", folder)
+    scratch = tempfile.mkdtemp(prefix="scratch-", dir=folder)  # datasets' own arrow cache, dropped afterwards
+    try:
+        tensors, meta = build(scratch)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    tmp = folder / f"data.pt.tmp-{os.getpid()}"
+    torch.save(tensors, tmp)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / "data.pt")  # atomic: readers see the whole file or none
+    with open(folder.parent / "builds.log", "a") as f:  # provenance: which rank built what, when
+        f.write(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} rank {rank} pid {os.getpid()} built {folder.name} ")
+        f.write(f"in {time.time() - started:.1f}s\n")
+    log.info("hf data: %s", json.dumps(meta))
+
+
+def _load_split(datasets, paths: list[Path], fmt: str | None, task: str, tmp: str):
+    if fmt is None:
+        suffix = paths[0].suffix if paths[0].suffix != ".gz" else Path(paths[0].stem).suffix
+        fmt = FORMATS.get(suffix.lower())
+        if fmt is None:
+            raise UserError(f"cannot tell the format of {str(paths[0])!r}: set data.format (json, csv, parquet, text)")
+    kwargs: dict[str, Any] = {"cache_dir": tmp}
+    if fmt == "text":
+        kwargs["sample_by"] = "document" if task == "lm" else "line"  # an LM keeps a file's newlines
+    if fmt == "csv" and paths[0].suffix.lower() == ".tsv":
+        kwargs["delimiter"] = "\t"
+    return datasets.load_dataset(fmt, data_files=[str(p) for p in paths], split="train", **kwargs)
+
+
+def _encoder(tokenizer: str):
+    """-> (encode(list of texts) -> list of id lists, pad id, eos id or None, vocabulary size)."""
+    if tokenizer == "bytes":
+
+        def encode_bytes(texts: list[str]) -> list[list[int]]:
+            return [[b + BYTE_OFFSET for b in (t or "").encode("utf-8")] for t in texts]
+
+        return encode_bytes, BYTE_PAD, BYTE_EOS, 256 + BYTE_OFFSET
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from ..imports import require
+
+    transformers = require("transformers", "hf", "data.tokenizer=<folder>")
+    tok = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+
+    def encode_hf(texts: list[str]) -> list[list[int]]:
+        return tok([t or "" for t in texts], verbose=False)["input_ids"]
+
+    return encode_hf, pad, tok.eos_token_id, len(tok)
+
+
+def _preprocess(paths: dict[str, list[Path]], settings: dict, tokenizer: str, fmt: str | None, scratch: str):
+    os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = "1"
+    from ..imports import require
+
+    datasets = require("datasets", "hf", "data.name=hf")
+    datasets.disable_progress_bars()  # rank 0's log stays readable
+    encode, pad, eos, vocab = _encoder(tokenizer)
+    task, length, text_column = settings["task"], settings["length"], settings["text_column"]
+    splits = {name: _load_split(datasets, ps, fmt, task, scratch) for name, ps in paths.items()}
+    for name, ds in splits.items():
+        needed = [text_column] + ([settings["label_column"]] if task == "classification" else [])
+        missing = [c for c in needed if c not in ds.column_names]
+        if missing:
+            raise UserError(f"data.files.{name} has no column {missing[0]!r} (columns: {ds.column_names})")
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"pad_id": pad, "eos_id": eos, "vocab_size": vocab, "task": task}
+    label_map = _label_map(splits, settings["label_column"]) if task == "classification" else None
+    if label_map:
+        meta["labels"] = label_map
+    for name, ds in splits.items():
+        ids = [encode(batch[text_column]) for batch in ds.iter(batch_size=1000)]
+        ids = [row for chunk in ids for row in chunk]
+        if task == "lm":
+            inputs, targets = _pack(ids, eos, length, name)
+        else:
+            inputs = torch.full((len(ids), length), pad, dtype=torch.long)
+            for i, row in enumerate(ids):
+                row = row[:length]
+                inputs[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+            labels = ds[settings["label_column"]]
+            targets = torch.tensor([label_map[str(v)] if label_map else int(v) for v in labels], dtype=torch.long)
+        tensors[f"{name}_inputs"], tensors[f"{name}_targets"] = inputs, targets
+        meta[f"{name}_items"] = len(inputs)
+    return tensors, meta
+
+
+def _label_map(splits: dict, column: str) -> dict[str, int] | None:
+    """None when every label is already an integer; else sorted distinct labels -> 0..K-1."""
+    values = {v for ds in splits.values() for v in ds[column]}
+    if None in values:
+        raise UserError(f"data.label_column {column!r} has empty labels")
+    if all(isinstance(v, int) for v in values):  # bool is an int too
+        return None
+    return {label: i for i, label in enumerate(sorted(str(v) for v in values))}
+
+
+def _pack(ids: list[list[int]], eos: int | None, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate the texts (eos after each) and cut into block_size windows shifted by one."""
+    stream = torch.tensor([t for row in ids for t in row + ([eos] if eos is not None else [])], dtype=torch.long)
+    blocks = (len(stream) - 1) // block_size
+    if blocks < 1:
+        raise UserError(f"data.files.{name} has {len(stream)} tokens: too few for one block of {block_size}")
+    inputs = stream[: blocks * block_size].view(blocks, block_size)
+    targets = stream[1 : blocks * block_size + 1].view(blocks, block_size)
+    return inputs, targets

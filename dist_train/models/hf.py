@@ -1,0 +1,148 @@
+"""Hugging Face `transformers` models behind the zoo interface: forward(input_ids) -> logits.
+
+Built from a config dict (`model.config: {model_type: gpt2, n_layer: 2, ...}`, random init) or a
+local folder (`model.path`, with config.json; its weights are loaded when the folder has them).
+Nothing is ever downloaded: the hub is switched off and every load is `local_files_only`.
+
+The wrapper keeps the Hugging Face model as its attribute `hf`, so `state_dict` keys (and those of
+`model.safetensors`) are the Hugging Face names prefixed with `hf.`; strip the prefix to load them
+into the bare model (`AutoModel...from_config(cfg).load_state_dict(...)`).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..errors import UserError
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+# Config attributes that hold a dropout probability, by suffix (gpt2 `resid_pdrop`, bert
+# `hidden_dropout_prob`, t5 `dropout_rate`, llama `attention_dropout`, ...).
+DROPOUT_SUFFIXES = ("pdrop", "dropout", "dropout_prob", "dropout_rate", "dropout_ratio")
+
+
+class HFModel(nn.Module):
+    """Returns `.logits` of the wrapped model; exposes what the framework's transforms look for."""
+
+    def __init__(self, hf_model: nn.Module, pad_token_id: int | None):
+        super().__init__()
+        self.hf = hf_model
+        self.pad_token_id = pad_token_id
+
+    @property
+    def config(self) -> Any:
+        """The Hugging Face config (transforms.enable_grad_checkpointing looks for it)."""
+        return self.hf.config
+
+    @property
+    def blocks(self) -> nn.ModuleList | None:
+        """The decoder/encoder layers (for per-block FSDP sharding): the ModuleList holding most parameters."""
+        lists = [m for m in self.hf.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=None)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Per-layer activation checkpointing of the wrapped model (kwargs go to torch's checkpoint)."""
+        if hasattr(self.hf, "activation_checkpointing_enable"):  # transformers >= 5 renamed it
+            self.hf.activation_checkpointing_enable(
+                activation_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs
+            )
+        else:
+            self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = None if self.pad_token_id is None else (input_ids != self.pad_token_id).long()
+        return self.hf(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+
+
+def _transformers():
+    # Hub access off before transformers/huggingface_hub read their settings at import.
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    from ..imports import require
+
+    return require("transformers", "hf", "model.name=hf_causal_lm / hf_seq_cls")
+
+
+def _build(
+    auto_class: str,
+    config: dict | None,
+    path: str | None,
+    dropout: float | None,
+    overrides: dict,
+    attn_implementation: str | None,
+) -> nn.Module:
+    transformers = _transformers()
+    overrides = {**(config or {}), **overrides}
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    if path:
+        folder = Path(path)
+        if not (folder / "config.json").is_file():
+            raise UserError(f"model.path {path!r} has no config.json: give a local Hugging Face model folder")
+        overrides.pop("model_type", None)
+        hf_config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True, **overrides)
+    else:
+        overrides = dict(overrides)
+        model_type = overrides.pop("model_type", None)
+        if not model_type:
+            raise UserError("hf models need `model.path` (a local folder) or `model.config` with a `model_type`")
+        try:
+            hf_config = transformers.AutoConfig.for_model(model_type, **overrides)
+        except ValueError as err:
+            raise UserError(f"model.config: {err}") from None
+    if dropout is not None:
+        for key, value in list(hf_config.to_dict().items()):
+            if key.endswith(DROPOUT_SUFFIXES) and (value is None or isinstance(value, float)):
+                setattr(hf_config, key, float(dropout))
+    auto = getattr(transformers, auto_class)
+    if path and any((Path(path) / name).is_file() for name in WEIGHT_FILES):
+        # fp32 master weights whatever the checkpoint's dtype (train.precision handles autocast).
+        dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+        return auto.from_pretrained(
+            path, config=hf_config, local_files_only=True, **{dtype_key: torch.float32}, **extra
+        )
+    return auto.from_config(hf_config, **extra)
+
+
+def _version(text: str) -> tuple[int, int]:
+    major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
+    return major, minor
+
+
+def hf_causal_lm(
+    config: dict | None = None,
+    path: str | None = None,
+    dropout: float | None = None,
+    pad_token_id: int | None = None,
+    attn_implementation: str | None = None,
+) -> HFModel:
+    """AutoModelForCausalLM; logits (B, T, vocab). `pad_token_id` set: those tokens are masked out."""
+    return HFModel(_build("AutoModelForCausalLM", config, path, dropout, {}, attn_implementation), pad_token_id)
+
+
+def hf_seq_cls(
+    config: dict | None = None,
+    path: str | None = None,
+    num_labels: int = 2,
+    dropout: float | None = None,
+    pad_token_id: int | None = 0,
+    attn_implementation: str | None = None,
+) -> HFModel:
+    """AutoModelForSequenceClassification; logits (B, num_labels).
+
+    `pad_token_id` (default 0, the byte tokenizer's) is masked out of attention and tells
+    decoder models (gpt2, llama, ...) where each right-padded sequence ends.
+    """
+    overrides: dict[str, Any] = {"num_labels": num_labels}
+    if pad_token_id is not None:
+        overrides["pad_token_id"] = pad_token_id
+    model = _build("AutoModelForSequenceClassification", config, path, dropout, overrides, attn_implementation)
+    return HFModel(model, pad_token_id)

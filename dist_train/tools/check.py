@@ -1,0 +1,223 @@
+"""`dist-train check CONFIG [KEY=VALUE ...] [--world-size N] [--json]`: validate a config and say what
+the run will do, without starting a process group.
+
+It builds the datasets (sizes, steps per epoch) and the model (on the meta device when the factory
+allows: no memory), then reports batch shape, steps and epochs, the LR schedule's key points, the
+DeepSpeed JSON the strategy would pass, per-rank memory under every strategy, and warnings for
+known pitfalls (see `pitfalls.py`). Exit 0 when the config is valid (warnings included), 2 when not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from ..cli import ArgParser
+from ..config import Config, load_config
+from ..data import build_dataset, build_train_data
+from ..distributed import DistContext
+from ..errors import UserError
+from ..optim import lr_at
+from . import memory
+from .pitfalls import checkpoint_size, find_pitfalls
+from .report import human_bytes, key_values, table
+
+
+def _parser() -> ArgParser:
+    parser = ArgParser(prog="dist-train check", description="Validate a config and print what the run will do.")
+    parser.add_argument("args", nargs="*", metavar="CONFIG [KEY=VALUE ...]", help="config file, then overrides")
+    parser.add_argument("--config", help="config file (instead of the first positional argument)")
+    parser.add_argument("--world-size", type=int, default=None, help="ranks to plan for (default: the launcher's)")
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def split_config_args(config: str | None, args: list[str], command: str) -> tuple[str, list[str]]:
+    """`CONFIG KEY=VALUE ...` or `--config CONFIG KEY=VALUE ...` -> (config, overrides)."""
+    if config:
+        return config, args
+    if not args or "=" in args[0]:
+        raise UserError(f"give a config file: dist-train {command} CONFIG [KEY=VALUE ...]")
+    return args[0], args[1:]
+
+
+def default_world_size() -> tuple[int, str]:
+    for var in ("WORLD_SIZE", "SLURM_NTASKS"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var]), var
+    return 1, "default"
+
+
+def lr_points(cfg: Config, total: int) -> list[dict]:
+    """The schedule's key points up to step `total`, as logged steps (step s is trained with lr_at(s - 1))."""
+    warmup = cfg.schedule.warmup_steps
+    steps = {1, total, max(1, total // 4), max(1, total // 2), max(1, 3 * total // 4)}
+    if 0 < warmup <= total:
+        steps.add(warmup)
+    if cfg.schedule.name == "step":
+        # the first steps at each new LR (logged step s trains with lr_at(s - 1))
+        steps.update(range(warmup + cfg.schedule.step_size + 1, total + 1, cfg.schedule.step_size)[:3])
+    return [{"step": s, "lr": lr_at(cfg, s - 1)} for s in sorted(steps)]
+
+
+def deepspeed_json(cfg: Config, world_size: int) -> tuple[dict | None, str]:
+    """The DeepSpeed config the strategy would pass, or None with the reason."""
+    if cfg.strategy.name != "deepspeed":
+        return None, f"n/a (strategy.name={cfg.strategy.name})"
+    try:
+        from ..strategies.deepspeed import deepspeed_config
+    except ImportError as err:
+        return None, f"n/a (the DeepSpeed strategy is not available: {err})"
+    try:
+        return deepspeed_config(cfg, world_size), "passed to deepspeed.initialize"
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the report goes on; the error is shown in its place
+        return None, f"n/a ({type(err).__name__}: {err})"
+
+
+def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-size") -> dict:
+    """Everything `check` reports, as a JSON-ready dict. Raises UserError when the run would refuse the config."""
+    if world_size < 1:
+        raise UserError(f"--world-size must be >= 1, got {world_size}")
+    ctx = DistContext(0, 0, world_size, world_size, torch.device("cpu"), None, "single")
+    data = build_train_data(cfg, ctx)  # the same checks as the run: batch vs split size, drop_last
+    train_len = len(data.loader.dataset)
+    eval_set = build_dataset(cfg.data.name, "eval", cfg.data.kwargs)
+    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_set is None:
+        raise UserError(
+            f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
+        )
+    if cfg.log.tensorboard:
+        from ..imports import require
+
+        require("tensorboard", "tb", "log.tensorboard")
+    from ..strategies import REGISTRY
+
+    if cfg.strategy.name not in REGISTRY:
+        raise UserError(
+            f"strategy.name={cfg.strategy.name!r} is not available in this version (available: {', '.join(REGISTRY)})"
+        )
+    sample = data.loader.dataset[0][0]
+    tokens_per_sample = sample.numel() if not sample.is_floating_point() else None
+    total_steps = cfg.train.max_steps
+    if cfg.train.epochs:
+        total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
+
+    model, where = memory.build_for_inspection(cfg)
+    numel, trainable = memory.count_parameters(model)
+    try:
+        activations, act_note = memory.activation_bytes(model, sample, cfg, where), f"estimated on the {where} device"
+    except UserError:  # e.g. train.grad_checkpointing on a model without blocks: the run would refuse it too
+        raise
+    except Exception as err:  # noqa: BLE001 - an estimate only: report why it is missing
+        activations, act_note = None, f"n/a ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    states = memory.model_state_bytes(
+        trainable, world_size, cfg.train.precision, memory.optimizer_states_per_param(cfg)
+    )
+    per_rank = {row: {**s.as_dict(), "with_activations": s.total + (activations or 0)} for row, s in states.items()}
+    ds_config, ds_note = deepspeed_json(cfg, world_size)
+    report = {
+        "world_size": world_size,
+        "world_size_source": world_source,
+        "model": {"name": cfg.model.name, "parameters": numel, "trainable_parameters": trainable},
+        "data": {"name": cfg.data.name, "train_samples": train_len, "eval_samples": len(eval_set) if eval_set else 0},
+        "strategy": cfg.strategy.name,
+        "precision": cfg.train.precision,
+        "batch": {
+            "micro_batch_size": cfg.train.micro_batch_size,
+            "grad_accum_steps": cfg.train.grad_accum_steps,
+            "global_batch": data.global_batch,
+            "tokens_per_step": data.global_batch * tokens_per_sample if tokens_per_sample else None,
+        },
+        "steps": {
+            "total": total_steps,
+            "max_steps": cfg.train.max_steps,
+            "steps_per_epoch": data.steps_per_epoch,
+            "epochs": total_steps / data.steps_per_epoch,
+            "samples": total_steps * data.global_batch,
+            "dropped_per_epoch": train_len - data.sampler.usable_samples(),
+        },
+        "lr_schedule": {
+            "name": cfg.schedule.name,
+            "warmup_steps": cfg.schedule.warmup_steps,
+            "points": lr_points(cfg, total_steps),
+        },
+        "deepspeed_config": ds_config,
+        "deepspeed_note": ds_note,
+        "memory": {
+            "precision_note": memory.precision_note(cfg.train.precision),
+            "configured": memory.configured_row(cfg),
+            "activations": activations,
+            "activation_note": act_note,
+            "per_rank": per_rank,
+        },
+        "checkpoint_bytes": checkpoint_size(trainable, numel, cfg),
+    }
+    report["warnings"] = find_pitfalls(cfg, model, report)
+    return report
+
+
+def render(report: dict, config_path: str) -> str:
+    b, s, m = report["batch"], report["steps"], report["model"]
+    tokens = f" ({b['tokens_per_step']:,} tokens)" if b["tokens_per_step"] else ""
+    epochs = f"{s['steps_per_epoch']:,} steps per epoch -> {s['epochs']:.2f} epochs"
+    lines = [
+        f"dist-train check {config_path}",
+        key_values(
+            [
+                ("model", f"{m['name']}: {m['parameters']:,} parameters ({m['trainable_parameters']:,} trainable)"),
+                (
+                    "data",
+                    f"{report['data']['name']}: {report['data']['train_samples']:,} train samples, "
+                    f"{report['data']['eval_samples']:,} eval",
+                ),
+                ("strategy", f"{report['strategy']}, precision {report['precision']}"),
+                ("world size", f"{report['world_size']} ({report['world_size_source']})"),
+                ("micro-batch", f"{b['micro_batch_size']} per rank"),
+                ("accumulation", f"{b['grad_accum_steps']} micro-step(s) per optimizer step"),
+                ("global batch", f"{b['global_batch']:,} samples{tokens}"),
+                ("steps", f"{s['total']:,} ({epochs}; {s['samples']:,} samples)"),
+            ]
+        ),
+        "",
+        f"LR schedule: {report['lr_schedule']['name']}, warm-up {report['lr_schedule']['warmup_steps']} steps",
+        table(
+            ["step", "lr"],
+            [[str(p["step"]), f"{p['lr']:.3e}"] for p in report["lr_schedule"]["points"]],
+            align="rr",
+        ),
+        "",
+        f"DeepSpeed config: {report['deepspeed_note'] if report['deepspeed_config'] is None else ''}".rstrip(),
+    ]
+    if report["deepspeed_config"] is not None:
+        lines.append("\n".join("  " + line for line in json.dumps(report["deepspeed_config"], indent=2).splitlines()))
+    mem = report["memory"]
+    lines += ["", f"Memory per rank at world size {report['world_size']}", f"  {mem['precision_note']}"]
+    rows = []
+    for row, v in mem["per_rank"].items():
+        label = memory.ROW_LABELS[row] + (" *" if row == mem["configured"] else "")
+        act = human_bytes(mem["activations"]) if mem["activations"] is not None else "n/a"
+        cells = [v["params"], v["grads"], v["optimizer"], v["total"]]
+        rows.append([label, *map(human_bytes, cells), act, human_bytes(v["with_activations"])])
+    header = ["strategy", "params", "grads", "optimizer", "model states", "activations", "total"]
+    lines.append(table(header, rows))
+    lines.append(
+        f"  * this config. Activations: one micro-batch of {b['micro_batch_size']}, saved for backward, "
+        f"{mem['activation_note']}."
+    )
+    lines += ["", "Warnings:" if report["warnings"] else "No warnings."]
+    lines += [f"  - {w}" for w in report["warnings"]]
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    config_path, overrides = split_config_args(args.config, args.args, "check")
+    cfg = load_config(config_path, overrides)
+    world_size, source = (args.world_size, "--world-size") if args.world_size is not None else default_world_size()
+    report = inspect_config(cfg, world_size, source)
+    print(json.dumps(report, indent=2, default=str) if args.json else render(report, config_path))
+    return 0

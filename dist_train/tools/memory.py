@@ -1,0 +1,176 @@
+"""Per-rank memory estimates: model states per strategy (ZeRO paper formulas) and activations.
+
+Model states for Ψ trainable parameters on N ranks, from the ZeRO paper (Rajbhandari et al. 2020,
+https://arxiv.org/abs/1910.02054, section 3.1 and Figure 1), with K bytes of optimizer state per
+parameter:
+
+    mixed precision (fp16/bf16 weights and grads, fp32 master copy + Adam moments, K = 12):
+        DDP 16Ψ   ZeRO-1 4Ψ + 12Ψ/N   ZeRO-2 2Ψ + 14Ψ/N   ZeRO-3 16Ψ/N
+    fp32 (weights, grads and Adam moments in fp32, K = 8):
+        DDP 16Ψ   ZeRO-1 8Ψ + 8Ψ/N    ZeRO-2 4Ψ + 12Ψ/N   ZeRO-3 16Ψ/N
+
+DDP (and autocast in general) keeps fp32 weights and gradients, so its split is the fp32 one at
+every precision; FSDP2 shards fp32 parameters, gradients and optimizer state (16Ψ/N, like ZeRO-3)
+and only gathers low-precision copies for compute. K follows `optim.name`: Adam/AdamW keep two
+fp32 moments (8 bytes), SGD with momentum one (4), plain SGD none; the mixed-precision master
+copy adds 4.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..errors import UserError
+from ..models import build_model
+
+STRATEGY_ROWS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+ROW_LABELS = {"ddp": "DDP", "zero1": "ZeRO-1", "zero2": "ZeRO-2", "zero3": "ZeRO-3", "fsdp": "FSDP"}
+LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class ModelStates:
+    """Bytes per rank."""
+
+    params: int
+    grads: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.params + self.grads + self.optimizer
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "total": self.total}
+
+
+def _per_rank(factor: float, numel: int) -> int:
+    return math.ceil(factor * numel)  # a sharded tensor is padded to a multiple of the world size
+
+
+def optimizer_states_per_param(cfg: Config) -> int:
+    """fp32 optimizer tensors kept per parameter: Adam(W) 2 moments, SGD 1 momentum buffer or none."""
+    if cfg.optim.name in ("adam", "adamw"):
+        return 2
+    return 1 if cfg.optim.momentum else 0
+
+
+def configured_row(cfg: Config) -> str:
+    """Which row of the memory table the config itself uses."""
+    if cfg.strategy.name == "deepspeed":
+        return f"zero{cfg.strategy.zero_stage}" if cfg.strategy.zero_stage else "ddp"
+    return cfg.strategy.name
+
+
+def model_state_bytes(numel: int, world_size: int, precision: str, states_per_param: int) -> dict[str, ModelStates]:
+    """Per-rank bytes of parameters, gradients and optimizer state for every strategy row."""
+    n, fp32_optim = world_size, 4.0 * states_per_param
+    fp32 = (4.0, 4.0, fp32_optim)
+    # ZeRO with fp16/bf16 keeps 2-byte weights and grads and an fp32 master copy in the optimizer
+    zero = (2.0, 2.0, fp32_optim + 4.0) if precision in LOW_PRECISION else fp32
+    p, g, o = zero
+    per_param = {
+        "ddp": fp32,
+        "zero1": (p, g, o / n),
+        "zero2": (p, g / n, o / n),
+        "zero3": (p / n, g / n, o / n),
+        "fsdp": (fp32[0] / n, fp32[1] / n, fp32[2] / n),
+    }
+    return {row: ModelStates(*(_per_rank(f, numel) for f in factors)) for row, factors in per_param.items()}
+
+
+def precision_note(precision: str) -> str:
+    if precision in LOW_PRECISION:
+        return (
+            f"{precision}: ZeRO rows use the mixed-precision split (2-byte params and grads, fp32 master copy + "
+            "optimizer state); DDP and FSDP keep fp32 params/grads/state (autocast)"
+        )
+    return "fp32: params 4 B, grads 4 B, optimizer state 4 B per fp32 tensor per parameter (Adam: 8 B)"
+
+
+def build_for_inspection(cfg: Config) -> tuple[nn.Module, str]:
+    """The model on the meta device (shapes only, no memory) when its factory allows, else on the CPU."""
+    try:
+        with torch.device("meta"):
+            return build_model(cfg.model.name, cfg.model.kwargs), "meta"
+    except UserError:
+        raise
+    except Exception:  # noqa: BLE001 - a factory that needs real tensors (e.g. loads weights): build it for real
+        return build_model(cfg.model.name, cfg.model.kwargs), "cpu"
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(all, trainable) parameter elements; shared (tied) parameters counted once."""
+    params = list(model.parameters())  # parameters() de-duplicates tied weights
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def _storage_key(t: torch.Tensor) -> int:
+    return t.untyped_storage()._cdata  # one id per storage, views included (works on meta tensors too)
+
+
+def _saved_bytes(model: nn.Module, batch: torch.Tensor, autocast, checkpointed: list[nn.Module]) -> int:
+    """Storage bytes saved for backward by one forward (parameters and buffers excluded)."""
+    skip = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> None:
+        key = _storage_key(t)
+        if key not in skip:
+            saved[key] = t.untyped_storage().nbytes()
+
+    def keep_inputs(_module: nn.Module, args: tuple) -> None:
+        # a checkpointed block keeps its inputs itself, outside the saved-tensor hooks
+        for arg in args:
+            if torch.is_tensor(arg):
+                keep(arg)
+
+    hooks = [block.register_forward_pre_hook(keep_inputs) for block in checkpointed]
+    try:
+        with (
+            torch.enable_grad(),
+            autocast,
+            torch.autograd.graph.saved_tensors_hooks(lambda t: keep(t) or t, lambda t: t),
+        ):
+            outputs = model(batch)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for out in outputs if isinstance(outputs, (tuple, list)) else [outputs]:
+        if torch.is_tensor(out):
+            keep(out)  # the loss saves (a copy of) the outputs: log-softmax of the logits, say
+    return sum(saved.values())
+
+
+def activation_bytes(model: nn.Module, sample: torch.Tensor, cfg: Config, device: str) -> int:
+    """Bytes autograd keeps for backward after one micro-batch's forward (plus the outputs).
+
+    Measured by recording every tensor saved for backward (`saved_tensors_hooks`), counting each
+    storage once and skipping parameters and buffers. On the meta device nothing is allocated;
+    bf16/fp16 run the model in that dtype there (autocast does not apply to meta tensors), so the
+    figure is an estimate. With activation checkpointing, what stays saved is the blocks' inputs
+    plus, during backward, one block's recomputed activations.
+    """
+    from ..transforms import enable_grad_checkpointing, find_blocks
+
+    batch = sample.unsqueeze(0).expand(cfg.train.micro_batch_size, *sample.shape).contiguous().to(device)
+    dtype = LOW_PRECISION.get(cfg.train.precision)
+    if device == "meta" and dtype is not None:
+        model = model.to(dtype)
+        if batch.is_floating_point():
+            batch = batch.to(dtype)
+    autocast = torch.autocast("cpu", dtype=dtype) if device == "cpu" and dtype is not None else nullcontext()
+    model.train()
+    full = _saved_bytes(model, batch, autocast, [])
+    if not cfg.train.grad_checkpointing:
+        return full
+    enable_grad_checkpointing(model, cfg.train.grad_checkpointing_every)
+    checkpointed = find_blocks(model)[:: cfg.train.grad_checkpointing_every]
+    kept = _saved_bytes(model, batch, autocast, checkpointed)
+    return kept + (full - kept) // max(1, len(checkpointed))  # + one block recomputed at a time

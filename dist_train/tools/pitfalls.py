@@ -1,0 +1,159 @@
+"""Known pitfalls `dist-train check` warns about: each one a sentence saying what happens and what to change."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .. import checkpoint as ckpt
+from ..config import Config
+from ..errors import UserError
+from ..state import training_config
+from .memory import optimizer_states_per_param
+from .report import human_bytes
+
+
+def checkpoint_size(trainable: int, numel: int, cfg: Config) -> int:
+    """Approximate bytes of one checkpoint: fp32 weights plus fp32 optimizer state."""
+    return 4 * numel + 4 * optimizer_states_per_param(cfg) * trainable
+
+
+def _model_pitfalls(cfg: Config, model: nn.Module, world_size: int) -> list[str]:
+    warnings = []
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_batchnorm and world_size > 1 and not cfg.train.sync_batchnorm:
+        warnings.append(
+            f"the model has BatchNorm and runs on {world_size} ranks without train.sync_batchnorm: each rank "
+            "normalises over its own micro-batch, so results depend on the world size; set train.sync_batchnorm=true"
+        )
+    if has_batchnorm and cfg.train.grad_accum_steps > 1:
+        warnings.append(
+            "BatchNorm statistics are per micro-batch: gradient accumulation is not the same as a bigger "
+            "micro-batch for this model"
+        )
+    if cfg.train.precision == "fp16" and (not torch.cuda.is_available() or cfg.dist.backend == "gloo"):
+        warnings.append(
+            "train.precision=fp16 on the CPU: fp16 autocast is slow there and needs loss scaling; "
+            "use bf16 (or fp32) on CPUs"
+        )
+    return warnings
+
+
+def _resume_folder(cfg: Config) -> Path | None:
+    """The checkpoint folder `checkpoint.resume` points at (manifests are read, not checksummed)."""
+    resume = cfg.checkpoint.resume
+    if resume == "never":
+        return None
+    if resume == "auto":
+        root = Path(cfg.run.output_dir) / "checkpoints"
+    else:
+        path = Path(resume)
+        if not path.exists():
+            raise UserError(
+                f"checkpoint.resume: {path} does not exist (give a step-XXXXXXXX folder, a run folder, auto or never)"
+            )
+        if (path / ckpt.MANIFEST).exists():
+            return path
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = ckpt.read_latest(root)
+    if latest and (root / latest).is_dir():
+        return root / latest
+    steps = sorted(p for p in root.glob("step-*") if ckpt.STEP_DIR.match(p.name)) if root.is_dir() else []
+    return steps[-1] if steps else None
+
+
+def _checkpoint_pitfalls(cfg: Config, world_size: int, total_steps: int) -> list[str]:
+    folder = _resume_folder(cfg)
+    if folder is None:
+        existing = Path(cfg.run.output_dir) / "checkpoints"
+        if cfg.checkpoint.resume == "never" and ckpt.read_latest(existing):
+            return [
+                f"checkpoint.resume=never but {existing} already holds checkpoints: this run starts from "
+                "scratch and its checkpoints mix with theirs; use a new run.output_dir"
+            ]
+        return []
+    try:
+        manifest = json.loads((folder / ckpt.MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        return [f"the run will resume from {folder}, whose manifest cannot be read ({err}); it may fall back"]
+    warnings = []
+    if manifest.get("strategy", "ddp") != cfg.strategy.name:
+        warnings.append(
+            f"the run will resume {folder}, written by strategy {manifest.get('strategy')!r}; this config uses "
+            f"{cfg.strategy.name!r}, so it will stop with an error (use the same strategy or checkpoint.resume=never)"
+        )
+    if cfg.strategy.name == "deepspeed" and manifest.get("zero_stage") not in (None, cfg.strategy.zero_stage):
+        warnings.append(
+            f"the run will resume {folder}, written with ZeRO stage {manifest.get('zero_stage')}; this config uses "
+            f"stage {cfg.strategy.zero_stage}"
+        )
+    if manifest.get("world_size") != world_size:
+        warnings.append(
+            f"the run will resume {folder}, written at world size {manifest.get('world_size')}, at world size "
+            f"{world_size}: DDP continues with fresh RNG streams (not bit-exact); sharded strategies that cannot "
+            "reshard stop with an error"
+        )
+    if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):
+        warnings.append(
+            f"the run will resume {folder}, written for another model/data/optimizer/schedule/batch config "
+            "(config hash differs); use a new run.output_dir or checkpoint.resume=never to start fresh"
+        )
+    if manifest.get("step", 0) >= total_steps:
+        warnings.append(f"{folder} is at step {manifest.get('step')} >= {total_steps}: the run has nothing left to do")
+    return warnings
+
+
+def _free_disk(path: Path) -> int | None:
+    for candidate in (path, *path.absolute().parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return None
+
+
+def find_pitfalls(cfg: Config, model: nn.Module, report: dict) -> list[str]:
+    """Warnings for `report` (as built by check.inspect_config)."""
+    world_size, steps = report["world_size"], report["steps"]
+    warnings = _model_pitfalls(cfg, model, world_size)
+    dropped = steps["dropped_per_epoch"]
+    if dropped:
+        warnings.append(
+            f"the global batch ({report['batch']['global_batch']}) does not divide the train split "
+            f"({report['data']['train_samples']}): the last {dropped} samples of every epoch are never trained on"
+        )
+    if cfg.schedule.warmup_steps >= cfg.train.max_steps:
+        warnings.append(
+            f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) >= train.max_steps ({cfg.train.max_steps}): "
+            "the LR never reaches train.lr"
+        )
+    if steps["total"] < cfg.train.max_steps:
+        warnings.append(
+            f"train.epochs={cfg.train.epochs} ends the run at step {steps['total']}, before train.max_steps"
+        )
+    if cfg.strategy.name == "deepspeed" and importlib.util.find_spec("deepspeed") is None:
+        warnings.append("strategy.name=deepspeed but deepspeed is not installed: pip install 'dist-train[deepspeed]'")
+    if cfg.log.plot and importlib.util.find_spec("matplotlib") is None:
+        warnings.append(
+            "log.plot is on but matplotlib is not installed: no metrics.png (pip install 'dist-train[plot]')"
+        )
+    warnings += _checkpoint_pitfalls(cfg, world_size, steps["total"])
+    size, free = report["checkpoint_bytes"], _free_disk(Path(cfg.run.output_dir))
+    needed = size * (cfg.checkpoint.keep_last + 1)  # a new checkpoint is complete before the oldest goes
+    if free is not None and needed > free:
+        warnings.append(
+            f"checkpoints need about {human_bytes(needed)} ({cfg.checkpoint.keep_last} kept + 1 being written, "
+            f"{human_bytes(size)} each); {cfg.run.output_dir} has {human_bytes(free)} free"
+        )
+    if torch.cuda.is_available():
+        total = report["memory"]["per_rank"][report["memory"]["configured"]]["with_activations"]
+        capacity = torch.cuda.get_device_properties(0).total_memory
+        if total > 0.9 * capacity:
+            warnings.append(
+                f"this config needs about {human_bytes(total)} per rank; the GPU has {human_bytes(capacity)}: "
+                "shard more (ZeRO-3/FSDP), lower train.micro_batch_size or use train.grad_checkpointing"
+            )
+    return warnings

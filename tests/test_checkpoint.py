@@ -1,0 +1,249 @@
+"""Checkpoints in one process (fast): atomic save under injected crashes, corrupt-file fallbacks,
+retention, the non-finite guard. Multi-rank resume/signal/elastic tests are in test_resume.py."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import PYTHON, load_weights, max_abs_diff, read_rows, run_cli, write_config
+
+import dist_train.checkpoint as ckpt
+from dist_train.config import from_dict
+from dist_train.distributed import DistContext
+from dist_train.errors import UserError
+from dist_train.strategies.ddp import DDPStrategy
+from dist_train.trainer import TrainingError, train
+
+SINGLE = DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
+
+
+class Crash(BaseException):
+    """Stands in for the process dying: nothing after the crash point runs."""
+
+
+def mlp_raw(output_dir, **sections):
+    raw = {
+        "run": {"output_dir": str(output_dir), "seed": 5},
+        "model": {"name": "mlp", "hidden_dim": 32, "dropout": 0.2},  # dropout: resume must restore the RNG
+        "data": {"name": "synthetic_vectors", "num_samples": 256, "eval_samples": 40},
+        "train": {"max_steps": 6, "micro_batch_size": 8, "grad_accum_steps": 2},
+        "eval": {"every_steps": 3},
+        "checkpoint": {"every_steps": 2, "keep_last": 5},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def run(output_dir, **sections):
+    return train(from_dict(mlp_raw(output_dir, **sections)), SINGLE)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    assert run(out)["status"] == "finished"
+    return out
+
+
+def crash_when_saving_step_4(monkeypatch, stage):
+    """Patch the save path so the process 'dies' at `stage` while writing the step-4 checkpoint."""
+
+    def saving_4(*args):
+        return any("step-00000004" in str(a) for a in args)
+
+    def around(module, name, before: bool):
+        original = getattr(module, name)
+
+        def wrapper(*args, **kwargs):
+            if saving_4(*args) and before:
+                raise Crash(stage)
+            result = original(*args, **kwargs)
+            if saving_4(*args) and not before:
+                raise Crash(stage)
+            return result
+
+        monkeypatch.setattr(module, name, wrapper)
+
+    def around_file(name: str, before: bool):
+        original = ckpt.write_atomic
+
+        def wrapper(path, data):
+            hit = path.name == name and ("step-00000004" in str(path) or b"step-00000004" in data)
+            if hit and before:
+                raise Crash(stage)
+            original(path, data)
+            if hit and not before:
+                raise Crash(stage)
+
+        monkeypatch.setattr(ckpt, "write_atomic", wrapper)
+
+    if stage == "after_strategy_files":
+        around(DDPStrategy, "save", before=False)
+    elif stage == "after_fsync":
+        around(ckpt, "fsync_files", before=False)
+    elif stage in ("before_manifest", "after_manifest"):
+        around_file("manifest.json", before=stage.startswith("before"))
+    elif stage in ("before_rename", "after_rename"):
+        around(ckpt.os, "rename", before=stage.startswith("before"))
+    elif stage in ("before_latest", "after_latest"):
+        around_file("latest", before=stage.startswith("before"))
+    elif stage == "before_retention":
+        original = ckpt.apply_retention
+
+        def retention(root, keep_last, keep_every):
+            if ckpt.read_latest(root) == "step-00000004":
+                raise Crash(stage)
+            original(root, keep_last, keep_every)
+
+        monkeypatch.setattr(ckpt, "apply_retention", retention)
+
+
+STAGES = [
+    "after_strategy_files",
+    "after_fsync",
+    "before_manifest",
+    "after_manifest",
+    "before_rename",
+    "after_rename",
+    "before_latest",
+    "after_latest",
+    "before_retention",
+]
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_crash_at_any_save_stage_resumes_from_a_complete_checkpoint(tmp_path, monkeypatch, reference, stage):
+    with monkeypatch.context() as patch:
+        crash_when_saving_step_4(patch, stage)
+        with pytest.raises(Crash):
+            run(tmp_path)
+    root = tmp_path / "checkpoints"
+    latest = ckpt.read_latest(root)
+    assert latest in ("step-00000002", "step-00000004")
+    ckpt.verify(root / latest)  # `latest` always names a complete checkpoint
+    ckpt.verify(root / "step-00000002")  # the earlier good checkpoint is untouched
+    assert run(tmp_path)["status"] == "finished"
+    assert max_abs_diff(load_weights(reference), load_weights(tmp_path)) == 0.0
+    resumed = [r for r in read_rows(tmp_path) if "resumed_from" in r]
+    assert resumed == [{"resumed_from": latest, "step": int(latest[-8:])}]
+    expected = [r for r in read_rows(reference) if r["step"] > resumed[0]["step"]]
+    got = read_rows(tmp_path)
+    got = got[got.index(resumed[0]) + 1 :]
+    assert _stable(got) == _stable(expected)  # identical metrics rows after the resume point
+
+
+def _stable(rows):
+    timing = {"samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "peak_rss_mb"}
+    return [{k: v for k, v in r.items() if k not in timing} for r in rows]
+
+
+def _checkpointed_run(tmp_path, reference):
+    shutil.copytree(reference, tmp_path / "run")
+    return tmp_path / "run", tmp_path / "run" / "checkpoints"
+
+
+def _flip_byte(path: Path):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda folder: (folder / "model.pt").write_bytes((folder / "model.pt").read_bytes()[:100]),  # truncated
+        lambda folder: _flip_byte(folder / "optimizer.pt"),
+        lambda folder: (folder / "rank-00000.pt").unlink(),
+        lambda folder: (folder / "manifest.json").write_text("{not json"),
+    ],
+    ids=["truncated", "flipped-byte", "missing-file", "bad-manifest"],
+)
+def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, damage):
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    damage(root / "step-00000006")
+    found = ckpt.find_resume_checkpoint("auto", run_dir)
+    assert found.folder.name == "step-00000004"
+    with pytest.raises(UserError, match="checkpoint.resume: .*step-00000006"):
+        ckpt.find_resume_checkpoint(str(root / "step-00000006"), run_dir)
+    # resuming redoes steps 5-6 and replaces only the damaged folder; the good ones stay
+    assert run(run_dir, train={"max_steps": 6})["status"] == "finished"
+    for step in (2, 4, 6):
+        ckpt.verify(root / f"step-{step:08d}")
+    assert list(root.glob(".corrupt-step-00000006-*"))
+    assert max_abs_diff(load_weights(reference), load_weights(run_dir)) == 0.0
+
+
+def test_latest_naming_a_missing_folder_falls_back(tmp_path, reference):
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    (root / "latest").write_text("step-00000099\n")
+    assert ckpt.find_resume_checkpoint("auto", run_dir).folder.name == "step-00000006"
+    with pytest.raises(UserError, match="names step-00000099, which does not exist"):
+        ckpt.find_resume_checkpoint(str(run_dir), run_dir)
+
+
+def test_checkpoint_for_another_model_shape_is_a_clear_error(tmp_path, reference):
+    run_dir, _ = _checkpointed_run(tmp_path, reference)
+    with pytest.raises(UserError, match="does not fit this model"):
+        run(run_dir, model={"hidden_dim": 48})
+    config = write_config(tmp_path / "c.yaml", mlp_raw(run_dir, model={"hidden_dim": 48}))
+    proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert (
+        proc.returncode == 2
+        and lines[-1].startswith("dist_train: error: checkpoint")
+        and "Traceback" not in proc.stderr
+    )
+
+
+def test_manifest_lists_every_file_with_size_and_checksum(reference):
+    folder = reference / "checkpoints" / "step-00000006"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["step"] == 6 and manifest["world_size"] == 1 and manifest["strategy"] == "ddp"
+    assert set(manifest["files"]) == {"model.pt", "optimizer.pt", "rank-00000.pt"}
+    for name, entry in manifest["files"].items():
+        assert entry["size"] == (folder / name).stat().st_size
+        assert entry["sha256"] == ckpt.sha256_file(folder / name)
+    assert manifest["trainer"]["step"] == 6 and len(manifest["config_hash"]) == 16
+
+
+def test_retention_keeps_the_newest_and_the_milestones(tmp_path):
+    run(tmp_path, train={"max_steps": 10}, checkpoint={"every_steps": 2, "keep_last": 2, "keep_every": 4})
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000004", "step-00000008", "step-00000010"]
+
+
+def test_resume_never_and_explicit_path(tmp_path, reference):
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    assert run(tmp_path / "fresh", checkpoint={"resume": str(root / "step-00000004")})["status"] == "finished"
+    assert read_rows(tmp_path / "fresh")[0] == {"resumed_from": "step-00000004", "step": 4}
+    assert max_abs_diff(load_weights(reference), load_weights(tmp_path / "fresh")) == 0.0
+    assert run(run_dir, checkpoint={"resume": "never"}, train={"max_steps": 2})["step"] == 2
+
+
+def nan_raw(output_dir, **model):
+    return {
+        "run": {"output_dir": str(output_dir)},
+        "model": {"name": "userpkg.nan:nan_model", **model},
+        "data": {"name": "synthetic_vectors", "num_samples": 256},
+        "train": {"max_steps": 8, "max_nonfinite_steps": 3},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+
+
+def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
+    assert train(from_dict(nan_raw(tmp_path, nan_calls=[3])), SINGLE)["status"] == "finished"
+    rows = [r for r in read_rows(tmp_path) if "loss" in r]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1, 1, 1]
+    assert rows[2]["grad_norm"] == "nan"
+    weights = load_weights(tmp_path)
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path):
+    with pytest.raises(TrainingError, match=r"not finite for 3 steps in a row \(by step 5\)"):
+        train(from_dict(nan_raw(tmp_path, nan_from=3)), SINGLE)

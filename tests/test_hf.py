@@ -1,0 +1,296 @@
+"""Hugging Face models (`hf_causal_lm`, `hf_seq_cls`) and datasets (`data.name: hf`): built offline
+from configs and local folders, tokenised once on rank 0, trained on 2 ranks."""
+
+import importlib.util
+import json
+import os
+import random
+import sys
+
+import pytest
+import torch
+from helpers import read_rows, run_ranks
+
+from dist_train.data import build_dataset
+from dist_train.errors import UserError
+from dist_train.models import build_model
+
+HAVE_HF = all(importlib.util.find_spec(name) for name in ("transformers", "datasets"))
+needs_hf = pytest.mark.skipif(not HAVE_HF, reason="needs the hf extra (transformers, datasets)")
+GPT2 = {"model_type": "gpt2", "vocab_size": 259, "n_positions": 64, "n_embd": 32, "n_layer": 2, "n_head": 2,
+        "bos_token_id": 1, "eos_token_id": 1}  # fmt: skip
+
+
+def test_missing_transformers_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import fails as if not installed
+    with pytest.raises(UserError, match=r"pip install 'dist-train\[hf\]'"):
+        build_model("hf_causal_lm", {"config": GPT2})
+
+
+# ---------------------------------------------------------------- models
+
+
+@needs_hf
+def test_causal_lm_from_config_dict():
+    torch.manual_seed(0)
+    model = build_model("hf_causal_lm", {"config": GPT2, "dropout": 0.0})
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    tokens = torch.randint(259, (2, 10))
+    assert model(tokens).shape == (2, 10, 259)
+    assert all(key.startswith("hf.") for key in model.state_dict())  # the documented prefix
+    assert model.blocks is model.hf.transformer.h and len(model.blocks) == 2  # per-block FSDP finds the layers
+    assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.0
+    assert build_model("hf_causal_lm", {"config": GPT2, "dropout": 0.3}).config.resid_pdrop == 0.3
+    assert build_model("hf_causal_lm", {"config": GPT2}).config.resid_pdrop == 0.1  # the config's own default
+
+
+@needs_hf
+def test_model_from_local_folder_loads_its_weights(tmp_path):
+    torch.manual_seed(0)
+    saved = build_model("hf_causal_lm", {"config": GPT2})
+    saved.hf.save_pretrained(tmp_path / "with_weights")
+    loaded = build_model("hf_causal_lm", {"path": str(tmp_path / "with_weights")})
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert loaded.config.n_layer == 2 and next(loaded.parameters()).dtype == torch.float32
+    # config.json alone: the architecture, freshly initialised
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text((tmp_path / "with_weights" / "config.json").read_text())
+    fresh = build_model("hf_causal_lm", {"path": str(tmp_path / "config_only"), "config": {"n_layer": 1}})
+    assert len(fresh.blocks) == 1  # model.config overrides the folder's config
+    with pytest.raises(UserError, match="no config.json"):
+        build_model("hf_causal_lm", {"path": str(tmp_path)})
+    with pytest.raises(UserError, match="model_type"):
+        build_model("hf_causal_lm", {"config": {"n_layer": 2}})
+
+
+@needs_hf
+def test_seq_cls_logits_do_not_depend_on_right_padding():
+    torch.manual_seed(0)
+    model = build_model("hf_seq_cls", {"config": GPT2, "num_labels": 3, "dropout": 0.0}).eval()
+    short = torch.tensor([[5, 9, 14, 20]])
+    padded = torch.cat([short, torch.zeros(1, 8, dtype=torch.long)], dim=1)
+    other = torch.randint(3, 259, (1, 12))
+    logits = model(torch.cat([padded, other]))
+    assert logits.shape == (2, 3)
+    assert torch.allclose(logits[0], model(short)[0], atol=1e-5)
+    assert model.config.pad_token_id == 0
+
+
+@needs_hf
+@pytest.mark.parametrize("name", ["hf_gpt2", "hf_seq_cls"])
+def test_example_configs_build_and_run_a_batch(name, tmp_path, monkeypatch):
+    from helpers import REPO_ROOT
+
+    from dist_train.config import load_config
+    from dist_train.losses import build_loss
+
+    monkeypatch.chdir(REPO_ROOT)  # the configs name repository files relative to the root
+    cfg = load_config(REPO_ROOT / "configs" / f"{name}.yaml", [f"data.cache_dir={tmp_path}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, cfg.model.kwargs)
+    inputs, targets = build_dataset(cfg.data.name, "train", cfg.data.kwargs)[:4]
+    loss = build_loss(cfg.train.loss)
+    value = loss.sum(model(inputs), targets) / loss.count(targets)
+    assert 0 < value.item() < 10
+
+
+# ---------------------------------------------------------------- datasets
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def _builds(folder) -> list[str]:
+    log = folder / ".dist_train_cache" / "builds.log"
+    return log.read_text().splitlines() if log.exists() else []
+
+
+@needs_hf
+def test_lm_blocks_pack_the_byte_stream(tmp_path):
+    docs = ["héllo", "world!\nline two"]
+    files = {"train": _write_jsonl(tmp_path / "train.jsonl", [{"text": d} for d in docs])}
+    dataset = build_dataset("hf", "train", {"files": files, "task": "lm", "block_size": 4})
+    stream = [b + 3 for b in docs[0].encode()] + [1] + [b + 3 for b in docs[1].encode()] + [1]  # eos = 1
+    blocks = (len(stream) - 1) // 4
+    assert len(dataset) == blocks
+    inputs = torch.stack([dataset[i][0] for i in range(blocks)]).flatten().tolist()
+    targets = torch.stack([dataset[i][1] for i in range(blocks)]).flatten().tolist()
+    assert inputs == stream[: blocks * 4] and targets == stream[1 : blocks * 4 + 1]
+    assert build_dataset("hf", "eval", {"files": files}) is None  # no eval file: no eval split
+
+
+@needs_hf
+def test_classification_from_jsonl_csv_and_parquet(tmp_path):
+    import datasets
+
+    rows = [{"text": "good day", "label": "pos"}, {"text": "bad", "label": "neg"}, {"text": "x" * 50, "label": "meh"}]
+    jsonl = _write_jsonl(tmp_path / "train.jsonl", rows)
+    kwargs = {"task": "classification", "max_length": 8}
+    dataset = build_dataset("hf", "train", {"files": {"train": jsonl, "eval": jsonl}, **kwargs})
+    labels = json.loads(next((tmp_path / ".dist_train_cache").glob("*/meta.json")).read_text())["labels"]
+    assert labels == {"meh": 0, "neg": 1, "pos": 2}  # string labels numbered in sorted order
+    assert [int(dataset[i][1]) for i in range(3)] == [2, 1, 0]
+    first = dataset[0][0].tolist()
+    assert first == [b + 3 for b in b"good day"]  # exactly max_length 8, no padding needed
+    assert dataset[1][0].tolist() == [b + 3 for b in b"bad"] + [0] * 5  # right-padded with 0
+    assert dataset[2][0].tolist() == [b"x"[0] + 3] * 8  # truncated
+    csv = tmp_path / "train.csv"
+    csv.write_text("sentence,target\nhello,1\nbye,0\n")
+    from_csv = build_dataset("hf", "train", {"files": {"train": str(csv)}, "text_column": "sentence",
+                                             "label_column": "target", **kwargs})  # fmt: skip
+    assert [int(from_csv[i][1]) for i in range(2)] == [1, 0]  # integer labels kept as they are
+    datasets.Dataset.from_dict({"text": ["a", "bb"], "label": [0, 1]}).to_parquet(tmp_path / "train.parquet")
+    from_parquet = build_dataset("hf", "train", {"files": {"train": str(tmp_path / "train.parquet")}, **kwargs})
+    assert from_parquet[1][0][:3].tolist() == [b"b"[0] + 3] * 2 + [0]
+
+
+@needs_hf
+def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("abcdefgh" * 10)
+    kwargs = {"files": {"train": str(path)}, "block_size": 8}
+    first = build_dataset("hf", "train", kwargs)
+    assert len(_builds(tmp_path)) == 1
+    again = build_dataset("hf", "train", kwargs)
+    assert len(_builds(tmp_path)) == 1 and torch.equal(first.tensors[0], again.tensors[0])
+    build_dataset("hf", "train", {**kwargs, "block_size": 4})  # other settings: another cache
+    assert len(_builds(tmp_path)) == 2
+    path.write_text("zyxwvuts" * 10)
+    os.utime(path, ns=(0, 10**18))  # a new mtime even on a coarse-grained filesystem
+    changed = build_dataset("hf", "train", kwargs)
+    assert len(_builds(tmp_path)) == 3 and changed[0][0][0] == ord("z") + 3
+
+
+@needs_hf
+def test_local_tokenizer_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[EOS]": 2, "good": 3, "bad": 4, "day": 5}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    ).save_pretrained(tmp_path / "tok")
+    rows = [{"text": "good day", "label": 1}, {"text": "bad weather", "label": 0}]
+    files = {"train": _write_jsonl(tmp_path / "train.jsonl", rows)}
+    dataset = build_dataset(
+        "hf", "train", {"files": files, "tokenizer": str(tmp_path / "tok"), "task": "classification", "max_length": 4}
+    )
+    assert dataset[0][0].tolist() == [3, 5, 0, 0] and dataset[1][0].tolist() == [4, 1, 0, 0]
+    lm = build_dataset("hf", "train", {"files": files, "tokenizer": str(tmp_path / "tok"), "block_size": 2})
+    assert torch.cat([lm[0][0], lm[1][0]]).tolist() == [3, 5, 2, 4]  # eos after each text
+
+
+@needs_hf
+def test_bad_data_settings_are_user_errors(tmp_path):
+    files = {"train": _write_jsonl(tmp_path / "t.jsonl", [{"body": "x", "label": 1}])}
+    with pytest.raises(UserError, match="no column 'text'"):
+        build_dataset("hf", "train", {"files": files, "task": "classification"})
+    with pytest.raises(UserError, match="no file"):
+        build_dataset("hf", "train", {"files": {"train": str(tmp_path / "missing.jsonl")}})
+    with pytest.raises(UserError, match="task"):
+        build_dataset("hf", "train", {"files": files, "task": "translation"})
+    with pytest.raises(UserError, match="too few"):
+        build_dataset("hf", "train", {"files": files, "text_column": "body", "block_size": 64})
+    with pytest.raises(UserError, match="tokenizer"):
+        build_dataset("hf", "train", {"files": files, "tokenizer": "gpt2"})  # a hub name: never downloaded
+
+
+# ---------------------------------------------------------------- 2 ranks
+
+
+def _config(output_dir, model: dict, data: dict) -> dict:
+    return {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "model": model,
+        "data": {"name": "hf", **data},
+        "train": {"max_steps": 25, "micro_batch_size": 8, "lr": 3e-3, "grad_clip_norm": 1.0},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+
+
+def _write_corpora(root) -> tuple[dict, dict]:
+    """A text corpus from a tiny grammar (LM) and a jsonl classification set (letters decide the label)."""
+    rng = random.Random(0)
+    words = ["the cat", "a dog", "my bird"], ["sees", "likes", "chases"], ["the ball.", "a stick.", "the sun."]
+    text = "\n".join(" ".join(rng.choice(options) for options in words) for _ in range(400))
+    (root / "lm").mkdir()
+    (root / "lm" / "train.txt").write_text(text)
+    (root / "lm" / "eval.txt").write_text(text[:2000])
+    lm = {"train": str(root / "lm" / "train.txt"), "eval": str(root / "lm" / "eval.txt")}
+
+    def row() -> dict:
+        label = rng.choice(["yes", "no"])
+        letters = "abcde" if label == "yes" else "vwxyz"
+        return {"text": "".join(rng.choice(letters) for _ in range(rng.randint(3, 20))), "label": label}
+
+    (root / "cls").mkdir()
+    cls = {
+        "train": _write_jsonl(root / "cls" / "train.jsonl", [row() for _ in range(256)]),
+        "eval": _write_jsonl(root / "cls" / "eval.jsonl", [row() for _ in range(64)]),
+    }
+    return lm, cls
+
+
+def _train_all(rank: int, world_size: int, configs: list[dict]) -> None:
+    from helpers import ctx_from_env
+
+    from dist_train.config import from_dict
+    from dist_train.trainer import train
+
+    for config in configs:
+        train(from_dict(config), ctx_from_env())
+
+
+@pytest.fixture(scope="module")
+def hf_runs(tmp_path_factory):
+    """gpt2 LM on a text file and gpt2 sequence classification on jsonl, 25 steps each on 2 ranks."""
+    root = tmp_path_factory.mktemp("hf")
+    lm, cls = _write_corpora(root)
+    configs = [
+        _config(root / "lm" / "run", {"name": "hf_causal_lm", "config": GPT2, "dropout": 0.0},
+                {"files": lm, "block_size": 32}),
+        _config(root / "cls" / "run", {"name": "hf_seq_cls", "config": GPT2, "num_labels": 2, "dropout": 0.0},
+                {"files": cls, "task": "classification", "max_length": 24}),
+    ]  # fmt: skip
+    run_ranks(_train_all, 2, configs)
+    return root
+
+
+def _drop(rows: list[dict]) -> tuple[float, float]:
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 25
+    return sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+
+
+@needs_hf
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["lm", "cls"])
+def test_preprocessed_once_on_rank_zero(hf_runs, task):
+    builds = _builds(hf_runs / task)
+    assert len(builds) == 1 and " rank 0 " in builds[0], builds  # once, on rank 0, for both splits
+
+
+@needs_hf
+@pytest.mark.slow
+def test_gpt2_lm_loss_falls_on_two_ranks(hf_runs):
+    rows = read_rows(hf_runs / "lm" / "run")
+    first, last = _drop(rows)
+    print(f"hf_causal_lm: loss {first:.3f} -> {last:.3f}, eval {rows[-1]}")
+    assert last < 0.7 * first
+    assert rows[-1]["eval_perplexity"] < 20  # bytes: 259 ids, uniform would be 259
+
+
+@needs_hf
+@pytest.mark.slow
+def test_gpt2_seq_cls_learns_on_two_ranks(hf_runs):
+    rows = read_rows(hf_runs / "cls" / "run")
+    first, last = _drop(rows)
+    print(f"hf_seq_cls: loss {first:.3f} -> {last:.3f}, eval {rows[-1]}")
+    assert last < 0.7 * first
+    assert rows[-1]["eval_accuracy"] > 0.8

@@ -1,0 +1,181 @@
+"""Every loss against torch's reference or a hand-written formula, and the sum/count normalisation
+that makes micro-batching and world size invisible to the update."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_train.errors import UserError
+from dist_train.losses import IGNORE_INDEX, build_loss
+
+
+def mean(loss_name: str, outputs, targets, **kwargs) -> torch.Tensor:
+    loss = build_loss(loss_name, **kwargs)
+    return loss.sum(outputs, targets) / loss.count(targets)
+
+
+@pytest.fixture
+def tokens():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 5, generator=gen) * 3
+    targets = torch.randint(5, (3, 7), generator=gen)
+    targets[0, :4] = IGNORE_INDEX
+    targets[2, 6] = IGNORE_INDEX
+    return logits, targets
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
+def test_cross_entropy_matches_torch_with_ignore_and_label_smoothing(tokens, smoothing):
+    logits, targets = tokens
+    loss = build_loss("cross_entropy", label_smoothing=smoothing)
+    assert loss.count(targets) == 21 - 5  # ignored tokens are not counted
+    reference = F.cross_entropy(
+        logits.reshape(-1, 5), targets.reshape(-1), ignore_index=IGNORE_INDEX, label_smoothing=smoothing
+    )
+    assert mean("cross_entropy", logits, targets, label_smoothing=smoothing) == pytest.approx(float(reference), 1e-6)
+    elementwise = loss.elementwise(logits, targets)
+    assert elementwise.shape == (21,) and (elementwise[targets.reshape(-1) == IGNORE_INDEX] == 0).all()
+    # (B, C) with (B,) the same way
+    flat = F.cross_entropy(logits[1], targets[1], label_smoothing=smoothing)
+    assert mean("cross_entropy", logits[1], targets[1], label_smoothing=smoothing) == pytest.approx(float(flat), 1e-6)
+
+
+def test_label_smoothing_by_hand():
+    logits, target, eps = torch.tensor([[2.0, 0.5, -1.0]]), torch.tensor([0]), 0.2
+    log_p = F.log_softmax(logits, dim=-1)[0]
+    by_hand = -(1 - eps) * log_p[0] - eps / 3 * log_p.sum()
+    assert mean("cross_entropy", logits, target, label_smoothing=eps) == pytest.approx(float(by_hand), 1e-6)
+
+
+def focal_reference(logits, targets, gamma, alpha=None):
+    """Lin et al. 2017 written out directly: mean over kept of -alpha_t (1 - p_t)^gamma log p_t."""
+    total, count = 0.0, 0
+    for row, target in zip(logits.reshape(-1, logits.shape[-1]).double(), targets.reshape(-1)):
+        if target == IGNORE_INDEX:
+            continue
+        p = torch.softmax(row, dim=0)[target]
+        weight = 1.0 if alpha is None else (alpha[target] if isinstance(alpha, list) else alpha)
+        total += -weight * (1 - p) ** gamma * torch.log(p)
+        count += 1
+    return float(total / count)
+
+
+@pytest.mark.parametrize("gamma,alpha", [(2.0, None), (0.5, 0.25), (1.0, [0.1, 0.2, 0.3, 0.2, 0.2]), (0.0, None)])
+def test_focal_matches_the_formula(tokens, gamma, alpha):
+    logits, targets = tokens
+    kwargs = {"gamma": gamma} | ({"alpha": alpha} if alpha is not None else {})
+    expected = focal_reference(logits, targets, gamma, alpha)
+    assert mean("focal", logits, targets, **kwargs) == pytest.approx(expected, rel=1e-5)
+
+
+def test_focal_with_gamma_zero_is_cross_entropy(tokens):
+    logits, targets = tokens
+    assert mean("focal", logits, targets, gamma=0.0) == pytest.approx(float(mean("cross_entropy", logits, targets)))
+
+
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_gradient_finite_on_confident_predictions(gamma):
+    """p_t rounds to 1 in fp32 at a margin of ~20: (1 - p)^gamma with gamma < 1 used to give NaN."""
+    logits = torch.tensor([[40.0, 0.0, 0.0], [0.0, 1.0, 2.0]], requires_grad=True)
+    build_loss("focal", gamma=gamma).sum(logits, torch.tensor([0, 2])).backward()
+    assert torch.isfinite(logits.grad).all()
+    assert logits.grad[0].abs().max() < 1e-6 < logits.grad[1].abs().max()
+
+
+def test_focal_rejects_negative_gamma():
+    with pytest.raises(UserError, match="gamma"):
+        build_loss("focal", gamma=-1.0)
+
+
+@pytest.mark.parametrize(
+    "name,reference",
+    [
+        ("mse", lambda o, t: F.mse_loss(o, t)),
+        ("l1", lambda o, t: F.l1_loss(o, t)),
+        ("smooth_l1", lambda o, t: F.smooth_l1_loss(o, t, beta=1.0)),
+    ],
+)
+def test_regression_losses_match_torch(name, reference):
+    gen = torch.Generator().manual_seed(1)
+    outputs, targets = torch.randn(6, 3, generator=gen) * 2, torch.randn(6, 3, generator=gen)
+    assert build_loss(name).count(targets) == 18
+    assert mean(name, outputs, targets) == pytest.approx(float(reference(outputs, targets)), 1e-6)
+    # (B, 1) predictions for (B,) targets are squeezed, not broadcast to (B, B)
+    assert mean(name, outputs[:, :1], targets[:, 0]) == pytest.approx(float(reference(outputs[:, 0], targets[:, 0])))
+    with pytest.raises(UserError, match="differ in shape"):
+        build_loss(name).sum(outputs, targets[:, :2])
+
+
+def test_smooth_l1_beta_by_hand():
+    outputs, targets = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.1, 0.5, 2.0])
+    beta = 0.5
+    by_hand = [0.5 * 0.1**2 / beta, 0.5 - 0.5 * beta, 2.0 - 0.5 * beta]
+    assert build_loss("smooth_l1", beta=beta).elementwise(outputs, targets).tolist() == pytest.approx(by_hand)
+
+
+@pytest.mark.parametrize("pos_weight", [None, 3.0, [1.0, 2.0, 0.5]])
+def test_bce_with_logits_matches_torch(pos_weight):
+    gen = torch.Generator().manual_seed(2)
+    logits, targets = torch.randn(5, 3, generator=gen), (torch.rand(5, 3, generator=gen) > 0.5).float()
+    kwargs = {} if pos_weight is None else {"pos_weight": pos_weight}
+    weight = None if pos_weight is None else torch.as_tensor(pos_weight)
+    reference = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight)
+    assert mean("bce_with_logits", logits, targets, **kwargs) == pytest.approx(float(reference), 1e-6)
+    by_hand = -(
+        targets * F.logsigmoid(logits) * (1 if weight is None else weight) + (1 - targets) * F.logsigmoid(-logits)
+    )
+    assert mean("bce_with_logits", logits, targets, **kwargs) == pytest.approx(float(by_hand.mean()), 1e-6)
+
+
+def test_bce_accuracy_with_column_outputs_and_flat_targets():
+    """(B, 1) logits with (B,) labels: one 0/1 per sample, not a (B, B) broadcast."""
+    loss = build_loss("bce_with_logits")
+    logits, labels = torch.tensor([[2.0], [-1.0], [0.5], [-3.0]]), torch.tensor([1.0, 1.0, 0.0, 0.0])
+    assert loss.correct(logits, labels).tolist() == [1.0, 0.0, 0.0, 1.0]
+    assert loss.elementwise(logits, labels).shape == (4,)
+
+
+def test_cross_entropy_accuracy_skips_ignored(tokens):
+    logits, targets = tokens
+    correct = build_loss("cross_entropy").correct(logits, targets)
+    kept = targets != IGNORE_INDEX
+    assert (correct[~kept] == 0).all()
+    assert correct[kept].sum() == (logits.argmax(-1) == targets)[kept].sum()
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "focal"])
+def test_sum_over_count_across_micro_batches_equals_one_big_batch(tokens, name):
+    """What the trainer does: per micro-batch loss sums, divided by the global count of counted
+    elements, add up to the mean over the whole batch, however unevenly ignored tokens fall."""
+    logits, targets = tokens
+    loss = build_loss(name)
+    parts = [(logits[:1], targets[:1]), (logits[1:], targets[1:])]  # 3 and 13 counted elements
+    counts = [loss.count(t) for _, t in parts]
+    assert counts == [3, 13]
+    total = sum(counts)
+    combined = sum(loss.sum(o, t) / total for o, t in parts)
+    assert float(combined) == pytest.approx(float(loss.sum(logits, targets) / loss.count(targets)), 1e-6)
+    naive = sum(loss.sum(o, t) / c for (o, t), c in zip(parts, counts)) / 2  # mean of means: not equal
+    assert abs(float(naive) - float(combined)) > 1e-3
+    # gradients too: the normalised micro-batch sums give the big batch's gradient
+    big = logits.clone().requires_grad_()
+    (loss.sum(big, targets) / loss.count(targets)).backward()
+    small = logits.clone().requires_grad_()
+    for sl in (slice(0, 1), slice(1, 3)):
+        (loss.sum(small[sl], targets[sl]) / total).backward()
+    assert torch.allclose(big.grad, small.grad, atol=1e-7)
+
+
+def test_regression_count_is_element_count():
+    loss = build_loss("mse")
+    outputs, targets = torch.zeros(4, 2), torch.ones(4, 2)
+    assert loss.count(targets) == 8 and float(loss.sum(outputs, targets)) == 8.0
+
+
+def test_loss_errors_are_user_errors():
+    with pytest.raises(UserError, match="unknown train.loss"):
+        build_loss("hinge")
+    with pytest.raises(UserError, match="do not apply"):
+        build_loss("mse", label_smoothing=0.1)
+    with pytest.raises(UserError, match="do not fit"):
+        build_loss("cross_entropy").sum(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long))

@@ -1,0 +1,386 @@
+"""Operator tools: `dist-train check` (report, warnings, memory vs a real DDP run), `doctor` (alone and
+on 2 torchrun ranks), `verify` (passes, and fails with dropout), metrics.png and TensorBoard events."""
+
+import json
+import re
+
+import pytest
+import torch
+from helpers import PYTHON, ctx_from_env, free_port, launch, read_rows, run_cli, run_ranks, tiny_lm_config, write_config
+
+from dist_train import checkpoint as ckpt
+from dist_train.cli import main
+from dist_train.config import from_dict
+from dist_train.optim import lr_at
+from dist_train.state import training_config
+
+
+def run_main(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def check_json(capsys, config_path, *argv):
+    code, out, err = run_main(capsys, "check", str(config_path), "--json", *argv)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def resnet_config(output_dir, **sections):
+    config = {
+        "run": {"output_dir": str(output_dir)},
+        "model": {"name": "resnet", "widths": [8, 16], "num_classes": 10},
+        "data": {"name": "synthetic_images", "num_samples": 100, "image_size": 8},
+        "train": {"micro_batch_size": 4, "max_steps": 20},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    return config
+
+
+# --- check ------------------------------------------------------------------------------------------------
+
+
+def test_check_reports_batch_steps_schedule_and_model_state_formulas(tmp_path, capsys):
+    raw = tiny_lm_config(tmp_path / "run", schedule={"name": "cosine", "warmup_steps": 3, "min_lr_ratio": 0.1})
+    path = write_config(tmp_path / "c.yaml", raw)
+    report = check_json(capsys, path, "--world-size", "2", "train.max_steps=40")
+    cfg = from_dict(raw | {"train": raw["train"] | {"max_steps": 40}})
+    assert report["batch"] == {"micro_batch_size": 4, "grad_accum_steps": 2, "global_batch": 16, "tokens_per_step": 256}
+    assert report["steps"]["steps_per_epoch"] == 512 // 16 and report["steps"]["total"] == 40
+    assert report["steps"]["epochs"] == pytest.approx(40 / 32) and report["steps"]["dropped_per_epoch"] == 0
+    points = {p["step"]: p["lr"] for p in report["lr_schedule"]["points"]}
+    assert set(points) >= {1, 3, 20, 40}
+    assert all(lr == pytest.approx(lr_at(cfg, step - 1)) for step, lr in points.items())
+    assert points[3] == pytest.approx(1e-3) and points[40] == pytest.approx(1e-4)
+    from dist_train.models import build_model
+
+    psi = sum(p.numel() for p in build_model(cfg.model.name, cfg.model.kwargs).parameters())
+    assert report["model"]["parameters"] == psi  # tied embedding counted once
+    mem = report["memory"]["per_rank"]
+    # fp32 Adam: params 4, grads 4, moments 8 bytes per parameter; N = 2
+    assert [mem["ddp"][k] for k in ("params", "grads", "optimizer")] == [4 * psi, 4 * psi, 8 * psi]
+    assert mem["zero1"]["total"] == 8 * psi + 4 * psi
+    assert mem["zero2"]["total"] == 4 * psi + 6 * psi
+    assert mem["zero3"]["total"] == mem["fsdp"]["total"] == 8 * psi
+    assert report["memory"]["configured"] == "ddp" and report["memory"]["activations"] > 0
+    assert report["deepspeed_config"] is None and report["warnings"] == []
+
+
+def test_check_step_schedule_points_are_where_the_lr_drops(tmp_path, capsys):
+    schedule = {"name": "step", "warmup_steps": 2, "step_size": 3, "gamma": 0.5}
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", schedule=schedule))
+    points = {p["step"]: p["lr"] for p in check_json(capsys, path)["lr_schedule"]["points"]}
+    assert points[2] == pytest.approx(1e-3) and points[6] == pytest.approx(5e-4) and points[9] == pytest.approx(2.5e-4)
+    assert points[5] == pytest.approx(1e-3) and max(points) == 10  # step 5 still trains at the peak
+
+
+def test_check_mixed_precision_uses_the_zero_paper_split(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", train={"precision": "bf16"}))
+    report = check_json(capsys, path, "--world-size", "4")
+    psi = report["model"]["trainable_parameters"]
+    mem = report["memory"]["per_rank"]
+    assert mem["ddp"]["total"] == 16 * psi
+    assert mem["zero1"]["total"] == 4 * psi + 12 * psi // 4
+    assert mem["zero2"]["total"] == 2 * psi + 14 * psi // 4
+    assert mem["zero2"]["params"] == 2 * psi
+    assert mem["zero3"]["total"] == 16 * psi // 4
+    assert "mixed-precision" in report["memory"]["precision_note"]
+
+
+def test_check_activation_estimate_scales_with_batch_and_checkpointing(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", model={"n_layers": 8}))
+    acts = {
+        name: check_json(capsys, path, *argv)["memory"]["activations"]
+        for name, argv in {
+            "b4": ["train.micro_batch_size=4"],
+            "b8": ["train.micro_batch_size=8"],
+            "ckpt": ["train.micro_batch_size=4", "train.grad_checkpointing=true"],
+            "bf16": ["train.micro_batch_size=4", "train.precision=bf16"],
+        }.items()
+    }
+    assert acts["b8"] == pytest.approx(2 * acts["b4"], rel=0.05)
+    assert acts["ckpt"] < 0.3 * acts["b4"]  # 8 blocks: their inputs plus one block recomputed
+    assert 0.4 * acts["b4"] < acts["bf16"] < 0.8 * acts["b4"]
+
+
+def test_check_text_report_and_config_flag(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run"))
+    code, out, _ = run_main(capsys, "check", "--config", str(path), "train.micro_batch_size=8", "--world-size", "2")
+    assert code == 0
+    assert re.search(r"global batch:\s+32 samples \(512 tokens\)", out)
+    assert re.search(r"steps:\s+10 \(16 steps per epoch -> 0\.62 epochs", out)
+    for label in ("DDP *", "ZeRO-1", "ZeRO-2", "ZeRO-3", "FSDP"):
+        assert re.search(rf"^\s+{re.escape(label)}\s+[\d.]+ KiB", out, re.M), label
+    assert "DeepSpeed config: n/a (strategy.name=ddp)" in out and "No warnings." in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train.micro_batch_size=0"], "`train.micro_batch_size` must be > 0"),
+        (["train.micro_batch_size=400"], "is larger than the train split"),
+        (["eval.every_steps=5", "data.eval_samples=0"], "has no `eval` split"),
+        (["--world-size", "0"], "--world-size must be >= 1"),
+    ],
+)
+def test_check_exits_2_on_an_invalid_config(tmp_path, capsys, argv, message):
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run"))
+    code, out, err = run_main(capsys, "check", str(path), *argv)
+    assert code == 2 and out == ""
+    assert err.startswith("dist_train: error:") and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_check_warns_about_batchnorm_fp16_and_a_dropped_tail(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", resnet_config(tmp_path / "run", train={"precision": "fp16"}))
+    warnings = check_json(capsys, path, "--world-size", "2")["warnings"]
+    assert any("BatchNorm" in w and "train.sync_batchnorm" in w for w in warnings)
+    assert any("fp16" in w for w in warnings) == (not torch.cuda.is_available())
+    assert any("does not divide the train split (100): the last 4 samples" in w for w in warnings)
+    synced = check_json(capsys, path, "--world-size", "2", "train.sync_batchnorm=true", "train.micro_batch_size=5")
+    assert not any("BatchNorm" in w or "divide" in w for w in synced["warnings"])
+
+
+def _fake_checkpoint(run_dir, step, world_size, strategy, config_hash):
+    folder = run_dir / "checkpoints" / ckpt.step_dir_name(step)
+    folder.mkdir(parents=True)
+    manifest = {"step": step, "world_size": world_size, "strategy": strategy, "config_hash": config_hash, "files": {}}
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    (run_dir / "checkpoints" / "latest").write_text(folder.name + "\n")
+
+
+def test_check_warns_about_a_checkpoint_from_another_run(tmp_path, capsys):
+    raw = tiny_lm_config(tmp_path / "run")
+    path = write_config(tmp_path / "c.yaml", raw)
+    _fake_checkpoint(tmp_path / "run", 4, world_size=4, strategy="ddp", config_hash="0123456789abcdef")
+    warnings = check_json(capsys, path, "--world-size", "2")["warnings"]
+    assert len(warnings) == 2
+    assert "written at world size 4, at world size 2" in warnings[0] and "config hash differs" in warnings[1]
+
+    same_hash = ckpt.config_hash(training_config(from_dict(raw)))
+    other = tmp_path / "other"
+    _fake_checkpoint(other, 12, world_size=2, strategy="fsdp", config_hash=same_hash)
+    warnings = check_json(capsys, path, "--world-size", "2", f"checkpoint.resume={other}")["warnings"]
+    assert len(warnings) == 2
+    assert "strategy 'fsdp'" in warnings[0] and "will stop with an error" in warnings[0]
+    assert "at step 12 >= 10: the run has nothing left to do" in warnings[1]
+    code, _, err = run_main(capsys, "check", str(path), f"checkpoint.resume={tmp_path / 'missing'}")
+    assert code == 2 and "does not exist" in err
+
+
+def test_check_deepspeed_section(tmp_path):
+    from dist_train.tools.check import deepspeed_json
+
+    cfg = from_dict(tiny_lm_config(tmp_path, strategy={"name": "deepspeed", "zero_stage": 2}))
+    config, note = deepspeed_json(cfg, 2)
+    try:
+        from dist_train.strategies.deepspeed import deepspeed_config
+    except ImportError:
+        assert config is None and note.startswith("n/a")
+    else:
+        assert config == deepspeed_config(cfg, 2) and isinstance(config, dict)
+    assert deepspeed_json(from_dict(tiny_lm_config(tmp_path)), 2) == (None, "n/a (strategy.name=ddp)")
+
+
+def _measured_model_state_bytes(rank, world, raws):
+    """Bytes of parameters, .grad and optimizer state after one real optimizer step (as trainer.train builds them)."""
+    from dist_train.data import build_train_data
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+    from dist_train.trainer import seed_everything, train_step
+    from dist_train.transforms import apply_transforms
+
+    measured = []
+    for raw in raws:
+        cfg, ctx = from_dict(raw), ctx_from_env()
+        seed_everything(cfg.run.seed)
+        strategy = build_strategy(cfg, ctx)
+        strategy.setup(apply_transforms(build_model(cfg.model.name, cfg.model.kwargs), cfg, ctx))
+        strategy.optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients to count them
+        batches = build_train_data(cfg, ctx).epoch_batches(0, 0)
+        micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+        train_step(strategy, build_loss(cfg.train.loss), micro_batches, cfg, ctx)
+        params = list(strategy.module.parameters())
+        optimizer_state = [t for s in strategy.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
+        measured.append(
+            {
+                "params": sum(p.nbytes for p in params),
+                "grads": sum(p.grad.nbytes for p in params if p.grad is not None),
+                "optimizer": sum(t.nbytes for t in optimizer_state),
+            }
+        )
+    return measured
+
+
+@pytest.mark.slow
+def test_check_memory_matches_a_real_two_rank_ddp_run(tmp_path, capsys):
+    raws = [
+        tiny_lm_config(tmp_path / "lm"),  # AdamW, tied embeddings
+        tiny_lm_config(tmp_path / "lm16", train={"precision": "bf16"}),  # autocast keeps fp32 states under DDP
+        resnet_config(tmp_path / "rn", optim={"name": "sgd", "momentum": 0.9}, train={"sync_batchnorm": True}),
+    ]
+    measured = run_ranks(_measured_model_state_bytes, 2, raws)
+    assert measured[0] == measured[1]
+    for raw, real in zip(raws, measured[0]):
+        estimate = check_json(capsys, write_config(tmp_path / "c.yaml", raw), "--world-size", "2")
+        ddp = estimate["memory"]["per_rank"]["ddp"]
+        for key in ("params", "grads", "optimizer"):
+            assert ddp[key] == pytest.approx(real[key], rel=0.10), (raw["model"]["name"], key, ddp[key], real[key])
+        assert ddp["total"] == pytest.approx(sum(real.values()), rel=0.10)
+
+
+# --- doctor -----------------------------------------------------------------------------------------------
+
+
+def test_doctor_single_process(tmp_path, capsys):
+    code, out, _ = run_main(capsys, "doctor", "--json", "--output-dir", str(tmp_path / "not-yet"))
+    assert code == 0
+    report = json.loads(out)
+    assert report["world_size"] == 1 and report["allreduce"] == [] and report["problems"] == []
+    assert report["versions"]["torch"] == torch.__version__
+    assert report["disk"]["free"] > 0 and report["disk"]["path"].endswith("not-yet")
+    assert report["matmul_flops"][0] > 0 and report["environment"]["launcher"] == "single"
+
+
+@pytest.mark.slow
+def test_doctor_on_two_torchrun_ranks(tmp_path):
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd += ["--master_port", str(free_port()), "-m", "dist_train", "doctor", "--max-bytes", "1048576", "--iters", "3"]
+    proc = run_cli([*cmd, "--output-dir", str(tmp_path)], env={"GLOO_SOCKET_IFNAME": "lo"}, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    assert out.count("dist-train doctor: 2 rank(s), launcher torchrun") == 1  # only rank 0 prints
+    assert re.search(r"torchrun: RANK=0 LOCAL_RANK=0 WORLD_SIZE=2", out)
+    assert re.search(r"^\s+\S+\s+0-1\s+2\s+[\d.]+ [KMGT]iB\s+cpu$", out, re.M)  # both ranks on this host
+    number = r"([\d.]+(?:e[+-]\d+)?)"
+    rows = re.findall(rf"^\s+(\d+ [KM]B)\s+{number}\s+{number}\s+{number}\s+(\w+)$", out, re.M)
+    assert [r[0] for r in rows] == ["1 KB", "4 KB", "16 KB", "64 KB", "256 KB", "1 MB"]
+    for _, time_us, algbw, busbw, result in rows:
+        assert float(time_us) > 0 and float(busbw) > 0 and result == "ok"
+        assert float(busbw) == pytest.approx(float(algbw), rel=0.01, abs=2e-3)  # 2(n-1)/n = 1 for n = 2
+    assert "No problems found." in out
+
+
+# --- verify -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_verify_passes_on_the_tiny_lm(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "unused"))
+    proc = run_cli([PYTHON, "-m", "dist_train", "verify", str(path), "--steps", "6", "--json"], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    checks = {c["check"]: c for c in report["checks"]}
+    assert set(checks) == {"ranks", "accum", "resume"} and report["passed"]
+    assert checks["ranks"]["tolerance"] == checks["accum"]["tolerance"] == 1e-5  # max(1e-5, 0.01 x lr 1e-3)
+    assert checks["ranks"]["max_abs_diff"] <= 1e-5 and checks["accum"]["max_abs_diff"] <= 1e-5
+    assert checks["resume"]["max_abs_diff"] == 0.0 and checks["resume"]["tolerance"] == 0.0
+    assert report["runs"]["reference"]["micro_batch_size"] == 8 and report["runs"]["accum"]["grad_accum_steps"] == 4
+    assert not (tmp_path / "unused").exists()
+
+
+@pytest.mark.slow
+def test_verify_fails_with_dropout_and_explains_why(tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "unused"))
+    cmd = [PYTHON, "-m", "dist_train", "verify", str(path), "model.dropout=0.2", "--steps", "4"]
+    proc = run_cli([*cmd, "--checks", "ranks,resume", "--work-dir", str(tmp_path / "work")], timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+    ranks = re.search(r"^\s+2 ranks vs 1 rank .*?\s([\d.e+-]+)\s+1e-05\s+FAIL$", proc.stdout, re.M)
+    assert ranks and float(ranks.group(1)) > 1e-4, proc.stdout
+    assert re.search(r"^\s+resume vs uninterrupted .*\s0\s+0 \(exact\)\s+pass$", proc.stdout, re.M), proc.stdout
+    assert "the model uses dropout (p=0.2)" in proc.stdout and "model.dropout=0" in proc.stdout
+    assert read_rows(tmp_path / "work" / "resumed")[0] == {"resumed_from": "step-00000002", "step": 2}
+
+
+def test_verify_rejects_bad_arguments(tmp_path, capsys):
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run"))
+    for argv, message in (
+        (["--world-size", "1"], "--world-size must be >= 2"),
+        (["--checks", "ranks,speed"], "--checks: unknown speed"),
+        (["train.lr=fast"], "`train.lr` must be a number"),
+    ):
+        code, _, err = run_main(capsys, "verify", str(path), *argv)
+        assert code == 2 and message in err, err
+
+
+# --- plots and TensorBoard --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    """A short single-process run with metrics.png and TensorBoard on."""
+    tmp = tmp_path_factory.mktemp("logged")
+    config = tiny_lm_config(tmp / "run", log={"plot": True, "tensorboard": True, "every_steps": 1})
+    proc = launch(config, tmp, launcher="single")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return tmp / "run"
+
+
+def _assert_is_a_drawn_plot(path):
+    import matplotlib.image
+
+    image = matplotlib.image.imread(path)
+    assert image.shape[:2] == (700, 1100)
+    rgb = image[..., :3]
+    assert rgb.std() > 0.05  # not blank
+    line_color = torch.tensor([0x1F, 0x77, 0xB4]) / 255  # matplotlib's first line colour: the curves are drawn
+    close = (torch.from_numpy(rgb.copy()) - line_color).abs().max(dim=-1).values < 0.05
+    assert close.sum() > 500
+
+
+def test_run_writes_metrics_png_and_plot_command_redraws_it(logged_run, tmp_path, capsys):
+    _assert_is_a_drawn_plot(logged_run / "metrics.png")
+    out_path = tmp_path / "again.png"
+    code, out, err = run_main(capsys, "plot", str(logged_run), "--out", str(out_path))
+    assert code == 0, err
+    assert out.strip() == str(out_path)
+    _assert_is_a_drawn_plot(out_path)
+    code, _, err = run_main(capsys, "plot", str(tmp_path))
+    assert code == 2 and "has no metrics.jsonl" in err
+
+
+def test_plot_series_after_a_resume_keeps_one_value_per_step():
+    from dist_train.plots import series
+
+    rows = [{"step": s, "loss": 10.0 - s} for s in range(1, 6)] + [{"resumed_from": "step-00000003", "step": 3}]
+    rows += [{"step": s, "loss": 100.0 + s} for s in range(4, 7)] + [{"step": 6, "eval_loss": "nan"}]
+    assert series(rows, "loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 104.0), (5, 105.0), (6, 106.0)]
+    assert series(rows, "eval_loss") == []
+
+
+def _tb_scalars(tb_dir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb_dir))
+    events.Reload()
+    return events, [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_tensorboard_events_hold_the_logged_series(logged_run):
+    events, loss = _tb_scalars(logged_run / "tb", "loss")
+    rows = [r for r in read_rows(logged_run) if "loss" in r]
+    assert [step for step, _ in loss] == list(range(1, 11))
+    assert [value for _, value in loss] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+    _, lr = _tb_scalars(logged_run / "tb", "lr")
+    assert [v for _, v in lr] == pytest.approx([r["lr"] for r in rows], rel=1e-6)
+    _, eval_loss = _tb_scalars(logged_run / "tb", "eval_loss")
+    assert [s for s, _ in eval_loss] == [10]
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
+def test_tensorboard_resume_replaces_the_interrupted_runs_steps(tmp_path):
+    from dist_train.metrics import MetricsLogger
+
+    first = MetricsLogger(tmp_path, True, 6, 0, "lines", True)
+    for step in range(1, 6):
+        first.write({"step": step, "loss": float(step)})
+    first.close()
+    resumed = MetricsLogger(tmp_path, True, 6, 3, "lines", True)  # resumed from a checkpoint at step 3
+    resumed.write({"resumed_from": "step-00000003", "step": 3})
+    for step in range(4, 7):
+        resumed.write({"step": step, "loss": 10.0 * step})
+    resumed.close()
+    _, loss = _tb_scalars(tmp_path / "tb", "loss")
+    assert loss == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]

@@ -1,0 +1,222 @@
+"""The model zoo: every family builds from its example config, ignores padding where it should,
+stays causal where it should, and learns its synthetic task on 2 ranks."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO_ROOT, read_rows, run_ranks
+
+from dist_train.config import load_config
+from dist_train.data import REGISTRY as DATA_REGISTRY
+from dist_train.data import build_dataset
+from dist_train.errors import UserError
+from dist_train.imports import resolve
+from dist_train.losses import build_loss
+from dist_train.models import REGISTRY as MODEL_REGISTRY
+from dist_train.models import build_model
+from dist_train.transforms import find_blocks
+
+ZOO_CONFIGS = ["cnn", "lstm", "tcn", "transformer_classifier"]
+
+
+@pytest.mark.parametrize("name", ZOO_CONFIGS)
+def test_example_config_builds_and_runs_a_batch(name):
+    cfg = load_config(REPO_ROOT / "configs" / f"{name}.yaml", ["data.num_samples=64", "data.eval_samples=16"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model.name, cfg.model.kwargs)
+    dataset = build_dataset(cfg.data.name, "train", cfg.data.kwargs)
+    inputs, targets = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))
+    loss_fn = build_loss(cfg.train.loss)
+    loss = loss_fn.sum(model(inputs), targets) / loss_fn.count(targets)
+    loss.backward()
+    assert torch.isfinite(loss) and 0 < loss.item() < 20
+    assert len(find_blocks(model)) >= 2, "repeated blocks must be found for checkpointing / FSDP"
+    assert all(p.grad is not None for p in model.parameters())
+    assert build_dataset(cfg.data.name, "eval", cfg.data.kwargs) is not None
+
+
+def test_every_zoo_model_takes_dropout():
+    import inspect
+
+    for name in MODEL_REGISTRY:
+        if name.startswith("hf_"):
+            continue  # needs transformers: tests/test_hf.py
+        assert "dropout" in inspect.signature(resolve(name, MODEL_REGISTRY, "model")).parameters, name
+    for name in ("synthetic_sequences", "synthetic_series", "hf"):
+        assert name in DATA_REGISTRY
+
+
+def test_cnn_batch_norm_option():
+    with_bn = build_model("cnn", {"channels": [4, 8]})
+    without = build_model("cnn", {"channels": [4, 8], "batch_norm": False})
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in with_bn.modules()) == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in without.modules())
+    assert with_bn(torch.randn(2, 3, 16, 16)).shape == (2, 10)
+    with pytest.raises(UserError):
+        build_model("cnn", {"kernel_size": 4})
+
+
+def _padded(rows: list[list[int]], length: int) -> torch.Tensor:
+    out = torch.zeros(len(rows), length, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.tensor(row)
+    return out
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("rnn_classifier", {"cell": "lstm", "num_layers": 2, "bidirectional": True}),
+        ("rnn_classifier", {"cell": "gru", "bidirectional": True}),
+        ("rnn_classifier", {"cell": "rnn"}),
+        ("transformer_classifier", {"pooling": "mean"}),
+        ("transformer_classifier", {"pooling": "cls"}),
+    ],
+)
+def test_sequence_classifiers_ignore_padding(name, kwargs):
+    """A sequence's logits are the same alone and in a batch padded far beyond its length."""
+    torch.manual_seed(0)
+    model = build_model(name, {"vocab_size": 20, "num_classes": 3, **kwargs}).eval()
+    rows = [[5, 3, 9], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [7]]
+    batch = model(_padded(rows, 20))
+    for i, row in enumerate(rows):
+        alone = model(_padded([row], len(row)))
+        assert torch.allclose(batch[i], alone[0], atol=1e-5), (i, batch[i], alone[0])
+    # and the padding is not simply ignored everywhere: the content matters
+    assert not torch.allclose(batch[0], batch[1], atol=1e-3)
+
+
+def test_rnn_classifier_rejects_unknown_cell():
+    with pytest.raises(UserError, match="unknown cell"):
+        build_model("rnn_classifier", {"cell": "transformer"})
+
+
+def test_tcn_is_causal_with_the_documented_receptive_field():
+    torch.manual_seed(0)
+    model = build_model("tcn", {"input_dim": 2, "num_outputs": 3, "num_levels": 3, "pooling": "none"}).eval()
+    x = torch.randn(1, 40, 2)
+    changed = x.clone()
+    changed[0, 5] += 1.0
+    diff = (model(changed) - model(x)).abs().sum(dim=-1)[0]  # (T,)
+    assert diff[:5].max() == 0  # no output before step 5 sees it
+    field = model.receptive_field  # 1 + 2 (k - 1) (2^levels - 1) = 29
+    assert field == 29
+    assert diff[5] > 0 and diff[5 + field - 1] > 0  # seen from step 5 to 5 + field - 1 ...
+    assert diff[5 + field :].max() == 0  # ... and not after
+    assert build_model("tcn", {"vocab_size": 10, "input_dim": 8})(torch.randint(10, (2, 12))).shape == (2, 1)
+
+
+def test_synthetic_sequences_label_is_the_majority_group():
+    dataset = build_dataset("synthetic_sequences", "train", {"vocab_size": 11, "num_classes": 3, "num_samples": 300})
+    tokens, labels = dataset.tensors
+    lengths = (tokens != 0).sum(1)
+    assert lengths.min() >= 4 and lengths.max() <= 32 and len(set(lengths.tolist())) > 10
+    for row, label, length in zip(tokens, labels, lengths):
+        assert (row[length:] == 0).all() and (row[:length] > 0).all()  # right-padded
+        counts = torch.bincount((row[:length] - 1) % 3, minlength=3)
+        assert int(label) == int(counts.argmax())
+    assert set(labels.tolist()) == {0, 1, 2}
+    eval_tokens = build_dataset("synthetic_sequences", "eval", {"vocab_size": 11, "num_classes": 3}).tensors[0]
+    assert not torch.equal(eval_tokens[:10], tokens[:10])
+
+
+def test_synthetic_series_targets():
+    values = build_dataset("synthetic_series", "train", {"seq_len": 10, "num_samples": 50})
+    x, y = values.tensors
+    assert x.shape == (50, 10, 2) and y.shape == (50, 1)
+    assert (x[:, :, 1].sum(1) == 2).all()
+    assert torch.allclose((x[:, :, 0] * x[:, :, 1]).sum(1, keepdim=True), y)
+    freq = build_dataset("synthetic_series", "train", {"task": "frequency", "num_classes": 3, "noise": 0.0})
+    x, y = freq.tensors
+    spectrum = torch.fft.rfft(x[:, :, 0], dim=1).abs()  # 32 steps: class c has 2 (c + 1) periods
+    assert torch.equal(spectrum.argmax(dim=1), 2 * (y + 1))
+
+
+def _run_config(output_dir: Path, model: dict, data: dict, loss: str, lr: float, steps: int = 25) -> dict:
+    return {
+        "run": {"output_dir": str(output_dir), "seed": 0},
+        "model": model,
+        "data": {"num_samples": 512, "eval_samples": 128, **data},
+        "train": {"max_steps": steps, "micro_batch_size": 8, "lr": lr, "loss": loss, "grad_clip_norm": 1.0},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+
+
+SEQ_DATA = {"name": "synthetic_sequences", "vocab_size": 16, "num_classes": 3, "max_len": 16}
+SEQ_MODEL = {"vocab_size": 16, "num_classes": 3, "embed_dim": 16, "hidden_dim": 32}
+RUNS = {  # name: (model, data, loss, lr)
+    "cnn": (
+        {"name": "cnn", "in_channels": 3, "num_classes": 4, "channels": [8, 16]},
+        {"name": "synthetic_images", "num_classes": 4, "image_size": 8},
+        "cross_entropy",
+        3e-3,
+    ),
+    "lstm": ({"name": "rnn_classifier", "cell": "lstm", **SEQ_MODEL}, SEQ_DATA, "cross_entropy", 1e-2),
+    "gru_bidirectional_2_layers": (
+        {"name": "rnn_classifier", "cell": "gru", "bidirectional": True, "num_layers": 2, **SEQ_MODEL},
+        SEQ_DATA,
+        "cross_entropy",
+        1e-2,
+    ),
+    "rnn_bidirectional": (
+        {"name": "rnn_classifier", "cell": "rnn", "bidirectional": True, **SEQ_MODEL},
+        SEQ_DATA,
+        "cross_entropy",
+        1e-2,
+    ),
+    "tcn_adding_regression": (
+        {"name": "tcn", "input_dim": 2, "num_outputs": 1, "channels": 16, "num_levels": 3},
+        {"name": "synthetic_series", "task": "adding", "seq_len": 16},
+        "mse",
+        3e-3,
+    ),
+    "tcn_frequency_classification": (
+        {"name": "tcn", "input_dim": 1, "num_outputs": 4, "channels": 16, "num_levels": 3, "pooling": "mean"},
+        {"name": "synthetic_series", "task": "frequency", "seq_len": 16, "num_classes": 4},
+        "cross_entropy",
+        1e-2,
+    ),
+    "transformer_classifier": (
+        {"name": "transformer_classifier", "vocab_size": 16, "num_classes": 3, "max_len": 16, "d_model": 32,
+         "n_heads": 2},
+        SEQ_DATA,
+        "cross_entropy",
+        3e-3,
+    ),
+}  # fmt: skip
+
+
+def train_configs(rank: int, world_size: int, configs: list[dict]) -> None:
+    """Train each config in turn on the ranks of one run_ranks call (one process start for all)."""
+    from helpers import ctx_from_env
+
+    from dist_train.config import from_dict
+    from dist_train.trainer import train
+
+    for config in configs:
+        assert train(from_dict(config), ctx_from_env())["status"] == "finished"
+
+
+@pytest.fixture(scope="module")
+def zoo_runs(tmp_path_factory) -> Path:
+    """Every RUNS entry trained for 25 steps on 2 gloo ranks (DDP), each into its own folder."""
+    root = tmp_path_factory.mktemp("zoo")
+    run_ranks(train_configs, 2, [_run_config(root / name, *RUNS[name]) for name in RUNS])
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_loss_falls_on_two_ranks(zoo_runs, name):
+    rows = read_rows(zoo_runs / name)
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 25
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    final = rows[-1]
+    print(f"{name}: loss {first:.3f} -> {last:.3f}, eval {final}")
+    assert last < 0.8 * first, (first, last)
+    assert final["eval_loss"] < 0.8 * first
+    if "eval_accuracy" in final:  # 3 or 4 classes: chance is 1/3 or 1/4
+        assert final["eval_accuracy"] > 0.55
