@@ -81,13 +81,8 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
             loss_sum = loss_fn.sum(outputs, targets)
             strategy.backward(loss_sum * scale)
         loss_total += loss_sum.detach()
-    clip = cfg.train
-    grad_norm = strategy.clip_grad_norm(clip.grad_clip_norm) if clip.grad_clip_norm else strategy.grad_norm()
-    if clip.grad_clip_value:
-        strategy.clip_grad_value(clip.grad_clip_value)
-    nonfinite = (~torch.isfinite(grad_norm)).float()
-    strategy.optimizer_step(nonfinite)
-    return StepResult(loss_total, count, grad_norm.detach(), nonfinite)
+    grad_norm, nonfinite = strategy.clip_and_step(cfg.train.grad_clip_norm, cfg.train.grad_clip_value)
+    return StepResult(loss_total, count, grad_norm, nonfinite)
 
 
 class Guard:

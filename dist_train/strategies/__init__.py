@@ -10,6 +10,8 @@ from .base import Strategy
 
 REGISTRY: dict[str, str] = {
     "ddp": "dist_train.strategies.ddp:DDPStrategy",
+    "deepspeed": "dist_train.strategies.deepspeed:DeepSpeedStrategy",
+    "fsdp": "dist_train.strategies.fsdp:FSDPStrategy",
 }
 
 

@@ -19,6 +19,20 @@ from ..distributed import DistContext
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def ensure_process_group(device: torch.device) -> bool:
+    """DeepSpeed and FSDP2 need a process group even alone: make a one-rank group in memory.
+
+    Returns True when it made one (the strategy's teardown destroys it).
+    """
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return True
+
+
 class Strategy:
     """Wraps one model and its optimizer for one parallelism scheme."""
 
@@ -68,6 +82,19 @@ class Strategy:
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def clip_and_step(self, max_norm: float | None, clip_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Clip (norm, then value), step unless the gradient norm is not finite, zero the gradients.
+
+        Returns the pre-clip global gradient norm and a 0-d flag (1.0: the step was skipped), both
+        on the device: nothing here reads a device value on the host.
+        """
+        grad_norm = self.clip_grad_norm(max_norm) if max_norm else self.grad_norm()
+        if clip_value:
+            self.clip_grad_value(clip_value)
+        nonfinite = (~torch.isfinite(grad_norm)).float()
+        self.optimizer_step(nonfinite)
+        return grad_norm.detach(), nonfinite
 
     def optimizer_step(self, skip: torch.Tensor) -> None:
         """Apply the accumulated gradients unless `skip` (a 0-d device tensor, 1.0 = non-finite

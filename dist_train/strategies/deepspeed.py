@@ -1,0 +1,209 @@
+"""DeepSpeed ZeRO 0-3 behind the strategy interface.
+
+We derive DeepSpeed's JSON from our own config (micro-batch, accumulation, clipping, precision,
+ZeRO stage, offload) and pass `strategy.deepspeed_config` through for everything else; a passed
+value that contradicts ours is an error, never a silent pick. The optimizer is ours (the same
+`build_optimizer` as DDP, handed to `deepspeed.initialize`) and so is the LR (set on its param
+groups every step), so a DeepSpeed run follows the DDP path step for step.
+
+Accumulation: the loop already scales each micro-batch's loss, so backward runs with
+`scale_wrt_gas=False`, and the loop's `no_sync()` marks the accumulation boundary explicitly
+(`set_gradient_accumulation_boundary`): ZeRO reduces gradients on the last micro-step only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from contextlib import AbstractContextManager as ContextManager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from ..config import Config
+from ..errors import UserError
+from ..imports import require
+from ..optim import build_optimizer
+from .base import Strategy, ensure_process_group
+
+OWNED = {  # DeepSpeed keys derived from our config: a passthrough may repeat them only with the same value
+    "train_micro_batch_size_per_gpu": "train.micro_batch_size",
+    "gradient_accumulation_steps": "train.grad_accum_steps",
+    "train_batch_size": "train.micro_batch_size x train.grad_accum_steps x world size",
+    "gradient_clipping": "train.grad_clip_norm",
+    "bf16": "train.precision",
+    "fp16": "train.precision",
+    "torch_autocast": "train.precision",
+    "optimizer": "optim.*",
+    "scheduler": "schedule.*",
+}
+CHECKPOINT_TAG = "deepspeed"
+
+
+def _passthrough(cfg: Config) -> dict:
+    extra = cfg.strategy.deepspeed_config
+    if extra is None:
+        return {}
+    if isinstance(extra, str):
+        try:
+            return json.loads(Path(extra).read_text())
+        except FileNotFoundError:
+            raise UserError(f"strategy.deepspeed_config: file {extra} not found") from None
+        except json.JSONDecodeError as err:
+            raise UserError(f"strategy.deepspeed_config: {extra} is not valid JSON ({err})") from None
+    return dict(extra)
+
+
+def _merge(ours: dict, theirs: dict, path: str = "") -> dict:
+    """Deep-merge `theirs` into `ours`; a leaf both define must agree."""
+    out = dict(ours)
+    for key, value in theirs.items():
+        where = f"{path}{key}"
+        if key in out and isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = _merge(out[key], value, where + ".")
+        elif key in out and out[key] != value:
+            owner = OWNED.get(path.split(".")[0] or key, "strategy.*")
+            raise UserError(
+                f"strategy.deepspeed_config sets {where}={value!r} but our config gives {out[key]!r} (from {owner}); "
+                "set it through our config key instead, or drop it from deepspeed_config"
+            )
+        else:
+            out[key] = value
+    return out
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The DeepSpeed JSON a run passes to `deepspeed.initialize` (also shown by `dist-train check`)."""
+    t, s = cfg.train, cfg.strategy
+    zero: dict = {"stage": s.zero_stage}
+    if s.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if s.offload_params:
+        if s.zero_stage != 3:
+            raise UserError("strategy.offload_params needs strategy.zero_stage=3 (parameters are only partitioned there)")
+        zero["offload_param"] = {"device": "cpu"}
+    ours = {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip_norm or 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # our torch optimizer, not DeepSpeed's
+        "steps_per_print": 2**31 - 1,  # we log; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":  # autocast like the DDP path; parameters and master weights stay fp32
+        ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+    elif t.precision == "fp16":  # DeepSpeed's own fp16 with dynamic loss scaling (CUDA)
+        ours["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    extra = _passthrough(cfg)
+    for key in ("optimizer", "scheduler"):
+        if key in extra:
+            raise UserError(f"strategy.deepspeed_config must not set `{key}`: it comes from our {OWNED[key]} keys")
+    return _merge(ours, extra)
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+    reshards = False  # ZeRO partitions are tied to the world size they were written at
+
+    def setup(self, model: nn.Module) -> None:
+        if self.ctx.device.type == "cpu":
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
+        if self.cfg.train.grad_clip_value:
+            raise UserError("train.grad_clip_value is not supported with strategy.name=deepspeed; use train.grad_clip_norm")
+        self._own_group = ensure_process_group(self.ctx.device)
+        for key, value in (("LOCAL_RANK", self.ctx.local_rank), ("RANK", self.ctx.rank), ("WORLD_SIZE", self.ctx.world_size)):
+            os.environ.setdefault(key, str(value))  # DeepSpeed reads them even for one process
+        deepspeed = require("deepspeed", "deepspeed", "strategy.name=deepspeed")
+        config = deepspeed_config(self.cfg, self.ctx.world_size)
+        optimizer = build_optimizer(self.cfg, model, fused=False)  # ZeRO steps it on flat partitions
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=config, dist_init_required=False
+        )
+        self.model = self.engine
+        self._skipped = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self.engine.module
+
+    def autocast(self) -> ContextManager:
+        return contextlib.nullcontext()  # the engine's forward applies `torch_autocast` itself
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.engine.set_gradient_accumulation_boundary(False)
+        try:
+            yield
+        finally:
+            self.engine.set_gradient_accumulation_boundary(True)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)  # the loop normalised the loss already
+
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * group.get("lr_scale", 1.0)
+
+    def clip_and_step(self, max_norm: float | None, clip_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        # DeepSpeed clips (config `gradient_clipping`), steps and zeroes in one call; ZeRO-1/2 skip a
+        # step whose gradient norm is not finite (ZeRO-3 only under fp16), counted in skipped_steps.
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        skipped = self.engine.skipped_steps - self._skipped
+        self._skipped = self.engine.skipped_steps
+        norm = torch.tensor(float("nan") if norm is None else float(norm), device=self.ctx.device)
+        nonfinite = torch.tensor(float(skipped > 0 or not torch.isfinite(norm)), device=self.ctx.device)
+        return norm, nonfinite
+
+    def save(self, folder: Path) -> list[str]:
+        self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
+        dist.barrier()  # every rank's shard is on disk before rank 0 lists them
+        if not self.ctx.is_rank_zero:
+            return []
+        return sorted(str(p.relative_to(folder)) for p in (folder / CHECKPOINT_TAG).rglob("*") if p.is_file())
+
+    def load(self, folder: Path) -> None:
+        # DeepSpeed reads its files with pickle: the manifest's checksums were verified before this.
+        path, _ = self.engine.load_checkpoint(
+            str(folder), tag=CHECKPOINT_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise UserError(f"checkpoint {folder}: DeepSpeed could not load its state")
+        self._skipped = self.engine.skipped_steps
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """fp32 master weights (gathered across ZeRO partitions) with the bare model's names."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        out = {}
+        for name, param in self.module.named_parameters():
+            full = safe_get_full_fp32_param(param)  # collective under ZeRO-3
+            out[name] = (full if full is not None else param).detach().float().cpu().clone()
+        for name, buffer in self.module.named_buffers():
+            out[name] = (buffer.detach().float() if buffer.is_floating_point() else buffer.detach()).cpu().clone()
+        state_keys = self.module.state_dict().keys()  # tied weights appear under every name they have
+        for key in state_keys:
+            if key not in out:
+                alias = _tied_source(self.module, key)
+                out[key] = out[alias]
+        return {k: out[k] for k in state_keys} if self.ctx.is_rank_zero else None
+
+    def teardown(self) -> None:
+        if hasattr(self.engine, "destroy"):
+            self.engine.destroy()
+        if self._own_group:
+            dist.destroy_process_group()
+
+
+def _tied_source(module: nn.Module, key: str) -> str:
+    """The named_parameters() name of a state_dict key that is a tied alias (e.g. lm_head.weight)."""
+    target = module.state_dict(keep_vars=True)[key]
+    for name, param in module.named_parameters():  # the first (deduplicated) name of that tensor
+        if param is target:
+            return name
+    raise KeyError(key)
