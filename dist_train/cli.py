@@ -46,7 +46,9 @@ def run_train(argv: list[str]) -> int:
     args = _train_parser("dist-train train").parse_args(argv)
     cfg = load_config(args.config, args.overrides)
 
-    from .control import EXIT_PREEMPTED
+    from .control import EXIT_PREEMPTED, catch_stop_signals_early
+
+    catch_stop_signals_early()
     from .distributed import init_distributed, teardown
     from .logging_setup import setup_logging
     from .trainer import TrainingError, train

@@ -155,7 +155,8 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
     local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size)))
     backend = pick_backend(backend)
     if backend == "nccl":
-        device = torch.device("cuda", local_rank)
+        # `% device_count`: srun --gpus-per-task shows each task only its own GPU
+        device = torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")

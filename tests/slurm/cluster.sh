@@ -436,6 +436,12 @@ cmd_status() {
     done
     if [ "$rc" = 0 ]; then
         SLURM_CONF="$CONF" sinfo -N -o '%N %P %T %c %m' || rc=1
+        local st
+        st="$(node_state)"
+        case "$st" in
+            idle* | mixed* | allocated* | completing*) ;;
+            *) echo "node $(node_name) is not usable (state '$st')"; rc=1 ;;
+        esac
         echo "export SLURM_CONF=$CONF"
     fi
     return "$rc"
