@@ -1,12 +1,22 @@
 """DeepSpeed ZeRO-1/2/3 and FSDP2 against DDP: parity, checkpoints and resume, export, memory."""
 
 import os
-import sys
 
 import pytest
 import torch
-from helpers import PYTHON, REPO_ROOT, ctx_from_env, launch, load_weights, max_abs_diff, read_rows, run_cli, run_ranks
-from helpers import tiny_lm_config, write_config
+from helpers import (
+    PYTHON,
+    REPO_ROOT,
+    ctx_from_env,
+    launch,
+    load_weights,
+    max_abs_diff,
+    read_rows,
+    run_cli,
+    run_ranks,
+    tiny_lm_config,
+    write_config,
+)
 
 from dist_train.config import from_dict
 
@@ -186,4 +196,3 @@ def test_deepspeed_passthrough_conflicts_are_errors():
         cfg.strategy.deepspeed_config = bad
         with pytest.raises(UserError, match=message):
             deepspeed_config(cfg, world_size=4)
-    assert sys.modules.get("deepspeed") is None or True  # deriving the JSON needs no deepspeed import
