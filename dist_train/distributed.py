@@ -169,11 +169,13 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
     return DistContext(rank, local_rank, world_size, local_world_size, device, backend, launcher)
 
 
-def die_with_parent() -> None:
-    """Linux: get SIGKILL when the launcher process dies (kill -9 of torchrun or spawn.py).
+def die_with_parent(parent_pid: int | None = None) -> None:
+    """Linux: get SIGKILL when the parent process dies (kill -9 of torchrun or spawn.py, or of a
+    rank whose DataLoader workers this runs in).
 
-    Otherwise orphaned ranks would train on, and write into the same output folder as the job
-    that replaces them.
+    Otherwise orphaned ranks would train on and write into the same output folder as the job that
+    replaces them, and orphaned loader workers would wait forever. `parent_pid` closes the race of
+    a parent that died while this process was still starting.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -182,7 +184,7 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except OSError:
         return
-    if os.getppid() == 1:  # the launcher died before we could ask
+    if os.getppid() == 1 or (parent_pid is not None and os.getppid() != parent_pid):  # parent already gone
         os._exit(1)
 
 

@@ -85,6 +85,22 @@ def rank_pids(launcher_pid: int) -> list[int]:
     return sorted(pids)
 
 
+def descendants(root: int) -> set[int]:
+    family, grew = {root}, True
+    while grew:
+        new = {c for p in family for c in children(p)} - family
+        family |= new
+        grew = bool(new)
+    return family
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def stable(rows):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
@@ -145,11 +161,12 @@ def test_kill_9_then_the_same_command_resumes_bit_exact(tmp_path, uninterrupted,
     wait_for_checkpoint(tmp_path / "out", proc)
     time.sleep(0.3)
     ranks = rank_pids(proc.pid)
+    family = descendants(proc.pid) - {proc.pid}  # ranks and their DataLoader workers
     os.kill(ranks[1] if victim == "rank" else proc.pid, signal.SIGKILL)
     proc.wait(timeout=60)
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2] for p in ranks):
-        assert time.monotonic() < deadline, "a rank outlived the job"
+    while alive := [p for p in family | descendants(proc.pid) if _running(p)]:
+        assert time.monotonic() < deadline, f"processes outlived the job: {alive}"
         time.sleep(0.1)
     assert proc.returncode != 0
     step = finish_and_compare(config, tmp_path / "out", uninterrupted)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -49,7 +51,15 @@ def _loader(
         persistent_workers=cfg.loader.persistent_workers and workers > 0,
         prefetch_factor=cfg.loader.prefetch_factor if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),  # worker seeds independent of the global RNG
+        # a worker whose rank is killed (even while the worker is still starting) exits with it
+        worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
     )
+
+
+def _worker_init(rank_pid: int, worker_id: int) -> None:
+    from ..distributed import die_with_parent
+
+    die_with_parent(rank_pid)
 
 
 @dataclass
