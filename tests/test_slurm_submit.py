@@ -271,6 +271,15 @@ def test_detect_launcher(env, launcher):
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # _adopt_srun_environment writes RANK, MASTER_ADDR, ... into os.environ: restore it whole
+    # afterwards, or later tests' subprocesses would believe they run under a launcher
+    saved = dict(os.environ)
+    yield _clean(monkeypatch)
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _clean(monkeypatch):
     for name in list(os.environ):
         if name.startswith("SLURM_") or name in (
             "RANK",
