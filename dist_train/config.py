@@ -39,6 +39,11 @@ class ModelConfig:
     name: str = _f(
         REQUIRED, "registry name (`transformer_lm`, `mlp`, `resnet`, ...) or `package.module:factory` (required)"
     )
+    init: Literal["default", "kaiming", "xavier", "normal"] = _f(
+        "default",
+        "re-initialise after the factory: every >= 2-D parameter from the scheme, biases to 0 (`default`: keep)",
+    )
+    init_std: float = _f(0.02, "`model.init=normal`: standard deviation")
     kwargs: dict = _f({}, "every other `model.*` key: keyword arguments of the model factory")
 
 
@@ -79,15 +84,56 @@ class OptimConfig:
     eps: float = _f(1e-8, "Adam epsilon")
     momentum: float = _f(0.9, "SGD momentum")
     nesterov: bool = _f(False, "SGD Nesterov momentum")
+    param_groups: list = _f(
+        [],
+        "per-module rules `{match, lr_scale, weight_decay}`, first match wins: `match` is a glob on parameter "
+        "names or `re:<regex>`; unmatched parameters keep the defaults",
+    )
 
 
 @dataclass
 class ScheduleConfig:
-    name: Literal["constant", "linear", "cosine", "step"] = _f("constant", "LR schedule after warm-up")
+    name: Literal["constant", "linear", "cosine", "step", "multistep", "plateau"] = _f(
+        "constant", "LR schedule after warm-up"
+    )
     warmup_steps: int = _f(0, "linear warm-up from 0 to `train.lr` over this many steps")
     min_lr_ratio: float = _f(0.0, "`linear`/`cosine` decay to `train.lr` x this at `train.max_steps`")
     step_size: int = _f(1000, "`step`: multiply the LR by `gamma` every this many steps after warm-up")
-    gamma: float = _f(0.1, "`step`: decay factor")
+    gamma: float = _f(0.1, "`step`/`multistep`: decay factor")
+    milestones: list = _f([], "`multistep`: optimizer steps from which the LR is multiplied by `gamma` once more")
+    plateau_metric: Union[str, None] = _f(None, "`plateau`: eval metric to watch (null: `eval.metric`)")
+    plateau_mode: Union[Literal["min", "max"], None] = _f(
+        None, "`plateau`: whether it improves down or up (null: `eval.mode`)"
+    )
+    plateau_patience: int = _f(
+        2, "`plateau`: reduce after more than this many evaluations in a row without improvement"
+    )
+    plateau_factor: float = _f(0.1, "`plateau`: multiply the LR by this on a plateau")
+    plateau_threshold: float = _f(1e-4, "`plateau`: relative change that counts as an improvement")
+    plateau_cooldown: int = _f(0, "`plateau`: evaluations to wait after a reduction before counting again")
+    min_lr: float = _f(0.0, "`plateau`: never reduce the LR below this")
+
+
+@dataclass
+class CompressConfig:
+    prune: Literal["none", "unstructured", "structured"] = _f(
+        "none", "magnitude pruning during training: `unstructured` (L1, per weight) or `structured` (Ln, per channel)"
+    )
+    prune_sparsity: float = _f(0.5, "target fraction of each pruned weight tensor (or of its channels) set to zero")
+    prune_modules: list = _f(["Linear", "Conv2d"], "torch.nn module types whose `weight` is pruned")
+    prune_exclude: list = _f([], "module names (globs or `re:<regex>`) left unpruned, e.g. `[head]`")
+    prune_start_step: int = _f(0, "first step of the sparsity ramp")
+    prune_end_step: Union[int, None] = _f(
+        None, "step where the target sparsity is reached (null: train.max_steps // 2)"
+    )
+    prune_every_steps: int = _f(100, "update the masks every this many steps between start and end")
+    prune_ramp: Literal["cubic", "linear"] = _f("cubic", "sparsity ramp: `cubic` (Zhu & Gupta 2017) or `linear`")
+    prune_norm: float = _f(2.0, "`structured`: the n of the Ln norm that ranks channels")
+    prune_dim: int = _f(0, "`structured`: the weight dimension whose slices are pruned (0: output channels)")
+    qat: bool = _f(False, "quantization-aware training (fake int8); exports `model_int8.pt` at the end")
+    qat_start_step: int = _f(0, "step from which fake quantization and observers are on")
+    qat_backend: Literal["x86", "fbgemm", "qnnpack"] = _f("x86", "quantized engine of the int8 model")
+    dynamic_quant_export: bool = _f(False, "also export `model_dynamic_int8.pt`: Linear/LSTM/GRU weights int8")
 
 
 @dataclass
@@ -157,6 +203,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    compress: CompressConfig = field(default_factory=CompressConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
@@ -233,9 +280,10 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     values: dict[str, Any] = {}
-    if section in FREE_FORM_SECTIONS:
-        values["kwargs"] = {k: v for k, v in raw.items() if k != "name"}
-        raw = {k: v for k, v in raw.items() if k == "name"}
+    if section in FREE_FORM_SECTIONS:  # typed keys (`name`, `model.init`, ...) are not factory arguments
+        typed = set(names) - {"kwargs"}
+        values["kwargs"] = {k: v for k, v in raw.items() if k not in typed}
+        raw = {k: v for k, v in raw.items() if k in typed}
     for key, value in raw.items():
         if key not in names:
             raise UserError(f"unknown key `{section}.{key}`{_nearest(str(key), names)}")
@@ -292,6 +340,10 @@ def validate(cfg: Config) -> None:
     _positive(cfg.schedule.step_size, "schedule.step_size")
     if not 0 <= cfg.schedule.min_lr_ratio <= 1:
         raise UserError(f"`schedule.min_lr_ratio` must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
+    _positive(cfg.model.init_std, "model.init_std")
+    _validate_param_groups(cfg.optim.param_groups)
+    _validate_schedule(cfg)
+    _validate_compress(cfg)
     _positive(cfg.loader.num_workers, "loader.num_workers", allow_zero=True)
     _positive(cfg.loader.prefetch_factor, "loader.prefetch_factor")
     _positive(cfg.eval.every_steps, "eval.every_steps", allow_none=True)
@@ -306,6 +358,86 @@ def validate(cfg: Config) -> None:
     _positive(cfg.checkpoint.keep_every, "checkpoint.keep_every", allow_none=True)
     _positive(cfg.checkpoint.save_timeout_s, "checkpoint.save_timeout_s")
     _positive(cfg.log.every_steps, "log.every_steps")
+
+
+PARAM_GROUP_KEYS = ("match", "lr_scale", "weight_decay")
+
+
+def _validate_param_groups(rules: list) -> None:
+    """Each rule: a mapping with a `match` pattern and optional non-negative `lr_scale`/`weight_decay`."""
+    from .patterns import compile_pattern
+
+    for i, rule in enumerate(rules):
+        path = f"optim.param_groups[{i}]"
+        if not isinstance(rule, dict):
+            raise UserError(f"`{path}` must be a mapping like {{match: 'head.*', lr_scale: 0.1}}, got {rule!r}")
+        for key in rule:
+            if key not in PARAM_GROUP_KEYS:
+                raise UserError(f"unknown key `{key}` in `{path}`{_nearest(str(key), list(PARAM_GROUP_KEYS))}")
+        if "match" not in rule:
+            raise UserError(f"`{path}` needs `match`: a glob on parameter names (`head.*`) or `re:<regex>`")
+        compile_pattern(rule["match"], f"{path}.match")
+        for key in ("lr_scale", "weight_decay"):
+            if key in rule:
+                rule[key] = _coerce(rule[key], float, f"{path}.{key}")
+                _positive(rule[key], f"{path}.{key}", allow_zero=True)
+
+
+def _validate_schedule(cfg: Config) -> None:
+    s = cfg.schedule
+    if s.name == "multistep":
+        if not s.milestones or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in s.milestones):
+            raise UserError(f"`schedule.milestones` must be a non-empty list of positive steps, got {s.milestones!r}")
+        if sorted(set(s.milestones)) != s.milestones:
+            raise UserError(f"`schedule.milestones` must be strictly increasing, got {s.milestones!r}")
+    if s.name == "plateau" and not cfg.eval.every_steps:
+        raise UserError("schedule.name=plateau reduces the LR after evaluations: set eval.every_steps")
+    _positive(s.plateau_patience, "schedule.plateau_patience", allow_zero=True)
+    _positive(s.plateau_cooldown, "schedule.plateau_cooldown", allow_zero=True)
+    _positive(s.plateau_threshold, "schedule.plateau_threshold", allow_zero=True)
+    _positive(s.min_lr, "schedule.min_lr", allow_zero=True)
+    if not 0 < s.plateau_factor < 1:
+        raise UserError(f"`schedule.plateau_factor` must be in (0, 1), got {s.plateau_factor}")
+
+
+def _validate_compress(cfg: Config) -> None:
+    c = cfg.compress
+    sharded = cfg.strategy.name == "fsdp" or (cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3)
+    where = f"strategy.name={cfg.strategy.name}" + (" with zero_stage=3" if cfg.strategy.name == "deepspeed" else "")
+    if (c.prune != "none" or c.dynamic_quant_export) and sharded:
+        raise UserError(
+            f"compress.prune/dynamic_quant_export need every rank to hold whole weights; {where} shards them: "
+            "use strategy.name=ddp or deepspeed with zero_stage <= 2"
+        )
+    if not 0 <= c.prune_sparsity < 1:
+        raise UserError(f"`compress.prune_sparsity` must be in [0, 1), got {c.prune_sparsity}")
+    _positive(c.prune_start_step, "compress.prune_start_step", allow_zero=True)
+    _positive(c.prune_every_steps, "compress.prune_every_steps")
+    if c.prune_end_step is not None and c.prune_end_step < c.prune_start_step:
+        raise UserError(
+            f"`compress.prune_end_step` ({c.prune_end_step}) must be >= prune_start_step ({c.prune_start_step})"
+        )
+    if not all(isinstance(name, str) for name in c.prune_modules):
+        raise UserError(f"`compress.prune_modules` must be a list of torch.nn class names, got {c.prune_modules!r}")
+    from .patterns import compile_pattern
+
+    for i, pattern in enumerate(c.prune_exclude):
+        compile_pattern(pattern, f"compress.prune_exclude[{i}]")
+    _positive(c.prune_norm, "compress.prune_norm")
+    _positive(c.prune_dim, "compress.prune_dim", allow_zero=True)
+    _positive(c.qat_start_step, "compress.qat_start_step", allow_zero=True)
+    if c.qat:
+        if cfg.strategy.name != "ddp":
+            raise UserError(f"compress.qat needs strategy.name=ddp (observers are kept in step by DDP), not {where}")
+        for key, on in (
+            ("train.compile", cfg.train.compile),
+            ("train.grad_checkpointing", cfg.train.grad_checkpointing),
+            ("train.sync_batchnorm", cfg.train.sync_batchnorm),
+            ("train.precision=bf16/fp16", cfg.train.precision != "fp32"),
+            ("compress.dynamic_quant_export", cfg.compress.dynamic_quant_export),
+        ):
+            if on:
+                raise UserError(f"compress.qat does not combine with {key}: turn one of them off")
 
 
 def _yaml_error(err: yaml.YAMLError, source: str) -> UserError:

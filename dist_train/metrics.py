@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -22,6 +25,36 @@ def peak_rss_mb() -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     except ImportError:  # pragma: no cover - non-Unix
         return psutil.Process().memory_info().rss / 2**20
+
+
+STEP_TIMES_ENV = "DIST_TRAIN_STEP_TIMES"
+
+
+def step_times_hook() -> list | None:
+    """Benchmark hook, off unless DIST_TRAIN_STEP_TIMES=PATH is set (read once per run).
+
+    Returns a list that starts with `time.perf_counter()` at the call (train() entry) and to which
+    the loop appends `(perf_counter, process_time)` after every optimizer step; `write_step_times`
+    dumps it when the loop ends. Unset: None, and the loop pays one `is not None` test per step.
+    perf_counter is the system-wide CLOCK_MONOTONIC on Linux, so a launcher can compare it with its
+    own start time; process_time (this process's CPU time) is robust to other load on the machine.
+    """
+    return [time.perf_counter()] if os.environ.get(STEP_TIMES_ENV) else None
+
+
+def write_step_times(times: list | None, rank: int) -> None:
+    """Write PATH.rank<R>: {"rank", "train_start", "steps": [wall], "cpu": [CPU s], "peak_rss_mb"}."""
+    if times is None:
+        return
+    steps = times[1:]
+    record = {
+        "rank": rank,
+        "train_start": times[0],
+        "steps": [wall for wall, _ in steps],
+        "cpu": [cpu for _, cpu in steps],
+        "peak_rss_mb": peak_rss_mb(),
+    }
+    Path(f"{os.environ[STEP_TIMES_ENV]}.rank{rank}").write_text(json.dumps(record))
 
 
 def _clean(value: object) -> object:
@@ -78,6 +111,13 @@ class MetricsLogger:
             return
         if "loss" in row:
             short = {"loss": f"{row['loss']:.4f}", "lr": f"{row['lr']:.2e}", "samples/s": f"{row['samples_per_s']:.0f}"}
+            if "tokens_per_s" in row:
+                short["tokens/s"] = f"{row['tokens_per_s']:.0f}"
+            if "step_time_s" in row:
+                short["step"] = f"{row['step_time_s'] * 1e3:.1f}ms"
+                short["data wait"] = f"{row['data_wait_frac']:.0%}"
+            if "mfu" in row:
+                short["mfu"] = f"{row['mfu']:.1%}"
         else:
             short = {k: f"{v:.4f}" for k, v in row.items() if k.startswith("eval_") and isinstance(v, float)}
         if self.bar is not None:
@@ -96,12 +136,27 @@ class MetricsLogger:
 
 
 class Throughput:
-    """Wall-clock window between logging steps (the logging step's host read is the sync point)."""
+    """Wall-clock window between logging steps (the logging step's host read is the sync point).
 
-    def __init__(self) -> None:
+    Evaluation and checkpoint time is left out of the window (`paused()`), so `step_time_s` and the
+    rates describe training steps; `data_wait_frac` is the share of that time spent blocked on the
+    DataLoader. `mfu_per_token` (see flops.py) turns tokens/s into model FLOPs utilisation (CUDA only).
+    """
+
+    def __init__(self, mfu_per_token: float | None = None) -> None:
         self.start = time.perf_counter()
         self.steps = 0
         self.data_wait = 0.0
+        self.mfu_per_token = mfu_per_token
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time spent inside (evaluation, checkpoints) out of the current window."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
 
     def rates(self, samples_per_step: int, tokens_per_sample: int) -> dict:
         now = time.perf_counter()
@@ -113,5 +168,7 @@ class Throughput:
         }
         if tokens_per_sample > 1:
             row["tokens_per_s"] = row["samples_per_s"] * tokens_per_sample
+            if self.mfu_per_token:
+                row["mfu"] = row["tokens_per_s"] * self.mfu_per_token
         self.start, self.steps, self.data_wait = now, 0, 0.0
         return row

@@ -1,23 +1,72 @@
-"""Optimizers (with no weight decay on biases and norm weights) and the LR schedule as a pure function."""
+"""Optimizers (per-module LR/weight-decay rules; no weight decay on biases and norm weights by default).
+The LR schedule lives in schedules.py (`lr_at` is re-exported here)."""
 
 from __future__ import annotations
 
-import math
+import logging
 
 import torch
 import torch.nn as nn
 
 from .config import Config
+from .patterns import canonical_name, compile_pattern
+from .schedules import lr_at  # noqa: F401 - re-exported: the schedule used to live here
+
+log = logging.getLogger("dist_train")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices and embeddings; never biases, norm weights or other 1-D parameters."""
-    decay, no_decay = [], []
-    for _, param in model.named_parameters():
-        if param.requires_grad:
-            (decay if param.dim() >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+def resolve_param_groups(model: nn.Module, weight_decay: float, rules: list[dict] = ()) -> list[tuple[str, dict, list]]:
+    """(label, optimizer group, parameter names) for each non-empty group, in optimizer order.
+
+    `rules` are `optim.param_groups`: the first rule whose `match` fits a parameter's bare name takes
+    it, with the rule's `lr_scale` and, when the rule sets it, its `weight_decay` for every parameter
+    it matches. Parameters no rule sets a decay for follow the default: decay matrices and
+    embeddings, never biases, norm weights or other 1-D parameters.
+    """
+    matchers = [compile_pattern(rule["match"], f"optim.param_groups[{i}].match") for i, rule in enumerate(rules)]
+    buckets: dict[tuple[int, bool], tuple[list, list]] = {}  # (rule index or len(rules), decays) -> params, names
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        bare = canonical_name(name)
+        index = next((i for i, matches in enumerate(matchers) if matches(bare)), len(rules))
+        own_decay = index < len(rules) and "weight_decay" in rules[index]  # one group: the rule's decay
+        params, names = buckets.setdefault((index, own_decay or param.dim() >= 2), ([], []))
+        params.append(param)
+        names.append(bare)
+    out = []
+    for index in range(len(rules) + 1):
+        rule = rules[index] if index < len(rules) else {}
+        for decays in (True, False):
+            if (index, decays) not in buckets:
+                continue
+            params, names = buckets[(index, decays)]
+            decay = rule.get("weight_decay", weight_decay if decays else 0.0)
+            group = {"params": params, "weight_decay": decay}
+            if rule:
+                group["lr_scale"] = rule.get("lr_scale", 1.0)
+            label = f"rule {index} `{rule['match']}`" if rule else "default"
+            out.append((label, group, names))
+        if rule and not any(key[0] == index for key in buckets):
+            log.warning("optim.param_groups[%d] (match %r) matched no parameter", index, rule["match"])
+    return out
+
+
+def param_groups(model: nn.Module, weight_decay: float, rules: list[dict] = ()) -> list[dict]:
+    """The optimizer's parameter groups (see `resolve_param_groups`)."""
+    return [group for _, group, _ in resolve_param_groups(model, weight_decay, rules)]
+
+
+def _describe(resolved: list[tuple[str, dict, list]]) -> str:
+    lines = []
+    for i, (label, group, names) in enumerate(resolved):
+        shown = ", ".join(names[:4]) + (f", ... (+{len(names) - 4} more)" if len(names) > 4 else "")
+        size = sum(p.numel() for p in group["params"])
+        lines.append(
+            f"  group {i} ({label}): lr x{group.get('lr_scale', 1.0):g}, weight_decay {group['weight_decay']:g}, "
+            f"{len(names)} tensors, {size:,} elements: {shown}"
+        )
+    return "\n".join(lines)
 
 
 def build_optimizer(cfg: Config, model: nn.Module, fused: bool = True) -> torch.optim.Optimizer:
@@ -25,8 +74,13 @@ def build_optimizer(cfg: Config, model: nn.Module, fused: bool = True) -> torch.
     parameters, and it can skip a non-finite step on the device (`step_unless`) without a host sync.
     """
     o = cfg.optim
-    groups = param_groups(model, o.weight_decay)
+    resolved = resolve_param_groups(model, o.weight_decay, o.param_groups)
+    if o.param_groups:  # rank 0 logs info: printed once
+        log.info("optimizer parameter groups (optim.param_groups):\n%s", _describe(resolved))
+    groups = [group for _, group, _ in resolved]
     lr = cfg.train.lr
+    for group in groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov)
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
@@ -48,22 +102,6 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
         return
     if not bool(skip.item()):
         optimizer.step()
-
-
-def lr_at(cfg: Config, step: int) -> float:
-    """LR used by optimizer step `step` (0-based). Depends on the config alone, so a resumed run follows it exactly."""
-    s, peak, total = cfg.schedule, cfg.train.lr, cfg.train.max_steps
-    if step < s.warmup_steps:
-        return peak * (step + 1) / s.warmup_steps
-    if s.name == "constant":
-        return peak
-    if s.name == "step":
-        return peak * s.gamma ** ((step - s.warmup_steps) // s.step_size)
-    progress = min(1.0, (step - s.warmup_steps) / max(1, total - 1 - s.warmup_steps))
-    floor = peak * s.min_lr_ratio
-    if s.name == "linear":
-        return peak - (peak - floor) * progress
-    return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,13 +31,15 @@ class TrainState:
     best_metric: float | None = None
     evals_without_improvement: int = 0
     window_count: float = 0.0  # counted elements in the open logging window (sums are per rank)
+    lr_schedule: dict = field(default_factory=dict)  # schedules.LRSchedule state (plateau), JSON
 
 
 def training_config(cfg: Config) -> dict:
     """The part of the config that defines the optimisation trajectory (hashed into manifests)."""
     full = to_dict(cfg)
     train = {k: v for k, v in full["train"].items() if k not in ("max_steps", "epochs")}
-    return {k: full[k] for k in ("model", "data", "optim", "schedule")} | {"train": train, "seed": cfg.run.seed}
+    sections = ("model", "data", "optim", "schedule", "compress")
+    return {k: full[k] for k in sections} | {"train": train, "seed": cfg.run.seed}
 
 
 def save(

@@ -15,19 +15,24 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from . import state as run_state
 from .checkpoint import write_atomic
+from .compress import Compression
 from .config import Config, dump_yaml
 from .control import Control
 from .data import build_eval_data, build_train_data
 from .distributed import DistContext, all_reduce_sum
 from .evaluation import evaluate
+from .flops import mfu_per_token
+from .host_memory import retain_freed_heap
 from .losses import Loss, build_loss
-from .metrics import MetricsLogger, Throughput, peak_rss_mb
+from .metrics import MetricsLogger, Throughput, peak_rss_mb, step_times_hook, write_step_times
 from .models import build_model
-from .optim import lr_at
+from .models.weight_init import init_weights
 from .safetensors_io import save_file
+from .schedules import LRSchedule
 from .strategies import Strategy, build_strategy
 from .transforms import apply_transforms
 
@@ -65,11 +70,10 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
     (suppressing only backward is a known DDP pitfall: pytorch/pytorch#47260-style hangs/extra syncs).
     """
     local_count = sum(loss_fn.count(targets) for _, targets in micro_batches)  # host ints: no sync
-    if loss_fn.ignores_targets and ctx.world_size > 1:
-        count = all_reduce_sum(torch.tensor(float(local_count), device=ctx.device), ctx)
-    else:
-        count = local_count * ctx.world_size
-    scale = ctx.world_size / count
+    count, pending = local_count * ctx.world_size, None
+    if loss_fn.ignores_targets and ctx.world_size > 1:  # summed while the first forward runs, not before it
+        count = torch.tensor(float(local_count), device=ctx.device)
+        pending = dist.all_reduce(count, async_op=True)
     loss_total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     last = len(micro_batches) - 1
     for i, (inputs, targets) in enumerate(micro_batches):
@@ -79,7 +83,10 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
             with strategy.autocast():
                 outputs = strategy.model(inputs)
             loss_sum = loss_fn.sum(outputs, targets)
-            strategy.backward(loss_sum * scale)
+            if pending is not None:
+                pending.wait()
+                pending = None
+            strategy.backward(loss_sum * (ctx.world_size / count))
         loss_total += loss_sum.detach()
     grad_norm, nonfinite = strategy.clip_and_step(cfg.train.grad_clip_norm, cfg.train.grad_clip_value)
     return StepResult(loss_total, count, grad_norm, nonfinite)
@@ -150,13 +157,17 @@ def _improved(cfg: Config, state: run_state.TrainState, metrics: dict) -> bool:
 
 def train(cfg: Config, ctx: DistContext) -> dict:
     """Run (or resume) training as configured. Returns a summary with `status` and `step`."""
+    step_times = step_times_hook()  # benchmarks only (DIST_TRAIN_STEP_TIMES); None otherwise
     output_dir = Path(cfg.run.output_dir)
     if ctx.is_rank_zero:
         output_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
     control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
-    model = apply_transforms(build_model(cfg.model.name, cfg.model.kwargs), cfg, ctx)
+    model = build_model(cfg.model.name, cfg.model.kwargs)
+    init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
+    compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
+    model = apply_transforms(model, cfg, ctx)
     strategy = build_strategy(cfg, ctx)
     strategy.setup(model)
     seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
@@ -177,6 +188,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
 
     restored = run_state.restore(cfg, ctx, control, strategy, output_dir)
     state, window = restored[0] if restored else run_state.TrainState(), [None, 0.0]
+    schedule = LRSchedule(cfg, state.lr_schedule)  # plateau state resumes with the trainer state
     metrics = MetricsLogger(
         output_dir, ctx.is_rank_zero, total_steps, state.step, cfg.log.progress, cfg.log.tensorboard
     )
@@ -201,7 +213,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         state.step,
     )
 
-    status, last_saved, last_eval, batches, throughput = "finished", -1, -1, None, Throughput()
+    throughput = Throughput(mfu_per_token(strategy.module, tokens_per_sample, ctx))
+    status, last_saved, last_eval, batches = "finished", -1, -1, None
+    if ctx.device.type == "cpu":
+        retain_freed_heap()  # no per-step heap trim + page faults (host_memory.py)
     control.install()
     try:
         while state.step < total_steps:
@@ -209,14 +224,15 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             if control.should_stop():
                 status = "preempted"
                 break
+            wait_start = time.perf_counter()  # starting an epoch's iterator (workers) is data wait too
             if state.samples_in_epoch + data.global_batch > data.sampler.usable_samples():
                 state.epoch, state.samples_in_epoch, batches = state.epoch + 1, 0, None
             if batches is None:
                 batches = data.epoch_batches(state.epoch, state.samples_in_epoch)
-            wait_start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
             throughput.data_wait += time.perf_counter() - wait_start
-            lr = lr_at(cfg, state.step)
+            compression.on_step(state.step)
+            lr = schedule.lr_at(state.step)
             strategy.set_lr(lr)
             try:
                 result = train_step(strategy, loss_fn, micro_batches, cfg, ctx)
@@ -239,10 +255,12 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             if eval_data is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
                 control.arm_watchdog()
                 last_eval = state.step
-                eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx)}
+                with throughput.paused():  # evaluation is not training throughput
+                    eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx)}
                 metrics.write(eval_row)
                 metrics.console(eval_row)
                 _improved(cfg, state, eval_row)
+                state.lr_schedule = schedule.observe(eval_row, state.step)  # same metrics, same LR on every rank
                 patience = cfg.eval.early_stopping_patience
                 if patience and state.evals_without_improvement >= patience:
                     log.info(
@@ -253,11 +271,15 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                     )
                     status = "early_stopped"
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
-                _save(cfg, ctx, control, strategy, state, window, guard, output_dir)
+                with throughput.paused():
+                    _save(cfg, ctx, control, strategy, state, window, guard, output_dir)
                 last_saved = state.step
+            if step_times is not None:
+                step_times.append((time.perf_counter(), time.process_time()))
             if status == "early_stopped":
                 break
         control.disarm_watchdog()
+        write_step_times(step_times, ctx.rank)
         control.finish_vote()
         if status == "preempted":
             log.warning("stop signal received: checkpointing step %d and exiting", state.step)
@@ -268,7 +290,11 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         if state.step > 0 and last_saved != state.step and (cfg.checkpoint.at_end or status == "preempted"):
             _save(cfg, ctx, control, strategy, state, window, guard, output_dir)
         if status != "preempted":
-            export_weights(strategy, ctx, output_dir / "model.safetensors", state.step)
+            export_weights(strategy, ctx, output_dir / "model.safetensors", state.step, compression.export_state_dict)
+            int8_metrics = compression.export(strategy.module, ctx, output_dir, loss_fn, eval_data)
+            if int8_metrics:
+                metrics.write({"step": state.step, **int8_metrics})
+                metrics.console({"step": state.step, **int8_metrics})
     finally:
         control.disarm_watchdog()
         control.restore()
@@ -292,9 +318,14 @@ def _save(cfg, ctx, control, strategy, state, window, guard, output_dir) -> None
     control.arm_watchdog()
 
 
-def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int) -> None:
-    """Consolidated fp32 weights with the bare model's names (collective; rank 0 writes)."""
+def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int, fold=None) -> None:
+    """Consolidated fp32 weights with the bare model's names (collective; rank 0 writes).
+
+    `fold` maps the strategy's full state_dict to the exported one (compression: masks folded in).
+    """
     tensors = strategy.full_state_dict()
+    if fold is not None:
+        tensors = fold(tensors)
     if ctx.is_rank_zero and tensors is not None:
         save_file(tensors, path, metadata={"format": "pt", "step": str(step)})
         log.info("wrote %s (%d tensors)", path, len(tensors))

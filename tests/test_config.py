@@ -22,7 +22,7 @@ def test_defaults_and_free_form_sections():
     cfg = cfg_with(model={"hidden_dim": 7})
     assert cfg.train.grad_accum_steps == 1 and cfg.strategy.name == "ddp" and cfg.checkpoint.resume == "auto"
     assert cfg.model.kwargs == {"hidden_dim": 7}
-    assert to_dict(cfg)["model"] == {"name": "mlp", "hidden_dim": 7}
+    assert to_dict(cfg)["model"] == {"name": "mlp", "init": "default", "init_std": 0.02, "hidden_dim": 7}
 
 
 @pytest.mark.parametrize("spelling", ["3e-4", "3E-4", "0.0003", 3e-4, ".0003"])

@@ -16,11 +16,12 @@ class ConvBlock(nn.Module):
         # A bias before BatchNorm is cancelled by the mean subtraction: leave it out then.
         self.conv = nn.Conv2d(in_ch, out_ch, kernel_size, padding=kernel_size // 2, bias=not batch_norm)
         self.norm = nn.BatchNorm2d(out_ch) if batch_norm else nn.Identity()
+        self.act = nn.ReLU()  # a module, not torch.relu: QAT fuses conv+bn+relu by module name
         self.pool = nn.MaxPool2d(2) if pool else nn.Identity()
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.pool(torch.relu(self.norm(self.conv(x)))))
+        return self.dropout(self.pool(self.act(self.norm(self.conv(x)))))
 
 
 class CNN(nn.Module):
@@ -46,6 +47,14 @@ class CNN(nn.Module):
         for block in self.blocks:
             x = block(x)
         return self.head(x.mean(dim=(2, 3)))  # global average pool: any input resolution works
+
+    def qat_fusion(self) -> list[list[str]]:
+        """Module groups fused for quantization-aware training (compress.qat): conv(+bn)+relu per block."""
+        groups = []
+        for i, block in enumerate(self.blocks):
+            norm = [f"blocks.{i}.norm"] if isinstance(block.norm, nn.BatchNorm2d) else []
+            groups.append([f"blocks.{i}.conv", *norm, f"blocks.{i}.act"])
+        return groups
 
 
 def cnn(

@@ -32,6 +32,17 @@ class MLP(nn.Module):
             x = block(x)
         return self.head(x)
 
+    def qat_fusion(self) -> list[list[str]]:
+        """Module groups fused for quantization-aware training (compress.qat): linear+relu per block.
+
+        Other activations stay unfused; SiLU has no quantized kernel, so it cannot be converted to int8.
+        """
+        if self.blocks and isinstance(self.blocks[0][1], nn.SiLU):
+            raise UserError("compress.qat: mlp activation silu/swish has no int8 kernel; use relu, gelu or tanh")
+        return [
+            [f"blocks.{i}.0", f"blocks.{i}.1"] for i, block in enumerate(self.blocks) if isinstance(block[1], nn.ReLU)
+        ]
+
 
 def mlp(
     input_dim: int = 32,

@@ -83,7 +83,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         zero["offload_optimizer"] = {"device": "cpu"}
     if s.offload_params:
         if s.zero_stage != 3:
-            raise UserError("strategy.offload_params needs strategy.zero_stage=3 (parameters are only partitioned there)")
+            raise UserError(
+                "strategy.offload_params needs strategy.zero_stage=3 (parameters are only partitioned there)"
+            )
         zero["offload_param"] = {"device": "cpu"}
     ours = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
@@ -114,9 +116,15 @@ class DeepSpeedStrategy(Strategy):
         if self.ctx.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
         if self.cfg.train.grad_clip_value:
-            raise UserError("train.grad_clip_value is not supported with strategy.name=deepspeed; use train.grad_clip_norm")
+            raise UserError(
+                "train.grad_clip_value is not supported with strategy.name=deepspeed; use train.grad_clip_norm"
+            )
         self._own_group = ensure_process_group(self.ctx.device)
-        for key, value in (("LOCAL_RANK", self.ctx.local_rank), ("RANK", self.ctx.rank), ("WORLD_SIZE", self.ctx.world_size)):
+        for key, value in (
+            ("LOCAL_RANK", self.ctx.local_rank),
+            ("RANK", self.ctx.rank),
+            ("WORLD_SIZE", self.ctx.world_size),
+        ):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads them even for one process
         deepspeed = require("deepspeed", "deepspeed", "strategy.name=deepspeed")
         config = deepspeed_config(self.cfg, self.ctx.world_size)

@@ -44,7 +44,9 @@ class FSDPStrategy(Strategy):
         mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world_size,))
         dtype = PRECISION_DTYPES.get(self.cfg.train.precision)
         # Low-precision compute with fp32 gradient reduction; floating inputs are cast to match.
-        policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
+        )
         reshard = self.cfg.strategy.reshard_after_forward
         for block in find_blocks(model):  # per-block units: only one block's full weights live at a time
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
@@ -125,7 +127,9 @@ class FSDPStrategy(Strategy):
 
         state = self._state()
         dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
-        set_state_dict(self._module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+        set_state_dict(
+            self._module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
+        )
         if self.scaler and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
 

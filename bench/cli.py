@@ -1,0 +1,174 @@
+"""`python -m bench`: dist_train against hand-written loops, side by side, in one invocation.
+
+    python -m bench                      # default: both workloads, world sizes 1 and 2, every registered strategy
+    python -m bench --quick              # fewer steps and repeats (about 3 minutes)
+    python -m bench --json bench.json --workloads transformer_lm --world-sizes 2 --strategies ddp,deepspeed
+
+Each cell (workload x world size x strategy) is run `--repeats` times as a pair, dist_train then the
+hand-written loop (A B A B ...); cells are interleaved round by round so slow drift in machine load
+hits both sides alike. Reported: the median over pairs of each side's steady-state median step time,
+samples/s, time to first optimizer step, peak RSS, and the median of the paired ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from .harness import Cell, run_side, summarise_cell
+from .report import machine_info, table
+from .workloads import WORKLOADS, quick, smoke
+
+# dist_train / hand-written targets on 2 CPU ranks (gloo); step time per strategy
+TARGETS = {
+    "step_time_s": {"ddp": 1.01, "deepspeed": 1.02, "fsdp": 1.02},
+    "time_to_first_step_s": 1.2,
+    "peak_rss_mb": 1.05,
+}
+
+
+def registered_strategies() -> list[str]:
+    from dist_train.strategies import REGISTRY
+
+    return list(REGISTRY)
+
+
+def build_cells(args: argparse.Namespace) -> tuple[list[Cell], list[str]]:
+    notes = []
+    available = registered_strategies()
+    cells = []
+    for strategy in args.strategies:
+        if strategy not in available:
+            notes.append(f"{strategy}: not registered in dist_train.strategies.REGISTRY yet, skipped")
+            continue
+        if strategy == "deepspeed" and not _importable("deepspeed"):
+            notes.append("deepspeed: package not installed, skipped")
+            continue
+        stages = args.zero_stages if strategy == "deepspeed" else [0]
+        # Sharded strategies are measured where they shard: at world size 2 (see --sharded-world-sizes).
+        world_sizes = args.world_sizes if strategy == "ddp" else args.sharded_world_sizes
+        workloads = args.workloads if strategy == "ddp" else args.sharded_workloads
+        for name in workloads:
+            workload = WORKLOADS[name]
+            workload = smoke(workload) if args.smoke else quick(workload) if args.quick else workload
+            for world_size in world_sizes:
+                for stage in stages:
+                    cells.append(Cell(workload, world_size, strategy, stage))
+    return cells, notes
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    csv = lambda text: [t for t in text.split(",") if t]  # noqa: E731
+    ints = lambda text: [int(t) for t in csv(text)]  # noqa: E731
+    parser.add_argument("--quick", action="store_true", help="20 steps per run, 2 pairs per cell")
+    parser.add_argument("--smoke", action="store_true", help="tiny models, 8 steps, 1 pair (tests the harness)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--workloads", type=csv, default=list(WORKLOADS), help="default: all")
+    parser.add_argument("--world-sizes", type=ints, default=[1, 2])
+    parser.add_argument("--strategies", type=csv, default=["ddp", "deepspeed", "fsdp"])
+    parser.add_argument("--zero-stages", type=ints, default=[1, 2, 3])
+    parser.add_argument("--sharded-workloads", type=csv, default=["transformer_lm"], help="for deepspeed/fsdp")
+    parser.add_argument("--sharded-world-sizes", type=ints, default=[2], help="for deepspeed/fsdp")
+    parser.add_argument("--repeats", type=int, default=None, help="pairs per cell (default 3; --quick 2; --smoke 1)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every rank")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
+    parser.add_argument("--keep", type=Path, default=None, help="keep every run's folder (logs, metrics) here")
+    args = parser.parse_args(argv)
+    unknown = set(args.workloads + args.sharded_workloads) - set(WORKLOADS)
+    if unknown:
+        parser.error(f"unknown workloads {sorted(unknown)} (known: {', '.join(WORKLOADS)})")
+    if args.repeats is None:
+        args.repeats = 1 if args.smoke else 2 if args.quick else 3
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cells, notes = build_cells(args)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    started = time.time()
+    load_before = os.getloadavg()
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dist_train_bench_"))
+    pairs: dict[int, list] = {i: [] for i in range(len(cells))}
+    try:
+        for repeat in range(args.repeats):
+            for index, cell in enumerate(cells):
+                pair = []
+                for side in ("dist_train", "hand"):
+                    run_dir = root / f"{index:02d}-{cell.label.replace(' ', '_')}" / f"{repeat}-{side}"
+                    record = run_side(cell, side, run_dir, args.threads, args.timeout)
+                    status = f"{record['step_time_s'] * 1e3:7.1f} ms/step" if record["ok"] else "FAILED"
+                    print(f"[{repeat + 1}/{args.repeats}] {cell.label:<32} {side:<10} {status}", flush=True)
+                    if not record["ok"]:
+                        print(record.get("log_tail", ""), flush=True)
+                    pair.append(record)
+                pairs[index].append(tuple(pair))
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    results = []
+    for index, cell in enumerate(cells):
+        summary = summarise_cell(pairs[index])
+        results.append(
+            {
+                "label": cell.label,
+                "workload": cell.workload.name,
+                "world_size": cell.world_size,
+                "strategy": cell.strategy,
+                "zero_stage": cell.zero_stage,
+                "global_batch": cell.workload.global_batch(cell.world_size),
+                "steps": cell.workload.steps,
+                "warmup_steps": cell.workload.warmup_steps,
+                "summary": summary,
+                "targets": _targets(cell, summary),
+                "runs": [list(p) for p in pairs[index]],
+            }
+        )
+    report = {
+        "machine": machine_info(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "load_average": {"before": load_before, "after": os.getloadavg()},
+        "elapsed_s": time.time() - started,
+        "notes": notes,
+        "cells": results,
+    }
+    print()
+    print(table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"\nwrote {args.json}")
+    failed = [r["label"] for r in results if not r["summary"].get("ok")]
+    if failed:
+        print(f"failed runs: {', '.join(failed)}")
+        return 1
+    return 0
+
+
+def _targets(cell: Cell, summary: dict) -> dict:
+    """Which targets hold (2 CPU ranks is where they are defined; other world sizes are reported only)."""
+    if not summary.get("ok") or cell.world_size != 2:
+        return {}
+    limits = {
+        "step_time_s": TARGETS["step_time_s"][cell.strategy],
+        "time_to_first_step_s": TARGETS["time_to_first_step_s"],
+        "peak_rss_mb": TARGETS["peak_rss_mb"],
+    }
+    return {key: {"limit": limit, "met": summary[key]["ratio"] <= limit} for key, limit in limits.items()}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

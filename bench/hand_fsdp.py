@@ -1,0 +1,71 @@
+"""Minimal hand-written torchrun + FSDP2 loop: the reference for strategy.name=fsdp.
+
+    torchrun --nproc_per_node=2 -m bench.hand_fsdp --spec '{...}'
+
+`fully_shard` on every repeated block, then the root (as dist_train does); fused AdamW on the
+sharded parameters with the same groups; no gradient reduce-scatter on accumulation micro-steps
+(`set_requires_gradient_sync(False)`); clipping of the global norm.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from bench.common import StepTimes, batches, exit_now, factory, param_groups, parse_spec, train_loader
+
+
+def main() -> None:
+    spec = parse_spec()
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    clock = StepTimes()
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    torch.manual_seed(spec["seed"])
+    model = factory(spec["model_factory"])(**spec["model_kwargs"]).to(device)
+    mesh = init_device_mesh(device.type, (world_size,))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(
+        param_groups(model, spec["weight_decay"]), lr=spec["lr"], betas=spec["betas"], eps=spec["eps"], fused=True
+    )
+    loader, sampler = train_loader(spec, rank, world_size)
+    data = batches(loader, sampler)
+    accum = spec["grad_accum_steps"]
+
+    for step in range(1, spec["steps"] + 1):
+        for micro in range(accum):
+            inputs, targets = next(data)
+            inputs, targets = inputs.to(device), targets.to(device)
+            model.set_requires_gradient_sync(micro == accum - 1)
+            loss = F.cross_entropy(model(inputs).flatten(0, -2).float(), targets.flatten()) / accum
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip_norm"], foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step % spec["log_every"] == 0 and rank == 0:
+            print(f"step {step} loss {loss.item() * accum:.4f}", flush=True)
+        clock.tick()
+
+    clock.write(rank)
+    if spec["save"]:  # gathering the full state dict is collective
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            torch.save({k: v.float() for k, v in state.items()}, spec["save"])
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
+    exit_now()  # skip interpreter teardown: c10d/gloo threads can abort it (see dist_train.cli.exit_with)

@@ -1,0 +1,166 @@
+"""Launch one side of a comparison through torchrun and read back its per-step timestamps.
+
+Both sides run under the same launcher (`python -m torch.distributed.run`) with the same
+environment, and both write `time.perf_counter()` after every optimizer step (dist_train through
+its DIST_TRAIN_STEP_TIMES hook, the hand-written loops through bench.common.StepTimes). On Linux
+perf_counter is the system-wide CLOCK_MONOTONIC, so the launcher's own start time and the ranks'
+timestamps are on one clock: time to first step = first step's end (slowest rank) - launch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .workloads import Workload
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HAND_LOOPS = {"ddp": "bench.hand_ddp", "deepspeed": "bench.hand_deepspeed", "fsdp": "bench.hand_fsdp"}
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row of the table: a workload at a world size under one strategy."""
+
+    workload: Workload
+    world_size: int
+    strategy: str = "ddp"
+    zero_stage: int = 0
+    launcher: str = "torchrun"  # or "single": one plain `python -m ...` process (world size 1)
+
+    @property
+    def label(self) -> str:
+        strategy = f"deepspeed-z{self.zero_stage}" if self.strategy == "deepspeed" else self.strategy
+        return f"{self.workload.name} x{self.world_size} {strategy}"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def command(cell: Cell, side: str, run_dir: Path) -> list[str]:
+    torchrun = [sys.executable]
+    if cell.launcher == "torchrun":
+        torchrun += ["-m", "torch.distributed.run", "--nproc_per_node", str(cell.world_size)]
+        torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    w = cell.workload
+    if side == "dist_train":
+        config = run_dir / "config.in.yaml"
+        config.write_text(yaml.safe_dump(w.dist_train_config(str(run_dir / "out"), cell.strategy, cell.zero_stage)))
+        return [*torchrun, "-m", "dist_train", "--config", str(config)]
+    spec = json.dumps(w.spec(cell.strategy, cell.zero_stage))
+    return [*torchrun, "-m", HAND_LOOPS[cell.strategy], "--spec", spec]
+
+
+def run_env(threads: int, times_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p),
+        GLOO_SOCKET_IFNAME=env.get("GLOO_SOCKET_IFNAME", "lo"),
+        DIST_TRAIN_STEP_TIMES=str(times_path),
+    )
+    if threads > 0:  # 0: leave torch's default (bench.gpu)
+        env["OMP_NUM_THREADS"] = str(threads)
+    env.setdefault("DS_ACCELERATOR", "cpu")  # same on both sides; DeepSpeed reads it at import
+    return env
+
+
+def run_side(cell: Cell, side: str, run_dir: Path, threads: int, timeout: float) -> dict:
+    """Launch one run and measure it. Returns a record (see `summarise_run`), `ok` False on failure."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    times_path = run_dir / "step_times"
+    cmd = command(cell, side, run_dir)
+    env = run_env(threads, times_path)
+    with open(run_dir / "log.txt", "w") as log:
+        launched = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+            code = proc.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+        finished = time.perf_counter()
+    record = {"side": side, "ok": code == 0, "exit": code, "wall_s": finished - launched, "run_dir": str(run_dir)}
+    ranks = [times_path.with_name(f"{times_path.name}.rank{r}") for r in range(cell.world_size)]
+    if code != 0 or not all(p.is_file() for p in ranks):
+        record["ok"] = False
+        record["log_tail"] = (run_dir / "log.txt").read_text()[-3000:]
+        return record
+    record.update(summarise_run([json.loads(p.read_text()) for p in ranks], launched, cell))
+    return record
+
+
+def _quantile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+def steady_durations(ends: list[float], warmup_steps: int) -> list[float]:
+    """Durations of steps warmup_steps+1 .. N from the times at which steps 1 .. N ended."""
+    return [b - a for a, b in zip(ends[warmup_steps - 1 : -1], ends[warmup_steps:])]
+
+
+def summarise_run(rank_records: list[dict], launched: float, cell: Cell) -> dict:
+    """Steady-state median step time (slowest rank), samples/s, time to first step, peak RSS per rank."""
+    w = cell.workload
+    medians, means, cpu = [], [], []
+    for rec in rank_records:
+        durations = steady_durations(rec["steps"], w.warmup_steps)
+        medians.append(statistics.median(durations))
+        means.append(statistics.fmean(durations))
+        cpu.append(statistics.median(steady_durations(rec["cpu"], w.warmup_steps)))
+    step_time = max(medians)
+    samples_per_s = w.global_batch(cell.world_size) / step_time
+    out = {
+        "step_time_s": step_time,
+        "step_time_mean_s": max(means),
+        "cpu_per_step_s": max(cpu),  # CPU time of the busiest rank: less sensitive to other load on the machine
+        "step_time_p25_s": max(_quantile(steady_durations(rec["steps"], w.warmup_steps), 0.25) for rec in rank_records),
+        "samples_per_s": samples_per_s,
+        "time_to_first_step_s": max(rec["steps"][0] for rec in rank_records) - launched,
+        "launch_to_train_s": max(rec["train_start"] for rec in rank_records) - launched,
+        "peak_rss_mb": [round(rec["peak_rss_mb"], 1) for rec in rank_records],
+    }
+    if w.tokens_per_sample() > 1:
+        out["tokens_per_s"] = samples_per_s * w.tokens_per_sample()
+    return out
+
+
+def summarise_cell(pairs: list[tuple[dict, dict]]) -> dict:
+    """Medians of each side and of the paired ratios dist_train / hand-written, with their spread."""
+    ok = [(a, b) for a, b in pairs if a["ok"] and b["ok"]]
+    if not ok:
+        return {"ok": False}
+
+    def ratio_stats(key: str, pick=lambda v: v) -> dict:
+        ratios = [pick(a[key]) / pick(b[key]) for a, b in ok]
+        return {
+            "dist_train": statistics.median(pick(a[key]) for a, _ in ok),
+            "hand": statistics.median(pick(b[key]) for _, b in ok),
+            "ratio": statistics.median(ratios),
+            "ratio_min": min(ratios),
+            "ratio_max": max(ratios),
+        }
+
+    hand_steps = [b["step_time_s"] for _, b in ok]
+    return {
+        "ok": True,
+        "pairs": len(ok),
+        "step_time_s": ratio_stats("step_time_s"),
+        "samples_per_s": ratio_stats("samples_per_s"),
+        "cpu_per_step_s": ratio_stats("cpu_per_step_s"),
+        "time_to_first_step_s": ratio_stats("time_to_first_step_s"),
+        "peak_rss_mb": ratio_stats("peak_rss_mb", max),  # the largest rank
+        # run-to-run noise of the reference itself: spread of its median step time across repeats
+        "hand_step_spread": (max(hand_steps) - min(hand_steps)) / statistics.median(hand_steps),
+    }

@@ -1,0 +1,80 @@
+"""The results table (plain text, Markdown-compatible) and the machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import importlib.metadata as md
+
+        info["deepspeed"] = md.version("deepspeed")
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    return info
+
+
+def _fmt_ratio(entry: dict, target: dict | None) -> str:
+    mark = "" if not target else (" ok" if target["met"] else " MISS")
+    return f"{entry['ratio']:.3f} [{entry['ratio_min']:.3f}-{entry['ratio_max']:.3f}]{mark}"
+
+
+def table(report: dict) -> str:
+    """One row per cell: each side's medians, and the paired ratios dist_train / hand-written
+    (median [min-max] over pairs; `ok`/`MISS` against the targets at world size 2). CPU/step is the
+    busiest rank's CPU time per step (all threads): the noise-robust view of the same overhead."""
+    header = (
+        "| workload | ranks | strategy | step ms (dist_train / hand) | step ratio | CPU/step ratio | samples/s (dt / hand) "
+        "| first step s (dt / hand) | first-step ratio | peak RSS MB/rank (dt / hand) | RSS ratio |"
+    )
+    lines = [header, "|" + " --- |" * 11]
+    for cell in report["cells"]:
+        s, t = cell["summary"], cell["targets"]
+        strategy = f"deepspeed z{cell['zero_stage']}" if cell["strategy"] == "deepspeed" else cell["strategy"]
+        if not s.get("ok"):
+            lines.append(f"| {cell['workload']} | {cell['world_size']} | {strategy} | failed |" + " |" * 7)
+            continue
+        st, sp, ft, rss = s["step_time_s"], s["samples_per_s"], s["time_to_first_step_s"], s["peak_rss_mb"]
+        lines.append(
+            f"| {cell['workload']} | {cell['world_size']} | {strategy} "
+            f"| {st['dist_train'] * 1e3:.1f} / {st['hand'] * 1e3:.1f} | {_fmt_ratio(st, t.get('step_time_s'))} "
+            f"| {_fmt_ratio(s['cpu_per_step_s'], None)} | {sp['dist_train']:.0f} / {sp['hand']:.0f} "
+            f"| {ft['dist_train']:.2f} / {ft['hand']:.2f} | {_fmt_ratio(ft, t.get('time_to_first_step_s'))} "
+            f"| {rss['dist_train']:.0f} / {rss['hand']:.0f} | {_fmt_ratio(rss, t.get('peak_rss_mb'))} |"
+        )
+    m = report["machine"]
+    lines.append("")
+    lines.append(
+        f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; threads per rank "
+        f"{report['settings']['threads']}; {report['settings']['repeats']} pair(s) per cell; "
+        f"load average {report['load_average']['before'][0]:.1f} -> {report['load_average']['after'][0]:.1f}; "
+        f"{report['elapsed_s'] / 60:.1f} min"
+    )
+    noise = [c["summary"]["hand_step_spread"] for c in report["cells"] if c["summary"].get("ok")]
+    if noise:
+        lines.append(
+            f"noise: hand-written step time varies by up to {max(noise):.1%} between its own repeats "
+            f"(median {sorted(noise)[len(noise) // 2]:.1%})"
+        )
+    for note in report["notes"]:
+        lines.append(f"note: {note}")
+    return "\n".join(lines)

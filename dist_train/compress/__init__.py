@@ -1,0 +1,87 @@
+"""Training-time model compression behind one object the trainer drives.
+
+`Compression(cfg, model)` runs at build time, after `model.init` and before transforms and the
+strategy wrap the model, so every rank applies it identically and state_dict keys are stable
+from step 0:
+    pruning.py  `compress.prune`: magnitude pruning masks on a sparsity schedule
+    qat.py      `compress.qat`: fake-quant observers, int8 export; `compress.dynamic_quant_export`
+The trainer calls `on_step(step)` before each optimizer step, folds the exported weights through
+`export_state_dict()` and calls `export()` once at the end (int8 files and their eval metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from ..config import Config
+from ..distributed import DistContext
+from . import qat
+from .pruning import Pruner, fold_pruning
+from .qat import QAT, load_quantized
+
+__all__ = ["Compression", "fold_pruning", "load_quantized"]
+
+log = logging.getLogger("dist_train")
+
+
+class Compression:
+    def __init__(self, cfg: Config, model: nn.Module):
+        c = cfg.compress
+        self.cfg = cfg
+        # QAT first: fusion swaps modules, and pruning then masks the fused (QAT) modules' weights.
+        self.qat = QAT(cfg, model) if c.qat else None
+        self.pruner = Pruner(cfg, model) if c.prune != "none" else None
+        self.kinds = (["qat"] if c.qat else []) + (["dynamic"] if c.dynamic_quant_export else [])
+
+    def on_step(self, step: int) -> None:
+        """Before optimizer step `step` (0-based; = steps completed): switch QAT on, update masks."""
+        if self.qat is not None:
+            self.qat.on_step(step)
+        if self.pruner is not None:
+            self.pruner.on_step(step)
+
+    def export_state_dict(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """Export weights under the bare model's names: masks folded in, QAT observer state dropped."""
+        if tensors is None:
+            return None
+        if self.pruner is not None:
+            tensors = fold_pruning(tensors)
+        if self.qat is not None:
+            tensors = qat.float_export(tensors, self.qat.renames)
+        return tensors
+
+    def export(self, module: nn.Module, ctx: DistContext, output_dir: Path, loss_fn, eval_data) -> dict:
+        """Write the int8 models (rank 0) and evaluate them (collective). Returns the eval row's metrics."""
+        if not self.kinds:
+            return {}
+        cfg = self.cfg
+        if ctx.world_size > 1:  # observers (and unsynced BatchNorm stats) last saw each rank's own batch:
+            import torch.distributed as dist  # every rank quantizes rank 0's model, the one rank 0 saves
+
+            for buffer in module.buffers():
+                dist.broadcast(buffer.data, src=0)
+        state = {
+            k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu()
+            for k, v in module.state_dict().items()
+        }
+        if self.pruner is not None:
+            state = fold_pruning(state)
+        row: dict = {}
+        for kind in self.kinds:
+            skeleton = qat.build_skeleton(cfg.model.name, cfg.model.kwargs, kind, cfg.compress.qat_backend)
+            skeleton.load_state_dict(state)
+            int8 = qat.quantize(skeleton, kind)
+            path = output_dir / qat.FILES[kind]
+            if ctx.is_rank_zero:
+                qat.save_quantized(int8, path, kind, cfg)
+                float_path = output_dir / "model.safetensors"
+                float_mb = float_path.stat().st_size / 2**20 if float_path.exists() else float("nan")
+                log.info("wrote %s (%.3f MiB; model.safetensors %.3f MiB)", path, path.stat().st_size / 2**20, float_mb)
+            if eval_data is not None:
+                metrics = qat.evaluate_quantized(int8, loss_fn, eval_data, ctx)
+                row.update({f"{key}_{qat.SUFFIX[kind]}": value for key, value in metrics.items()})
+        return row

@@ -1,0 +1,93 @@
+"""The benchmark harness (bench/): it runs, both sides do the same work, and bench.gpu smoke-tests on CPU.
+Also `train.compile: true` on CPU (in-place compile: bare state_dict keys)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import PYTHON, REPO_ROOT, load_weights, max_abs_diff, run_cli, tiny_lm_config, write_config
+
+from bench import cli as bench_cli
+from bench.harness import Cell, command, run_env
+from bench.workloads import LM, smoke
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_table_and_json(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["--smoke", "--strategies", "ddp", "--workloads", "resnet", "--world-sizes", "2", "--json", str(out)]
+    proc = run_cli([PYTHON, "-m", "bench", *args], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| resnet | 2 | ddp |" in proc.stdout
+    report = json.loads(out.read_text())
+    (cell,) = report["cells"]
+    summary = cell["summary"]
+    assert summary["ok"] and summary["pairs"] == 1
+    for key in ("step_time_s", "samples_per_s", "cpu_per_step_s", "time_to_first_step_s", "peak_rss_mb"):
+        assert summary[key]["ratio"] > 0, key
+    run = cell["runs"][0][0]
+    assert len(run["peak_rss_mb"]) == 2 and 0 < run["launch_to_train_s"] < run["time_to_first_step_s"]
+    assert set(cell["targets"]) == {"step_time_s", "time_to_first_step_s", "peak_rss_mb"}
+    assert report["machine"]["cores"] >= 1
+
+
+@pytest.mark.slow
+def test_both_sides_train_the_same_model(tmp_path):
+    """dist_train and the hand-written DDP loop (2 ranks, accumulation 2 with no_sync) reach the same weights:
+    same init, data order, loss normalisation, optimizer groups and clipping."""
+    cell = Cell(smoke(LM), world_size=2)
+    hand_weights = tmp_path / "hand.pt"
+    for side in ("dist_train", "hand"):
+        run_dir = tmp_path / side
+        run_dir.mkdir()
+        cmd = command(cell, side, run_dir) + (["--save", str(hand_weights)] if side == "hand" else [])
+        env = run_env(1, run_dir / "times")
+        proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ours = load_weights(tmp_path / "dist_train" / "out")
+    theirs = torch.load(hand_weights, weights_only=True)
+    assert max_abs_diff(ours, theirs) < 1e-5
+
+
+def test_unregistered_strategies_are_skipped_with_a_note(monkeypatch):
+    monkeypatch.setattr(bench_cli, "registered_strategies", lambda: ["ddp"])
+    args = bench_cli.parse_args(["--smoke", "--strategies", "ddp,fsdp", "--workloads", "transformer_lm"])
+    cells, notes = bench_cli.build_cells(args)
+    assert {c.strategy for c in cells} == {"ddp"} and len(cells) == 2  # world sizes 1 and 2
+    assert any(note.startswith("fsdp: not registered") for note in notes)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
+def test_gpu_bench_without_a_gpu_says_so():
+    proc = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "no CUDA GPU" in proc.stderr and "--tiny --device cpu" in proc.stderr
+
+
+@pytest.mark.slow
+def test_gpu_bench_tiny_on_cpu(tmp_path):
+    out = tmp_path / "gpu.json"
+    args = ["--tiny", "--device", "cpu", "--no-compile", "--repeats", "1", "--json", str(out)]
+    proc = run_cli([PYTHON, "-m", "bench.gpu", *args], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "tokens/s" in proc.stdout
+    report = json.loads(out.read_text())
+    assert report["summary"]["ok"] and report["flops_per_token"] > 0
+    assert report["workload"]["precision"] == "bf16"
+
+
+@pytest.mark.slow
+def test_compile_on_cpu_keeps_bare_state_dict_keys(tmp_path):
+    config = tiny_lm_config(tmp_path / "compiled", train={"max_steps": 3, "compile": True})
+    config["eval"] = {"at_end": False}
+    proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(write_config(tmp_path / "c.yaml", config))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    weights = load_weights(tmp_path / "compiled")
+    assert not any("_orig_mod" in key for key in weights), sorted(weights)
+    from dist_train.models.transformer_lm import transformer_lm
+
+    assert set(weights) == set(transformer_lm(**{k: v for k, v in config["model"].items() if k != "name"}).state_dict())
