@@ -20,15 +20,10 @@ from torch.distributed.fsdp import fully_shard
 from bench.common import StepTimes, batches, exit_now, factory, param_groups, parse_spec, train_loader
 
 
-def main() -> None:
-    spec = parse_spec()
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
+def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
+    """The loop (the process group exists)."""
     clock = StepTimes()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
     torch.manual_seed(spec["seed"])
     model = factory(spec["model_factory"])(**spec["model_kwargs"]).to(device)
     mesh = init_device_mesh(device.type, (world_size,))
@@ -55,7 +50,18 @@ def main() -> None:
         if step % spec["log_every"] == 0 and rank == 0:
             print(f"step {step} loss {loss.item() * accum:.4f}", flush=True)
         clock.tick()
+    return clock, model
 
+
+def main() -> None:
+    spec = parse_spec()
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    clock, model = run(spec, device)
+    rank = dist.get_rank()
     clock.write(rank)
     if spec["save"]:  # gathering the full state dict is collective
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

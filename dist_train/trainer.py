@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from .checkpoint import write_atomic
 from .compress import Compression
 from .config import Config, dump_yaml
 from .control import Control
-from .data import build_eval_data, build_train_data
+from .data import build_eval_data, build_train_data, no_ignored_targets
 from .distributed import DistContext, all_reduce_sum
 from .evaluation import evaluate
 from .flops import mfu_per_token
@@ -173,6 +173,9 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
     loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
     data = build_train_data(cfg, ctx)
+    train_loss = loss_fn  # no IGNORE_INDEX in a TensorDataset's targets: static normaliser, no all-reduce per step
+    if loss_fn.ignores_targets and no_ignored_targets(data.loader.dataset):
+        train_loss = replace(loss_fn, ignores_targets=False)
     eval_data = build_eval_data(cfg, ctx)
     if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
         from .errors import UserError
@@ -235,7 +238,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             lr = schedule.lr_at(state.step)
             strategy.set_lr(lr)
             try:
-                result = train_step(strategy, loss_fn, micro_batches, cfg, ctx)
+                result = train_step(strategy, train_loss, micro_batches, cfg, ctx)
             except Exception as err:
                 raise TrainingError(
                     f"rank {ctx.rank} failed at step {state.step + 1}: {type(err).__name__}: {err}"

@@ -2,9 +2,9 @@
 
 * No host read of a tensor (`.item()`, `.tolist()`, `.cpu()`, `.numpy()`, `float/int/bool(t)`) on
   non-logging steps; the logging step does one.
-* Collectives on the default group per step: only the loss normaliser (token losses, world size > 1),
-  plus the window's loss sum on logging steps (DDP's bucket all-reduces run in C++, the stop vote on
-  the control group).
+* Collectives on the default group per step: at most the loss normaliser (token losses, world size
+  > 1, targets that may hold IGNORE_INDEX; none for a TensorDataset without it), plus the window's
+  loss sum on logging steps (DDP's bucket all-reduces run in C++, the stop vote on the control group).
 * Per-step tensor allocations beyond a minimal hand-written loop do not grow with the model.
 * DataLoader workers and pinned memory follow `loader.*`; throughput metrics are logged and right.
 
@@ -122,7 +122,7 @@ def is_logging_step(step: int) -> bool:
     return step % LOG_EVERY == 0 or step == STEPS
 
 
-def _check_events(events: list[tuple[str, int, str]], world_size: int) -> None:
+def _check_events(events: list[tuple[str, int, str]], world_size: int, normaliser: bool = False) -> None:
     reads = [(p, s, w) for p, s, w in events if w in HOST_READS]
     in_step = [e for e in reads if e[0] == "step"]
     assert not in_step, f"host reads inside train_step: {in_step}"
@@ -134,8 +134,8 @@ def _check_events(events: list[tuple[str, int, str]], world_size: int) -> None:
     for step in range(1, STEPS + 1):
         during = [w for p, s, w in collectives if p == "step" and s == step - 1]
         after = [w for p, s, w in collectives if p == "after" and s == step]
-        # token loss at world size > 1: one all-reduce of the loss normaliser per step
-        assert during == (["all_reduce"] if world_size > 1 else []), (step, during)
+        # token loss at world size > 1, targets that may be ignored: one all-reduce of the loss normaliser
+        assert during == (["all_reduce"] if world_size > 1 and normaliser else []), (step, during)
         expected_after = ["all_reduce"] if is_logging_step(step) and world_size > 1 else []
         if step == STEPS:  # after the last step: export and teardown may gather; only check the log row
             assert after[: len(expected_after)] == expected_after, (step, after)
@@ -155,15 +155,19 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
         assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 16)
 
 
-def _two_rank_events(rank: int, world_size: int, output_dir: str) -> list:
+def _two_rank_events(rank: int, world_size: int, output_dir: str, wrapped: bool) -> list:
     logging.disable(logging.INFO)
-    return instrumented_train(from_dict(hot_loop_config(Path(output_dir))), ctx_from_env())
+    config = hot_loop_config(Path(output_dir))
+    if wrapped:  # not a TensorDataset: targets may hold IGNORE_INDEX, the normaliser is summed every step
+        config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.0}
+    return instrumented_train(from_dict(config), ctx_from_env())
 
 
 @pytest.mark.slow
-def test_two_ranks_only_the_normaliser_all_reduce_between_logging_steps(tmp_path):
-    for events in run_ranks(_two_rank_events, 2, str(tmp_path / "run")):
-        _check_events(events, world_size=2)
+@pytest.mark.parametrize("wrapped", [False, True], ids=["tensor_dataset", "map_dataset"])
+def test_two_ranks_only_the_normaliser_all_reduce_between_logging_steps(tmp_path, wrapped):
+    for events in run_ranks(_two_rank_events, 2, str(tmp_path / "run"), wrapped):
+        _check_events(events, world_size=2, normaliser=wrapped)
 
 
 class TensorOutputs(torch.utils._python_dispatch.TorchDispatchMode):
@@ -295,3 +299,18 @@ def test_steady_state_steps_do_not_fault_the_heap_back_in(tmp_path):
         trainer.train_step = original_step
     per_step = [b - a for a, b in zip(faults[8:], faults[9:])]
     assert statistics.median(per_step) < 50, per_step
+
+
+def test_static_normaliser_only_for_tensor_datasets_without_ignored_targets():
+    from torch.utils.data import TensorDataset
+    from userpkg.slow import Slow
+
+    from dist_train.data import no_ignored_targets
+
+    tokens = torch.randint(0, 10, (8, 4))
+    assert no_ignored_targets(TensorDataset(tokens, tokens))
+    padded = tokens.clone()
+    padded[0, -1] = -100
+    assert not no_ignored_targets(TensorDataset(tokens, padded))
+    assert not no_ignored_targets(Slow(TensorDataset(tokens, tokens), 0.0))  # unknown until loaded
+    assert not no_ignored_targets(TensorDataset(tokens.float(), tokens.float()))  # regression targets

@@ -122,3 +122,18 @@ def build_eval_data(cfg: Config, ctx: DistContext) -> EvalData | None:
     batch = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
     loader = _loader(cfg, ctx, dataset, sampler, batch, False, cfg.run.seed)
     return EvalData(loader, torch.tensor(sampler.valid_flags(), dtype=torch.bool), len(dataset))
+
+
+def no_ignored_targets(dataset: Dataset) -> bool:
+    """True when every train target is known up front to count for the loss: a TensorDataset (fixed
+    shapes) whose integer targets hold no IGNORE_INDEX. The loss normaliser of a step is then static
+    (elements per micro-batch x accumulation x world size), and the loop skips its per-step all-reduce.
+    """
+    from torch.utils.data import TensorDataset
+
+    from ..losses import IGNORE_INDEX
+
+    if not isinstance(dataset, TensorDataset) or len(dataset.tensors) < 2:
+        return False
+    targets = dataset.tensors[1]
+    return not targets.is_floating_point() and not bool((targets == IGNORE_INDEX).any())

@@ -50,7 +50,9 @@ class FSDPStrategy(Strategy):
         reshard = self.cfg.strategy.reshard_after_forward
         for block in find_blocks(model):  # per-block units: only one block's full weights live at a time
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        # The root keeps its parameters after forward (FSDP2's default for the root): backward needs them
+        # first, so resharding them would cost one extra all-gather per micro-step.
+        fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
         self.model = self._module = model
         self.optimizer = build_optimizer(self.cfg, model)
         if self.cfg.train.precision == "fp16":
