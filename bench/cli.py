@@ -72,7 +72,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
     csv = lambda text: [t for t in text.split(",") if t]  # noqa: E731
     ints = lambda text: [int(t) for t in csv(text)]  # noqa: E731
-    parser.add_argument("--quick", action="store_true", help="20 steps per run, 2 pairs per cell")
+    parser.add_argument(
+        "--quick", action="store_true", help="a third of the steps per run (at least 20), 2 pairs per cell"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny models, 8 steps, 1 pair (tests the harness)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--workloads", type=csv, default=list(WORKLOADS), help="default: all")
@@ -83,6 +85,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sharded-world-sizes", type=ints, default=[2], help="for deepspeed/fsdp")
     parser.add_argument("--repeats", type=int, default=None, help="pairs per cell (default 3; --quick 2; --smoke 1)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every rank")
+    parser.add_argument(
+        "--order",
+        choices=("ab", "abba"),
+        default="abba",
+        help="within each pair: dist_train first (ab), or alternate which side runs first (abba: cancels order effects)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     parser.add_argument("--keep", type=Path, default=None, help="keep every run's folder (logs, metrics) here")
     args = parser.parse_args(argv)
@@ -106,16 +114,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for repeat in range(args.repeats):
             for index, cell in enumerate(cells):
-                pair = []
-                for side in ("dist_train", "hand"):
+                pair = {}
+                sides = ("dist_train", "hand")
+                if args.order == "abba" and repeat % 2:
+                    sides = sides[::-1]
+                for side in sides:
                     run_dir = root / f"{index:02d}-{cell.label.replace(' ', '_')}" / f"{repeat}-{side}"
                     record = run_side(cell, side, run_dir, args.threads, args.timeout)
                     status = f"{record['step_time_s'] * 1e3:7.1f} ms/step" if record["ok"] else "FAILED"
                     print(f"[{repeat + 1}/{args.repeats}] {cell.label:<32} {side:<10} {status}", flush=True)
                     if not record["ok"]:
                         print(record.get("log_tail", ""), flush=True)
-                    pair.append(record)
-                pairs[index].append(tuple(pair))
+                    pair[side] = record
+                pairs[index].append((pair["dist_train"], pair["hand"]))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -72,7 +73,10 @@ def run_env(threads: int, times_path: Path) -> dict[str, str]:
     )
     if threads > 0:  # 0: leave torch's default (bench.gpu)
         env["OMP_NUM_THREADS"] = str(threads)
-    env.setdefault("DS_ACCELERATOR", "cpu")  # same on both sides; DeepSpeed reads it at import
+    import torch
+
+    if not torch.cuda.is_available():
+        env.setdefault("DS_ACCELERATOR", "cpu")  # same on both sides; DeepSpeed reads it at import
     return env
 
 
@@ -84,10 +88,15 @@ def run_side(cell: Cell, side: str, run_dir: Path, threads: int, timeout: float)
     env = run_env(threads, times_path)
     with open(run_dir / "log.txt", "w") as log:
         launched = time.perf_counter()
+        # own session: a run that times out is ended with its ranks (the hand-written loops have no PDEATHSIG)
+        proc = subprocess.Popen(
+            cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         try:
-            proc = subprocess.run(cmd, env=env, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-            code = proc.returncode
+            code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             code = "timeout"
         finished = time.perf_counter()
     record = {"side": side, "ok": code == 0, "exit": code, "wall_s": finished - launched, "run_dir": str(run_dir)}

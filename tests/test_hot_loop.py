@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import ctx_from_env, read_rows, run_ranks, tiny_lm_config
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from dist_train import trainer
 from dist_train.config import from_dict
@@ -170,7 +172,7 @@ def test_two_ranks_only_the_normaliser_all_reduce_between_logging_steps(tmp_path
         _check_events(events, world_size=2, normaliser=wrapped)
 
 
-class TensorOutputs(torch.utils._python_dispatch.TorchDispatchMode):
+class TensorOutputs(TorchDispatchMode):
     """Counts tensors produced by non-view aten ops (allocations) and their bytes."""
 
     def __init__(self) -> None:
@@ -181,7 +183,7 @@ class TensorOutputs(torch.utils._python_dispatch.TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if not func.is_view:
-            for leaf in torch.utils._pytree.tree_leaves(out):
+            for leaf in tree_leaves(out):
                 if isinstance(leaf, torch.Tensor):
                     self.count += 1
                     self.nbytes += leaf.untyped_storage().nbytes()
