@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ class Loss:
     elementwise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # -> per counted element, ignored ones 0
     classification: bool  # report accuracy in eval
     ignores_targets: bool  # targets may hold IGNORE_INDEX: count them per batch
+    summed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # reduction="sum" in one op
 
     def count(self, targets: torch.Tensor) -> int:
         """Counted elements of a (host) target batch; the normaliser's share of this micro-batch."""
@@ -29,6 +31,9 @@ class Loss:
         return targets.numel()
 
     def sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The training loss: the sum over counted elements (torch's fused sum reduction where it has one)."""
+        if self.summed is not None:
+            return self.summed(outputs, targets)
         return self.elementwise(outputs, targets).sum()
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -82,11 +87,19 @@ def build_loss(name: str, **kwargs: float) -> Loss:
     if name == "cross_entropy":
         smoothing = float(kwargs.get("label_smoothing", 0.0))
 
-        def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
             logits, flat = _class_logits(outputs, targets, name)
-            return F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="none", label_smoothing=smoothing)
+            return F.cross_entropy(
+                logits, flat, ignore_index=IGNORE_INDEX, reduction=reduction, label_smoothing=smoothing
+            )
 
-        return Loss(name, cross_entropy, classification=True, ignores_targets=True)
+        return Loss(
+            name,
+            cross_entropy,
+            classification=True,
+            ignores_targets=True,
+            summed=partial(cross_entropy, reduction="sum"),
+        )
     if name == "focal":
         gamma, alpha = float(kwargs.get("gamma", 2.0)), kwargs.get("alpha")
         if gamma < 0:
@@ -110,21 +123,23 @@ def build_loss(name: str, **kwargs: float) -> Loss:
     if name == "bce_with_logits":
         pos_weight = kwargs.get("pos_weight")
 
-        def bce(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        def bce(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
             out, tgt = _same_shape(outputs, targets, name)
             # a scalar, or one weight per output column
             weight = None if pos_weight is None else torch.as_tensor(pos_weight, dtype=out.dtype, device=out.device)
-            return F.binary_cross_entropy_with_logits(out, tgt, reduction="none", pos_weight=weight)
+            return F.binary_cross_entropy_with_logits(out, tgt, reduction=reduction, pos_weight=weight)
 
-        return Loss(name, bce, classification=True, ignores_targets=False)
+        return Loss(name, bce, classification=True, ignores_targets=False, summed=partial(bce, reduction="sum"))
     beta = float(kwargs.get("beta", 1.0))
     functions = {
-        "mse": lambda o, t: F.mse_loss(o, t, reduction="none"),
-        "l1": lambda o, t: F.l1_loss(o, t, reduction="none"),
-        "smooth_l1": lambda o, t: F.smooth_l1_loss(o, t, reduction="none", beta=beta),
+        "mse": F.mse_loss,
+        "l1": F.l1_loss,
+        "smooth_l1": partial(F.smooth_l1_loss, beta=beta),
     }
 
-    def regression(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return functions[name](*_same_shape(outputs, targets, name))
+    def regression(outputs: torch.Tensor, targets: torch.Tensor, reduction: str = "none") -> torch.Tensor:
+        return functions[name](*_same_shape(outputs, targets, name), reduction=reduction)
 
-    return Loss(name, regression, classification=False, ignores_targets=False)
+    return Loss(
+        name, regression, classification=False, ignores_targets=False, summed=partial(regression, reduction="sum")
+    )

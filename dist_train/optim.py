@@ -102,8 +102,3 @@ def step_unless(optimizer: torch.optim.Optimizer, skip: torch.Tensor) -> None:
         return
     if not bool(skip.item()):
         optimizer.step()
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -54,7 +54,7 @@ def seed_everything(seed: int) -> None:
 
 @dataclass
 class StepResult:
-    loss_sum: torch.Tensor  # this rank's summed loss over the global batch's counted elements
+    losses: list[torch.Tensor]  # this rank's loss sum of each micro-batch (0-d, detached)
     count: torch.Tensor | int  # global counted elements (loss normaliser)
     grad_norm: torch.Tensor  # pre-clip global norm
     nonfinite: torch.Tensor  # 1.0 when the step was skipped
@@ -74,7 +74,7 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
     if loss_fn.ignores_targets and ctx.world_size > 1:  # summed while the first forward runs, not before it
         count = torch.tensor(float(local_count), device=ctx.device)
         pending = dist.all_reduce(count, async_op=True)
-    loss_total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    losses = []
     last = len(micro_batches) - 1
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(ctx.device, non_blocking=True)
@@ -87,52 +87,74 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
                 pending.wait()
                 pending = None
             strategy.backward(loss_sum * (ctx.world_size / count))
-        loss_total += loss_sum.detach()
+        losses.append(loss_sum.detach())
     grad_norm, nonfinite = strategy.clip_and_step(cfg.train.grad_clip_norm, cfg.train.grad_clip_value)
-    return StepResult(loss_total, count, grad_norm, nonfinite)
+    return StepResult(losses, count, grad_norm, nonfinite)
 
 
-class Guard:
-    """Counts non-finite (skipped) steps on the device; checked on the host only on logging steps."""
+class Window:
+    """What the loop gathers between logging steps: each micro-batch's loss sum, the loss normaliser,
+    each step's skipped flag. Gathering runs no device op (it keeps the step's own tensors); the
+    logging step reduces them with its one host read and checks the non-finite guard there.
 
-    def __init__(self, device: torch.device, limit: int, skipped: int = 0):
-        self.limit = limit
-        self.run = torch.zeros((), device=device)
-        self.longest_run = torch.zeros((), device=device)
-        self.skipped = torch.full((), float(skipped), device=device)
+    The loss sum is added left to right in float64, and a checkpoint stores the partial sum: a
+    resumed run continues the very same sum and logs the same losses as an uninterrupted one.
+    """
 
-    def update(self, nonfinite: torch.Tensor) -> None:
-        self.run = (self.run + 1) * nonfinite
-        self.longest_run = torch.maximum(self.longest_run, self.run)
-        self.skipped += nonfinite
+    def __init__(self, ctx: DistContext, limit: int, loss_sum=None, count: float = 0.0, skipped: int = 0):
+        self.ctx, self.limit = ctx, limit
+        self.skipped = skipped  # skipped steps in the run so far (read on logging steps)
+        self.streak = 0  # skipped steps in a row up to the last logging step
+        self._reset([] if loss_sum is None else [loss_sum], count)
+
+    def _reset(self, losses: list, count) -> None:
+        self.losses, self.counts, self.flags, self.grad_norm = losses, [count], [], None
+
+    def add(self, result: StepResult) -> None:
+        self.losses += result.losses
+        self.counts.append(result.count)
+        self.flags.append(result.nonfinite)
+        self.grad_norm = result.grad_norm
+
+    def loss_sum(self) -> torch.Tensor:
+        """This rank's loss sum over the window (float64, on the device)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for loss in self.losses:
+            total = total + loss
+        return total
+
+    def count(self) -> torch.Tensor:
+        return torch.as_tensor(sum(self.counts), dtype=torch.float64, device=self.ctx.device)
+
+    def read(self, step: int) -> tuple[float, float]:
+        """(global mean loss, last grad norm) of the window, in one host read; starts the next window.
+
+        Raises TrainingError when `limit` steps in a row were skipped (non-finite loss or gradients).
+        """
+        loss_sum = all_reduce_sum(self.loss_sum(), self.ctx)
+        head = torch.stack([loss_sum, self.count(), self.grad_norm.double()])
+        loss_sum, count, grad_norm, *flags = torch.cat([head, torch.stack(self.flags).double()]).tolist()
+        for flag in flags:
+            self.streak = self.streak + 1 if flag else 0
+            self.skipped += bool(flag)
+            if self.streak >= self.limit:
+                raise TrainingError(
+                    f"loss or gradient norm was not finite for {self.streak} steps in a row (by step {step})"
+                )
+        self._reset([], 0.0)
+        return loss_sum / max(count, 1.0), grad_norm
+
+    def checkpoint_values(self) -> tuple[torch.Tensor, float, int]:
+        """(this rank's loss sum, count, skipped steps) for a checkpoint (reads the flags on the host)."""
+        skipped = self.skipped + (int(torch.stack(self.flags).sum().item()) if self.flags else 0)
+        return self.loss_sum(), float(self.count().item()), skipped
 
 
-def _log_row(
-    state, result: StepResult, window: list, lr: float, guard: Guard, throughput: Throughput, data, tokens, ctx
-) -> dict:
-    loss_sum = all_reduce_sum(window[0].clone(), ctx)
-    loss_sum, count, grad_norm, skipped, longest = torch.stack(
-        [
-            loss_sum,
-            torch.as_tensor(window[1], dtype=torch.float64, device=ctx.device),
-            result.grad_norm.double(),
-            guard.skipped.double(),
-            guard.longest_run.double(),
-        ]
-    ).tolist()  # the one host read of this logging step
-    if longest >= guard.limit:
-        raise TrainingError(
-            f"loss or gradient norm was not finite for {int(longest)} steps in a row (by step {state.step})"
-        )
-    row = {
-        "step": state.step,
-        "epoch": state.epoch,
-        "loss": loss_sum / max(count, 1.0),
-        "lr": lr,
-        "grad_norm": grad_norm,
-    }
+def _log_row(state, window: Window, lr: float, throughput: Throughput, data, tokens, ctx) -> dict:
+    loss, grad_norm = window.read(state.step)
+    row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
     row.update(throughput.rates(data.global_batch, tokens))
-    row.update(skipped_steps=int(skipped), peak_rss_mb=round(peak_rss_mb(), 1))
+    row.update(skipped_steps=window.skipped, peak_rss_mb=round(peak_rss_mb(), 1))
     if ctx.device.type == "cuda":
         row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
     return row
@@ -190,21 +212,17 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
     restored = run_state.restore(cfg, ctx, control, strategy, output_dir)
-    state, window = restored[0] if restored else run_state.TrainState(), [None, 0.0]
+    state = restored[0] if restored else run_state.TrainState()
+    limit = cfg.train.max_nonfinite_steps if cfg.train.precision != "fp16" else 10**9  # fp16: the scaler skips
+    window = Window(ctx, limit, restored[2] if restored else None, state.window_count, state.skipped_steps)
     schedule = LRSchedule(cfg, state.lr_schedule)  # plateau state resumes with the trainer state
     metrics = MetricsLogger(
         output_dir, ctx.is_rank_zero, total_steps, state.step, cfg.log.progress, cfg.log.tensorboard
     )
     if restored:
         metrics.write({"resumed_from": restored[1], "step": state.step})
-        window = [restored[2], state.window_count]
     else:
         metrics.text("config", "```\n" + dump_yaml(cfg) + "```")
-    if window[0] is None:
-        window[0] = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    guard = Guard(
-        ctx.device, cfg.train.max_nonfinite_steps if cfg.train.precision != "fp16" else 10**9, state.skipped_steps
-    )
     log.info(
         "training %s on %d rank(s), strategy %s: global batch %d, %d steps/epoch, %d steps (from %d)",
         cfg.model.name,
@@ -246,13 +264,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             state.step += 1
             state.samples_in_epoch += data.global_batch
             throughput.steps += 1
-            guard.update(result.nonfinite)
-            window[0] += result.loss_sum
-            window[1] = window[1] + result.count
+            window.add(result)
             if state.step % cfg.log.every_steps == 0 or state.step == total_steps:
-                row = _log_row(state, result, window, lr, guard, throughput, data, tokens_per_sample, ctx)
+                row = _log_row(state, window, lr, throughput, data, tokens_per_sample, ctx)
                 state.skipped_steps = row["skipped_steps"]
-                window = [torch.zeros_like(window[0]), 0.0]
                 metrics.write(row)
                 metrics.console(row)
             if eval_data is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
@@ -275,7 +290,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                     status = "early_stopped"
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                 with throughput.paused():
-                    _save(cfg, ctx, control, strategy, state, window, guard, output_dir)
+                    _save(cfg, ctx, control, strategy, state, window, output_dir)
                 last_saved = state.step
             if step_times is not None:
                 step_times.append((time.perf_counter(), time.process_time()))
@@ -291,7 +306,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             metrics.write(eval_row)
             metrics.console(eval_row)
         if state.step > 0 and last_saved != state.step and (cfg.checkpoint.at_end or status == "preempted"):
-            _save(cfg, ctx, control, strategy, state, window, guard, output_dir)
+            _save(cfg, ctx, control, strategy, state, window, output_dir)
         if status != "preempted":
             export_weights(strategy, ctx, output_dir / "model.safetensors", state.step, compression.export_state_dict)
             int8_metrics = compression.export(strategy.module, ctx, output_dir, loss_fn, eval_data)
@@ -313,11 +328,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     return {"status": status, "step": state.step}
 
 
-def _save(cfg, ctx, control, strategy, state, window, guard, output_dir) -> None:
+def _save(cfg, ctx, control, strategy, state, window: Window, output_dir) -> None:
     control.arm_watchdog(cfg.checkpoint.save_timeout_s + 60)
-    state.window_count = float(torch.as_tensor(window[1]).item())
-    state.skipped_steps = int(guard.skipped.item())
-    run_state.save(cfg, ctx, control, strategy, state, output_dir, window[0])
+    loss_sum, state.window_count, state.skipped_steps = window.checkpoint_values()
+    run_state.save(cfg, ctx, control, strategy, state, output_dir, loss_sum)
     control.arm_watchdog()
 
 

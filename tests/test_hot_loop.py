@@ -230,7 +230,9 @@ def test_per_step_allocations_do_not_grow_with_the_model(tmp_path):
     (count2, bytes2), (count8, bytes8) = extra[2], extra[8]
     assert abs(count8 - count2) <= 1, extra  # a per-parameter allocation would add ~12 per layer
     assert abs(bytes8 - bytes2) <= 1024, extra
-    assert count2 < 40, extra  # small and constant: loss/count/guard scalars
+    # small and constant: the loss scale per micro-step, the skipped flag (measured 5.2; 17.2 before the
+    # window kept the step's own tensors instead of adding them up on the device every step)
+    assert count2 < 8, extra
 
 
 def test_loader_workers_and_pinned_memory_reach_the_dataloader(tmp_path):

@@ -179,3 +179,31 @@ def test_loss_errors_are_user_errors():
         build_loss("mse", label_smoothing=0.1)
     with pytest.raises(UserError, match="do not fit"):
         build_loss("cross_entropy").sum(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long))
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("cross_entropy", {}),
+        ("cross_entropy", {"label_smoothing": 0.1}),
+        ("focal", {"gamma": 2.0}),
+        ("mse", {}),
+        ("l1", {}),
+        ("smooth_l1", {"beta": 0.5}),
+        ("bce_with_logits", {"pos_weight": 2.0}),
+    ],
+)
+def test_training_sum_equals_the_sum_of_the_elementwise_loss(name, kwargs):
+    """The loop's loss (torch's fused sum reduction) and evaluation's elementwise loss agree, ignored targets too."""
+    torch.manual_seed(0)
+    loss = build_loss(name, **kwargs)
+    if loss.classification and name != "bce_with_logits":
+        outputs, targets = torch.randn(3, 5, 7, requires_grad=True), torch.randint(0, 7, (3, 5))
+        targets[0, :2] = -100
+    else:
+        outputs, targets = torch.randn(6, 1, requires_grad=True), torch.randint(0, 2, (6,)).float()
+    fused, reference = loss.sum(outputs, targets), loss.elementwise(outputs, targets).sum()
+    assert float(fused) == pytest.approx(float(reference), rel=1e-6)
+    (grad_fused,) = torch.autograd.grad(fused, outputs)
+    (grad_reference,) = torch.autograd.grad(reference, outputs)
+    torch.testing.assert_close(grad_fused, grad_reference, rtol=1e-5, atol=1e-7)

@@ -92,7 +92,7 @@ class Strategy:
         grad_norm = self.clip_grad_norm(max_norm) if max_norm else self.grad_norm()
         if clip_value:
             self.clip_grad_value(clip_value)
-        nonfinite = (~torch.isfinite(grad_norm)).float()
+        nonfinite = torch.nan_to_num(grad_norm.float() * 0, nan=1.0)  # 1.0 iff inf/nan (inf * 0 = nan): 2 ops, not 5
         self.optimizer_step(nonfinite)
         return grad_norm.detach(), nonfinite
 

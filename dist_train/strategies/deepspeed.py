@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
@@ -153,10 +154,6 @@ class DeepSpeedStrategy(Strategy):
     def backward(self, loss: torch.Tensor) -> None:
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop normalised the loss already
 
-    def set_lr(self, lr: float) -> None:
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-
     def clip_and_step(self, max_norm: float | None, clip_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         # DeepSpeed clips (config `gradient_clipping`), steps and zeroes in one call; ZeRO-1/2 skip a
         # step whose gradient norm is not finite (ZeRO-3 only under fp16), counted in skipped_steps.
@@ -164,9 +161,9 @@ class DeepSpeedStrategy(Strategy):
         norm = self.engine.get_global_grad_norm()
         skipped = self.engine.skipped_steps - self._skipped
         self._skipped = self.engine.skipped_steps
-        norm = torch.tensor(float("nan") if norm is None else float(norm), device=self.ctx.device)
-        nonfinite = torch.tensor(float(skipped > 0 or not torch.isfinite(norm)), device=self.ctx.device)
-        return norm, nonfinite
+        norm = float("nan") if norm is None else float(norm)  # a host float already (ZeRO reduces it on the host)
+        values = torch.tensor([norm, float(skipped > 0 or not math.isfinite(norm))], device=self.ctx.device)
+        return values[0], values[1]
 
     def save(self, folder: Path) -> list[str]:
         self.engine.save_checkpoint(str(folder), tag=CHECKPOINT_TAG, save_latest=False)
