@@ -4,15 +4,20 @@
     python -m bench --quick              # fewer steps and repeats (about 3 minutes)
     python -m bench --json bench.json --workloads transformer_lm --world-sizes 2 --strategies ddp,deepspeed
 
-Each cell (workload x world size x strategy) is run `--repeats` times as a pair, dist_train then the
-hand-written loop (A B A B ...); cells are interleaved round by round so slow drift in machine load
-hits both sides alike. Reported: the median over pairs of each side's steady-state median step time,
-samples/s, time to first optimizer step, peak RSS, and the median of the paired ratios.
+Each cell (workload x world size x strategy) is run `--repeats` times as a pair of dist_train and the
+hand-written loop, which side goes first alternating from pair to pair (A B, B A, ...); cells are
+interleaved round by round so slow drift in machine load hits both sides alike. An unmeasured warm-up
+launch of each strategy's two sides first fills the caches a first launch pays for (DeepSpeed's op
+builds, the page cache). Reported: the median over pairs of each side's steady-state median step time,
+samples/s, time to first optimizer step, peak RSS, and the median of the paired ratios; then, pooled
+over the cells at 2 ranks, the geometric mean of every paired step ratio with a bootstrap interval
+(one cell's few pairs cannot resolve 1-2% on a noisy machine; all of them together can).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -20,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .harness import Cell, run_side, summarise_cell
+from .harness import Cell, pooled_step_ratios, run_side, summarise_cell
 from .report import machine_info, table
 from .workloads import WORKLOADS, quick, smoke
 
@@ -83,7 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--zero-stages", type=ints, default=[1, 2, 3])
     parser.add_argument("--sharded-workloads", type=csv, default=["transformer_lm"], help="for deepspeed/fsdp")
     parser.add_argument("--sharded-world-sizes", type=ints, default=[2], help="for deepspeed/fsdp")
-    parser.add_argument("--repeats", type=int, default=None, help="pairs per cell (default 3; --quick 2; --smoke 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="pairs per cell (default 5; --quick 2; --smoke 1)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the unmeasured warm-up launches")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every rank")
     parser.add_argument(
         "--order",
@@ -98,7 +104,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)} (known: {', '.join(WORKLOADS)})")
     if args.repeats is None:
-        args.repeats = 1 if args.smoke else 2 if args.quick else 3
+        args.repeats = 1 if args.smoke else 2 if args.quick else 5
     return args
 
 
@@ -112,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dist_train_bench_"))
     pairs: dict[int, list] = {i: [] for i in range(len(cells))}
     try:
+        if not args.no_warmup:
+            warm_up(cells, root / "warmup", args)
         for repeat in range(args.repeats):
             for index, cell in enumerate(cells):
                 pair = {}
@@ -150,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
     report = {
+        "pooled": pooled_step_ratios(results),
         "machine": machine_info(),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "load_average": {"before": load_before, "after": os.getloadavg()},
@@ -167,6 +176,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"failed runs: {', '.join(failed)}")
         return 1
     return 0
+
+
+def warm_up(cells: list[Cell], root: Path, args: argparse.Namespace) -> None:
+    """One unmeasured launch of each strategy's two sides (tiny model), before the measured rounds."""
+    seen: dict[str, Cell] = {}
+    for cell in cells:
+        seen.setdefault(cell.label.split(" ")[-1], cell)
+    for label, cell in seen.items():
+        tiny = dataclasses.replace(cell, workload=smoke(cell.workload))
+        for side in ("dist_train", "hand"):
+            record = run_side(tiny, side, root / f"{label}-{side}", args.threads, args.timeout)
+            print(f"[warm-up] {label:<15} {side:<10} {'done' if record['ok'] else 'FAILED'}", flush=True)
 
 
 def _targets(cell: Cell, summary: dict) -> dict:

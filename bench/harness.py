@@ -10,7 +10,9 @@ timestamps are on one clock: time to first step = first step's end (slowest rank
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import signal
 import socket
 import statistics
@@ -173,3 +175,29 @@ def summarise_cell(pairs: list[tuple[dict, dict]]) -> dict:
         # run-to-run noise of the reference itself: spread of its median step time across repeats
         "hand_step_spread": (max(hand_steps) - min(hand_steps)) / statistics.median(hand_steps),
     }
+
+
+def pooled_step_ratios(cells: list[dict], world_size: int = 2, resamples: int = 2000) -> dict:
+    """Per strategy and over all, at `world_size`: the geometric mean of every paired step-time ratio
+    dist_train / hand-written, with a 95% bootstrap interval (pairs resampled with replacement, seeded).
+    """
+    logs: dict[str, list[float]] = {}
+    for cell in cells:
+        if cell["world_size"] != world_size:
+            continue
+        for a, b in cell["runs"]:
+            if a["ok"] and b["ok"]:
+                value = math.log(a["step_time_s"] / b["step_time_s"])
+                logs.setdefault(cell["strategy"], []).append(value)
+                logs.setdefault("all", []).append(value)
+    rng = random.Random(0)
+    out = {}
+    for group, values in sorted(logs.items(), key=lambda item: item[0] == "all"):  # "all" last
+        means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+        out[group] = {
+            "pairs": len(values),
+            "ratio": math.exp(statistics.fmean(values)),
+            "low": math.exp(means[int(0.025 * resamples)]),
+            "high": math.exp(means[int(0.975 * resamples) - 1]),
+        }
+    return out

@@ -62,6 +62,16 @@ def table(report: dict) -> str:
             f"| {rss['dist_train']:.0f} / {rss['hand']:.0f} | {_fmt_ratio(rss, t.get('peak_rss_mb'))} |"
         )
     m = report["machine"]
+    pooled = report.get("pooled") or {}
+    if pooled:
+        lines += [
+            "",
+            "pooled over the cells at 2 ranks: geometric mean of the paired step ratios [95% bootstrap interval]",
+        ]
+        lines += [
+            f"  {k:<10} {v['ratio']:.3f} [{v['low']:.3f}-{v['high']:.3f}] over {v['pairs']} pairs"
+            for k, v in pooled.items()
+        ]
     lines.append("")
     lines.append(
         f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}; threads per rank "

@@ -23,6 +23,10 @@ def test_bench_smoke_writes_table_and_json(tmp_path):
     proc = run_cli([PYTHON, "-m", "bench", *args], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "| resnet | 2 | ddp |" in proc.stdout
+    assert (
+        "[warm-up] ddp             dist_train done" in proc.stdout
+        and "[warm-up] ddp             hand       done" in proc.stdout
+    )
     report = json.loads(out.read_text())
     (cell,) = report["cells"]
     summary = cell["summary"]
@@ -33,6 +37,27 @@ def test_bench_smoke_writes_table_and_json(tmp_path):
     assert len(run["peak_rss_mb"]) == 2 and 0 < run["launch_to_train_s"] < run["time_to_first_step_s"]
     assert set(cell["targets"]) == {"step_time_s", "time_to_first_step_s", "peak_rss_mb"}
     assert report["machine"]["cores"] >= 1
+    assert report["pooled"]["ddp"]["pairs"] == report["pooled"]["all"]["pairs"] == 1
+    assert report["pooled"]["ddp"]["ratio"] == pytest.approx(summary["step_time_s"]["ratio"])
+
+
+def test_pooled_step_ratios_geometric_mean_and_interval():
+    from bench.harness import pooled_step_ratios
+
+    def cell(strategy, world_size, ratios):
+        runs = [({"ok": True, "step_time_s": r}, {"ok": True, "step_time_s": 1.0}) for r in ratios]
+        return {"strategy": strategy, "world_size": world_size, "runs": runs}
+
+    cells = [cell("ddp", 2, [0.9, 1.1, 1.0]), cell("fsdp", 2, [1.21, 1.0]), cell("ddp", 1, [5.0])]
+    cells[0]["runs"].append(({"ok": False}, {"ok": True, "step_time_s": 1.0}))  # a failed run is left out
+    pooled = pooled_step_ratios(cells)
+    assert list(pooled) == ["ddp", "fsdp", "all"]  # world size 1 is not pooled
+    assert pooled["ddp"]["pairs"] == 3 and pooled["ddp"]["ratio"] == pytest.approx((0.9 * 1.1) ** (1 / 3))
+    assert pooled["fsdp"]["ratio"] == pytest.approx(1.1)
+    assert pooled["all"]["pairs"] == 5 and pooled["all"]["ratio"] == pytest.approx((0.9 * 1.1 * 1.21) ** 0.2)
+    for entry in pooled.values():
+        assert entry["low"] <= entry["ratio"] <= entry["high"]
+    assert 0.9 <= pooled["ddp"]["low"] and pooled["ddp"]["high"] <= 1.1
 
 
 @pytest.mark.slow
