@@ -180,10 +180,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def warm_up(cells: list[Cell], root: Path, args: argparse.Namespace) -> None:
     """One unmeasured launch of each strategy's two sides (tiny model), before the measured rounds."""
-    seen: dict[str, Cell] = {}
+    first: dict[str, Cell] = {}
     for cell in cells:
-        seen.setdefault(cell.label.split(" ")[-1], cell)
-    for label, cell in seen.items():
+        first.setdefault(cell.strategy, cell)
+    for label, cell in first.items():
         tiny = dataclasses.replace(cell, workload=smoke(cell.workload))
         for side in ("dist_train", "hand"):
             record = run_side(tiny, side, root / f"{label}-{side}", args.threads, args.timeout)

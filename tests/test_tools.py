@@ -76,6 +76,15 @@ def test_check_step_schedule_points_are_where_the_lr_drops(tmp_path, capsys):
     assert points[5] == pytest.approx(1e-3) and max(points) == 10  # step 5 still trains at the peak
 
 
+def test_check_multistep_points_are_at_the_milestones(tmp_path, capsys):
+    schedule = {"name": "multistep", "warmup_steps": 0, "milestones": [4, 7, 30], "gamma": 0.1}
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", schedule=schedule))
+    points = {p["step"]: p["lr"] for p in check_json(capsys, path)["lr_schedule"]["points"]}
+    assert points[4] == pytest.approx(1e-3) and points[5] == pytest.approx(1e-4)
+    assert points[7] == pytest.approx(1e-4) and points[8] == pytest.approx(1e-5)
+    assert max(points) == 10  # a milestone past the last step adds nothing
+
+
 def test_check_mixed_precision_uses_the_zero_paper_split(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", train={"precision": "bf16"}))
     report = check_json(capsys, path, "--world-size", "4")

@@ -59,6 +59,8 @@ def lr_points(cfg: Config, total: int) -> list[dict]:
     if cfg.schedule.name == "step":
         # the first steps at each new LR (logged step s trains with lr_at(s - 1))
         steps.update(range(warmup + cfg.schedule.step_size + 1, total + 1, cfg.schedule.step_size)[:3])
+    if cfg.schedule.name == "multistep":  # the last step at each LR and the first at the next
+        steps.update(s for m in cfg.schedule.milestones for s in (m, m + 1) if s <= total)
     return [{"step": s, "lr": lr_at(cfg, s - 1)} for s in sorted(steps)]
 
 
