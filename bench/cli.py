@@ -7,8 +7,8 @@
 Each cell (workload x world size x strategy) is run `--repeats` times as a pair of dist_train and the
 hand-written loop, which side goes first alternating from pair to pair (A B, B A, ...); cells are
 interleaved round by round so slow drift in machine load hits both sides alike. An unmeasured warm-up
-launch of each strategy's two sides first fills the caches a first launch pays for (DeepSpeed's op
-builds, the page cache). Reported: the median over pairs of each side's steady-state median step time,
+launch of each strategy's two sides first fills the caches a first launch pays for (DeepSpeed's JIT
+extension check, the page cache). Reported: the median over pairs of each side's steady-state median step time,
 samples/s, time to first optimizer step, peak RSS, and the median of the paired ratios; then, pooled
 over the cells at 2 ranks, the geometric mean of every paired step ratio with a bootstrap interval
 (one cell's few pairs cannot resolve 1-2% on a noisy machine; all of them together can).
