@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .harness import Cell, pooled_step_ratios, run_side, summarise_cell
+from .harness import SIDES, Cell, pooled_step_ratios, run_pair, run_side, summarise_cell
 from .report import machine_info, table
 from .workloads import WORKLOADS, quick, smoke
 
@@ -123,17 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         for repeat in range(args.repeats):
             for index, cell in enumerate(cells):
                 pair = {}
-                sides = ("dist_train", "hand")
-                if args.order == "abba" and repeat % 2:
-                    sides = sides[::-1]
-                for side in sides:
-                    run_dir = root / f"{index:02d}-{cell.label.replace(' ', '_')}" / f"{repeat}-{side}"
-                    record = run_side(cell, side, run_dir, args.threads, args.timeout)
+                cell_dir = root / f"{index:02d}-{cell.label.replace(' ', '_')}"
+                for record in run_pair(cell, repeat, cell_dir, args.threads, args.timeout, args.order == "abba"):
                     status = f"{record['step_time_s'] * 1e3:7.1f} ms/step" if record["ok"] else "FAILED"
-                    print(f"[{repeat + 1}/{args.repeats}] {cell.label:<32} {side:<10} {status}", flush=True)
+                    print(f"[{repeat + 1}/{args.repeats}] {cell.label:<32} {record['side']:<10} {status}", flush=True)
                     if not record["ok"]:
                         print(record.get("log_tail", ""), flush=True)
-                    pair[side] = record
+                    pair[record["side"]] = record
                 pairs[index].append((pair["dist_train"], pair["hand"]))
     finally:
         if not args.keep:
@@ -185,7 +181,7 @@ def warm_up(cells: list[Cell], root: Path, args: argparse.Namespace) -> None:
         first.setdefault(cell.strategy, cell)
     for label, cell in first.items():
         tiny = dataclasses.replace(cell, workload=smoke(cell.workload))
-        for side in ("dist_train", "hand"):
+        for side in SIDES:
             record = run_side(tiny, side, root / f"{label}-{side}", args.threads, args.timeout)
             print(f"[warm-up] {label:<15} {side:<10} {'done' if record['ok'] else 'FAILED'}", flush=True)
 

@@ -17,12 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from .harness import Cell, run_side, summarise_cell
+from .harness import SIDES, Cell, run_pair, run_side, summarise_cell
 from .report import machine_info
 from .workloads import Workload
 
@@ -135,12 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if workload.compile and not args.no_warmup_pair:
             print("warm-up pair (compile caches; not measured) ...", flush=True)
-            for side in ("dist_train", "hand"):
+            for side in SIDES:
                 run_side(cell, side, root / f"warmup-{side}", threads=0, timeout=args.timeout)
         for repeat in range(args.repeats):
-            pair = []
-            for side in ("dist_train", "hand"):
-                record = run_side(cell, side, root / f"{repeat}-{side}", threads=0, timeout=args.timeout)
+            pair = {}
+            for record in run_pair(cell, repeat, root, threads=0, timeout=args.timeout):
+                side = record["side"]
                 if record["ok"]:
                     record["mfu"] = record["tokens_per_s"] * per_token / (peak * 1e12) if peak else None
                     if side == "dist_train":
@@ -152,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 else:
                     print(f"[{repeat + 1}/{args.repeats}] {side:<10} FAILED\n{record.get('log_tail', '')}", flush=True)
-                pair.append(record)
-            pairs.append(tuple(pair))
+                pair[side] = record
+            pairs.append((pair["dist_train"], pair["hand"]))
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
@@ -183,8 +184,8 @@ def gpu_table(report: dict) -> str:
     ok = [(a, b) for a, b in report["runs"] if a["ok"] and b["ok"]]
 
     def median(values):
-        values = sorted(v for v in values if v is not None)
-        return values[len(values) // 2] if values else None
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
 
     tokens = {side: median(r[i]["tokens_per_s"] for r in ok) for i, side in enumerate(("dist_train", "hand"))}
     mfu = {side: median(r[i]["mfu"] for r in ok) for i, side in enumerate(("dist_train", "hand"))}

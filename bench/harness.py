@@ -111,6 +111,18 @@ def run_side(cell: Cell, side: str, run_dir: Path, threads: int, timeout: float)
     return record
 
 
+SIDES = ("dist_train", "hand")
+
+
+def run_pair(cell: Cell, repeat: int, root: Path, threads: int, timeout: float, alternate: bool = True):
+    """Run both sides once; odd repeats run the hand-written side first when `alternate` (A B, B A, ...).
+
+    Yields each side's record as it finishes (for progress lines); the caller keeps them by side.
+    """
+    for side in SIDES[::-1] if alternate and repeat % 2 else SIDES:
+        yield run_side(cell, side, root / f"{repeat}-{side}", threads, timeout)
+
+
 def _quantile(values: list[float], q: float) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
