@@ -1,4 +1,6 @@
-"""Rank-0 output: metrics.jsonl rows, a tqdm bar on a terminal or plain lines otherwise, TensorBoard."""
+"""What a logged row holds and where it goes: the loss window and throughput between logging steps
+(every rank), then rank 0's output: metrics.jsonl rows, a tqdm bar on a terminal or plain lines
+otherwise, TensorBoard."""
 
 from __future__ import annotations
 
@@ -13,6 +15,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+import torch
+
+from .distributed import DistContext, all_reduce_sum
 
 log = logging.getLogger("dist_train")
 
@@ -172,3 +177,57 @@ class Throughput:
                 row["mfu"] = row["tokens_per_s"] * self.mfu_per_token
         self.start, self.steps, self.data_wait = now, 0, 0.0
         return row
+
+
+class LossWindow:
+    """What the loop gathers between logging steps: each micro-batch's loss sum, the loss normaliser,
+    each step's skipped flag. Gathering runs no device op (it keeps the step's own tensors); the
+    logging step reduces them with its one host read.
+
+    The loss sum is added left to right in float64, and a checkpoint stores the partial sum: a
+    resumed run continues the very same sum and logs the same losses as an uninterrupted one.
+    """
+
+    def __init__(self, ctx: DistContext, limit: int, loss_sum=None, count: float = 0.0, skipped: int = 0):
+        self.ctx = ctx
+        self.limit = limit  # skipped steps in a row that end the run (checked by the loop)
+        self.skipped = skipped  # skipped steps in the run so far (read on logging steps)
+        self.streak = self.longest_streak = 0  # skipped steps in a row (up to the last logging step)
+        self._reset([] if loss_sum is None else [loss_sum], count)
+
+    def _reset(self, losses: list, count) -> None:
+        self.losses, self.counts, self.flags, self.grad_norm = losses, [count], [], None
+
+    def add(self, losses: list[torch.Tensor], count, grad_norm: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        self.losses += losses
+        self.counts.append(count)
+        self.flags.append(nonfinite)
+        self.grad_norm = grad_norm
+
+    def loss_sum(self) -> torch.Tensor:
+        """This rank's loss sum over the window (float64, on the device)."""
+        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
+        for loss in self.losses:
+            total = total + loss
+        return total
+
+    def count(self) -> torch.Tensor:
+        return torch.as_tensor(sum(self.counts), dtype=torch.float64, device=self.ctx.device)
+
+    def read(self) -> tuple[float, float]:
+        """(global mean loss, last grad norm) of the window, in one host read (collective: the loss
+        sum is all-reduced); updates the skipped-step counts and starts the next window."""
+        loss_sum = all_reduce_sum(self.loss_sum(), self.ctx)
+        head = torch.stack([loss_sum, self.count(), self.grad_norm.double()])
+        loss_sum, count, grad_norm, *flags = torch.cat([head, torch.stack(self.flags).double()]).tolist()
+        for flag in flags:
+            self.streak = self.streak + 1 if flag else 0
+            self.longest_streak = max(self.longest_streak, self.streak)
+            self.skipped += bool(flag)
+        self._reset([], 0.0)
+        return loss_sum / max(count, 1.0), grad_norm
+
+    def checkpoint_values(self) -> tuple[torch.Tensor, float, int]:
+        """(this rank's loss sum, count, skipped steps) for a checkpoint (reads the flags on the host)."""
+        skipped = self.skipped + (int(torch.stack(self.flags).sum().item()) if self.flags else 0)
+        return self.loss_sum(), float(self.count().item()), skipped

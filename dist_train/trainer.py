@@ -23,12 +23,12 @@ from .compress import Compression
 from .config import Config, dump_yaml
 from .control import Control
 from .data import build_eval_data, build_train_data, no_ignored_targets
-from .distributed import DistContext, all_reduce_sum
+from .distributed import DistContext
 from .evaluation import evaluate
 from .flops import mfu_per_token
 from .host_memory import retain_freed_heap
 from .losses import Loss, build_loss
-from .metrics import MetricsLogger, Throughput, peak_rss_mb, step_times_hook, write_step_times
+from .metrics import LossWindow, MetricsLogger, Throughput, peak_rss_mb, step_times_hook, write_step_times
 from .models import build_model
 from .models.weight_init import init_weights
 from .safetensors_io import save_file
@@ -92,66 +92,12 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
     return StepResult(losses, count, grad_norm, nonfinite)
 
 
-class Window:
-    """What the loop gathers between logging steps: each micro-batch's loss sum, the loss normaliser,
-    each step's skipped flag. Gathering runs no device op (it keeps the step's own tensors); the
-    logging step reduces them with its one host read and checks the non-finite guard there.
-
-    The loss sum is added left to right in float64, and a checkpoint stores the partial sum: a
-    resumed run continues the very same sum and logs the same losses as an uninterrupted one.
-    """
-
-    def __init__(self, ctx: DistContext, limit: int, loss_sum=None, count: float = 0.0, skipped: int = 0):
-        self.ctx, self.limit = ctx, limit
-        self.skipped = skipped  # skipped steps in the run so far (read on logging steps)
-        self.streak = 0  # skipped steps in a row up to the last logging step
-        self._reset([] if loss_sum is None else [loss_sum], count)
-
-    def _reset(self, losses: list, count) -> None:
-        self.losses, self.counts, self.flags, self.grad_norm = losses, [count], [], None
-
-    def add(self, result: StepResult) -> None:
-        self.losses += result.losses
-        self.counts.append(result.count)
-        self.flags.append(result.nonfinite)
-        self.grad_norm = result.grad_norm
-
-    def loss_sum(self) -> torch.Tensor:
-        """This rank's loss sum over the window (float64, on the device)."""
-        total = torch.zeros((), dtype=torch.float64, device=self.ctx.device)
-        for loss in self.losses:
-            total = total + loss
-        return total
-
-    def count(self) -> torch.Tensor:
-        return torch.as_tensor(sum(self.counts), dtype=torch.float64, device=self.ctx.device)
-
-    def read(self, step: int) -> tuple[float, float]:
-        """(global mean loss, last grad norm) of the window, in one host read; starts the next window.
-
-        Raises TrainingError when `limit` steps in a row were skipped (non-finite loss or gradients).
-        """
-        loss_sum = all_reduce_sum(self.loss_sum(), self.ctx)
-        head = torch.stack([loss_sum, self.count(), self.grad_norm.double()])
-        loss_sum, count, grad_norm, *flags = torch.cat([head, torch.stack(self.flags).double()]).tolist()
-        for flag in flags:
-            self.streak = self.streak + 1 if flag else 0
-            self.skipped += bool(flag)
-            if self.streak >= self.limit:
-                raise TrainingError(
-                    f"loss or gradient norm was not finite for {self.streak} steps in a row (by step {step})"
-                )
-        self._reset([], 0.0)
-        return loss_sum / max(count, 1.0), grad_norm
-
-    def checkpoint_values(self) -> tuple[torch.Tensor, float, int]:
-        """(this rank's loss sum, count, skipped steps) for a checkpoint (reads the flags on the host)."""
-        skipped = self.skipped + (int(torch.stack(self.flags).sum().item()) if self.flags else 0)
-        return self.loss_sum(), float(self.count().item()), skipped
-
-
-def _log_row(state, window: Window, lr: float, throughput: Throughput, data, tokens, ctx) -> dict:
-    loss, grad_norm = window.read(state.step)
+def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data, tokens, ctx) -> dict:
+    loss, grad_norm = window.read()
+    if window.longest_streak >= window.limit:
+        raise TrainingError(
+            f"loss or gradient norm was not finite for {window.longest_streak} steps in a row (by step {state.step})"
+        )
     row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
     row.update(throughput.rates(data.global_batch, tokens))
     row.update(skipped_steps=window.skipped, peak_rss_mb=round(peak_rss_mb(), 1))
@@ -214,7 +160,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     restored = run_state.restore(cfg, ctx, control, strategy, output_dir)
     state = restored[0] if restored else run_state.TrainState()
     limit = cfg.train.max_nonfinite_steps if cfg.train.precision != "fp16" else 10**9  # fp16: the scaler skips
-    window = Window(ctx, limit, restored[2] if restored else None, state.window_count, state.skipped_steps)
+    window = LossWindow(ctx, limit, restored[2] if restored else None, state.window_count, state.skipped_steps)
     schedule = LRSchedule(cfg, state.lr_schedule)  # plateau state resumes with the trainer state
     metrics = MetricsLogger(
         output_dir, ctx.is_rank_zero, total_steps, state.step, cfg.log.progress, cfg.log.tensorboard
@@ -264,7 +210,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             state.step += 1
             state.samples_in_epoch += data.global_batch
             throughput.steps += 1
-            window.add(result)
+            window.add(result.losses, result.count, result.grad_norm, result.nonfinite)
             if state.step % cfg.log.every_steps == 0 or state.step == total_steps:
                 row = _log_row(state, window, lr, throughput, data, tokens_per_sample, ctx)
                 state.skipped_steps = row["skipped_steps"]
@@ -328,7 +274,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     return {"status": status, "step": state.step}
 
 
-def _save(cfg, ctx, control, strategy, state, window: Window, output_dir) -> None:
+def _save(cfg, ctx, control, strategy, state, window: LossWindow, output_dir) -> None:
     control.arm_watchdog(cfg.checkpoint.save_timeout_s + 60)
     loss_sum, state.window_count, state.skipped_steps = window.checkpoint_values()
     run_state.save(cfg, ctx, control, strategy, state, output_dir, loss_sum)
