@@ -185,8 +185,12 @@ class LossWindow:
     logging step reduces them with its one host read.
 
     The loss sum is added left to right in float64, and a checkpoint stores the partial sum: a
-    resumed run continues the very same sum and logs the same losses as an uninterrupted one.
+    resumed run continues the very same sum and logs the same losses as an uninterrupted one. A long
+    logging interval folds its first COMPACT_AT entries into one (the same sum, continued), so the
+    window holds a bounded number of tensors whatever `log.every_steps` is.
     """
+
+    COMPACT_AT = 1024  # micro-batch losses held before folding
 
     def __init__(self, ctx: DistContext, limit: int, loss_sum=None, count: float = 0.0, skipped: int = 0):
         self.ctx = ctx
@@ -201,8 +205,10 @@ class LossWindow:
     def add(self, losses: list[torch.Tensor], count, grad_norm: torch.Tensor, nonfinite: torch.Tensor) -> None:
         self.losses += losses
         self.counts.append(count)
-        self.flags.append(nonfinite)
+        self.flags.append(nonfinite.reshape(1))
         self.grad_norm = grad_norm
+        if len(self.losses) >= self.COMPACT_AT:
+            self.losses, self.counts, self.flags = [self.loss_sum()], [sum(self.counts)], [torch.cat(self.flags)]
 
     def loss_sum(self) -> torch.Tensor:
         """This rank's loss sum over the window (float64, on the device)."""
@@ -219,7 +225,7 @@ class LossWindow:
         sum is all-reduced); updates the skipped-step counts and starts the next window."""
         loss_sum = all_reduce_sum(self.loss_sum(), self.ctx)
         head = torch.stack([loss_sum, self.count(), self.grad_norm.double()])
-        loss_sum, count, grad_norm, *flags = torch.cat([head, torch.stack(self.flags).double()]).tolist()
+        loss_sum, count, grad_norm, *flags = torch.cat([head, torch.cat(self.flags).double()]).tolist()
         for flag in flags:
             self.streak = self.streak + 1 if flag else 0
             self.longest_streak = max(self.longest_streak, self.streak)
@@ -229,5 +235,5 @@ class LossWindow:
 
     def checkpoint_values(self) -> tuple[torch.Tensor, float, int]:
         """(this rank's loss sum, count, skipped steps) for a checkpoint (reads the flags on the host)."""
-        skipped = self.skipped + (int(torch.stack(self.flags).sum().item()) if self.flags else 0)
+        skipped = self.skipped + (int(torch.cat(self.flags).sum().item()) if self.flags else 0)
         return self.loss_sum(), float(self.count().item()), skipped

@@ -318,3 +318,36 @@ def test_static_normaliser_only_for_tensor_datasets_without_ignored_targets():
     assert not no_ignored_targets(TensorDataset(tokens, padded))
     assert not no_ignored_targets(Slow(TensorDataset(tokens, tokens), 0.0))  # unknown until loaded
     assert not no_ignored_targets(TensorDataset(tokens.float(), tokens.float()))  # regression targets
+
+
+def test_loss_window_sums_in_order_across_compaction_and_checkpoints(monkeypatch):
+    """The window's loss is the left-to-right float64 sum whether it folded entries (long logging
+    intervals) or started from a checkpoint's partial sum; the skipped-step streak spans folds."""
+    from dist_train.metrics import LossWindow
+
+    monkeypatch.setattr(LossWindow, "COMPACT_AT", 4)
+    ctx = single_ctx()
+    torch.manual_seed(0)
+    losses = [torch.rand(()) * 10 for _ in range(14)]  # 7 steps x 2 micro-batches
+    flags = [0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+    expected = torch.zeros((), dtype=torch.float64)
+    for loss in losses:
+        expected = expected + loss
+
+    def feed(window, steps):
+        for step in steps:
+            window.add(losses[2 * step : 2 * step + 2], 6, torch.tensor(2.0), torch.tensor(flags[step]))
+
+    whole = LossWindow(ctx, limit=3)
+    feed(whole, range(7))
+    assert len(whole.losses) < 4  # folded along the way
+    loss, grad_norm = whole.read()
+    assert loss == float(expected) / 42 and grad_norm == 2.0
+    assert (whole.skipped, whole.longest_streak, whole.streak) == (4, 3, 0)
+
+    first = LossWindow(ctx, limit=3)
+    feed(first, range(3))
+    partial, count, skipped = first.checkpoint_values()  # a checkpoint after step 3
+    resumed = LossWindow(ctx, limit=3, loss_sum=partial, count=count, skipped=skipped)
+    feed(resumed, range(3, 7))
+    assert resumed.read()[0] == loss and resumed.skipped == 4
