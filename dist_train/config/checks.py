@@ -1,0 +1,201 @@
+"""Checking a config: each value against its key's type (`coerce`), then values the types allow
+but a run cannot use (`validate`)."""
+
+from __future__ import annotations
+
+import difflib
+import types
+from typing import Any, Literal, Union, get_args, get_origin
+
+from ..errors import UserError
+from .schema import Config
+
+
+def nearest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f" (did you mean `{close[0]}`?)" if close else f" (valid: {', '.join(options)})"
+
+
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; convert numeric spellings for floats."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return coerce(value, option, path)
+            except UserError:
+                pass
+        names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+        raise UserError(f"`{path}` must be {names}, got {value!r}")
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise UserError(f"`{path}` must be one of {', '.join(map(str, get_args(tp)))}; got {value!r}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise UserError(f"`{path}` must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise UserError(f"`{path}` must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # PyYAML reads `3e-4` as a string: accept every numeric spelling
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise UserError(f"`{path}` must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise UserError(f"`{path}` must be a string, got {value!r}")
+    if tp is list or origin is list:
+        if isinstance(value, list):
+            return value
+        raise UserError(f"`{path}` must be a list, got {value!r}")
+    if tp is dict or origin is dict:
+        if isinstance(value, dict):
+            return value
+        raise UserError(f"`{path}` must be a mapping, got {value!r}")
+    return value
+
+
+def _positive(value: Any, path: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value < 0 or (value == 0 and not allow_zero):
+        raise UserError(f"`{path}` must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def validate(cfg: Config) -> None:
+    """Values the types allow but a run cannot use."""
+    for path, value in (
+        ("run.output_dir", cfg.run.output_dir),
+        ("model.name", cfg.model.name),
+        ("data.name", cfg.data.name),
+    ):
+        if not value:
+            raise UserError(f"`{path}` is required: set it in the config file or as `{path}=...`")
+    t = cfg.train
+    _positive(t.max_steps, "train.max_steps")
+    _positive(t.epochs, "train.epochs", allow_none=True)
+    _positive(t.micro_batch_size, "train.micro_batch_size")
+    _positive(t.grad_accum_steps, "train.grad_accum_steps")
+    _positive(t.lr, "train.lr")
+    _positive(t.grad_clip_norm, "train.grad_clip_norm", allow_none=True)
+    _positive(t.grad_clip_value, "train.grad_clip_value", allow_none=True)
+    _positive(t.grad_checkpointing_every, "train.grad_checkpointing_every")
+    _positive(t.max_nonfinite_steps, "train.max_nonfinite_steps")
+    _positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True)
+    if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
+        raise UserError(f"`optim.betas` must be two numbers in [0, 1), got {cfg.optim.betas!r}")
+    _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", allow_zero=True)
+    _positive(cfg.schedule.step_size, "schedule.step_size")
+    if not 0 <= cfg.schedule.min_lr_ratio <= 1:
+        raise UserError(f"`schedule.min_lr_ratio` must be in [0, 1], got {cfg.schedule.min_lr_ratio}")
+    _positive(cfg.model.init_std, "model.init_std")
+    _validate_param_groups(cfg.optim.param_groups)
+    _validate_schedule(cfg)
+    _validate_compress(cfg)
+    _positive(cfg.loader.num_workers, "loader.num_workers", allow_zero=True)
+    _positive(cfg.loader.prefetch_factor, "loader.prefetch_factor")
+    _positive(cfg.eval.every_steps, "eval.every_steps", allow_none=True)
+    _positive(cfg.eval.micro_batch_size, "eval.micro_batch_size", allow_none=True)
+    _positive(cfg.eval.early_stopping_patience, "eval.early_stopping_patience", allow_none=True)
+    if not 0 <= cfg.strategy.zero_stage <= 3:
+        raise UserError(f"`strategy.zero_stage` must be 0, 1, 2 or 3, got {cfg.strategy.zero_stage}")
+    _positive(cfg.strategy.bucket_cap_mb, "strategy.bucket_cap_mb")
+    _positive(cfg.dist.timeout_s, "dist.timeout_s")
+    _positive(cfg.checkpoint.every_steps, "checkpoint.every_steps", allow_none=True)
+    _positive(cfg.checkpoint.keep_last, "checkpoint.keep_last")
+    _positive(cfg.checkpoint.keep_every, "checkpoint.keep_every", allow_none=True)
+    _positive(cfg.checkpoint.save_timeout_s, "checkpoint.save_timeout_s")
+    _positive(cfg.log.every_steps, "log.every_steps")
+
+
+PARAM_GROUP_KEYS = ("match", "lr_scale", "weight_decay")
+
+
+def _validate_param_groups(rules: list) -> None:
+    """Each rule: a mapping with a `match` pattern and optional non-negative `lr_scale`/`weight_decay`."""
+    from ..patterns import compile_pattern
+
+    for i, rule in enumerate(rules):
+        path = f"optim.param_groups[{i}]"
+        if not isinstance(rule, dict):
+            raise UserError(f"`{path}` must be a mapping like {{match: 'head.*', lr_scale: 0.1}}, got {rule!r}")
+        for key in rule:
+            if key not in PARAM_GROUP_KEYS:
+                raise UserError(f"unknown key `{key}` in `{path}`{nearest(str(key), list(PARAM_GROUP_KEYS))}")
+        if "match" not in rule:
+            raise UserError(f"`{path}` needs `match`: a glob on parameter names (`head.*`) or `re:<regex>`")
+        compile_pattern(rule["match"], f"{path}.match")
+        for key in ("lr_scale", "weight_decay"):
+            if key in rule:
+                rule[key] = coerce(rule[key], float, f"{path}.{key}")
+                _positive(rule[key], f"{path}.{key}", allow_zero=True)
+
+
+def _validate_schedule(cfg: Config) -> None:
+    s = cfg.schedule
+    if s.name == "multistep":
+        if not s.milestones or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in s.milestones):
+            raise UserError(f"`schedule.milestones` must be a non-empty list of positive steps, got {s.milestones!r}")
+        if sorted(set(s.milestones)) != s.milestones:
+            raise UserError(f"`schedule.milestones` must be strictly increasing, got {s.milestones!r}")
+    if s.name == "plateau" and not cfg.eval.every_steps:
+        raise UserError("schedule.name=plateau reduces the LR after evaluations: set eval.every_steps")
+    _positive(s.plateau_patience, "schedule.plateau_patience", allow_zero=True)
+    _positive(s.plateau_cooldown, "schedule.plateau_cooldown", allow_zero=True)
+    _positive(s.plateau_threshold, "schedule.plateau_threshold", allow_zero=True)
+    _positive(s.min_lr, "schedule.min_lr", allow_zero=True)
+    if not 0 < s.plateau_factor < 1:
+        raise UserError(f"`schedule.plateau_factor` must be in (0, 1), got {s.plateau_factor}")
+
+
+def _validate_compress(cfg: Config) -> None:
+    c = cfg.compress
+    sharded = cfg.strategy.name == "fsdp" or (cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3)
+    where = f"strategy.name={cfg.strategy.name}" + (" with zero_stage=3" if cfg.strategy.name == "deepspeed" else "")
+    if (c.prune != "none" or c.dynamic_quant_export) and sharded:
+        raise UserError(
+            f"compress.prune/dynamic_quant_export need every rank to hold whole weights; {where} shards them: "
+            "use strategy.name=ddp or deepspeed with zero_stage <= 2"
+        )
+    if not 0 <= c.prune_sparsity < 1:
+        raise UserError(f"`compress.prune_sparsity` must be in [0, 1), got {c.prune_sparsity}")
+    _positive(c.prune_start_step, "compress.prune_start_step", allow_zero=True)
+    _positive(c.prune_every_steps, "compress.prune_every_steps")
+    if c.prune_end_step is not None and c.prune_end_step < c.prune_start_step:
+        raise UserError(
+            f"`compress.prune_end_step` ({c.prune_end_step}) must be >= prune_start_step ({c.prune_start_step})"
+        )
+    if not all(isinstance(name, str) for name in c.prune_modules):
+        raise UserError(f"`compress.prune_modules` must be a list of torch.nn class names, got {c.prune_modules!r}")
+    from ..patterns import compile_pattern
+
+    for i, pattern in enumerate(c.prune_exclude):
+        compile_pattern(pattern, f"compress.prune_exclude[{i}]")
+    _positive(c.prune_norm, "compress.prune_norm")
+    _positive(c.prune_dim, "compress.prune_dim", allow_zero=True)
+    _positive(c.qat_start_step, "compress.qat_start_step", allow_zero=True)
+    if c.qat:
+        if cfg.strategy.name != "ddp":
+            raise UserError(f"compress.qat needs strategy.name=ddp (observers are kept in step by DDP), not {where}")
+        for key, on in (
+            ("train.compile", cfg.train.compile),
+            ("train.grad_checkpointing", cfg.train.grad_checkpointing),
+            ("train.sync_batchnorm", cfg.train.sync_batchnorm),
+            ("train.precision=bf16/fp16", cfg.train.precision != "fp32"),
+            ("compress.dynamic_quant_export", cfg.compress.dynamic_quant_export),
+        ):
+            if on:
+                raise UserError(f"compress.qat does not combine with {key}: turn one of them off")

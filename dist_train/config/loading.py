@@ -1,0 +1,120 @@
+"""Reading a config: a YAML file (safe loader only), dotted `section.key=value` overrides on top,
+then typed sections built and checked; and writing the resolved config back out."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from ..errors import UserError
+from .checks import coerce, nearest, validate
+from .schema import FREE_FORM_SECTIONS, Config
+
+
+def _build_section(cls: type, raw: Any, section: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"section `{section}` must be a mapping of keys, got {raw!r}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    if section in FREE_FORM_SECTIONS:  # typed keys (`name`, `model.init`, ...) are not factory arguments
+        typed = set(names) - {"kwargs"}
+        values["kwargs"] = {k: v for k, v in raw.items() if k not in typed}
+        raw = {k: v for k, v in raw.items() if k in typed}
+    for key, value in raw.items():
+        if key not in names:
+            raise UserError(f"unknown key `{section}.{key}`{nearest(str(key), names)}")
+        if value is None and key in ("output_dir", "name"):
+            continue  # a required key left empty: validate() says it is required
+        values[key] = coerce(value, hints[key], f"{section}.{key}")
+    return cls(**values)
+
+
+def from_dict(raw: dict) -> Config:
+    """Build and validate a Config from a nested dict (as read from YAML)."""
+    if not isinstance(raw, dict):
+        raise UserError("the config file must hold a mapping of sections (run:, model:, data:, train:, ...)")
+    hints = get_type_hints(Config)
+    sections = [f.name for f in dataclasses.fields(Config)]
+    for name in raw:
+        if name not in sections:
+            raise UserError(f"unknown section `{name}`{nearest(str(name), sections)}")
+    cfg = Config(**{name: _build_section(hints[name], raw.get(name), name) for name in sections})
+    validate(cfg)
+    return cfg
+
+
+def _yaml_error(err: yaml.YAMLError, source: str) -> UserError:
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if "python/" in str(err):
+        problem = "Python object tags (!!python/...) are not allowed in configs"
+    return UserError(f"{source}: malformed YAML{where}: {problem}")
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`a.b=value` strings to (path, value) pairs; values are YAML scalars (safe loader)."""
+    parsed = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UserError(f"override {item!r} must look like `section.key=value` (e.g. train.lr=3e-4)")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as err:
+            raise _yaml_error(err, f"override {item!r}") from None
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    for path, value in parse_overrides(overrides):
+        if len(path) < 2:
+            raise UserError(f"override `{'.'.join(path)}` must name a key inside a section, like `train.lr=3e-4`")
+        node = raw
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UserError(f"override `{'.'.join(path)}`: `{part}` is not a mapping")
+            node = child
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML file (safe loader only), apply dotted overrides, build and validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path} (check the path given to --config)") from None
+    except OSError as err:
+        raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise _yaml_error(err, str(path)) from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: the config must be a mapping of sections (run:, model:, data:, train:, ...)")
+    return from_dict(apply_overrides(raw, overrides or []))
+
+
+def to_dict(cfg: Config) -> dict:
+    """The resolved config as a plain nested dict (model/data kwargs flattened back)."""
+    out = dataclasses.asdict(cfg)
+    for section in FREE_FORM_SECTIONS:
+        kwargs = out[section].pop("kwargs")
+        out[section].update(kwargs)
+    return out
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
