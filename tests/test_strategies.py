@@ -196,3 +196,58 @@ def test_deepspeed_passthrough_conflicts_are_errors():
         cfg.strategy.deepspeed_config = bad
         with pytest.raises(UserError, match=message):
             deepspeed_config(cfg, world_size=4)
+
+
+def _batchnorm_bf16(rank, world):
+    """Three bf16 steps and an evaluation pass of a BatchNorm CNN (SyncBatchNorm) under DDP and FSDP2."""
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+    from dist_train.trainer import train_step
+    from dist_train.transforms import apply_transforms
+
+    out = {}
+    for name in ("ddp", "fsdp"):
+        cfg = from_dict(
+            {
+                "run": {"output_dir": "unused"},
+                "model": {"name": "cnn", "channels": [8, 8], "batch_norm": True, "dropout": 0.0},
+                "data": {"name": "synthetic_images"},
+                "train": {"precision": "bf16", "sync_batchnorm": True, "grad_clip_norm": 1.0, "micro_batch_size": 4},
+                "strategy": {"name": name},
+            }
+        )
+        ctx = ctx_from_env()
+        torch.manual_seed(0)
+        model = apply_transforms(build_model(cfg.model.name, cfg.model.kwargs), cfg, ctx)
+        strategy = build_strategy(cfg, ctx)
+        strategy.setup(model)
+        loss_fn = build_loss("cross_entropy")
+        data = torch.Generator().manual_seed(rank)
+        losses = []
+        for _ in range(3):
+            batch = (torch.randn(4, 3, 32, 32, generator=data), torch.randint(10, (4,), generator=data))
+            losses.append(train_step(strategy, loss_fn, [batch], cfg, ctx).losses[0].item())
+        strategy.model.eval()
+        with torch.no_grad(), strategy.autocast():
+            eval_out = strategy.model(torch.randn(4, 3, 32, 32, generator=data)).float()
+        state = strategy.full_state_dict()
+        running = {k: v for k, v in (state or {}).items() if "running_mean" in k}
+        out[name] = (losses, eval_out, running, {k: v.dtype for k, v in (state or {}).items()})
+        strategy.teardown()
+    return out
+
+
+def test_fsdp_trains_batchnorm_in_bf16_like_ddp():
+    """FSDP2's bf16 policy cast BatchNorm's weights but not its fp32 running statistics, and
+    batch_norm refused the mix ("expected scalar type BFloat16 but found Float"): each BatchNorm
+    is now its own fp32 unit. Losses, eval outputs and running statistics follow DDP's autocast run."""
+    result = run_ranks(_batchnorm_bf16, 2)[0]
+    ddp, fsdp = result["ddp"], result["fsdp"]
+    for a, b in zip(ddp[0], fsdp[0]):
+        assert abs(a - b) <= 0.03 * abs(a), (ddp[0], fsdp[0])
+    assert torch.isfinite(fsdp[1]).all() and (ddp[1] - fsdp[1]).abs().max() <= 0.1 * ddp[1].abs().max()
+    assert ddp[2].keys() == fsdp[2].keys() and len(ddp[2]) == 2
+    for key in ddp[2]:
+        assert torch.allclose(ddp[2][key], fsdp[2][key], atol=2e-2), key
+    assert fsdp[3] == ddp[3] and {str(d) for d in fsdp[3].values()} <= {"torch.float32", "torch.int64"}

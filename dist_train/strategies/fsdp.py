@@ -48,6 +48,15 @@ class FSDPStrategy(Strategy):
             MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
         )
         reshard = self.cfg.strategy.reshard_after_forward
+        if dtype is not None:
+            # BatchNorm keeps fp32 running statistics, which batch_norm will not mix with bf16/fp16
+            # weights: each BatchNorm is its own unit that computes in fp32 and hands the block
+            # its output back in the low-precision dtype.
+            norm_policy = MixedPrecisionPolicy(
+                param_dtype=torch.float32, reduce_dtype=torch.float32, output_dtype=dtype
+            )
+            for norm in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+                fully_shard(norm, mesh=mesh, mp_policy=norm_policy, reshard_after_forward=reshard)
         for block in find_blocks(model):  # per-block units: only one block's full weights live at a time
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         # The root keeps its parameters after forward (FSDP2's default for the root): backward needs them
