@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 
-from .errors import UserError
+from .errors import UserError, on_every_rank
 
 EXIT_USAGE = 2
 # sub-command -> "module:function"; each function takes the remaining argv and returns an exit status
@@ -23,7 +23,16 @@ SUBCOMMANDS = {
     "doctor": "dist_train.tools.doctor:main",
     "verify": "dist_train.tools.verify:main",
     "slurm": "dist_train.slurm:main",
+    "torchrun": "dist_train.slurm.job:torchrun_main",
 }
+SUBCOMMAND_HELP = """sub-commands (dist-train COMMAND --help):
+  train     the default: train as configured (what `dist-train --config ...` runs)
+  check     what a config will do: sizes, batch, LR schedule, memory, pitfalls
+  doctor    the machine and the process group: devices, backends, collectives bandwidth
+  verify    short parity runs on your config: N ranks vs 1, accumulation, resume
+  plot      draw a run's metrics.jsonl to metrics.png
+  torchrun  torchrun with the same arguments, passing exit statuses 2 and 75 through
+  slurm     submit | torchrun | output-dir for SLURM batch jobs"""
 
 
 class ArgParser(argparse.ArgumentParser):
@@ -34,7 +43,12 @@ class ArgParser(argparse.ArgumentParser):
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:
-    parser = ArgParser(prog=prog, description="Train as configured; KEY=VALUE overrides use dotted YAML paths.")
+    parser = ArgParser(
+        prog=prog,
+        description="Train as configured; KEY=VALUE overrides use dotted YAML paths.",
+        epilog=SUBCOMMAND_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4 strategy.name=ddp")
     return parser
@@ -43,8 +57,11 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 def run_train(argv: list[str]) -> int:
     from .config import load_config
 
-    args = _train_parser("dist-train train").parse_args(argv)
-    cfg = load_config(args.config, args.overrides)
+    try:
+        args = _train_parser("dist-train train").parse_args(argv)
+        cfg = load_config(args.config, args.overrides)
+    except UserError as err:
+        raise on_every_rank(err) from None  # every rank parsed the same command line and file
 
     from .control import EXIT_PREEMPTED, catch_stop_signals_early
 
@@ -115,13 +132,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             command, rest = argv[0], argv[1:]
+        elif argv and not argv[0].startswith("-") and "=" not in argv[0]:
+            raise UserError(f"unknown sub-command `{argv[0]}`: choose one of {', '.join(SUBCOMMANDS)} (see --help)")
         else:
             command, rest = "train", argv
         from .imports import import_object
 
         return import_object(SUBCOMMANDS[command], "sub-command")(rest)
     except UserError as err:
-        print(f"dist_train: error: {err}", file=sys.stderr)
+        if not err.same_on_every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"dist_train: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         logging.getLogger("dist_train").error("interrupted")

@@ -47,9 +47,13 @@ def resolve(name: str, registry: dict[str, str], what: str) -> Any:
 
 
 def call_factory(factory: Any, kwargs: dict, what: str, *args: Any) -> Any:
-    """Call a factory with config kwargs; unknown or missing kwargs become one-line errors."""
+    """Call a factory with config kwargs; unknown or missing kwargs, and an exception the factory
+    raises, become one-line errors (the line names where it was raised)."""
     import inspect
+    import traceback
 
+    if not callable(factory):
+        raise UserError(f"{what} is a {type(factory).__name__}, not a factory function or class")
     try:
         signature = inspect.signature(factory)
     except (TypeError, ValueError):
@@ -60,4 +64,11 @@ def call_factory(factory: Any, kwargs: dict, what: str, *args: Any) -> Any:
         except TypeError as err:
             params = [p for p in signature.parameters if p not in ("split",)]
             raise UserError(f"{what}: {err} (it takes: {', '.join(params) or 'no arguments'})") from None
-    return factory(*args, **kwargs)
+    try:
+        return factory(*args, **kwargs)
+    except UserError:
+        raise
+    except Exception as err:
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        where = f"{frame.filename}:{frame.lineno}"
+        raise UserError(f"{what}: the factory raised {type(err).__name__}: {err} (at {where})") from None

@@ -14,7 +14,7 @@ from . import checkpoint as ckpt
 from .config import Config, to_dict
 from .control import Control
 from .distributed import DistContext
-from .errors import UserError
+from .errors import UserError, on_every_rank
 from .strategies import Strategy
 
 log = logging.getLogger("dist_train")
@@ -81,6 +81,13 @@ def save(
     return final
 
 
+def _load_error_summary(err: Exception, limit: int = 300) -> str:
+    """torch's multi-line `load_state_dict` report (missing/unexpected keys, size mismatches) on one line."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    details = "; ".join(line for line in lines[1:] if line) or lines[0]
+    return details if len(details) <= limit else details[: limit - 3] + "..."
+
+
 def restore(
     cfg: Config, ctx: DistContext, control: Control, strategy: Strategy, output_dir: Path
 ) -> tuple[TrainState, str, torch.Tensor] | None:
@@ -97,7 +104,7 @@ def restore(
             found = err
     found = control.broadcast_object(found)
     if isinstance(found, UserError):
-        raise found
+        raise on_every_rank(found)
     if found is None:
         return None
     folder, manifest = Path(found[0]), found[1]
@@ -112,12 +119,15 @@ def restore(
             f"checkpoint {folder} holds {manifest['world_size']} shards; this strategy cannot reshard it: "
             f"resume with world size {manifest['world_size']}"
         )
-    if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):
-        log.warning("the training config differs from the one checkpoint %s was written with", folder.name)
     try:
         strategy.load(folder)
     except RuntimeError as err:  # shape/key mismatch from load_state_dict
-        raise UserError(f"checkpoint {folder} does not fit this model: {str(err).splitlines()[0]}") from None
+        raise UserError(
+            f"checkpoint {folder} does not fit this model ({_load_error_summary(err)}): resume with the model "
+            "config it was written with, or start this one in a new run.output_dir"
+        ) from None
+    if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):
+        log.warning("the training config differs from the one checkpoint %s was written with", folder.name)
     window_loss_sum = torch.zeros((), dtype=torch.float64)
     rank_path = folder / ckpt.rng_file(ctx.rank)
     if rank_path.exists() and manifest["world_size"] == ctx.world_size:

@@ -24,6 +24,7 @@ from .config import Config, dump_yaml
 from .control import Control
 from .data import build_eval_data, build_train_data, no_ignored_targets
 from .distributed import DistContext
+from .errors import UserError, on_every_rank
 from .evaluation import evaluate
 from .flops import mfu_per_token
 from .host_memory import retain_freed_heap
@@ -109,8 +110,6 @@ def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data,
 def _improved(cfg: Config, state: run_state.TrainState, metrics: dict) -> bool:
     value = metrics.get(cfg.eval.metric)
     if value is None:
-        from .errors import UserError
-
         raise UserError(f"eval.metric {cfg.eval.metric!r} is not among the eval metrics ({', '.join(metrics)})")
     best = state.best_metric
     better = best is None or (
@@ -128,7 +127,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     step_times = step_times_hook()  # benchmarks only (DIST_TRAIN_STEP_TIMES); None otherwise
     output_dir = Path(cfg.run.output_dir)
     if ctx.is_rank_zero:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"run.output_dir {output_dir}: cannot create it ({err.strerror}); choose another") from None
         write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
     control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
@@ -146,10 +148,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         train_loss = replace(loss_fn, ignores_targets=False)
     eval_data = build_eval_data(cfg, ctx)
     if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
-        from .errors import UserError
-
-        raise UserError(
-            f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
+        raise on_every_rank(
+            UserError(
+                f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
+            )
         )
     sample = data.loader.dataset[0][0]
     tokens_per_sample = sample.numel() if not sample.is_floating_point() else 1  # token inputs: report tokens/s
@@ -203,6 +205,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             strategy.set_lr(lr)
             try:
                 result = train_step(strategy, train_loss, micro_batches, cfg, ctx)
+            except UserError as err:  # outputs and targets that the loss cannot pair: a config mistake, exit 2
+                raise on_every_rank(err) from None
             except Exception as err:
                 raise TrainingError(
                     f"rank {ctx.rank} failed at step {state.step + 1}: {type(err).__name__}: {err}"

@@ -13,6 +13,7 @@ rank's (2 bad input, 75 stopped by a signal after checkpointing, 1 failure), els
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
@@ -65,8 +66,14 @@ def loopback_store(nproc: int):
     return store, port
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and status 2, like every dist_train command
+        print(f"dist_train: error: {message} (see `python launch/spawn.py --help`)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1, help="ranks to start")
     args, rest = parser.parse_known_args(argv)
     if args.nproc_per_node < 1:
@@ -74,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import torch.multiprocessing as mp
 
+    # A failing rank has said why; torch would add a line per sibling it terminates.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     store, port = loopback_store(args.nproc_per_node)
     context = mp.start_processes(
         _rank_main, args=(args.nproc_per_node, port, rest), nprocs=args.nproc_per_node, join=False, start_method="spawn"

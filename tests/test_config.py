@@ -3,7 +3,7 @@
 from pathlib import Path
 
 import pytest
-from helpers import PYTHON, run_cli, write_config
+from helpers import PYTHON, REPO_ROOT, run_cli, write_config
 
 from dist_train.config import config_reference, from_dict, load_config, to_dict
 from dist_train.errors import UserError
@@ -47,7 +47,7 @@ def test_int_key_accepts_int_for_float():
         ({"train": {"grad_accum_steps": 0}}, "`train.grad_accum_steps` must be > 0"),
         ({"train": {"precision": "fp8"}}, "`train.precision` must be one of fp32, bf16, fp16"),
         ({"strategy": {"zero_stage": 4}}, "`strategy.zero_stage` must be 0, 1, 2 or 3"),
-        ({"train": {"lr": "fast"}}, "`train.lr` must be a number"),
+        ({"train": {"lr": "fast"}}, "`train.lr` must be a finite number"),
         ({"run": {"output_dir": None}}, "`run.output_dir` is required"),
     ],
 )
@@ -135,3 +135,118 @@ def test_readme_config_reference_is_current():
     readme = (REPO_ROOT / "README.md").read_text()
     section = readme.split("<!-- config-reference:start -->\n")[1].split("\n<!-- config-reference:end -->")[0]
     assert section == config_reference(), "README config table is stale: paste `python -m dist_train.config`"
+
+
+def test_numbers_in_lists_and_factory_arguments_load_as_numbers(tmp_path):
+    """YAML 1.1 reads `3e-4` as text wherever it stands; the config loader reads YAML 1.2 numbers."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "run: {output_dir: 2024-01-01}\nmodel: {name: mlp, dropout: 1e-1, widths: [1e1, 2E1]}\n"
+        "data: {name: synthetic_vectors}\noptim: {betas: [0.9, 999e-3]}\n"
+    )
+    cfg = load_config(path, ["train.max_steps=1e3", "train.loss_kwargs={label_smoothing: 5e-2}"])
+    assert cfg.model.kwargs == {"dropout": 0.1, "widths": [10.0, 20.0]}
+    assert cfg.optim.betas == [0.9, 0.999] and cfg.train.loss_kwargs == {"label_smoothing": 0.05}
+    assert cfg.train.max_steps == 1000 and cfg.run.output_dir == "2024-01-01"  # a date stays text
+    assert load_config(path, ["run.output_dir=2024"]).run.output_dir == "2024"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=nan", "`train.lr` must be a finite number"),
+        ("train.grad_clip_norm=.inf", "`train.grad_clip_norm` must be a finite number"),
+        ("dist.timeout_s=inf", "`dist.timeout_s` must be a finite number"),
+        ("strategy.name=null", "`strategy.name` must be one of ddp"),
+        ("optim.name=null", "`optim.name` must be one of"),
+    ],
+)
+def test_non_finite_numbers_and_empty_names_are_refused(tmp_path, override, message):
+    path = write_config(tmp_path / "c.yaml", BASE)
+    with pytest.raises(UserError) as err:
+        load_config(path, [override])
+    assert message in str(err.value)
+
+
+CLI_CASES = """
+import json, os, sys, tempfile
+from dist_train.cli import main
+out = {}
+for name, argv in json.loads(sys.argv[1]).items():
+    with tempfile.TemporaryFile() as err:  # fd 2 itself: the hang watchdog (faulthandler) writes there
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            code = main(argv)
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        out[name] = [code, err.read().decode()]
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
+    """Mistakes that surface only once torch runs the user's factories, the loss or the output folder;
+    all cases in one process (each a full `dist_train.cli.main`), so torch is imported once."""
+    base = {
+        "run": {"output_dir": str(tmp_path / "out")},
+        "model": {"name": "mlp", "input_dim": 32, "hidden_dim": 8, "num_classes": 4},
+        "data": {"name": "userpkg.broken:data_classes"},
+        "train": {"max_steps": 1, "micro_batch_size": 8},
+        "checkpoint": {"every_steps": 1},
+        "eval": {"at_end": False},
+        "log": {"plot": False},
+    }
+    config = str(write_config(tmp_path / "c.yaml", base))
+    (tmp_path / "a_file").write_text("")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    run = ["--config", config]
+    cases = {
+        "trained": [*run],  # a good run first: its checkpoint is the one the mismatch case meets
+        "not_callable": [*run, "model.name=userpkg.broken:not_callable", "run.output_dir=" + str(tmp_path / "o1")],
+        "model_raises": [*run, "model.name=userpkg.broken:model_raises", "run.output_dir=" + str(tmp_path / "o2")],
+        "data_raises": [*run, "data.name=userpkg.broken:data_raises", "run.output_dir=" + str(tmp_path / "o3")],
+        "single": [*run, "data.name=userpkg.broken:data_single", "run.output_dir=" + str(tmp_path / "o4")],
+        "triple": [*run, "data.name=userpkg.broken:data_triple", "run.output_dir=" + str(tmp_path / "o5")],
+        "list": [*run, "data.name=userpkg.broken:data_plain_list", "run.output_dir=" + str(tmp_path / "o6")],
+        "loss": [*run, "train.loss=mse", "run.output_dir=" + str(tmp_path / "o7")],
+        "output_file": [*run, "run.output_dir=" + str(tmp_path / "a_file")],
+        "output_under_file": [*run, "run.output_dir=" + str(tmp_path / "a_file" / "sub")],
+        "binary_config": ["--config", str(binary)],
+        "mismatch": [*run, "model.hidden_dim=16", "train.max_steps=2"],
+    }
+    expected = {
+        "not_callable": "is a int, not a factory function or class",
+        "model_raises": "the factory raised ValueError: weights file missing (at ",
+        "data_raises": "the factory raised FileNotFoundError: no such shard",
+        "single": "items must be (input, target) tensor pairs, got Tensor",
+        "triple": "items must be (input, target) tensor pairs, got a 3-tuple",
+        "list": "items must be (input, target) tensor pairs, got int",
+        "loss": "differ in shape",
+        "output_file": "cannot create it",
+        "output_under_file": "cannot create it",
+        "binary_config": "is not UTF-8 text",
+        "mismatch": "does not fit this model (size mismatch for ",
+    }
+    import json
+
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    proc = run_cli([PYTHON, "-c", CLI_CASES, json.dumps(cases)], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert results["trained"][0] == 0, results["trained"][1][-2000:]
+    for name, text in expected.items():
+        code, stderr = results[name]
+        lines = stderr.strip().splitlines()
+        if name == "loss":  # found by the first forward: after the start-up line
+            assert lines[0].startswith(f"{lines[0][:8]} INFO training mlp"), lines[0]
+            lines = lines[1:]
+        assert code == 2 and len(lines) == 1, (name, stderr)
+        assert lines[0].startswith("dist_train: error:") and text in lines[0], (name, lines[0])
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000001"

@@ -308,7 +308,7 @@ def test_verify_rejects_bad_arguments(tmp_path, capsys):
     for argv, message in (
         (["--world-size", "1"], "--world-size must be >= 2"),
         (["--checks", "ranks,speed"], "--checks: unknown speed"),
-        (["train.lr=fast"], "`train.lr` must be a number"),
+        (["train.lr=fast"], "`train.lr` must be a finite number"),
     ):
         code, _, err = run_main(capsys, "verify", str(path), *argv)
         assert code == 2 and message in err, err

@@ -4,11 +4,12 @@ but a run cannot use (`validate`)."""
 from __future__ import annotations
 
 import difflib
+import math
 import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 from ..errors import UserError
-from .schema import Config
+from .schema import REQUIRED_KEYS, Config
 
 
 def nearest(name: str, options: list[str]) -> str:
@@ -16,55 +17,72 @@ def nearest(name: str, options: list[str]) -> str:
     return f" (did you mean `{close[0]}`?)" if close else f" (valid: {', '.join(options)})"
 
 
-def coerce(value: Any, tp: Any, path: str) -> Any:
-    """Check `value` against the annotation `tp`; convert numeric spellings for floats."""
+WANTED = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a finite number",
+    str: "a string",
+    list: "a list",
+    dict: "a mapping",
+}
+
+
+def _wanted(tp: Any) -> str:
+    """What a value of annotation `tp` must be, in words: `an integer or null`."""
     origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        options = get_args(tp)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return coerce(value, option, path)
-            except UserError:
-                pass
-        names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
-        raise UserError(f"`{path}` must be {names}, got {value!r}")
+        return " or ".join("null" if option is type(None) else _wanted(option) for option in get_args(tp))
     if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise UserError(f"`{path}` must be one of {', '.join(map(str, get_args(tp)))}; got {value!r}")
+        return f"one of {', '.join(map(str, get_args(tp)))}"
+    return WANTED.get(origin or tp, getattr(tp, "__name__", str(tp)))
+
+
+def coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check `value` against the annotation `tp`; convert numeric spellings for numbers."""
+    converted = _convert(value, tp)
+    if converted is _INVALID:
+        raise UserError(f"`{path}` must be {_wanted(tp)}, got {value!r}")
+    return converted
+
+
+_INVALID = object()
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """`value` as annotation `tp` wants it, or _INVALID."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in get_args(tp):
+            return None
+        for option in get_args(tp):
+            converted = _INVALID if option is type(None) else _convert(value, option)
+            if converted is not _INVALID:
+                return converted
+        return _INVALID
+    if origin is Literal:
+        return value if value in get_args(tp) else _INVALID
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"`{path}` must be true or false, got {value!r}")
+        return value if isinstance(value, bool) else _INVALID
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise UserError(f"`{path}` must be an integer, got {value!r}")
+        if number and float(value).is_integer():
+            return int(value)  # `train.max_steps=1e5`
+        return _INVALID
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # PyYAML reads `3e-4` as a string: accept every numeric spelling
+        if isinstance(value, str):  # a spelling YAML left as text (`1_0e-3`): accept every numeric spelling
             try:
-                return float(value)
+                value, number = float(value), True
             except ValueError:
-                pass
-        raise UserError(f"`{path}` must be a number, got {value!r}")
+                return _INVALID
+        return float(value) if number and math.isfinite(value) else _INVALID
     if tp is str:
-        if isinstance(value, str):
-            return value
-        raise UserError(f"`{path}` must be a string, got {value!r}")
+        if number:
+            return str(value)  # a path or name that YAML read as a number (`run.output_dir=2024`)
+        return value if isinstance(value, str) else _INVALID
     if tp is list or origin is list:
-        if isinstance(value, list):
-            return value
-        raise UserError(f"`{path}` must be a list, got {value!r}")
+        return value if isinstance(value, list) else _INVALID
     if tp is dict or origin is dict:
-        if isinstance(value, dict):
-            return value
-        raise UserError(f"`{path}` must be a mapping, got {value!r}")
+        return value if isinstance(value, dict) else _INVALID
     return value
 
 
@@ -77,12 +95,9 @@ def _positive(value: Any, path: str, allow_none: bool = False, allow_zero: bool 
 
 def validate(cfg: Config) -> None:
     """Values the types allow but a run cannot use."""
-    for path, value in (
-        ("run.output_dir", cfg.run.output_dir),
-        ("model.name", cfg.model.name),
-        ("data.name", cfg.data.name),
-    ):
-        if not value:
+    for path in REQUIRED_KEYS:
+        section, key = path.split(".")
+        if not getattr(getattr(cfg, section), key):
             raise UserError(f"`{path}` is required: set it in the config file or as `{path}=...`")
     t = cfg.train
     _positive(t.max_steps, "train.max_steps")

@@ -4,6 +4,7 @@ then typed sections built and checked; and writing the resolved config back out.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, get_type_hints
 
@@ -11,7 +12,39 @@ import yaml
 
 from ..errors import UserError
 from .checks import coerce, nearest, validate
-from .schema import FREE_FORM_SECTIONS, Config
+from .schema import FREE_FORM_SECTIONS, REQUIRED_KEYS, Config
+
+FLOAT_TAG, TIMESTAMP_TAG = "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 numbers and no dates.
+
+    PyYAML follows YAML 1.1, where a float needs a dot: `3e-4` and `1e-1` load as strings, in
+    typed keys, lists (`optim.betas`) and the model/data factory arguments alike. Dates
+    (`2024-01-01`) stay text: no config key is a date, and an output folder may be named like one.
+    """
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (FLOAT_TAG, TIMESTAMP_TAG)]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    FLOAT_TAG,
+    re.compile(
+        r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?
+        |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+        |[-+]?\.(?:inf|Inf|INF)
+        |\.(?:nan|NaN|NAN))$""",
+        re.X,
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 def _build_section(cls: type, raw: Any, section: str) -> Any:
@@ -29,7 +62,7 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
     for key, value in raw.items():
         if key not in names:
             raise UserError(f"unknown key `{section}.{key}`{nearest(str(key), names)}")
-        if value is None and key in ("output_dir", "name"):
+        if value is None and f"{section}.{key}" in REQUIRED_KEYS:
             continue  # a required key left empty: validate() says it is required
         values[key] = coerce(value, hints[key], f"{section}.{key}")
     return cls(**values)
@@ -66,7 +99,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         if not sep or not key or any(not part for part in key.split(".")):
             raise UserError(f"override {item!r} must look like `section.key=value` (e.g. train.lr=3e-4)")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            value = load_yaml(text) if text.strip() else ""
         except yaml.YAMLError as err:
             raise _yaml_error(err, f"override {item!r}") from None
         parsed.append((key.split("."), value))
@@ -98,8 +131,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         raise UserError(f"config file not found: {path} (check the path given to --config)") from None
     except OSError as err:
         raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config file {path} is not UTF-8 text: pass a YAML file to --config") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as err:
         raise _yaml_error(err, str(path)) from None
     if not isinstance(raw, dict):

@@ -22,6 +22,7 @@ def _f(default: Any, doc: str, **kwargs: Any) -> Any:
 
 
 REQUIRED = None  # marker default for the three keys the contract makes mandatory
+REQUIRED_KEYS = ("run.output_dir", "model.name", "data.name")
 
 
 @dataclass

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..config import Config
 from ..distributed import DistContext
-from ..errors import UserError
+from ..errors import UserError, on_every_rank
 from ..imports import call_factory, resolve
 from .sampler import PaddedEvalSampler, ResumableDistributedSampler
 
@@ -27,13 +27,32 @@ REGISTRY: dict[str, str] = {
 
 
 def build_dataset(name: str, split: str, kwargs: dict) -> Dataset | None:
+    try:
+        return _build_dataset(name, split, kwargs)
+    except UserError as err:
+        raise on_every_rank(err) from None  # every rank builds the same dataset
+
+
+def _build_dataset(name: str, split: str, kwargs: dict) -> Dataset | None:
     factory = resolve(name, REGISTRY, "dataset")
     dataset = call_factory(factory, kwargs, f"dataset {name!r}", split)
     if dataset is not None and not hasattr(dataset, "__len__"):
         raise UserError(f"dataset {name!r} split {split!r} must be a map-style Dataset with __len__")
     if dataset is not None and len(dataset) == 0:
         return None
+    if dataset is not None:
+        _check_item(dataset[0], f"dataset {name!r} split {split!r}")
     return dataset
+
+
+def _check_item(item, what: str) -> None:
+    """Items are `(input, target)` pairs of tensors: say so before the first step fails on one."""
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        got = f"a {len(item)}-tuple" if isinstance(item, (tuple, list)) else type(item).__name__
+        raise UserError(f"{what}: items must be (input, target) tensor pairs, got {got}")
+    for part, value in zip(("input", "target"), item):
+        if not isinstance(value, torch.Tensor):
+            raise UserError(f"{what}: an item's {part} must be a torch.Tensor, got {type(value).__name__}")
 
 
 def _loader(

@@ -21,10 +21,12 @@ REGISTRY: dict[str, str] = {
 
 def build_model(name: str, kwargs: dict) -> nn.Module:
     """`model.name` + the other `model.*` keys -> an nn.Module (same init on every rank: seed first)."""
-    from ..errors import UserError
+    from ..errors import UserError, on_every_rank
 
-    factory = resolve(name, REGISTRY, "model")
-    model = call_factory(factory, kwargs, f"model {name!r}")
+    try:
+        model = call_factory(resolve(name, REGISTRY, "model"), kwargs, f"model {name!r}")
+    except UserError as err:
+        raise on_every_rank(err) from None  # every rank builds the same model
     if not isinstance(model, nn.Module):
-        raise UserError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise on_every_rank(UserError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module"))
     return model

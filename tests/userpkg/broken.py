@@ -1,0 +1,43 @@
+"""User factories that are wrong in the ways users get them wrong: for the one-line error tests."""
+
+import torch
+from torch.utils.data import TensorDataset
+
+not_callable = 3
+
+
+def model_raises(**kwargs):
+    raise ValueError("weights file missing")
+
+
+def data_raises(split: str):
+    raise FileNotFoundError(f"no such shard: /data/{split}-00000.bin")
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, make):
+        self.make = make
+
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, index: int):
+        return self.make(index)
+
+
+def data_single(split: str):
+    return _Items(lambda i: torch.randn(32))
+
+
+def data_triple(split: str):
+    return _Items(lambda i: (torch.randn(32), torch.tensor(1), torch.tensor(0)))
+
+
+def data_plain_list(split: str):
+    return [1, 2, 3] * 30
+
+
+def data_classes(split: str):
+    """32 features, 4 classes: right for cross_entropy, not for mse."""
+    generator = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(64, 32, generator=generator), torch.randint(4, (64,), generator=generator))
