@@ -7,7 +7,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, REPO_ROOT, ctx_from_env, launch, read_rows, run_ranks, tiny_lm_config, write_config
+from helpers import (
+    PYTHON,
+    REPO_ROOT,
+    ctx_from_env,
+    free_port,
+    launch,
+    read_rows,
+    run_cli,
+    run_ranks,
+    tiny_lm_config,
+    write_config,
+)
 
 from dist_train.config import from_dict
 
@@ -156,3 +167,19 @@ def test_quickstart_trains_on_two_ranks_with_falling_loss(tmp_path):
     assert losses[-1] < 0.6 * losses[0]
     assert (tmp_path / "qs" / "model.safetensors").stat().st_size > 100_000
     assert (tmp_path / "qs" / "checkpoints" / "latest").read_text().strip() == "step-00000120"
+
+
+def test_an_error_every_rank_meets_is_said_once(tmp_path):
+    """A config mistake every rank meets alike (here found once the process group is up: an unknown
+    model argument) is one line from the node's local rank 0, with status 2 through spawn.py and
+    through `dist-train torchrun` (plain torchrun reports any failed rank as 1)."""
+    config = tiny_lm_config(tmp_path / "out", model={"widht": 3})
+    proc = launch(config, tmp_path, nproc=2, launcher="spawn", timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("dist_train: error: model 'transformer_lm'") and "widht" in lines[0]
+    path = write_config(tmp_path / "c.yaml", config)
+    torchrun = ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    proc = run_cli([PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("dist_train: error: model 'transformer_lm'") == 1 and "Traceback" not in proc.stderr
