@@ -52,7 +52,9 @@ def spawn_cmd(config: Path) -> list[str]:
 
 def start(config: Path) -> subprocess.Popen:
     env = {**os.environ, **ENV, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(spawn_cmd(config), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        spawn_cmd(config), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def wait_for_checkpoint(output_dir: Path, proc: subprocess.Popen, timeout: float = 90) -> None:
@@ -125,11 +127,17 @@ def finish_and_compare(config: Path, output_dir: Path, uninterrupted: Path) -> i
     return marker["step"]
 
 
-def test_sigterm_to_the_launcher_checkpoints_and_resumes_bit_exact(tmp_path, uninterrupted):
+@pytest.mark.parametrize("target", ["launcher", "process group"])
+def test_sigterm_checkpoints_and_resumes_bit_exact(tmp_path, uninterrupted, target):
+    """SIGTERM to the launcher (which forwards it to the ranks), or to every process of the job as
+    torchrun's shutdown and SLURM do: the loader workers too, which must not fail their rank."""
     config = write_config(tmp_path / "c.yaml", resume_config(tmp_path / "out"))
     proc = start(config)
     wait_for_checkpoint(tmp_path / "out", proc)
-    proc.send_signal(signal.SIGTERM)
+    if target == "launcher":
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 75, proc.stderr.read()
     latest = ckpt.read_latest(tmp_path / "out" / "checkpoints")
     ckpt.verify(tmp_path / "out" / "checkpoints" / latest)

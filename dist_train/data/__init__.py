@@ -76,8 +76,20 @@ def _loader(
 
 
 def _worker_init(rank_pid: int, worker_id: int) -> None:
+    """A loader worker lives and dies with its rank.
+
+    It ignores the stop signals: torchrun's shutdown and SLURM's scancel/preemption signal every
+    process of the group, and a worker killed by SIGTERM fails its rank ("DataLoader worker exited
+    unexpectedly") before the rank can checkpoint. The rank ends its workers when it is done, and
+    they get SIGKILL if it dies.
+    """
+    import signal
+
+    from ..control import STOP_SIGNALS
     from ..distributed import die_with_parent
 
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     die_with_parent(rank_pid)
 
 
