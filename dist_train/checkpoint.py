@@ -161,10 +161,42 @@ def _intact(folder: Path) -> bool:
 
 
 def read_latest(root: Path) -> str | None:
+    """The text of `root/latest` (undecodable bytes replaced), None when there is none."""
     try:
-        return (root / "latest").read_text().strip() or None
+        return (root / "latest").read_bytes().decode("utf-8", errors="replace").strip() or None
     except (FileNotFoundError, NotADirectoryError):
         return None
+
+
+MANIFEST_FIELDS = {"step": int, "world_size": int, "strategy": str, "trainer": dict, "files": dict}
+
+
+def _check_manifest(folder: Path, manifest) -> None:
+    """The fields a resume reads, and a file list that covers every file a load may read."""
+    where = f"{folder}/{MANIFEST}"
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{where} is not a dist_train manifest")
+    for key, kind in MANIFEST_FIELDS.items():
+        value = manifest.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise ValueError(
+                f"{where}: `{key}` is missing or not a {kind.__name__} (edited or not a dist_train manifest)"
+            )
+    for name, entry in manifest["files"].items():
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise ValueError(f"{where}: file name {name!r} points outside the checkpoint")
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("size"), int)
+            or not isinstance(entry.get("sha256"), str)
+        ):
+            raise ValueError(f"{where}: the entry of {name} has no size and sha256")
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        # DeepSpeed copies its conversion scripts (zero_to_fp32.py) beside the checkpoint; nothing loads them
+        helper_script = path.parent == folder and path.suffix == ".py"
+        if path.is_file() and name != MANIFEST and name not in manifest["files"] and not helper_script:
+            raise ValueError(f"{folder.name}: file {name} is not in the manifest (unverified: edited or foreign)")
 
 
 def verify(folder: Path) -> dict:
@@ -175,8 +207,7 @@ def verify(folder: Path) -> dict:
         raise ValueError(f"{folder} has no {MANIFEST} (incomplete or not a checkpoint)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{folder}/{MANIFEST} is not valid JSON") from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict) or "step" not in manifest:
-        raise ValueError(f"{folder}/{MANIFEST} is not a dist_train manifest")
+    _check_manifest(folder, manifest)
     for name, entry in manifest["files"].items():
         path = folder / name
         if not path.is_file():
@@ -218,8 +249,8 @@ def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
                     f"checkpoint.resume: {path} is neither a checkpoint folder nor a run folder with checkpoints/latest"
                 )
             path = root / latest
-            if not path.is_dir():
-                raise UserError(f"checkpoint.resume: {root}/latest names {latest}, which does not exist")
+            if not STEP_DIR.match(latest) or not path.is_dir():
+                raise UserError(f"checkpoint.resume: {root}/latest names {latest!r}, which is not a checkpoint folder")
         try:
             return Found(path, verify(path))
         except ValueError as err:
@@ -230,9 +261,10 @@ def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
         return None
     candidates = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), reverse=True)
     latest = read_latest(root)
-    if latest and not (root / latest).is_dir():
+    if latest and (not STEP_DIR.match(latest) or not (root / latest).is_dir()):
         log.warning(
-            "checkpoints/latest names %s, which does not exist; looking for the newest intact checkpoint", latest
+            "checkpoints/latest names %r, which is not a checkpoint folder; looking for the newest intact checkpoint",
+            latest,
         )
     elif latest:  # trust `latest` first: it is only ever replaced after a complete save
         candidates.sort(key=lambda p: p.name != latest)

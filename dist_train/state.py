@@ -136,7 +136,12 @@ def restore(
         window_loss_sum = rank_state["window_loss_sum"]
     elif ctx.is_rank_zero:
         log.warning("world size changed (%d -> %d): RNG streams start fresh", manifest["world_size"], ctx.world_size)
-    state = TrainState(**manifest["trainer"])
+    try:
+        state = TrainState(**manifest["trainer"])
+    except TypeError as err:  # fields this version does not know (or lacks): another dist_train wrote it
+        raise on_every_rank(
+            UserError(f"checkpoint {folder}: its trainer state does not fit this version ({err})")
+        ) from None
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size
     if state.samples_in_epoch % ctx.world_size:
         raise UserError(

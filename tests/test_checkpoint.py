@@ -152,6 +152,18 @@ def _flip_byte(path: Path):
     path.write_bytes(bytes(data))
 
 
+def _edit_manifest(folder: Path, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _truncate_unlisted(folder: Path) -> None:
+    """The manifest stops listing a file (so no checksum covers it), and the file is damaged."""
+    _edit_manifest(folder, lambda m: m["files"].pop("model.pt"))
+    (folder / "model.pt").write_bytes((folder / "model.pt").read_bytes()[:100])
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -159,8 +171,25 @@ def _flip_byte(path: Path):
         lambda folder: _flip_byte(folder / "optimizer.pt"),
         lambda folder: (folder / "rank-00000.pt").unlink(),
         lambda folder: (folder / "manifest.json").write_text("{not json"),
+        lambda folder: _edit_manifest(folder, lambda m: m.pop("trainer")),
+        lambda folder: _edit_manifest(folder, lambda m: m.pop("world_size")),
+        lambda folder: _edit_manifest(folder, lambda m: m.update(trainer="x")),
+        lambda folder: _edit_manifest(folder, lambda m: m["files"].update({"model.pt": {}})),
+        lambda folder: _edit_manifest(folder, lambda m: m["files"].update({"../../x": m["files"]["model.pt"]})),
+        _truncate_unlisted,
     ],
-    ids=["truncated", "flipped-byte", "missing-file", "bad-manifest"],
+    ids=[
+        "truncated",
+        "flipped-byte",
+        "missing-file",
+        "bad-manifest",
+        "no-trainer",
+        "no-world-size",
+        "trainer-not-a-mapping",
+        "entry-without-checksum",
+        "name-outside",
+        "file-not-listed",
+    ],
 )
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, damage):
     run_dir, root = _checkpointed_run(tmp_path, reference)
@@ -177,12 +206,21 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     assert max_abs_diff(load_weights(reference), load_weights(run_dir)) == 0.0
 
 
-def test_latest_naming_a_missing_folder_falls_back(tmp_path, reference):
+@pytest.mark.parametrize("content", [b"step-00000099\n", b"\xff\xfe", b"../../elsewhere"])
+def test_latest_naming_no_checkpoint_falls_back(tmp_path, reference, content):
     run_dir, root = _checkpointed_run(tmp_path, reference)
-    (root / "latest").write_text("step-00000099\n")
+    (root / "latest").write_bytes(content)
     assert ckpt.find_resume_checkpoint("auto", run_dir).folder.name == "step-00000006"
-    with pytest.raises(UserError, match="names step-00000099, which does not exist"):
+    with pytest.raises(UserError, match="which is not a checkpoint folder"):
         ckpt.find_resume_checkpoint(str(run_dir), run_dir)
+
+
+def test_trainer_state_of_another_version_is_a_clear_error(tmp_path, reference):
+    """Checksums intact, fields unknown to this version: not damage to skip, but a mismatch to say."""
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    _edit_manifest(root / "step-00000006", lambda m: m["trainer"].update(bogus=1))
+    with pytest.raises(UserError, match="trainer state does not fit this version"):
+        run(run_dir, train={"max_steps": 8})
 
 
 def test_checkpoint_for_another_model_shape_is_a_clear_error(tmp_path, reference):
