@@ -131,7 +131,6 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise UserError(f"run.output_dir {output_dir}: cannot create it ({err.strerror}); choose another") from None
-        write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
     control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
     model = build_model(cfg.model.name, cfg.model.kwargs)
@@ -160,6 +159,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
     restored = run_state.restore(cfg, ctx, control, strategy, output_dir)
+    if ctx.is_rank_zero:  # only now: a config its checkpoints refuse leaves the folder's config.yaml alone
+        write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
     state = restored[0] if restored else run_state.TrainState()
     limit = cfg.train.max_nonfinite_steps if cfg.train.precision != "fp16" else 10**9  # fp16: the scaler skips
     window = LossWindow(ctx, limit, restored[2] if restored else None, state.window_count, state.skipped_steps)

@@ -250,3 +250,4 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
         assert code == 2 and len(lines) == 1, (name, stderr)
         assert lines[0].startswith("dist_train: error:") and text in lines[0], (name, lines[0])
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000001"
+    assert "hidden_dim: 8" in (tmp_path / "out" / "config.yaml").read_text()  # the refused run changed nothing
