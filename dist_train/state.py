@@ -32,6 +32,7 @@ class TrainState:
     evals_without_improvement: int = 0
     window_count: float = 0.0  # counted elements in the open logging window (sums are per rank)
     lr_schedule: dict = field(default_factory=dict)  # schedules.LRSchedule state (plateau), JSON
+    last_eval_step: int = -1  # a run restarted after its last evaluation does not repeat it
 
 
 def training_config(cfg: Config) -> dict:

@@ -184,7 +184,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     )
 
     throughput = Throughput(mfu_per_token(strategy.module, tokens_per_sample, ctx))
-    status, last_saved, last_eval, batches = "finished", -1, -1, None
+    status, batches = "finished", None
+    last_saved = state.step if restored else -1  # a finished run started again saves nothing new
     if ctx.device.type == "cpu":
         retain_freed_heap()  # no per-step heap trim + page faults (host_memory.py)
     control.install()
@@ -223,7 +224,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                 metrics.console(row)
             if eval_data is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
                 control.arm_watchdog()
-                last_eval = state.step
+                state.last_eval_step = state.step
                 with throughput.paused():  # evaluation is not training throughput
                     eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx)}
                 metrics.write(eval_row)
@@ -252,7 +253,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         control.finish_vote()
         if status == "preempted":
             log.warning("stop signal received: checkpointing step %d and exiting", state.step)
-        elif cfg.eval.at_end and eval_data is not None and last_eval != state.step:
+        elif cfg.eval.at_end and eval_data is not None and state.last_eval_step != state.step:
+            state.last_eval_step = state.step
             eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx)}
             metrics.write(eval_row)
             metrics.console(eval_row)

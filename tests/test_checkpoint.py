@@ -285,3 +285,15 @@ def test_a_non_finite_step_is_skipped_and_counted(tmp_path):
 def test_too_many_non_finite_steps_in_a_row_stop_the_run(tmp_path):
     with pytest.raises(TrainingError, match=r"not finite for 3 steps in a row \(by step 5\)"):
         train(from_dict(nan_raw(tmp_path, nan_from=3)), SINGLE)
+
+
+def test_starting_a_finished_run_again_repeats_nothing(tmp_path, reference):
+    """The same command after the run finished (a requeue that came late, a re-submitted script):
+    the final checkpoint is found, nothing is trained, evaluated or saved again, the weights stay."""
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    before = read_rows(run_dir)
+    stamp = (root / "step-00000006" / "manifest.json").stat().st_mtime_ns
+    assert run(run_dir) == {"status": "finished", "step": 6}
+    assert read_rows(run_dir) == [*before, {"resumed_from": "step-00000006", "step": 6}]
+    assert (root / "step-00000006" / "manifest.json").stat().st_mtime_ns == stamp
+    assert max_abs_diff(load_weights(reference), load_weights(run_dir)) == 0.0
