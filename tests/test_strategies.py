@@ -23,6 +23,7 @@ from dist_train.config import from_dict
 pytestmark = pytest.mark.slow
 VARIANTS = {
     "ddp": ["strategy.name=ddp"],
+    "zero0": ["strategy.name=deepspeed", "strategy.zero_stage=0"],
     "zero1": ["strategy.name=deepspeed", "strategy.zero_stage=1"],
     "zero2": ["strategy.name=deepspeed", "strategy.zero_stage=2"],
     "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"],
@@ -46,7 +47,7 @@ def runs(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["zero1", "zero2", "zero3", "fsdp"])
+@pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "fsdp"])
 def test_sharded_strategies_follow_ddp(runs, name):
     ddp_rows = [r for r in read_rows(runs["ddp"]) if "loss" in r]
     rows = [r for r in read_rows(runs[name]) if "loss" in r]
@@ -251,3 +252,24 @@ def test_fsdp_trains_batchnorm_in_bf16_like_ddp():
     for key in ddp[2]:
         assert torch.allclose(ddp[2][key], fsdp[2][key], atol=2e-2), key
     assert fsdp[3] == ddp[3] and {str(d) for d in fsdp[3].values()} <= {"torch.float32", "torch.int64"}
+
+
+def test_deepspeed_stage_0_skips_a_non_finite_step_like_ddp(tmp_path):
+    """Stage 0 steps our torch optimizer without DeepSpeed's norm or skip: ours stand in."""
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    raw = {
+        "model": {"name": "userpkg.nan:nan_model", "nan_calls": [3]},
+        "data": {"name": "synthetic_vectors", "num_samples": 256},
+        "train": {"max_steps": 6, "max_nonfinite_steps": 3},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    for name in ("ddp", "zero0"):
+        config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
+        proc = launch(config, tmp_path, VARIANTS[name], launcher="single", env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {name: [r for r in read_rows(tmp_path / name) if "loss" in r] for name in ("ddp", "zero0")}
+    assert [r["skipped_steps"] for r in rows["zero0"]] == [0, 0, 1, 1, 1, 1]
+    for a, b in zip(rows["ddp"], rows["zero0"], strict=True):
+        assert (a["grad_norm"] == "nan") == (b["grad_norm"] == "nan") and a["skipped_steps"] == b["skipped_steps"]
+    assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "zero0")) <= 1e-6

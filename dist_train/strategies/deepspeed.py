@@ -157,12 +157,27 @@ class DeepSpeedStrategy(Strategy):
     def clip_and_step(self, max_norm: float | None, clip_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
         # DeepSpeed clips (config `gradient_clipping`), steps and zeroes in one call; ZeRO-1/2 skip a
         # step whose gradient norm is not finite (ZeRO-3 only under fp16), counted in skipped_steps.
-        self.engine.step()
-        norm = self.engine.get_global_grad_norm()
+        own_skip, stage_0 = False, self.cfg.strategy.zero_stage == 0 and self.cfg.train.precision != "fp16"
+        if stage_0:
+            # Stage 0 steps our torch optimizer as it is: DeepSpeed records no gradient norm and skips
+            # nothing. The gradients are all-reduced by now (replicated): their norm is the global one.
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norm = float(torch.nn.utils.get_total_norm(grads, foreach=True))
+            own_skip = not math.isfinite(norm)
+        if own_skip:  # the engine's step without the optimizer's (counters advance, gradients zeroed)
+            self.engine.optimizer.step = lambda *args, **kwargs: None
+            try:
+                self.engine.step()
+            finally:
+                del self.engine.optimizer.step
+        else:
+            self.engine.step()
+        if not stage_0:
+            norm = self.engine.get_global_grad_norm()
+            norm = float("nan") if norm is None else float(norm)  # a host float already (ZeRO reduces it on the host)
         skipped = self.engine.skipped_steps - self._skipped
         self._skipped = self.engine.skipped_steps
-        norm = float("nan") if norm is None else float(norm)  # a host float already (ZeRO reduces it on the host)
-        values = torch.tensor([norm, float(skipped > 0 or not math.isfinite(norm))], device=self.ctx.device)
+        values = torch.tensor([norm, float(own_skip or skipped > 0 or not math.isfinite(norm))], device=self.ctx.device)
         return values[0], values[1]
 
     def save(self, folder: Path) -> list[str]:
