@@ -18,7 +18,8 @@ def evaluate(strategy: Strategy, loss_fn: Loss, eval_data: EvalData, ctx: DistCo
     model = strategy.model
     was_training = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=ctx.device)  # loss sum, counted elements, correct
+    # loss sum, counted elements, correct, token NLL sum (LMs: perplexity)
+    totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)
     position, is_lm = 0, False
     for inputs, targets in eval_data.loader:
         batch = targets.shape[0]
@@ -36,13 +37,16 @@ def evaluate(strategy: Strategy, loss_fn: Loss, eval_data: EvalData, ctx: DistCo
         totals[1] += counted.sum()
         if loss_fn.classification:
             totals[2] += (loss_fn.correct(outputs, targets).reshape(batch, -1).double() * counted).sum()
+        if is_lm:
+            nll = losses if loss_fn.is_nll else loss_fn.nll(outputs, targets).reshape(batch, -1).double()
+            totals[3] += (nll * counted).sum()
     all_reduce_sum(totals, ctx)
     if was_training:
         model.train()
-    loss_sum, count, correct = totals.tolist()
+    loss_sum, count, correct, nll_sum = totals.tolist()
     metrics = {"eval_loss": loss_sum / max(count, 1.0)}
     if loss_fn.classification:
         metrics["eval_accuracy"] = correct / max(count, 1.0)
     if is_lm:
-        metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 80.0))
+        metrics["eval_perplexity"] = math.exp(min(nll_sum / max(count, 1.0), 80.0))
     return metrics

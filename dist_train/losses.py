@@ -23,6 +23,7 @@ class Loss:
     classification: bool  # report accuracy in eval
     ignores_targets: bool  # targets may hold IGNORE_INDEX: count them per batch
     summed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # reduction="sum" in one op
+    is_nll: bool = False  # elementwise is the plain negative log-likelihood (perplexity = exp of its mean)
 
     def count(self, targets: torch.Tensor) -> int:
         """Counted elements of a (host) target batch; the normaliser's share of this micro-batch."""
@@ -35,6 +36,14 @@ class Loss:
         if self.summed is not None:
             return self.summed(outputs, targets)
         return self.elementwise(outputs, targets).sum()
+
+    def nll(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-token negative log-likelihood of class outputs (ignored targets 0), for perplexity:
+        the loss itself unless it is smoothed or reweighted (label smoothing, focal)."""
+        if self.is_nll:
+            return self.elementwise(outputs, targets)
+        logits, flat = _class_logits(outputs, targets, self.name)
+        return F.cross_entropy(logits, flat, ignore_index=IGNORE_INDEX, reduction="none")
 
     def correct(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-element 0/1 correctness, same shape as the elementwise loss (classification only)."""
@@ -99,6 +108,7 @@ def build_loss(name: str, **kwargs: float) -> Loss:
             classification=True,
             ignores_targets=True,
             summed=partial(cross_entropy, reduction="sum"),
+            is_nll=smoothing == 0,
         )
     if name == "focal":
         gamma, alpha = float(kwargs.get("gamma", 2.0)), kwargs.get("alpha")

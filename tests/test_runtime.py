@@ -37,7 +37,19 @@ def _eval_on_ranks(rank, world, raw):
     torch.manual_seed(0)
     strategy = build_strategy(cfg, ctx)
     strategy.setup(build_model(cfg.model.name, cfg.model.kwargs))
-    return evaluate(strategy, build_loss(cfg.train.loss), build_eval_data(cfg, ctx), ctx)
+    return evaluate(strategy, build_loss(cfg.train.loss, **cfg.train.loss_kwargs), build_eval_data(cfg, ctx), ctx)
+
+
+def test_eval_perplexity_is_the_plain_likelihood_whatever_the_loss():
+    """Label smoothing and focal weighting change eval_loss, not the model's likelihood."""
+    plain, smoothed, focal = (
+        run_ranks(_eval_on_ranks, 2, tiny_lm_config("unused", data={"eval_samples": 21}, train=train))[0]
+        for train in ({}, {"loss_kwargs": {"label_smoothing": 0.3}}, {"loss": "focal"})
+    )
+    assert smoothed["eval_loss"] > plain["eval_loss"] > focal["eval_loss"]
+    for other in (smoothed, focal):
+        assert other["eval_perplexity"] == pytest.approx(plain["eval_perplexity"], rel=1e-12)
+        assert other["eval_accuracy"] == plain["eval_accuracy"]
 
 
 def test_eval_metrics_identical_for_world_sizes_1_2_3():
