@@ -50,6 +50,9 @@ def catch_stop_signals_early() -> None:
             signal.signal(sig, remember)
         except ValueError:  # not the main thread
             return
+    # `dist-train torchrun` starts its ranks with SIGUSR1 blocked: one sent during start-up waits
+    # for this handler (and is taken now) instead of killing the rank.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class Control:

@@ -1,6 +1,7 @@
 """Runtime behaviour: exact distributed eval, failing ranks, loopback-only spawn, the quickstart."""
 
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -195,3 +196,28 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     proc = run_cli([PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("dist_train: error: model 'transformer_lm'") == 1 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "training"), (signal.SIGUSR1, "start-up")])
+def test_dist_train_torchrun_passes_stop_signals_to_the_ranks(tmp_path, sig, when):
+    """A signal to the agent of `dist-train torchrun` reaches its ranks (torchrun starts them in
+    sessions of their own); one during start-up waits for the stop handler instead of killing a
+    rank. The ranks checkpoint and the agent exits 75, as every other launcher does."""
+    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 400}, checkpoint={"every_steps": 1000})
+    config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.002, "num_samples": 4096}
+    path = write_config(tmp_path / "c.yaml", config)
+    torchrun = ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while when == "training" and not (metrics.exists() and '"step": 20' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.1)
+    if when == "start-up":
+        time.sleep(1.0)  # the ranks are importing torch
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
+    latest = (tmp_path / "out" / "checkpoints" / "latest").read_text().strip()
+    assert latest < "step-00000400" and (latest >= "step-00000020" or when == "start-up"), latest

@@ -1,7 +1,7 @@
 """`dist-train slurm COMMAND ...`: run dist_train as SLURM batch jobs (templates in slurm/).
 
 submit      fill in a template from slurm/ and sbatch it (--dry-run prints it)
-torchrun    torchrun for a batch job's task: survives USR1, exits 75 when the ranks stopped
+torchrun    torchrun that passes SIGTERM/SIGUSR1 to its ranks and exits 75 when they stopped (= dist-train torchrun)
 output-dir  the folder a batch job writes to (run.output_dir as given, else config's / job id)
 """
 

@@ -3,18 +3,23 @@
 `dist-train slurm output-dir CONFIG [KEY=VALUE ...]` checks the config (a bad one fails the job
 at once, with exit status 2 and nothing requeued) and prints the folder the job writes to.
 
-`dist-train slurm torchrun ARGS` is torchrun (same arguments) for the one task per node of a batch
-job. Plain torchrun breaks preemption twice: `scancel --signal=USR1` and `--signal=USR1@T` signal
-every process of the job step and torchrun's agent dies of SIGUSR1 (default action, taking the
-ranks with it), and a rank that stops after its checkpoint exits 75, which the agent reports as a
-failure (status 1). Here the agent ignores SIGUSR1 and exits 75 when the ranks did.
+`dist-train torchrun ARGS` (also `dist-train slurm torchrun`) is torchrun with the same arguments,
+made to stop the way every other launcher does. Plain torchrun breaks a stop three ways: its agent
+dies of SIGUSR1 (default action, taking the ranks with it) when `scancel --signal=USR1` signals every
+process of a job step; on SIGTERM it terminates the ranks itself (30 s, then SIGKILL) and exits 1;
+and a rank that stops after its checkpoint exits 75, which the agent reports as a failure (1). Here
+the agent passes SIGTERM and SIGUSR1 on to its ranks (which checkpoint and exit 75) and exits with
+the ranks' 75 or 2.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 from ..cli import ArgParser
@@ -47,20 +52,58 @@ def output_dir_main(argv: list[str]) -> int:
     return 0
 
 
+def _children(pid: int) -> list[int]:
+    """Linux: the processes whose parent is `pid` (the agent's ranks)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile
+    return out
+
+
+def _forward_stop_signals_to_ranks() -> None:
+    """SIGTERM and SIGUSR1 to the agent go to its ranks; the agent keeps waiting for them.
+
+    torchrun starts each rank in a session of its own, so a signal to the agent (or its process
+    group) reaches no rank unless passed on, and the agent's own SIGTERM shutdown is turned off
+    (torchrun's --signals-to-handle). Both signals are blocked before any thread or rank exists and
+    taken by one relay thread (sigwait). The ranks inherit the block: a signal that comes while a
+    rank imports is held until dist_train's stop handler takes it (`catch_stop_signals_early`
+    unblocks), instead of killing the rank; one that comes before the ranks exist waits for them.
+    """
+    agent, stop = os.getpid(), {signal.SIGTERM, signal.SIGUSR1}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+    # torchrun's --signals-to-handle (PET_ from the environment) becomes TORCHELASTIC_SIGNALS_TO_HANDLE
+    for name in ("PET_SIGNALS_TO_HANDLE", "TORCHELASTIC_SIGNALS_TO_HANDLE"):
+        os.environ[name] = "SIGINT,SIGHUP,SIGQUIT"
+
+    def relay() -> None:
+        while True:
+            signum = signal.sigwait(stop)
+            while not (ranks := _children(agent)):
+                time.sleep(0.2)
+            for pid in ranks:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signum)
+
+    threading.Thread(target=relay, name="stop-signal-relay", daemon=True).start()
+
+
 def torchrun_main(argv: list[str]) -> int:
+    _forward_stop_signals_to_ranks()  # first: a stop signal during the imports below is kept too
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
     from ..control import EXIT_PREEMPTED
 
-    # The ranks inherit the ignore until dist_train installs its stop handler: a USR1 that comes
-    # while they start up is dropped (the batch script sends it again) instead of killing them.
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     try:
         run(parse_args(argv))
-    except SignalException as err:  # SIGTERM (scancel, time limit): the agent passed it on and waited
-        print(f"dist_train: torchrun stopped by {err.sigval.name}; the ranks checkpoint on it", file=sys.stderr)
+    except SignalException as err:  # SIGINT/SIGHUP/SIGQUIT: the agent ended the ranks itself
+        print(f"dist_train: torchrun stopped by {err.sigval.name}", file=sys.stderr)
         return 128 + int(err.sigval)
     except ChildFailedError as err:
         # Once one rank has exited, the agent terminates the others: they show as killed by a signal
