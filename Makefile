@@ -1,5 +1,5 @@
 # Two commands on a fresh machine with only Python:
-#   make train   creates .venv, installs the project with a CPU torch, trains configs/quickstart.yaml on 2 ranks
+#   make train   creates .venv, installs the project with torch 2.13.0, trains configs/quickstart.yaml on 2 ranks
 #   make test    the same set-up, then the test suite
 # TORCH_SPEC pins the torch build for dev/CI. On machines where PyPI's torch is a CUDA build and you
 # want the CPU one, add its index: make train TORCH_INDEX=https://download.pytorch.org/whl/cpu

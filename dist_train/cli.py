@@ -39,7 +39,7 @@ class ArgParser(argparse.ArgumentParser):
     """argparse that raises UserError (one line, exit 2) instead of printing usage."""
 
     def error(self, message: str):  # argparse would print usage + exit 2; we want one line
-        raise UserError(f"{message} (see `dist-train {self.prog.split()[-1]} --help`)" if " " in self.prog else message)
+        raise UserError(f"{message} (see `{self.prog} --help`)" if " " in self.prog else message)
 
 
 def _train_parser(prog: str) -> argparse.ArgumentParser:

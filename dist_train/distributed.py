@@ -132,6 +132,10 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
 
 
 def pick_backend(requested: str) -> str:
+    if requested == "nccl" and not torch.cuda.is_available():
+        from .errors import UserError, on_every_rank
+
+        raise on_every_rank(UserError("dist.backend=nccl needs CUDA GPUs and this machine has none: use gloo or auto"))
     if requested != "auto":
         return requested
     return "nccl" if torch.cuda.is_available() else "gloo"
@@ -142,6 +146,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
     launcher = detect_launcher()
     if launcher == "srun":
         _adopt_srun_environment()
+    pick_backend(backend)  # nccl without CUDA: one line, before anything waits for a peer
     if launcher == "single":
         device = torch.device("cuda", 0) if torch.cuda.is_available() and backend != "gloo" else torch.device("cpu")
         if device.type == "cuda":

@@ -99,6 +99,11 @@ def main(argv: list[str] | None = None) -> int:
         while not context.join():
             pass
     except mp.ProcessExitedException as err:
+        if err.exit_code is not None and err.exit_code < 0:  # killed: it could not say why (the OOM killer?)
+            print(
+                f"dist_train: rank {err.error_index} (pid {err.error_pid}) was killed by {err.signal_name}",
+                file=sys.stderr,
+            )
         return err.exit_code if err.exit_code and err.exit_code > 0 else 1
     except mp.ProcessRaisedException as err:
         print(err, file=sys.stderr)

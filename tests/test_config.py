@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import PYTHON, REPO_ROOT, run_cli, write_config
 
 from dist_train.config import config_reference, from_dict, load_config, to_dict
@@ -220,6 +221,7 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
         "output_under_file": [*run, "run.output_dir=" + str(tmp_path / "a_file" / "sub")],
         "binary_config": ["--config", str(binary)],
         "mismatch": [*run, "model.hidden_dim=16", "train.max_steps=2"],
+        "submit_usage": ["slurm", "submit"],
     }
     expected = {
         "not_callable": "is a int, not a factory function or class",
@@ -233,7 +235,11 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
         "output_under_file": "cannot create it",
         "binary_config": "is not UTF-8 text",
         "mismatch": "does not fit this model (size mismatch for ",
+        "submit_usage": "(see `dist-train slurm submit --help`)",
     }
+    if not torch.cuda.is_available():
+        cases["nccl"] = [*run, "dist.backend=nccl", "run.output_dir=" + str(tmp_path / "o8")]
+        expected["nccl"] = "dist.backend=nccl needs CUDA GPUs and this machine has none"
     import json
 
     env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}

@@ -177,6 +177,8 @@ def test_kill_9_then_the_same_command_resumes_bit_exact(tmp_path, uninterrupted,
         assert time.monotonic() < deadline, f"processes outlived the job: {alive}"
         time.sleep(0.1)
     assert proc.returncode != 0
+    if victim == "rank":  # the launcher says which rank died and how: the rank itself could not
+        assert "dist_train: rank 1 (pid " in proc.stderr.read()
     step = finish_and_compare(config, tmp_path / "out", uninterrupted)
     assert step >= 4
 

@@ -196,6 +196,7 @@ def test_submit_hands_the_rendered_script_to_sbatch(config, tmp_path):
         ("1-2:30", 95400),
         ("0-0:0:7", 7),
         ("UNLIMITED", None),
+        ("0", None),  # SLURM: no limit
     ],
 )
 def test_time_limit_syntax(text, seconds):

@@ -250,6 +250,7 @@ def test_doctor_single_process(tmp_path, capsys):
     assert report["world_size"] == 1 and report["allreduce"] == [] and report["problems"] == []
     assert report["versions"]["torch"] == torch.__version__
     assert report["disk"]["free"] > 0 and report["disk"]["path"].endswith("not-yet")
+    assert report["disk"]["exists"] is False and report["disk"]["measured_at"] == str(tmp_path)
     assert report["matmul_flops"][0] > 0 and report["environment"]["launcher"] == "single"
 
 

@@ -52,7 +52,7 @@ def _parser() -> ArgParser:
 
 def time_limit_seconds(text: str) -> int | None:
     """SLURM's --time syntax (`M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S`) in seconds; None: unlimited."""
-    if text.lower() in ("infinite", "unlimited"):
+    if text.lower() in ("infinite", "unlimited", "0"):  # SLURM: --time=0 is no limit
         return None
     match = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
     if not match:

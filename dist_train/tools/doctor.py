@@ -105,6 +105,8 @@ def devices() -> dict:
 
 
 def launcher_env() -> dict:
+    """The launcher and its variables as the launcher set them (read before `init_distributed`,
+    which fills in RANK/WORLD_SIZE/MASTER_* from SLURM's variables under srun)."""
     env = os.environ
     return {
         "launcher": detect_launcher(),
@@ -115,10 +117,17 @@ def launcher_env() -> dict:
 
 
 def disk(output_dir: str) -> dict:
+    """Free space where the output folder is (or would be created: its nearest existing parent)."""
     path = Path(output_dir).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     usage = shutil.disk_usage(existing)
-    return {"path": str(path), "free": usage.free, "total": usage.total}
+    return {
+        "path": str(path),
+        "exists": existing == path,
+        "measured_at": str(existing),
+        "free": usage.free,
+        "total": usage.total,
+    }
 
 
 def _sync(ctx: DistContext) -> None:
@@ -211,7 +220,7 @@ def check_gpu_binding(backend: str) -> None:
         )
 
 
-def collect(args, ctx: DistContext) -> dict | None:
+def collect(args, ctx: DistContext, environment: dict) -> dict | None:
     """Every rank measures; rank 0 returns the report (None elsewhere)."""
     info = rank_info(ctx, args.output_dir)
     flops = matmul_flops(ctx)
@@ -227,7 +236,7 @@ def collect(args, ctx: DistContext) -> dict | None:
         "backend": ctx.backend,
         "versions": versions(),
         "devices": devices(),
-        "environment": launcher_env(),
+        "environment": environment,
         "disk": disk(args.output_dir),
         "ranks": [r for r, _ in per_rank],
         "matmul_flops": [f for _, f in per_rank],
@@ -273,7 +282,8 @@ def render(report: dict) -> str:
     lines += [
         "",
         "Disk",
-        f"  {disk_info['path']}: {human_bytes(disk_info['free'])} free of {human_bytes(disk_info['total'])}",
+        f"  {disk_info['path']}: {human_bytes(disk_info['free'])} free of {human_bytes(disk_info['total'])}"
+        + ("" if disk_info["exists"] else f" (does not exist yet: measured at {disk_info['measured_at']})"),
     ]
     lines += [
         "",
@@ -317,10 +327,10 @@ def main(argv: list[str]) -> int:
     if args.max_bytes < 1024 or args.iters < 1:
         raise UserError("--max-bytes must be >= 1024 and --iters >= 1")
     check_gpu_binding(args.backend)
-    ctx = None
+    ctx, environment = None, launcher_env()
     try:
         ctx = init_distributed(args.backend, args.timeout_s)
-        report = collect(args, ctx)
+        report = collect(args, ctx, environment)
         if ctx.is_distributed:
             dist.barrier()
     finally:
