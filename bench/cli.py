@@ -124,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
             for index, cell in enumerate(cells):
                 pair = {}
                 cell_dir = root / f"{index:02d}-{cell.label.replace(' ', '_')}"
-                for record in run_pair(cell, repeat, cell_dir, args.threads, args.timeout, args.order == "abba"):
+                # abba: the first side alternates from pair to pair and from cell to cell, so over a
+                # run each side goes first equally often (an odd number of pairs leaves one cell 3:2)
+                hand_first = args.order == "abba" and (repeat + index) % 2 == 1
+                for record in run_pair(cell, repeat, cell_dir, args.threads, args.timeout, hand_first):
                     status = f"{record['step_time_s'] * 1e3:7.1f} ms/step" if record["ok"] else "FAILED"
                     print(f"[{repeat + 1}/{args.repeats}] {cell.label:<32} {record['side']:<10} {status}", flush=True)
                     if not record["ok"]:

@@ -73,7 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--keep", type=Path, default=None, help="keep every run's folder here")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 3:
+        parser.error("--steps must be at least 3: one warm-up step and two timed ones")
+    return args
 
 
 def gpu_peak_tflops() -> tuple[str, float | None]:
@@ -124,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         changes["micro_batch_size"] = args.micro_batch
     if args.steps:
         changes["steps"] = args.steps
-        changes["warmup_steps"] = min(workload.warmup_steps, args.steps // 3)
+        changes["warmup_steps"] = max(1, min(workload.warmup_steps, args.steps // 3))
     workload = workload.scaled(**changes)
     cell = Cell(workload, world_size=1, launcher="single")
     per_token = flops_per_token(workload)
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 run_side(cell, side, root / f"warmup-{side}", threads=0, timeout=args.timeout)
         for repeat in range(args.repeats):
             pair = {}
-            for record in run_pair(cell, repeat, root, threads=0, timeout=args.timeout):
+            for record in run_pair(cell, repeat, root, threads=0, timeout=args.timeout, hand_first=repeat % 2 == 1):
                 side = record["side"]
                 if record["ok"]:
                     record["mfu"] = record["tokens_per_s"] * per_token / (peak * 1e12) if peak else None

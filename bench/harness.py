@@ -114,12 +114,12 @@ def run_side(cell: Cell, side: str, run_dir: Path, threads: int, timeout: float)
 SIDES = ("dist_train", "hand")
 
 
-def run_pair(cell: Cell, repeat: int, root: Path, threads: int, timeout: float, alternate: bool = True):
-    """Run both sides once; odd repeats run the hand-written side first when `alternate` (A B, B A, ...).
+def run_pair(cell: Cell, repeat: int, root: Path, threads: int, timeout: float, hand_first: bool = False):
+    """Run both sides once, the hand-written side first when `hand_first`.
 
     Yields each side's record as it finishes (for progress lines); the caller keeps them by side.
     """
-    for side in SIDES[::-1] if alternate and repeat % 2 else SIDES:
+    for side in SIDES[::-1] if hand_first else SIDES:
         yield run_side(cell, side, root / f"{repeat}-{side}", threads, timeout)
 
 
@@ -191,21 +191,26 @@ def summarise_cell(pairs: list[tuple[dict, dict]]) -> dict:
 
 def pooled_step_ratios(cells: list[dict], world_size: int = 2, resamples: int = 2000) -> dict:
     """Per strategy and over all, at `world_size`: the geometric mean of every paired step-time ratio
-    dist_train / hand-written, with a 95% bootstrap interval (pairs resampled with replacement, seeded).
+    dist_train / hand-written, with a 95% bootstrap interval (seeded). The bootstrap is stratified:
+    each cell's pairs are resampled within the cell, so differences between cells are not taken
+    for noise between pairs.
     """
-    logs: dict[str, list[float]] = {}
+    groups: dict[str, list[list[float]]] = {}
     for cell in cells:
         if cell["world_size"] != world_size:
             continue
-        for a, b in cell["runs"]:
-            if a["ok"] and b["ok"]:
-                value = math.log(a["step_time_s"] / b["step_time_s"])
-                logs.setdefault(cell["strategy"], []).append(value)
-                logs.setdefault("all", []).append(value)
+        logs = [math.log(a["step_time_s"] / b["step_time_s"]) for a, b in cell["runs"] if a["ok"] and b["ok"]]
+        if logs:
+            groups.setdefault(cell["strategy"], []).append(logs)
+            groups.setdefault("all", []).append(logs)
     rng = random.Random(0)
     out = {}
-    for group, values in sorted(logs.items(), key=lambda item: item[0] == "all"):  # "all" last
-        means = sorted(statistics.fmean(rng.choices(values, k=len(values))) for _ in range(resamples))
+    for group, strata in sorted(groups.items(), key=lambda item: item[0] == "all"):  # "all" last
+        values = [v for stratum in strata for v in stratum]
+        means = sorted(
+            statistics.fmean([v for stratum in strata for v in rng.choices(stratum, k=len(stratum))])
+            for _ in range(resamples)
+        )
         out[group] = {
             "pairs": len(values),
             "ratio": math.exp(statistics.fmean(values)),

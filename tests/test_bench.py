@@ -13,7 +13,7 @@ from helpers import PYTHON, REPO_ROOT, load_weights, max_abs_diff, run_cli, tiny
 
 from bench import cli as bench_cli
 from bench.harness import Cell, command, run_env
-from bench.workloads import LM, smoke
+from bench.workloads import LM, RESNET, smoke
 
 
 @pytest.mark.slow
@@ -58,16 +58,50 @@ def test_pooled_step_ratios_geometric_mean_and_interval():
     for entry in pooled.values():
         assert entry["low"] <= entry["ratio"] <= entry["high"]
     assert 0.9 <= pooled["ddp"]["low"] and pooled["ddp"]["high"] <= 1.1
+    # stratified by cell: two cells whose pairs agree within the cell leave no doubt about the mean
+    steady = pooled_step_ratios([cell("ddp", 2, [0.9] * 4), cell("fsdp", 2, [1.1] * 4)])["all"]
+    assert steady["low"] == pytest.approx(steady["ratio"]) == pytest.approx(steady["high"])
+
+
+def test_bench_order_alternates_across_pairs_and_cells(monkeypatch, tmp_path):
+    """abba: over a run each side goes first equally often (cell after cell, not only pair after pair)."""
+    from bench import cli, harness
+
+    order = []
+
+    def fake_side(cell, side, run_dir, threads, timeout):
+        order.append(side)
+        return {"side": side, "ok": True, "step_time_s": 1.0}
+
+    monkeypatch.setattr(harness, "run_side", fake_side)
+    monkeypatch.setattr(cli, "summarise_cell", lambda pairs: {"ok": False})
+    cli.main(["--smoke", "--repeats", "2", "--no-warmup", "--strategies", "ddp", "--json", str(tmp_path / "b.json")])
+    firsts = order[::2]
+    assert len(firsts) >= 4 and firsts.count("hand") == firsts.count("dist_train")
+    assert firsts[0] != firsts[1]  # the second cell starts with the other side
+
+
+def test_gpu_bench_needs_a_timed_step():
+    from bench.gpu import parse_args
+
+    with pytest.raises(SystemExit) as err:
+        parse_args(["--steps", "2"])
+    assert err.value.code == 2
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("strategy", "zero_stage"), [("ddp", 0), ("fsdp", 0), ("deepspeed", 2)])
-def test_both_sides_train_the_same_model(tmp_path, strategy, zero_stage):
+@pytest.mark.parametrize(
+    ("workload", "strategy", "zero_stage"),
+    [(LM, "ddp", 0), (RESNET, "ddp", 0), (LM, "fsdp", 0), (LM, "deepspeed", 2)],
+    ids=["lm-ddp", "resnet-ddp", "lm-fsdp", "lm-zero2"],
+)
+def test_both_sides_train_the_same_model(tmp_path, workload, strategy, zero_stage):
     """dist_train and the hand-written loop (2 ranks, accumulation 2 without gradient sync on the first
-    micro-step) reach the same weights: same init, data order, loss normalisation, optimizer and clipping."""
+    micro-step) reach the same weights: same init, data order, loss normalisation, optimizer and clipping
+    (and BatchNorm running statistics for the resnet)."""
     if strategy == "deepspeed":
         pytest.importorskip("deepspeed")
-    cell = Cell(smoke(LM), world_size=2, strategy=strategy, zero_stage=zero_stage)
+    cell = Cell(smoke(workload), world_size=2, strategy=strategy, zero_stage=zero_stage)
     hand_weights = tmp_path / "hand.pt"
     for side in ("dist_train", "hand"):
         run_dir = tmp_path / side

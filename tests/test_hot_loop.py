@@ -31,6 +31,11 @@ from dist_train.config import from_dict
 from dist_train.distributed import DistContext
 
 HOST_READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "__index__")
+# aten ops that make the host wait for the device whatever Python called them (torch.nonzero,
+# boolean-mask indexing, torch.equal, a C++ .item(), ...), seen by a TorchDispatchMode. A copy into
+# host memory (`.to("cpu")` is a no-op on a CPU tensor) shows only on CUDA: tests/test_gpu.py runs the
+# step under torch's sync debug mode there.
+SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonzero", "unique", "bool_mask_index")
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
 # Host-side tensors by construction, read on every step on purpose (see each module):
 #   the sampler's permutation and the DataLoader's collate (CPU batches before `.to(device)`),
@@ -44,8 +49,8 @@ def single_ctx() -> DistContext:
     return DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
 
 
-def _caller_is_host_side() -> bool:
-    frame = sys._getframe(2)
+def _caller_is_host_side(depth: int = 2) -> bool:
+    frame = sys._getframe(depth)
     nearest_ours = None
     while frame is not None:
         path = frame.f_code.co_filename.replace("\\", "/")
@@ -57,8 +62,29 @@ def _caller_is_host_side() -> bool:
     return nearest_ours in HOST_SIDE_FUNCTIONS
 
 
+class SyncingOps(TorchDispatchMode):
+    """Records the aten ops in SYNC_OPS (bar host-side callers) as events of the current phase."""
+
+    def __init__(self, record) -> None:
+        super().__init__()
+        self.record = record
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name.startswith("_unique") or name.startswith("unique"):
+            name = "unique"
+        if name == "index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in tree_leaves(args[1:])
+        ):
+            name = "bool_mask_index"
+        if name in SYNC_OPS and not _caller_is_host_side(depth=1):
+            self.record(name)
+        return func(*args, **(kwargs or {}))
+
+
 def instrumented_train(cfg, ctx) -> list[tuple[str, int, str]]:
-    """Run train() counting host reads and default-group collectives; events are (phase, step, what)."""
+    """Run train() counting host reads (Tensor methods and syncing aten ops) and default-group
+    collectives; events are (phase, step, what)."""
     import torch.distributed as dist
 
     phase = {"name": "setup", "step": 0}
@@ -102,7 +128,8 @@ def instrumented_train(cfg, ctx) -> list[tuple[str, int, str]]:
     patched.append((trainer, "train_step", original_step))
     trainer.train_step = step_wrapper
     try:
-        trainer.train(cfg, ctx)
+        with SyncingOps(lambda name: events.append((phase["name"], phase["step"], name))):
+            trainer.train(cfg, ctx)
     finally:
         for owner, name, original in reversed(patched):
             setattr(owner, name, original)
@@ -125,7 +152,7 @@ def is_logging_step(step: int) -> bool:
 
 
 def _check_events(events: list[tuple[str, int, str]], world_size: int, normaliser: bool = False) -> None:
-    reads = [(p, s, w) for p, s, w in events if w in HOST_READS]
+    reads = [(p, s, w) for p, s, w in events if w in HOST_READS or w in SYNC_OPS]
     in_step = [e for e in reads if e[0] == "step"]
     assert not in_step, f"host reads inside train_step: {in_step}"
     bad = [e for e in reads if e[0] == "after" and not is_logging_step(e[1])]
@@ -155,6 +182,33 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
         assert {"samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "peak_rss_mb"} <= row.keys()
         assert 0.0 <= row["data_wait_frac"] <= 1.0 and "mfu" not in row
         assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 16)
+
+
+@pytest.mark.parametrize(
+    "sync",
+    [
+        lambda norm, flag: norm.item(),
+        lambda norm, flag: torch.nonzero(flag),
+        lambda norm, flag: norm.reshape(1)[flag.reshape(1) > 0],
+        lambda norm, flag: torch.equal(norm, norm),
+    ],
+    ids=["item", "nonzero", "bool_mask_index", "equal"],
+)
+def test_the_instrument_sees_a_sync_inside_the_step(tmp_path, monkeypatch, sync):
+    """The check above can fail: one syncing call per step, in the strategy, is reported."""
+    from dist_train.strategies.ddp import DDPStrategy
+
+    original = DDPStrategy.clip_and_step
+
+    def syncing(self, *args, **kwargs):
+        norm, flag = original(self, *args, **kwargs)
+        sync(norm, flag)
+        return norm, flag
+
+    monkeypatch.setattr(DDPStrategy, "clip_and_step", syncing)
+    events = instrumented_train(from_dict(hot_loop_config(tmp_path / "run")), single_ctx())
+    with pytest.raises(AssertionError, match="host reads inside train_step"):
+        _check_events(events, world_size=1)
 
 
 def _two_rank_events(rank: int, world_size: int, output_dir: str, wrapped: bool) -> list:
