@@ -47,7 +47,9 @@ def train_loader(spec: dict, rank: int, world_size: int) -> tuple[DataLoader, Di
     """torch's DistributedSampler (seeded shuffle, drop_last) over the same dataset factory."""
     dataset = factory(spec["data_factory"])("train", **spec["data_kwargs"])
     sampler = DistributedSampler(dataset, world_size, rank, shuffle=True, seed=spec["seed"], drop_last=True)
-    loader = DataLoader(dataset, batch_size=spec["micro_batch_size"], sampler=sampler, drop_last=True)
+    # pinned batches on CUDA, as dist_train's loader.pin_memory default does
+    pin = spec.get("device") != "cpu" and torch.cuda.is_available()
+    loader = DataLoader(dataset, batch_size=spec["micro_batch_size"], sampler=sampler, drop_last=True, pin_memory=pin)
     return loader, sampler
 
 
