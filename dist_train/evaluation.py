@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -12,10 +13,32 @@ from .losses import IGNORE_INDEX, Loss
 from .strategies import Strategy
 
 
+@contextlib.contextmanager
+def observers_frozen(model: torch.nn.Module):
+    """QAT's fake-quant observers (which run in eval mode too) see training batches only: an
+    evaluation leaves their ranges, hence training and the int8 export, as they were."""
+    flags = [
+        m.observer_enabled for m in model.modules() if isinstance(getattr(m, "observer_enabled", None), torch.Tensor)
+    ]
+    saved = [flag.clone() for flag in flags]
+    for flag in flags:
+        flag.fill_(0)
+    try:
+        yield
+    finally:
+        for flag, value in zip(flags, saved):
+            flag.copy_(value)
+
+
 @torch.no_grad()
 def evaluate(strategy: Strategy, loss_fn: Loss, eval_data: EvalData, ctx: DistContext) -> dict[str, float]:
     """Sample-weighted mean loss (token-weighted for LMs), accuracy and perplexity over the whole split."""
     model = strategy.model
+    with observers_frozen(model):
+        return _evaluate(strategy, model, loss_fn, eval_data, ctx)
+
+
+def _evaluate(strategy: Strategy, model: torch.nn.Module, loss_fn: Loss, eval_data: EvalData, ctx: DistContext):
     was_training = model.training
     model.eval()
     # loss sum, counted elements, correct, token NLL sum (LMs: perplexity)

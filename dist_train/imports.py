@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .errors import UserError
+from .errors import UserError, on_every_rank
 
 
 def import_object(spec: str, what: str) -> Any:
@@ -28,8 +28,8 @@ def require(module_name: str, extra: str, feature: str) -> Any:
     try:
         return importlib.import_module(module_name)
     except ImportError:
-        raise UserError(
-            f"{feature} needs `{module_name}`: install it with `pip install 'dist-train[{extra}]'`"
+        raise on_every_rank(  # the same environment on every rank of a node: one line says it
+            UserError(f"{feature} needs `{module_name}`: install it with `pip install 'dist-train[{extra}]'`")
         ) from None
 
 

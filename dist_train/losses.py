@@ -66,12 +66,12 @@ def _class_logits(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tu
 
 def _same_shape(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
     if outputs.shape != targets.shape:
-        if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1:
-            outputs = outputs.squeeze(-1)  # (B, 1) predictions for (B,) targets
-        else:
+        squeezed = outputs.squeeze(-1) if outputs.dim() == targets.dim() + 1 and outputs.shape[-1] == 1 else None
+        if squeezed is None or squeezed.shape != targets.shape:  # (B, 1) predictions for (B,) targets only
             raise UserError(
                 f"loss {name}: outputs {tuple(outputs.shape)} and targets {tuple(targets.shape)} differ in shape"
             )
+        outputs = squeezed
     return outputs.float(), targets.float()
 
 

@@ -33,6 +33,7 @@ class TrainState:
     window_count: float = 0.0  # counted elements in the open logging window (sums are per rank)
     lr_schedule: dict = field(default_factory=dict)  # schedules.LRSchedule state (plateau), JSON
     last_eval_step: int = -1  # a run restarted after its last evaluation does not repeat it
+    early_stopped: bool = False  # a run started again after early stopping has nothing left to do
 
 
 def training_config(cfg: Config) -> dict:

@@ -162,6 +162,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     if ctx.is_rank_zero:  # only now: a config its checkpoints refuse leaves the folder's config.yaml alone
         write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
     state = restored[0] if restored else run_state.TrainState()
+    if state.early_stopped:
+        total_steps = state.step  # the same command after early stopping: nothing left to train
     limit = cfg.train.max_nonfinite_steps if cfg.train.precision != "fp16" else 10**9  # fp16: the scaler skips
     window = LossWindow(ctx, limit, restored[2] if restored else None, state.window_count, state.skipped_steps)
     schedule = LRSchedule(cfg, state.lr_schedule)  # plateau state resumes with the trainer state
@@ -184,7 +186,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     )
 
     throughput = Throughput(mfu_per_token(strategy.module, tokens_per_sample, ctx))
-    status, batches = "finished", None
+    status, batches = "early_stopped" if state.early_stopped else "finished", None
     last_saved = state.step if restored else -1  # a finished run started again saves nothing new
     if ctx.device.type == "cpu":
         retain_freed_heap()  # no per-step heap trim + page faults (host_memory.py)
@@ -239,7 +241,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                         cfg.eval.metric,
                         patience,
                     )
-                    status = "early_stopped"
+                    status, state.early_stopped = "early_stopped", True
             if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
                 with throughput.paused():
                     _save(cfg, ctx, control, strategy, state, window, output_dir)

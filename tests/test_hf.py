@@ -198,6 +198,8 @@ def test_bad_data_settings_are_user_errors(tmp_path):
         build_dataset("hf", "train", {"files": files, "text_column": "body", "block_size": 64})
     with pytest.raises(UserError, match="tokenizer"):
         build_dataset("hf", "train", {"files": files, "tokenizer": "gpt2"})  # a hub name: never downloaded
+    with pytest.raises(UserError, match="data.format must be one of csv, json, parquet, text or null"):
+        build_dataset("hf", "train", {"files": files, "format": "foo"})  # was a hub lookup of a builder `foo`
 
 
 # ---------------------------------------------------------------- 2 ranks

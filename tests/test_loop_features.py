@@ -34,6 +34,17 @@ def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
 
 
+def test_an_early_stopped_run_started_again_stays_stopped(tmp_path):
+    """The same command again (a requeue, a re-submitted script) finds the stop in the checkpoint."""
+    sections = {"eval": {"every_steps": 2, "early_stopping_patience": 3, "min_delta": 100.0}}
+    sections["checkpoint"] = {"every_steps": None, "at_end": True}
+    assert train(raw(tmp_path, **sections), SINGLE) == {"status": "early_stopped", "step": 8}
+    rows, weights = read_rows(tmp_path), load_weights(tmp_path)
+    assert train(raw(tmp_path, **sections), SINGLE) == {"status": "early_stopped", "step": 8}
+    assert read_rows(tmp_path) == [*rows, {"resumed_from": "step-00000008", "step": 8}]
+    assert all(torch.equal(weights[k], v) for k, v in load_weights(tmp_path).items())
+
+
 def test_early_stopping_on_a_max_metric_follows_the_patience_rule(tmp_path):
     cfg = raw(
         tmp_path,

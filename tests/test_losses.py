@@ -207,3 +207,11 @@ def test_training_sum_equals_the_sum_of_the_elementwise_loss(name, kwargs):
     (grad_fused,) = torch.autograd.grad(fused, outputs)
     (grad_reference,) = torch.autograd.grad(reference, outputs)
     torch.testing.assert_close(grad_fused, grad_reference, rtol=1e-5, atol=1e-7)
+
+
+def test_regression_outputs_with_a_trailing_one_must_match_the_targets_once_squeezed():
+    """(B, T, 1) outputs against (B, 1) targets used to broadcast to (B, T) silently."""
+    loss = build_loss("mse")
+    assert loss.sum(torch.zeros(4, 1), torch.ones(4)).item() == 4.0  # (B, 1) for (B,): fine
+    with pytest.raises(UserError, match=r"outputs \(4, 8, 1\) and targets \(4, 1\) differ in shape"):
+        loss.sum(torch.zeros(4, 8, 1), torch.ones(4, 1))

@@ -46,7 +46,9 @@ def run(output_dir, **sections):
 
 
 def test_sparsity_schedule_ramps_to_the_target_at_the_end_step():
-    cfg = from_dict(raw_config("x", compress={"prune_start_step": 10, "prune_end_step": 40, "prune_every_steps": 7}))
+    raw = raw_config("x", compress={"prune_start_step": 10, "prune_end_step": 40, "prune_every_steps": 7})
+    raw["train"]["max_steps"] = 60
+    cfg = from_dict(raw)
     pruner = Pruner(cfg, build_model("mlp", {"hidden_dim": 8}))
     updates = {s: pruner.sparsity_at(s) for s in range(60) if pruner.sparsity_at(s) is not None}
     assert sorted(updates) == [10, 17, 24, 31, 38, 40]  # every 7 steps from the start, and the end step
@@ -200,3 +202,17 @@ def test_two_ranks_and_one_rank_reach_the_same_masks(tmp_path, strategy):
             masks_one, masks_two = _masks(tmp_path / "one" / folder), _masks(tmp_path / "two" / folder)
             assert masks_one.keys() == masks_two.keys() and masks_one
             assert all(torch.equal(masks_one[k], masks_two[k]) for k in masks_one)
+
+
+@pytest.mark.parametrize(
+    "compress",
+    [
+        {"prune_start_step": 14, "prune_end_step": None},
+        {"prune_end_step": 15},
+        {"prune": "none", "qat": True, "qat_start_step": 14},
+    ],
+    ids=["start-at-the-end", "end-beyond", "qat-never-starts"],
+)
+def test_schedules_that_cannot_happen_within_max_steps_are_refused(compress):
+    with pytest.raises(UserError, match="train.max_steps \\(14\\)"):
+        from_dict(raw_config("x", compress=compress))

@@ -218,3 +218,30 @@ def _plain(value):
         value = value.dequantize() if value.is_quantized else value
         return value.tolist()
     return value
+
+
+def test_evaluation_leaves_the_qat_observers_alone(tmp_path):
+    """Fake-quant observers run in eval mode too: evaluating must not move their ranges, so a run
+    with evaluations trains, and exports, exactly what the same run without them does."""
+    for name, eval_section in (("with", {"every_steps": 10, "at_end": True}), ("without", {"at_end": False})):
+        train(from_dict(raw_config(tmp_path / name, MLP, VECTORS, 30, {"qat": True}, eval=eval_section)), SINGLE)
+    assert max_abs_diff(load_weights(tmp_path / "with"), load_weights(tmp_path / "without")) == 0.0
+    with_int8 = torch.load(tmp_path / "with" / "model_int8.pt", weights_only=True)["state_dict"]
+    without_int8 = torch.load(tmp_path / "without" / "model_int8.pt", weights_only=True)["state_dict"]
+    assert with_int8.keys() == without_int8.keys()
+    for key, value in with_int8.items():
+        other = without_int8[key]
+        if isinstance(value, torch.Tensor) and value.is_quantized:
+            assert torch.equal(value.int_repr(), other.int_repr()) and value.q_scale() == other.q_scale(), key
+        elif isinstance(value, torch.Tensor):
+            assert torch.equal(value, other), key
+
+
+def test_dynamic_export_of_a_recurrent_model_loads_with_weights_only(tmp_path):
+    model = {"name": "rnn_classifier", "vocab_size": 16, "num_classes": 2, "embed_dim": 8, "hidden_dim": 8}
+    data = {"name": "synthetic_sequences", "vocab_size": 16, "num_classes": 2, "max_len": 8, "num_samples": 128}
+    train(from_dict(raw_config(tmp_path, model, data, 3, {"dynamic_quant_export": True})), SINGLE)
+    payload = torch.load(tmp_path / "model_dynamic_int8.pt", weights_only=True)  # refused ScriptObjects before
+    assert payload["kind"] == "dynamic"
+    loaded = load_quantized(tmp_path / "model_dynamic_int8.pt")
+    assert type(loaded.head).__module__.startswith("torch.ao.nn.quantized.dynamic")

@@ -55,6 +55,10 @@ def test_cnn_batch_norm_option():
     assert with_bn(torch.randn(2, 3, 16, 16)).shape == (2, 10)
     with pytest.raises(UserError):
         build_model("cnn", {"kernel_size": 4})
+    with pytest.raises(UserError, match="non-empty list"):  # [] used to mean the default [32, 64]
+        build_model("cnn", {"channels": []})
+    with pytest.raises(UserError, match="pool_every must be >= 0"):
+        build_model("cnn", {"pool_every": -1})
 
 
 def _padded(rows: list[list[int]], length: int) -> torch.Tensor:

@@ -12,7 +12,7 @@ QAT (`compress.qat`), applied at build time before any wrapping:
 Export. `model.safetensors` keeps the float weights under the bare model's names (observer buffers
 dropped, a fused BatchNorm's `<conv>.bn.*` back under its own name), loadable into the unfused
 model. `model_int8.pt` (QAT) and `model_dynamic_int8.pt` (`compress.dynamic_quant_export`: int8
-Linear/LSTM/GRU weights, activations quantized on the fly) are `torch.save` dicts:
+Linear weights, activations quantized on the fly) are `torch.save` dicts:
     {"format": "dist_train.int8/1", "kind": "qat" | "dynamic", "backend": "x86",
      "model": {"name": ..., "kwargs": {...}}, "state_dict": <the quantized model's state_dict>}
 readable with `torch.load(..., weights_only=True)`; `load_quantized(path)` rebuilds the model from
@@ -37,7 +37,9 @@ log = logging.getLogger("dist_train")
 FORMAT = "dist_train.int8/1"
 FILES = {"qat": "model_int8.pt", "dynamic": "model_dynamic_int8.pt"}
 SUFFIX = {"qat": "int8", "dynamic": "dynamic_int8"}
-DYNAMIC_TYPES = {nn.Linear, nn.LSTM, nn.GRU}
+# Linear only: dynamic LSTM/GRU keep their packed weights in TorchScript objects, which
+# torch.load(weights_only=True) refuses; their float weights stay as they are.
+DYNAMIC_TYPES = {nn.Linear}
 QUANT, DEQUANT = "qat_quant", "qat_dequant"
 OBSERVER_SEGMENTS = {"weight_fake_quant", "activation_post_process"}
 

@@ -179,7 +179,8 @@ def _validate_schedule(cfg: Config) -> None:
 def _validate_compress(cfg: Config) -> None:
     c = cfg.compress
     sharded = cfg.strategy.name == "fsdp" or (cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage == 3)
-    where = f"strategy.name={cfg.strategy.name}" + (" with zero_stage=3" if cfg.strategy.name == "deepspeed" else "")
+    stage = f" with zero_stage={cfg.strategy.zero_stage}" if cfg.strategy.name == "deepspeed" else ""
+    where = f"strategy.name={cfg.strategy.name}{stage}"
     if (c.prune != "none" or c.dynamic_quant_export) and sharded:
         raise UserError(
             f"compress.prune/dynamic_quant_export need every rank to hold whole weights; {where} shards them: "
@@ -192,6 +193,17 @@ def _validate_compress(cfg: Config) -> None:
     if c.prune_end_step is not None and c.prune_end_step < c.prune_start_step:
         raise UserError(
             f"`compress.prune_end_step` ({c.prune_end_step}) must be >= prune_start_step ({c.prune_start_step})"
+        )
+    max_steps = cfg.train.max_steps
+    if c.prune != "none" and (c.prune_start_step >= max_steps or (c.prune_end_step or 0) > max_steps):
+        raise UserError(
+            f"compress.prune_start_step ({c.prune_start_step}) and prune_end_step ({c.prune_end_step}) must lie "
+            f"within train.max_steps ({max_steps}): the target sparsity would never be reached"
+        )
+    if c.qat and c.qat_start_step >= max_steps:
+        raise UserError(
+            f"compress.qat_start_step ({c.qat_start_step}) must be below train.max_steps ({max_steps}): "
+            "the observers would never see a batch"
         )
     if not all(isinstance(name, str) for name in c.prune_modules):
         raise UserError(f"`compress.prune_modules` must be a list of torch.nn class names, got {c.prune_modules!r}")

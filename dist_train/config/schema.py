@@ -38,7 +38,7 @@ class ModelConfig:
     )
     init: Literal["default", "kaiming", "xavier", "normal"] = _f(
         "default",
-        "re-initialise after the factory: every >= 2-D parameter from the scheme, biases to 0 (`default`: keep)",
+        "re-initialise after the factory: every >= 2-D parameter from the scheme, parameters named `*bias` to 0 (`default`: keep)",
     )
     init_std: float = _f(0.02, "`model.init=normal`: standard deviation")
     kwargs: dict = _f({}, "every other `model.*` key: keyword arguments of the model factory")
@@ -130,7 +130,7 @@ class CompressConfig:
     qat: bool = _f(False, "quantization-aware training (fake int8); exports `model_int8.pt` at the end")
     qat_start_step: int = _f(0, "step from which fake quantization and observers are on")
     qat_backend: Literal["x86", "fbgemm", "qnnpack"] = _f("x86", "quantized engine of the int8 model")
-    dynamic_quant_export: bool = _f(False, "also export `model_dynamic_int8.pt`: Linear/LSTM/GRU weights int8")
+    dynamic_quant_export: bool = _f(False, "also export `model_dynamic_int8.pt`: Linear weights int8")
 
 
 @dataclass

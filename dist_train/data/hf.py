@@ -58,6 +58,10 @@ def hf_dataset(
     """`files`: {train: path or [paths], eval: ...} (a single path: train only)."""
     if task not in ("lm", "classification"):
         raise UserError(f"data.task must be lm or classification, got {task!r}")
+    if format is not None and format not in set(FORMATS.values()):
+        raise UserError(
+            f"data.format must be one of {', '.join(sorted(set(FORMATS.values())))} or null, got {format!r}"
+        )
     paths = _paths(files if isinstance(files, dict) else {"train": files})
     if split not in paths:
         return None

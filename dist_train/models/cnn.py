@@ -67,7 +67,9 @@ def cnn(
     dropout: float = 0.0,
 ) -> CNN:
     """One block per entry of `channels` (default [32, 64]); every `pool_every`-th block max-pools (0: never)."""
-    channels = list(channels or [32, 64])
+    channels = [32, 64] if channels is None else list(channels)
     if not channels or min(channels) < 1 or kernel_size < 1 or kernel_size % 2 == 0:
         raise UserError("cnn: channels must be a non-empty list of positive widths and kernel_size an odd number")
+    if pool_every < 0:
+        raise UserError(f"cnn: pool_every must be >= 0 (0: never pool), got {pool_every}")
     return CNN(in_channels, num_classes, channels, kernel_size, batch_norm, pool_every, dropout)
