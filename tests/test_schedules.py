@@ -103,9 +103,9 @@ def test_plateau_warmup_still_ramps():
 
 
 def test_unknown_plateau_metric_is_a_user_error():
-    cfg = cfg_with({"name": "plateau", "plateau_metric": "eval_bleu"})
-    with pytest.raises(UserError, match="eval_bleu"):
-        LRSchedule(cfg).observe({"eval_loss": 1.0}, 1)
+    """Refused with the config, before any step trains: the loss says which metrics an evaluation has."""
+    with pytest.raises(UserError, match="plateau_metric='eval_bleu' is not a metric of train.loss=cross_entropy"):
+        cfg_with({"name": "plateau", "plateau_metric": "eval_bleu"})
 
 
 # --- in the training loop ---------------------------------------------------------------------------

@@ -119,6 +119,7 @@ def validate(cfg: Config) -> None:
     _positive(cfg.model.init_std, "model.init_std")
     _validate_param_groups(cfg.optim.param_groups)
     _validate_schedule(cfg)
+    _validate_watched_metrics(cfg)
     _validate_compress(cfg)
     _positive(cfg.loader.num_workers, "loader.num_workers", allow_zero=True)
     _positive(cfg.loader.prefetch_factor, "loader.prefetch_factor")
@@ -157,6 +158,31 @@ def _validate_param_groups(rules: list) -> None:
             if key in rule:
                 rule[key] = coerce(rule[key], float, f"{path}.{key}")
                 _positive(rule[key], f"{path}.{key}", allow_zero=True)
+
+
+def eval_metrics(loss: str) -> list[str]:
+    """The metrics an evaluation row holds for `train.loss` (perplexity: when the outputs are LM logits)."""
+    metrics = ["eval_loss"]
+    if loss in ("cross_entropy", "focal", "bce_with_logits"):
+        metrics.append("eval_accuracy")
+    if loss in ("cross_entropy", "focal"):
+        metrics.append("eval_perplexity")
+    return metrics
+
+
+def _validate_watched_metrics(cfg: Config) -> None:
+    """eval.metric (early stopping) and schedule.plateau_metric name a metric the evaluation reports."""
+    known = eval_metrics(cfg.train.loss)
+    watched = []
+    if cfg.eval.early_stopping_patience:
+        watched.append(("eval.metric", cfg.eval.metric))
+    if cfg.schedule.name == "plateau":
+        watched.append(("schedule.plateau_metric", cfg.schedule.plateau_metric or cfg.eval.metric))
+    for key, metric in watched:
+        if metric not in known:
+            raise UserError(
+                f"{key}={metric!r} is not a metric of train.loss={cfg.train.loss} (it has {', '.join(known)})"
+            )
 
 
 def _validate_schedule(cfg: Config) -> None:

@@ -150,7 +150,11 @@ class EvalConfig:
     every_steps: Union[int, None] = _f(None, "evaluate on the `eval` split every K steps (null: never during training)")
     at_end: bool = _f(True, "evaluate once more after the last step, when an eval split exists")
     micro_batch_size: Union[int, None] = _f(None, "eval samples per rank per forward (null: train.micro_batch_size)")
-    metric: str = _f("eval_loss", "metric that early stopping watches")
+    metric: str = _f(
+        "eval_loss",
+        "metric that early stopping watches: `eval_loss`, `eval_accuracy` (classification losses), "
+        "`eval_perplexity` (cross_entropy/focal on LM outputs)",
+    )
     mode: Literal["min", "max"] = _f("min", "whether `metric` improves downwards or upwards")
     early_stopping_patience: Union[int, None] = _f(None, "stop after this many evaluations without improvement")
     min_delta: float = _f(0.0, "smallest change of `metric` that counts as an improvement")
