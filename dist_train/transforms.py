@@ -57,13 +57,20 @@ def _checkpointed_forward(original, *args, **kwargs):
 
 def enable_grad_checkpointing(model: nn.Module, every: int = 1) -> int:
     """Recompute every `every`-th block's activations in backward. Returns how many blocks it covers."""
+    from .errors import UserError, on_every_rank
+
     if hasattr(model, "gradient_checkpointing_enable") and hasattr(model, "config"):  # Hugging Face
+        if every != 1:
+            raise on_every_rank(
+                UserError(
+                    "train.grad_checkpointing_every applies to the zoo's blocks; a Hugging Face model "
+                    "checkpoints every layer its own way: set it to 1"
+                )
+            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return -1
     blocks = find_blocks(model)
     if not blocks:
-        from .errors import UserError
-
         raise UserError(
             "train.grad_checkpointing needs a model whose repeated blocks are an nn.ModuleList attribute "
             "`blocks` or `layers`, or a Hugging Face model"

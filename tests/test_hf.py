@@ -42,6 +42,11 @@ def test_causal_lm_from_config_dict():
     assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.0
     assert build_model("hf_causal_lm", {"config": GPT2, "dropout": 0.3}).config.resid_pdrop == 0.3
     assert build_model("hf_causal_lm", {"config": GPT2}).config.resid_pdrop == 0.1  # the config's own default
+    from dist_train.transforms import enable_grad_checkpointing
+
+    with pytest.raises(UserError, match="grad_checkpointing_every applies to the zoo's blocks"):
+        enable_grad_checkpointing(model, every=2)  # was silently every layer
+    assert enable_grad_checkpointing(model, every=1) == -1 and model.hf.is_gradient_checkpointing
 
 
 @needs_hf

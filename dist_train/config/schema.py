@@ -65,7 +65,9 @@ class TrainConfig:
     loss_kwargs: dict = _f({}, "extra loss arguments, e.g. `{label_smoothing: 0.1}` or `{gamma: 2.0}`")
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "`bf16` autocast (CPU, CUDA); `fp16` autocast + GradScaler")
     grad_checkpointing: bool = _f(False, "recompute activations in backward (per block, non-reentrant)")
-    grad_checkpointing_every: int = _f(1, "checkpoint every k-th block only (1: every block)")
+    grad_checkpointing_every: int = _f(
+        1, "checkpoint every k-th block only (1: every block; Hugging Face models: 1 only)"
+    )
     sync_batchnorm: bool = _f(False, "convert every BatchNorm to a synchronised one")
     compile: bool = _f(False, "wrap the model in torch.compile before the strategy")
     max_nonfinite_steps: int = _f(5, "skip a step whose loss or grad norm is not finite; stop after this many in a row")
