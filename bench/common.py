@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.utils.data import DataLoader, DistributedSampler
 
 
@@ -32,6 +33,16 @@ def parse_spec() -> dict:
 def factory(path: str):
     module, _, name = path.partition(":")
     return getattr(importlib.import_module(module), name)
+
+
+def loss_function(spec: dict):
+    """Mean cross-entropy over fp32 logits, through torch.compile when the model is compiled (as
+    dist_train compiles its loss under train.compile)."""
+
+    def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+
+    return torch.compile(cross_entropy) if spec["compile"] else cross_entropy
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -6,10 +6,12 @@
 
 Both sides build `transformer_lm(vocab_size=50304, seq_len=1024, d_model=768, n_layers=12,
 n_heads=12)` (causal `F.scaled_dot_product_attention`: flash attention on CUDA in bf16) from the
-same seed, train it on `synthetic_tokens` with fused AdamW under bf16 autocast, compiled in place
-(`model.compile()`), in fresh processes, alternating dist_train / hand-written. Tokens/s comes from
-the steady-state median step time; MFU = tokens/s x FLOPs per token (dist_train.flops) / the GPU's
-bf16 dense peak. dist_train's own logged `mfu` (metrics.jsonl) is shown as a cross-check.
+same seed, train it on `synthetic_tokens` with fused AdamW under bf16 autocast, the model compiled
+in place (`model.compile()`) and the fp32 cross-entropy compiled too, in fresh processes,
+alternating dist_train / hand-written. Tokens/s comes from the steady-state median step time;
+MFU = tokens/s x FLOPs per token (dist_train.flops) / the GPU's bf16 dense peak. dist_train's own
+logged `mfu` (metrics.jsonl) is shown as a cross-check. `python -m bench.gpu_profile` shows where
+the GPU time of such a step goes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ GPT2_SMALL = Workload(
     data_factory="dist_train.data.synthetic:synthetic_tokens",
     data_name="synthetic_tokens",
     data_kwargs={"vocab_size": 50304, "seq_len": 1024, "num_samples": 2048, "eval_samples": 0},
-    micro_batch_size=16,
+    micro_batch_size=32,  # 41% MFU on an H100 against 39% at 16 (bench/gpu_session.sh, 2026-11-26)
     grad_accum_steps=1,
     steps=60,
     warmup_steps=20,  # compilation and allocator warm-up stay out of the statistics
@@ -62,7 +64,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny model and few steps (smoke test)")
     parser.add_argument("--no-compile", action="store_true", help="eager mode on both sides")
-    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 16; tiny 4)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 32; tiny 4)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; tiny 8)")
     parser.add_argument("--repeats", type=int, default=2, help="dist_train / hand-written pairs")
     parser.add_argument(

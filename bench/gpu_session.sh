@@ -4,12 +4,12 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu-session
 #
-# Writes OUT_DIR/{gpu.txt, bench-gpu.txt, bench-gpu.json, pytest-gpu.txt} and, when the first two
-# steps left time (GPU_SESSION_BUDGET_S, default 330 s, not yet spent), bench-gpu-mb32.{txt,json}:
-# the GPU, bench.gpu's dist_train vs hand-written tokens/s and MFU (GPT-2 small, bf16,
-# torch.compile, flash SDPA), the CUDA-path tests (tests/test_gpu.py), then the benchmark again at
-# micro-batch 32. About 6-8 minutes on one H100/H200. Exit status: 0 when the tests and the
-# benchmark passed.
+# Writes OUT_DIR/{gpu.txt, bench-gpu.txt, bench-gpu.json, pytest-gpu.txt} and, when the first steps
+# left time (GPU_SESSION_BUDGET_S, default 330 s, not yet spent), profile.txt: the GPU, bench.gpu's
+# dist_train vs hand-written tokens/s and MFU (GPT-2 small, micro-batch 32, bf16, torch.compile,
+# flash SDPA), the CUDA-path tests (tests/test_gpu.py), then bench.gpu_profile's GPU time per kernel
+# kind at micro-batch 32 and 16. About 6-8 minutes on one H100/H200. Exit status: 0 when the tests
+# and the benchmark passed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu-session}}
@@ -26,11 +26,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 bench=$?
 "$python" -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_gpu.py 2>&1 | tee "$out/pytest-gpu.txt"
 tests=$?
-if [ "$SECONDS" -lt "$budget" ]; then  # the compile caches are warm now: one pair, no warm-up pair
-    "$python" -m bench.gpu --micro-batch 32 --repeats 1 --no-warmup-pair --json "$out/bench-gpu-mb32.json" \
-        --timeout 120 2>&1 | tee "$out/bench-gpu-mb32.txt"
-else
-    echo "micro-batch 32 skipped: ${SECONDS}s spent of a ${budget}s budget"
-fi
+for micro_batch in 32 16; do  # the compile caches are warm by now
+    if [ "$SECONDS" -lt "$budget" ]; then
+        timeout 90 "$python" -m bench.gpu_profile --micro-batch "$micro_batch" 2>&1 | tee -a "$out/profile.txt"
+    else
+        echo "profile at micro-batch $micro_batch skipped: ${SECONDS}s spent of a ${budget}s budget"
+    fi
+done
 echo "bench.gpu exit $bench, tests exit $tests, ${SECONDS}s"
 [ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]

@@ -16,10 +16,19 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from bench.common import StepTimes, batches, exit_now, factory, param_groups, parse_spec, save_weights, train_loader
+from bench.common import (
+    StepTimes,
+    batches,
+    exit_now,
+    factory,
+    loss_function,
+    param_groups,
+    parse_spec,
+    save_weights,
+    train_loader,
+)
 
 
 def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
@@ -36,6 +45,7 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
     loader, sampler = train_loader(spec, rank, world_size)
     data = batches(loader, sampler)
     accum = spec["grad_accum_steps"]
+    loss_fn = loss_function(spec)
     bf16 = spec["precision"] == "bf16"
 
     for step in range(1, spec["steps"] + 1):
@@ -46,7 +56,7 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
             with contextlib.nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     logits = model(inputs)
-                loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten()) / accum
+                loss = loss_fn(logits, targets) / accum
                 loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), spec["grad_clip_norm"], foreach=True)
         optimizer.step()

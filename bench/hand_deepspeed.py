@@ -14,9 +14,18 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from bench.common import StepTimes, batches, exit_now, factory, param_groups, parse_spec, save_weights, train_loader
+from bench.common import (
+    StepTimes,
+    batches,
+    exit_now,
+    factory,
+    loss_function,
+    param_groups,
+    parse_spec,
+    save_weights,
+    train_loader,
+)
 
 
 def main() -> None:
@@ -34,6 +43,7 @@ def main() -> None:
         param_groups(model, spec["weight_decay"]), lr=spec["lr"], betas=spec["betas"], eps=spec["eps"]
     )
     accum = spec["grad_accum_steps"]
+    loss_fn = loss_function(spec)
     config = {
         "train_micro_batch_size_per_gpu": spec["micro_batch_size"],
         "gradient_accumulation_steps": accum,
@@ -52,7 +62,7 @@ def main() -> None:
             inputs, targets = next(data)
             inputs, targets = inputs.to(device), targets.to(device)
             logits = engine(inputs)
-            loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
+            loss = loss_fn(logits, targets)
             engine.backward(loss)
             engine.step()
         if step % spec["log_every"] == 0 and rank == 0:

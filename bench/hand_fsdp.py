@@ -13,11 +13,10 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 
-from bench.common import StepTimes, batches, exit_now, factory, param_groups, parse_spec, train_loader
+from bench.common import StepTimes, batches, exit_now, factory, loss_function, param_groups, parse_spec, train_loader
 
 
 def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
@@ -36,13 +35,14 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
     loader, sampler = train_loader(spec, rank, world_size)
     data = batches(loader, sampler)
     accum = spec["grad_accum_steps"]
+    loss_fn = loss_function(spec)
 
     for step in range(1, spec["steps"] + 1):
         for micro in range(accum):
             inputs, targets = next(data)
             inputs, targets = inputs.to(device), targets.to(device)
             model.set_requires_gradient_sync(micro == accum - 1)
-            loss = F.cross_entropy(model(inputs).flatten(0, -2).float(), targets.flatten()) / accum
+            loss = loss_fn(model(inputs), targets) / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip_norm"], foreach=True)
         optimizer.step()

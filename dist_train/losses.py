@@ -5,7 +5,7 @@ global count: the update then equals one big batch whatever the micro-batching a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
@@ -36,6 +36,12 @@ class Loss:
         if self.summed is not None:
             return self.summed(outputs, targets)
         return self.elementwise(outputs, targets).sum()
+
+    def compiled(self) -> Loss:
+        """This loss with its training sum through torch.compile (`train.compile`): an LM's fp32
+        upcast, log-softmax and reduction over (tokens, vocab) logits fuse into a few passes over
+        the logits instead of several full-size fp32 tensors (about a fifth of a GPT-2-small step)."""
+        return replace(self, summed=torch.compile(self.sum))
 
     def nll(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood of class outputs (ignored targets 0), for perplexity:

@@ -141,6 +141,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     strategy.setup(model)
     seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
     loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
+    if cfg.train.compile:
+        loss_fn = loss_fn.compiled()
     data = build_train_data(cfg, ctx)
     train_loss = loss_fn  # no IGNORE_INDEX in a TensorDataset's targets: static normaliser, no all-reduce per step
     if loss_fn.ignores_targets and no_ignored_targets(data.loader.dataset):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from helpers import PYTHON, REPO_ROOT, load_weights, max_abs_diff, run_cli, tiny_lm_config, write_config
+from helpers import PYTHON, REPO_ROOT, load_weights, max_abs_diff, read_rows, run_cli, tiny_lm_config, write_config
 
 from bench import cli as bench_cli
 from bench.harness import Cell, command, run_env
@@ -143,13 +143,32 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_compile_on_cpu_keeps_bare_state_dict_keys(tmp_path):
-    config = tiny_lm_config(tmp_path / "compiled", train={"max_steps": 3, "compile": True})
-    config["eval"] = {"at_end": False}
-    proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(write_config(tmp_path / "c.yaml", config))])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_gpu_profile_tiny_on_cpu():
+    proc = run_cli([PYTHON, "-m", "bench.gpu_profile", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "micro-batch 4, loss compiled" in proc.stdout and "top 18 kernels" in proc.stdout
+    shares = [float(line.split()[-1].rstrip("%")) for line in proc.stdout.splitlines() if line.endswith("%")]
+    assert shares and sum(shares) == pytest.approx(100, abs=0.5)  # the kinds add up to the busy time
+    if not torch.cuda.is_available():
+        proc = run_cli([PYTHON, "-m", "bench.gpu_profile"])
+        assert proc.returncode == 2 and "no CUDA GPU here" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_compile_on_cpu_keeps_bare_state_dict_keys_and_follows_eager(tmp_path):
+    """train.compile (model and training loss) on the CPU: bare state_dict keys, and the run follows
+    the same run in eager mode."""
+    runs = {}
+    for name, compiled in (("compiled", True), ("eager", False)):
+        config = tiny_lm_config(tmp_path / name, train={"max_steps": 3, "compile": compiled}, log={"every_steps": 1})
+        config["eval"] = {"at_end": False}
+        proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(write_config(tmp_path / f"{name}.yaml", config))])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = [r["loss"] for r in read_rows(tmp_path / name) if "loss" in r]
     weights = load_weights(tmp_path / "compiled")
     assert not any("_orig_mod" in key for key in weights), sorted(weights)
     from dist_train.models.transformer_lm import transformer_lm
 
     assert set(weights) == set(transformer_lm(**{k: v for k, v in config["model"].items() if k != "name"}).state_dict())
+    assert len(runs["compiled"]) == 3 and runs["compiled"] == pytest.approx(runs["eager"], rel=1e-5)
+    assert max_abs_diff(weights, load_weights(tmp_path / "eager")) < 1e-5

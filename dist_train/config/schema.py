@@ -69,7 +69,7 @@ class TrainConfig:
         1, "checkpoint every k-th block only (1: every block; Hugging Face models: 1 only)"
     )
     sync_batchnorm: bool = _f(False, "convert every BatchNorm to a synchronised one")
-    compile: bool = _f(False, "wrap the model in torch.compile before the strategy")
+    compile: bool = _f(False, "torch.compile the model (in place, before the strategy) and the training loss")
     max_nonfinite_steps: int = _f(5, "skip a step whose loss or grad norm is not finite; stop after this many in a row")
 
 

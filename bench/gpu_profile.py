@@ -1,0 +1,115 @@
+"""Where a GPT-2-small training step spends its GPU time: torch.profiler over a few steady-state steps.
+
+    python -m bench.gpu_profile [--micro-batch 32] [--steps 5] [--no-compile-loss]
+    python -m bench.gpu_profile --tiny --device cpu     # smoke test of the script (CPU ops, tiny model)
+
+The step of bench.gpu's hand-written side (the same model, bf16 autocast, `model.compile()`, the
+compiled fp32 cross-entropy, fused AdamW, clipping), in one process. Prints the kernels by GPU time
+and the time per kind (matrix products, attention, fused elementwise, optimizer), against the wall
+time of a step: what is left for MFU to gain, and where.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+
+import torch
+
+from .common import loss_function, param_groups
+from .gpu import GPT2_SMALL, TINY, flops_per_token, gpu_peak_tflops
+
+KINDS = (  # first match wins, on the lower-cased kernel name
+    ("attention", ("flash", "fmha", "attention", "sdpa")),
+    ("matmul", ("gemm", "sm90_xmma", "cutlass", "nvjet", "matmul", "cublas")),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("fused (triton)", ("triton",)),
+)
+
+
+def kind(name: str) -> str:
+    lower = name.lower()
+    return next((k for k, keys in KINDS if any(key in lower for key in keys)), "other")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu_profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny model (smoke test)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 32; tiny 4)")
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--no-compile-loss", action="store_true")
+    parser.add_argument("--top", type=int, default=18)
+    args = parser.parse_args()
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("bench.gpu_profile: no CUDA GPU here; smoke-test it on the CPU: --tiny --device cpu", file=sys.stderr)
+        sys.exit(2)
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    spec = TINY if args.tiny else GPT2_SMALL
+    spec = spec.scaled(micro_batch_size=args.micro_batch or spec.micro_batch_size)
+    sync = torch.cuda.synchronize if cuda else lambda: None
+    torch.manual_seed(0)
+    from dist_train.models.transformer_lm import transformer_lm
+
+    model = transformer_lm(**spec.model_kwargs).to(device)
+    model.compile()
+    loss_fn = loss_function({"compile": not args.no_compile_loss})
+    optimizer = torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, fused=True)
+    vocab, seq = spec.model_kwargs["vocab_size"], spec.model_kwargs["seq_len"]
+    tokens = torch.randint(0, vocab, (spec.micro_batch_size, seq + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(inputs)
+        loss_fn(logits, targets).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    sync()
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    wall = (time.perf_counter() - started) / args.steps
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(args.steps):
+            step()
+        sync()
+
+    if cuda:
+        events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        per_step = lambda e: e.self_device_time_total / 1e3 / args.steps  # noqa: E731  (ms)
+    else:  # CPU ops, outermost ones excluded by self time
+        events = list(prof.key_averages())
+        per_step = lambda e: e.self_cpu_time_total / 1e3 / args.steps  # noqa: E731
+    events.sort(key=per_step, reverse=True)
+    gpu_ms = sum(per_step(e) for e in events)
+    by_kind = collections.Counter()
+    for e in events:
+        by_kind[kind(e.key)] += per_step(e)
+    _, peak = gpu_peak_tflops() if cuda else (None, None)
+    achieved = spec.micro_batch_size * seq * flops_per_token(spec) / wall / 1e12
+    print(
+        f"micro-batch {spec.micro_batch_size}, loss {'eager' if args.no_compile_loss else 'compiled'}: "
+        f"wall {wall * 1e3:.1f} ms/step, {device.type} busy {gpu_ms:.1f} ms/step, {achieved:.0f} TFLOP/s"
+        + (f" = MFU {achieved / peak:.1%}" if peak else "")
+    )
+    for name, ms in by_kind.most_common():
+        print(f"  {name:<16} {ms:7.2f} ms  {ms / gpu_ms:6.1%}")
+    print(f"top {args.top} kernels (ms per step, calls per step):")
+    for e in events[: args.top]:
+        print(f"  {per_step(e):7.2f}  {e.count / args.steps:5.0f}  {e.key[:110]}")
+
+
+if __name__ == "__main__":
+    main()
