@@ -30,6 +30,7 @@ from .flops import mfu_per_token
 from .host_memory import retain_freed_heap
 from .losses import Loss, build_loss
 from .metrics import LossWindow, MetricsLogger, Throughput, peak_rss_mb, step_times_hook, write_step_times
+from .misfit import FORWARD_ERRORS, ForwardError
 from .models import build_model
 from .models.weight_init import init_weights
 from .safetensors_io import save_file
@@ -81,9 +82,13 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
         inputs = inputs.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
         with strategy.no_sync() if i < last else contextlib.nullcontext():
-            with strategy.autocast():
-                outputs = strategy.model(inputs)
-            loss_sum = loss_fn.sum(outputs, targets)
+            outputs = None
+            try:
+                with strategy.autocast():
+                    outputs = strategy.model(inputs)
+                loss_sum = loss_fn.sum(outputs, targets)
+            except FORWARD_ERRORS as err:  # the model or loss cannot take this batch (misfit.py)
+                raise ForwardError(err, inputs, targets, outputs) from err
             if pending is not None:
                 pending.wait()
                 pending = None
@@ -213,6 +218,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                 result = train_step(strategy, train_loss, micro_batches, cfg, ctx)
             except UserError as err:  # outputs and targets that the loss cannot pair: a config mistake, exit 2
                 raise on_every_rank(err) from None
+            except ForwardError as err:
+                if throughput.steps == 0 and err.is_misfit():  # nothing trained or saved yet by this process
+                    raise err.as_user_error() from None
+                raise TrainingError(f"rank {ctx.rank} failed at step {state.step + 1}: {err}") from err.error
             except Exception as err:
                 raise TrainingError(
                     f"rank {ctx.rank} failed at step {state.step + 1}: {type(err).__name__}: {err}"

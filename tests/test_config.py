@@ -212,6 +212,8 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
     binary = tmp_path / "binary.yaml"
     binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
     run = ["--config", config]
+    faulty = {**base, "model": {"name": "userpkg.faulty:faulty", "fail_rank": 0, "fail_call": 1}}
+    faulty["run"] = {"output_dir": str(tmp_path / "o11")}
     cases = {
         "trained": [*run],  # a good run first: its checkpoint is the one the mismatch case meets
         "not_callable": [*run, "model.name=userpkg.broken:not_callable", "run.output_dir=" + str(tmp_path / "o1")],
@@ -226,6 +228,9 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
         "binary_config": ["--config", str(binary)],
         "mismatch": [*run, "model.hidden_dim=16", "train.max_steps=2"],
         "submit_usage": ["slurm", "submit"],
+        "classes": [*run, "model.num_classes=2", "run.output_dir=" + str(tmp_path / "o9")],
+        "width": [*run, "model.input_dim=20", "run.output_dir=" + str(tmp_path / "o10")],
+        "model_bug": ["--config", str(write_config(tmp_path / "faulty.yaml", faulty))],
     }
     expected = {
         "not_callable": "is a int, not a factory function or class",
@@ -240,6 +245,8 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
         "binary_config": "is not UTF-8 text",
         "mismatch": "does not fit this model (size mismatch for ",
         "submit_usage": "(see `dist-train slurm submit --help`)",
+        "classes": "the model does not fit the data: the first training batch failed with IndexError: Target ",
+        "width": "does not fit the data: the first training batch failed with RuntimeError: mat1 and mat2 shapes",
     }
     if not torch.cuda.is_available():
         cases["nccl"] = [*run, "dist.backend=nccl", "run.output_dir=" + str(tmp_path / "o8")]
@@ -254,10 +261,15 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
     for name, text in expected.items():
         code, stderr = results[name]
         lines = stderr.strip().splitlines()
-        if name == "loss":  # found by the first forward: after the start-up line
+        if name in ("loss", "classes", "width"):  # found by the first forward: after the start-up line
             assert lines[0].startswith(f"{lines[0][:8]} INFO training mlp"), lines[0]
             lines = lines[1:]
         assert code == 2 and len(lines) == 1, (name, stderr)
         assert lines[0].startswith("dist_train: error:") and text in lines[0], (name, lines[0])
+    assert "model outputs (8, 2)" in results["classes"][1] and "in [0, 3]" in results["classes"][1]
+    assert "(at dist_train/models/mlp.py:" in results["width"][1] or "mlp.py:" in results["width"][1]
+    assert not (tmp_path / "o9" / "checkpoints").exists()
+    code, stderr = results["model_bug"]  # the model's own raise: a training failure with its traceback
+    assert code == 1 and "failed at step 1: RuntimeError: injected failure" in stderr and "Traceback" in stderr
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000001"
     assert "hidden_dim: 8" in (tmp_path / "out" / "config.yaml").read_text()  # the refused run changed nothing

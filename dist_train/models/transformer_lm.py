@@ -73,6 +73,11 @@ class TransformerLM(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: (B, T) -> logits (B, T, vocab)
+        if tokens.shape[-1] > self.seq_len:  # a shape, not a value: no device sync
+            raise UserError(
+                f"transformer_lm: the data's sequences of {tokens.shape[-1]} tokens are longer than model.seq_len "
+                f"({self.seq_len}): set data.seq_len <= model.seq_len"
+            )
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
         for block in self.blocks:
