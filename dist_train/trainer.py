@@ -198,6 +198,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     if ctx.device.type == "cpu":
         retain_freed_heap()  # no per-step heap trim + page faults (host_memory.py)
     control.install()
+    first_step = True  # this process's first: a batch the model refuses here is a config mistake (misfit.py)
     try:
         while state.step < total_steps:
             control.arm_watchdog()
@@ -219,13 +220,14 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             except UserError as err:  # outputs and targets that the loss cannot pair: a config mistake, exit 2
                 raise on_every_rank(err) from None
             except ForwardError as err:
-                if throughput.steps == 0 and err.is_misfit():  # nothing trained or saved yet by this process
+                if first_step and err.is_misfit():  # nothing trained or saved yet by this process
                     raise err.as_user_error() from None
                 raise TrainingError(f"rank {ctx.rank} failed at step {state.step + 1}: {err}") from err.error
             except Exception as err:
                 raise TrainingError(
                     f"rank {ctx.rank} failed at step {state.step + 1}: {type(err).__name__}: {err}"
                 ) from err
+            first_step = False
             state.step += 1
             state.samples_in_epoch += data.global_batch
             throughput.steps += 1

@@ -231,6 +231,11 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
         "classes": [*run, "model.num_classes=2", "run.output_dir=" + str(tmp_path / "o9")],
         "width": [*run, "model.input_dim=20", "run.output_dir=" + str(tmp_path / "o10")],
         "model_bug": ["--config", str(write_config(tmp_path / "faulty.yaml", faulty))],
+        "late": [
+            *run,
+            *("data.name=userpkg.broken:data_late_bad_class", "loader.shuffle=false", "log.every_steps=1"),
+            *("train.max_steps=8", "checkpoint.every_steps=2", "run.output_dir=" + str(tmp_path / "o12")),
+        ],
     }
     expected = {
         "not_callable": "is a int, not a factory function or class",
@@ -271,5 +276,8 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
     assert not (tmp_path / "o9" / "checkpoints").exists()
     code, stderr = results["model_bug"]  # the model's own raise: a training failure with its traceback
     assert code == 1 and "failed at step 1: RuntimeError: injected failure" in stderr and "Traceback" in stderr
+    code, stderr = results["late"]  # a batch refused after steps have trained: a training failure
+    assert code == 1 and "failed at step 6: IndexError: Target 7 is out of bounds" in stderr, stderr[-2000:]
+    assert (tmp_path / "o12" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000001"
     assert "hidden_dim: 8" in (tmp_path / "out" / "config.yaml").read_text()  # the refused run changed nothing

@@ -41,3 +41,22 @@ def data_classes(split: str):
     """32 features, 4 classes: right for cross_entropy, not for mse."""
     generator = torch.Generator().manual_seed(0)
     return TensorDataset(torch.randn(64, 32, generator=generator), torch.randint(4, (64,), generator=generator))
+
+
+def data_late_bad_class(split: str):
+    """4 classes, but item 40 says 7: with loader.shuffle false and 8 per batch, step 6 meets it."""
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(4, (64,), generator=generator)
+    targets[40] = 7
+    return TensorDataset(torch.randn(64, 32, generator=generator), targets)
+
+
+def data_bad_on_rank_1(split: str):
+    """4 classes on rank 0; rank 1's targets are all 7 (a model with 4 outputs refuses them)."""
+    import os
+
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(4, (64,), generator=generator)
+    if os.environ.get("RANK") == "1":
+        targets[:] = 7
+    return TensorDataset(torch.randn(64, 32, generator=generator), targets)
