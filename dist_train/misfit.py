@@ -57,14 +57,14 @@ class ForwardError(Exception):
         inner = traceback.extract_tb(error.__traceback__)
         return bool(inner) and _in_torch(inner[-1].filename)
 
-    def as_user_error(self) -> UserError:
+    def as_user_error(self, batch: str = "the first training batch") -> UserError:
         error = self.root()
         first_line = (str(error).strip().splitlines() or [""])[0].rstrip(".")
         parts = [f"inputs {describe(self.inputs)}", f"targets {describe(self.targets)}"]
         if isinstance(self.outputs, torch.Tensor):
             parts.append(f"model outputs {tuple(self.outputs.shape)}")
         return UserError(
-            f"the model does not fit the data: the first training batch failed with {type(error).__name__}: "
+            f"the model does not fit the data: {batch} failed with {type(error).__name__}: "
             f"{first_line}{where(self.error)}; batch: {', '.join(parts)}. Check model.* against data.* "
             "(input size, vocabulary size, sequence length, number of classes), or the model's code at that line"
         )

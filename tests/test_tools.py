@@ -394,3 +394,21 @@ def test_tensorboard_resume_replaces_the_interrupted_runs_steps(tmp_path):
     resumed.close()
     _, loss = _tb_scalars(tmp_path / "tb", "loss")
     assert loss == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+
+
+def test_check_runs_the_first_batch_and_refuses_a_model_that_does_not_fit_the_data(tmp_path, capsys):
+    """The forward and loss of rank 0's first micro-batch run on the CPU: a vocabulary or class
+    mismatch is found before a job is queued, in the run's own words."""
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run"))
+    probe = check_json(capsys, path)["first_batch"]
+    assert probe["checked"] and probe["samples"] == 4 and probe["outputs"] == [4, 16, 64]
+    assert probe["loss"] == pytest.approx(4.16, abs=0.3)  # about ln(64): an untrained model
+    code, out, err = run_main(capsys, "check", str(path), "data.vocab_size=80")
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert (
+        "does not fit the data: rank 0's first micro-batch (4 samples, dist-train check) failed with IndexError" in err
+    )
+    assert 64 <= int(re.search(r"inputs \(4, 16\) int64 in \[\d+, (\d+)\]", err).group(1)) <= 79  # the culprit
+    resnet = write_config(tmp_path / "r.yaml", resnet_config(tmp_path / "run2", model={"num_classes": 3}))
+    code, _, err = run_main(capsys, "check", str(resnet))
+    assert code == 2 and "Target " in err and "model outputs (4, 3)" in err

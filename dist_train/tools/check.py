@@ -9,16 +9,22 @@ known pitfalls (see `pitfalls.py`). Exit 0 when the config is valid (warnings in
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
 import torch
+import torch.nn as nn
 
 from ..cli import ArgParser
 from ..config import Config, load_config
 from ..data import build_dataset, build_train_data
 from ..distributed import DistContext
 from ..errors import UserError
+from ..losses import build_loss
+from ..misfit import FORWARD_ERRORS, ForwardError
+from ..misfit import where as where_raised
+from ..models import build_model
 from ..optim import lr_at
 from . import memory
 from .pitfalls import checkpoint_size, find_pitfalls
@@ -80,6 +86,41 @@ def deepspeed_json(cfg: Config, world_size: int) -> tuple[dict | None, str]:
         return None, f"n/a ({type(err).__name__}: {err})"
 
 
+PROBE_MAX_PARAMETERS = 200_000_000  # the first-batch probe builds the model for real on the CPU
+
+
+def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: int) -> dict:
+    """Forward and loss of rank 0's first micro-batch (up to 4 samples, fp32, eval mode, no grad) on
+    the CPU, as the run's first step would meet them: a model and data that disagree (input width,
+    vocabulary, sequence length, classes; misfit.py) are a UserError here, before any job is queued."""
+    if where != "cpu":
+        if numel > PROBE_MAX_PARAMETERS:
+            return {"checked": False, "note": f"not run: {numel:,} parameters; the run's first step checks it"}
+        torch.manual_seed(cfg.run.seed)
+        model = build_model(cfg.model.name, cfg.model.kwargs)
+    count = min(cfg.train.micro_batch_size, 4)
+    data.sampler.set_epoch(0)
+    data.sampler.set_start(0)
+    indices = list(itertools.islice(iter(data.sampler), count))
+    inputs, targets = data.loader.collate_fn([data.loader.dataset[i] for i in indices])
+    loss, outputs = build_loss(cfg.train.loss, **cfg.train.loss_kwargs), None
+    what = f"rank 0's first micro-batch ({count} samples, dist-train check)"
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(inputs)
+            value = loss.sum(outputs, targets) / max(1, loss.count(targets))
+    except FORWARD_ERRORS as err:
+        error = ForwardError(err, inputs, targets, outputs)
+        if error.is_misfit():
+            raise error.as_user_error(what) from None
+        raise UserError(
+            f"the model's forward or loss raised {error}{where_raised(err)} on {what}: the run would fail at its first step"
+        ) from None
+    shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+    return {"checked": True, "samples": count, "outputs": shape, "loss": float(value)}
+
+
 def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-size") -> dict:
     """Everything `check` reports, as a JSON-ready dict. Raises UserError when the run would refuse the config."""
     if world_size < 1:
@@ -110,6 +151,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
 
     model, where = memory.build_for_inspection(cfg)
     numel, trainable = memory.count_parameters(model)
+    first_batch = probe_first_batch(cfg, data, model, where, numel)
     try:
         activations, act_note = memory.activation_bytes(model, sample, cfg, where), f"estimated on the {where} device"
     except UserError:  # e.g. train.grad_checkpointing on a model without blocks: the run would refuse it too
@@ -126,6 +168,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         "world_size_source": world_source,
         "model": {"name": cfg.model.name, "parameters": numel, "trainable_parameters": trainable},
         "data": {"name": cfg.data.name, "train_samples": train_len, "eval_samples": len(eval_set) if eval_set else 0},
+        "first_batch": first_batch,
         "strategy": cfg.strategy.name,
         "precision": cfg.train.precision,
         "batch": {
@@ -162,6 +205,15 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
     return report
 
 
+def first_batch_line(probe: dict) -> str:
+    if not probe["checked"]:
+        return probe["note"]
+    return (
+        f"forward and loss ran on {probe['samples']} samples of rank 0's first micro-batch "
+        f"(CPU, fp32): outputs {probe['outputs']}, loss {probe['loss']:.4g}"
+    )
+
+
 def render(report: dict, config_path: str) -> str:
     b, s, m = report["batch"], report["steps"], report["model"]
     tokens = f" ({b['tokens_per_step']:,} tokens)" if b["tokens_per_step"] else ""
@@ -176,6 +228,7 @@ def render(report: dict, config_path: str) -> str:
                     f"{report['data']['name']}: {report['data']['train_samples']:,} train samples, "
                     f"{report['data']['eval_samples']:,} eval",
                 ),
+                ("first batch", first_batch_line(report["first_batch"])),
                 ("strategy", f"{report['strategy']}, precision {report['precision']}"),
                 ("world size", f"{report['world_size']} ({report['world_size_source']})"),
                 ("micro-batch", f"{b['micro_batch_size']} per rank"),
