@@ -88,7 +88,7 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
                     outputs = strategy.model(inputs)
                 loss_sum = loss_fn.sum(outputs, targets)
             except FORWARD_ERRORS as err:  # the model or loss cannot take this batch (misfit.py)
-                raise ForwardError(err, inputs, targets, outputs) from err
+                raise ForwardError(err, *micro_batches[i], outputs) from err  # host tensors: values shown on CUDA too
             if pending is not None:
                 pending.wait()
                 pending = None
