@@ -4,7 +4,8 @@ One command runs these and the GPU benchmark on a GPU machine: `bash bench/gpu_s
 What they pin down: a one-GPU run picks CUDA and logs MFU and CUDA memory; GPU and CPU runs of the
 same fp32 config agree; no CUDA synchronisation inside a training step (torch's sync debug mode set
 to error); fp16 with the GradScaler and bf16 with torch.compile train; FSDP2 on one GPU matches DDP;
-SyncBatchNorm becomes torch's own on CUDA; and, with two GPUs, 2 ranks x b equal 1 rank x 2b (NCCL).
+SyncBatchNorm becomes torch's own on CUDA; a model that does not fit the data is one line, status 2;
+and, with two GPUs, 2 ranks x b equal 1 rank x 2b (NCCL).
 """
 
 from __future__ import annotations
@@ -116,6 +117,23 @@ def test_deepspeed_zero2_on_one_gpu_matches_ddp(tmp_path):
     for name, strategy in (("ddp", {"name": "ddp"}), ("zero2", {"name": "deepspeed", "zero_stage": 2})):
         train_ok(tiny_lm_config(tmp_path / name, strategy=strategy), tmp_path)
     assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "zero2")) <= 1e-4
+
+
+def test_a_model_that_does_not_fit_the_data_is_one_line_on_cuda(tmp_path):
+    """A shape misfit raises at the kernel launch on CUDA too: status 2, one line, the batch described
+    from its host tensors. (An out-of-range index is a device-side assert there: status 1.)"""
+    config = {
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"name": "mlp", "input_dim": 32, "hidden_dim": 16, "depth": 2, "num_classes": 4},
+        "data": {"name": "synthetic_vectors", "input_dim": 20, "num_classes": 4, "num_samples": 64},
+        "train": {"max_steps": 2, "micro_batch_size": 8},
+        "log": {"plot": False},
+    }
+    proc = launch(config, tmp_path, launcher="single")
+    lines = [line for line in proc.stderr.splitlines() if "dist_train: error:" in line]
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    assert "does not fit the data" in lines[0] and "inputs (8, 20) float32" in lines[0]
+    assert "Traceback" not in proc.stderr
 
 
 def test_sync_batchnorm_is_torchs_own_on_cuda():
