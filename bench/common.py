@@ -35,14 +35,22 @@ def factory(path: str):
     return getattr(importlib.import_module(module), name)
 
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
 def loss_function(spec: dict):
     """Mean cross-entropy over fp32 logits, through torch.compile when the model is compiled (as
-    dist_train compiles its loss under train.compile)."""
+    dist_train compiles its loss under train.compile), in the model's mode less its CUDA graphs
+    (the loss of one micro-step must outlive the next)."""
 
     def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten())
 
-    return torch.compile(cross_entropy) if spec["compile"] else cross_entropy
+    if not spec["compile"]:
+        return cross_entropy
+    mode = spec.get("compile_mode", "default")
+    mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+    return torch.compile(cross_entropy, mode=mode)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

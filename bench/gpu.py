@@ -64,6 +64,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny model and few steps (smoke test)")
     parser.add_argument("--no-compile", action="store_true", help="eager mode on both sides")
+    parser.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        default="default",
+        help="torch.compile mode on both sides (dist_train: train.compile_mode)",
+    )
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 32; tiny 4)")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; tiny 8)")
     parser.add_argument("--repeats", type=int, default=2, help="dist_train / hand-written pairs")
@@ -125,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     changes = {"device": args.device}
     if args.no_compile:
         changes["compile"] = False
+    elif args.compile_mode != "default":
+        changes["compile_mode"] = args.compile_mode
     if args.micro_batch:
         changes["micro_batch_size"] = args.micro_batch
     if args.steps:
@@ -198,7 +206,7 @@ def gpu_table(report: dict) -> str:
     w = report["workload"]
     lines = [
         f"{w['name']}: {w['model_kwargs']}, micro-batch {w['micro_batch_size']}, {w['precision']}, "
-        f"compile {w['compile']}, device {report['gpu'] or 'cpu'} (peak {report['peak_bf16_tflops'] or 'n/a'} TFLOP/s)",
+        f"compile {w['compile'] and w['compile_mode']}, device {report['gpu'] or 'cpu'} (peak {report['peak_bf16_tflops'] or 'n/a'} TFLOP/s)",
         "| | dist_train | hand-written | ratio |",
         "| --- | --- | --- | --- |",
         f"| step ms | {s['step_time_s']['dist_train'] * 1e3:.1f} | {s['step_time_s']['hand'] * 1e3:.1f} "

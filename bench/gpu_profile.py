@@ -1,6 +1,6 @@
 """Where a GPT-2-small training step spends its GPU time: torch.profiler over a few steady-state steps.
 
-    python -m bench.gpu_profile [--micro-batch 32] [--steps 5] [--no-compile-loss]
+    python -m bench.gpu_profile [--micro-batch 32] [--steps 5] [--no-compile-loss] [--compile-mode max-autotune]
     python -m bench.gpu_profile --tiny --device cpu     # smoke test of the script (CPU ops, tiny model)
 
 The step of bench.gpu's hand-written side (the same model, bf16 autocast, `model.compile()`, the
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from .common import loss_function, param_groups
+from .common import CUDA_GRAPH_MODES, loss_function, param_groups
 from .gpu import GPT2_SMALL, TINY, flops_per_token, gpu_peak_tflops
 
 KINDS = (  # first match wins, on the lower-cased kernel name
@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-compile-loss", action="store_true")
+    parser.add_argument(
+        "--compile-mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+    )
     parser.add_argument("--top", type=int, default=18)
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
@@ -58,14 +61,18 @@ def main() -> None:
     from dist_train.models.transformer_lm import transformer_lm
 
     model = transformer_lm(**spec.model_kwargs).to(device)
-    model.compile()
-    loss_fn = loss_function({"compile": not args.no_compile_loss})
+    mode = args.compile_mode or "default"
+    model.compile(mode=mode)
+    loss_fn = loss_function({"compile": not args.no_compile_loss, "compile_mode": mode})
+    graphs = cuda and mode in CUDA_GRAPH_MODES
     optimizer = torch.optim.AdamW(param_groups(model, spec.weight_decay), lr=spec.lr, betas=spec.betas, fused=True)
     vocab, seq = spec.model_kwargs["vocab_size"], spec.model_kwargs["seq_len"]
     tokens = torch.randint(0, vocab, (spec.micro_batch_size, seq + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16):
             logits = model(inputs)
         loss_fn(logits, targets).backward()
@@ -100,7 +107,7 @@ def main() -> None:
     _, peak = gpu_peak_tflops() if cuda else (None, None)
     achieved = spec.micro_batch_size * seq * flops_per_token(spec) / wall / 1e12
     print(
-        f"micro-batch {spec.micro_batch_size}, loss {'eager' if args.no_compile_loss else 'compiled'}: "
+        f"micro-batch {spec.micro_batch_size}, compile mode {mode}, loss {'eager' if args.no_compile_loss else 'compiled'}: "
         f"wall {wall * 1e3:.1f} ms/step, {device.type} busy {gpu_ms:.1f} ms/step, {achieved:.0f} TFLOP/s"
         + (f" = MFU {achieved / peak:.1%}" if peak else "")
     )

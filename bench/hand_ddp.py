@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bench.common import (
+    CUDA_GRAPH_MODES,
     StepTimes,
     batches,
     exit_now,
@@ -37,7 +38,8 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
     torch.manual_seed(spec["seed"])
     module = factory(spec["model_factory"])(**spec["model_kwargs"]).to(device)
     if spec["compile"]:
-        module.compile()
+        module.compile(mode=spec["compile_mode"])
+    graphs = spec["compile"] and spec["compile_mode"] in CUDA_GRAPH_MODES and device.type == "cuda"
     model = DDP(module, gradient_as_bucket_view=True) if world_size > 1 else module
     optimizer = torch.optim.AdamW(
         param_groups(module, spec["weight_decay"]), lr=spec["lr"], betas=spec["betas"], eps=spec["eps"], fused=True
@@ -52,6 +54,8 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
         for micro in range(accum):
             inputs, targets = next(data)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            if graphs:  # cudagraph trees: a new replay, the previous micro-step's outputs are spent
+                torch.compiler.cudagraph_mark_step_begin()
             sync = micro == accum - 1 or world_size == 1
             with contextlib.nullcontext() if sync else model.no_sync():
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):

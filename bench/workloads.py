@@ -33,6 +33,7 @@ class Workload:
     log_every: int = 10  # both sides read the loss on the host every this many steps
     precision: str = "fp32"
     compile: bool = False
+    compile_mode: str = "default"  # torch.compile mode (train.compile_mode)
     device: str = "auto"  # "cpu" keeps a one-process run off the GPU (dist_train: dist.backend=gloo)
 
     def scaled(self, **changes) -> Workload:
@@ -65,6 +66,7 @@ class Workload:
                 "loss": "cross_entropy",
                 "precision": self.precision,
                 "compile": self.compile,
+                "compile_mode": self.compile_mode,
             },
             "optim": {"name": "adamw", "weight_decay": self.weight_decay, "betas": list(self.betas), "eps": self.eps},
             "schedule": {"name": "constant", "warmup_steps": 0},

@@ -37,11 +37,15 @@ class Loss:
             return self.summed(outputs, targets)
         return self.elementwise(outputs, targets).sum()
 
-    def compiled(self) -> Loss:
+    def compiled(self, mode: str = "default") -> Loss:
         """This loss with its training sum through torch.compile (`train.compile`): an LM's fp32
         upcast, log-softmax and reduction over (tokens, vocab) logits fuse into a few passes over
-        the logits instead of several full-size fp32 tensors (about a fifth of a GPT-2-small step)."""
-        return replace(self, summed=torch.compile(self.sum))
+        the logits instead of several full-size fp32 tensors (about a fifth of a GPT-2-small step).
+
+        `mode` is `train.compile_mode` less its CUDA graphs: the loop keeps each micro-step's loss
+        until the optimizer step, and a replayed graph would overwrite it with the next one's."""
+        mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
+        return replace(self, summed=torch.compile(self.sum, mode=mode))
 
     def nll(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per-token negative log-likelihood of class outputs (ignored targets 0), for perplexity:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from . import state as run_state
 from .checkpoint import write_atomic
 from .compress import Compression
-from .config import Config, dump_yaml
+from .config import CUDA_GRAPH_MODES, Config, dump_yaml
 from .control import Control
 from .data import build_eval_data, build_train_data, no_ignored_targets
 from .distributed import DistContext
@@ -78,9 +78,12 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
         pending = dist.all_reduce(count, async_op=True)
     losses = []
     last = len(micro_batches) - 1
+    graphs = cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES and ctx.device.type == "cuda"
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
+        if graphs:  # a new replay of the model's CUDA graphs; the last micro-step's outputs are spent
+            torch.compiler.cudagraph_mark_step_begin()
         with strategy.no_sync() if i < last else contextlib.nullcontext():
             outputs = None
             try:
@@ -147,7 +150,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
     loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
     if cfg.train.compile:
-        loss_fn = loss_fn.compiled()
+        loss_fn = loss_fn.compiled(cfg.train.compile_mode)
     data = build_train_data(cfg, ctx)
     train_loss = loss_fn  # no IGNORE_INDEX in a TensorDataset's targets: static normaliser, no all-reduce per step
     if loss_fn.ignores_targets and no_ignored_targets(data.loader.dataset):

@@ -164,12 +164,18 @@ def test_numbers_in_lists_and_factory_arguments_load_as_numbers(tmp_path):
         ("dist.timeout_s=inf", "`dist.timeout_s` must be a finite number"),
         ("strategy.name=null", "`strategy.name` must be one of ddp"),
         ("optim.name=null", "`optim.name` must be one of"),
+        ("train.compile_mode=max_autotune", "`train.compile_mode` must be one of default, reduce-overhead"),
+        ("train.compile_mode=max-autotune", "train.compile_mode=max-autotune needs train.compile=true"),
+        (
+            "train.compile=true train.compile_mode=reduce-overhead strategy.name=fsdp",
+            "CUDA graphs, which dist_train supports with strategy.name=ddp only",
+        ),
     ],
 )
-def test_non_finite_numbers_and_empty_names_are_refused(tmp_path, override, message):
+def test_non_finite_numbers_empty_names_and_unusable_compile_modes_are_refused(tmp_path, override, message):
     path = write_config(tmp_path / "c.yaml", BASE)
     with pytest.raises(UserError) as err:
-        load_config(path, [override])
+        load_config(path, override.split())
     assert message in str(err.value)
 
 

@@ -3,7 +3,8 @@
 One command runs these and the GPU benchmark on a GPU machine: `bash bench/gpu_session.sh OUT_DIR`.
 What they pin down: a one-GPU run picks CUDA and logs MFU and CUDA memory; GPU and CPU runs of the
 same fp32 config agree; no CUDA synchronisation inside a training step (torch's sync debug mode set
-to error); fp16 with the GradScaler and bf16 with torch.compile train; FSDP2 on one GPU matches DDP;
+to error); fp16 with the GradScaler and bf16 with torch.compile train; CUDA graphs (compile mode
+reduce-overhead) follow the default mode; FSDP2 on one GPU matches DDP;
 SyncBatchNorm becomes torch's own on CUDA; a model that does not fit the data is one line, status 2;
 and, with two GPUs, 2 ranks x b equal 1 rank x 2b (NCCL).
 """
@@ -104,6 +105,23 @@ def test_fp16_with_grad_scaler_and_bf16_with_compile_train(tmp_path):
 
     bare = build_model("transformer_lm", {k: v for k, v in compiled["model"].items() if k != "name"})
     assert set(load_weights(tmp_path / "compiled")) == set(bare.state_dict())
+
+
+def test_cuda_graph_compile_mode_follows_the_default_mode(tmp_path):
+    """train.compile_mode=reduce-overhead replays the model as CUDA graphs: with accumulation (the
+    micro-steps' losses kept until the optimizer step) and evaluations (a short last batch) between
+    steps, the run logs the losses and eval losses of the default mode."""
+    runs = {}
+    for mode in ("default", "reduce-overhead"):
+        train = {"precision": "bf16", "compile": True, "compile_mode": mode, "grad_accum_steps": 2, "max_steps": 12}
+        config = tiny_lm_config(tmp_path / mode, train=train, eval={"every_steps": 4}, log={"every_steps": 2})
+        proc = launch(config, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[mode] = read_rows(config["run"]["output_dir"])
+    for key in ("loss", "eval_loss"):
+        default = [r[key] for r in runs["default"] if key in r]
+        graphs = [r[key] for r in runs["reduce-overhead"] if key in r]
+        assert len(default) >= 3 and graphs == pytest.approx(default, rel=2e-2), key
 
 
 def test_fsdp2_on_one_gpu_matches_ddp(tmp_path):

@@ -237,3 +237,36 @@ def test_compiled_training_sum_matches_eager_and_keeps_one_line_errors(name, kwa
     with pytest.raises(UserError, match="loss"):
         compiled.sum(*wrong)
     assert compiled.elementwise is eager.elementwise  # evaluation stays eager: any batch shape, no recompiles
+
+
+def test_compile_mode_reaches_the_model_and_the_loss_less_its_cuda_graphs(monkeypatch):
+    """train.compile_mode compiles the model in that mode; the loss (whose per-micro-step value the
+    loop keeps until the optimizer step) gets the same mode without CUDA graphs."""
+    from dist_train.config import from_dict
+    from dist_train.transforms import apply_transforms
+
+    modes = []
+
+    def spy(fn, *args, mode=None, **kwargs):
+        modes.append(mode)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", spy)
+    for mode, loss_mode in (
+        ("default", "default"),
+        ("reduce-overhead", "default"),
+        ("max-autotune", "max-autotune-no-cudagraphs"),
+        ("max-autotune-no-cudagraphs", "max-autotune-no-cudagraphs"),
+    ):
+        modes.clear()
+        cfg = from_dict(
+            {
+                "run": {"output_dir": "unused"},
+                "model": {"name": "mlp"},
+                "data": {"name": "synthetic_vectors"},
+                "train": {"compile": True, "compile_mode": mode},
+            }
+        )
+        apply_transforms(torch.nn.Linear(2, 2), cfg, ctx=None)
+        build_loss("cross_entropy").compiled(cfg.train.compile_mode)
+        assert modes == [mode, loss_mode]

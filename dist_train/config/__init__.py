@@ -6,7 +6,7 @@ loading.py the way in (file, overrides) and out (the resolved config.yaml).
 
 from .checks import validate
 from .loading import apply_overrides, dump_yaml, from_dict, load_config, parse_overrides, to_dict
-from .schema import Config, config_reference
+from .schema import CUDA_GRAPH_MODES, Config, config_reference
 
 __all__ = [
     "Config",

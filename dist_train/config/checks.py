@@ -9,7 +9,7 @@ import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 from ..errors import UserError
-from .schema import REQUIRED_KEYS, Config
+from .schema import CUDA_GRAPH_MODES, REQUIRED_KEYS, Config
 
 
 def nearest(name: str, options: list[str]) -> str:
@@ -109,6 +109,7 @@ def validate(cfg: Config) -> None:
     _positive(t.grad_clip_value, "train.grad_clip_value", allow_none=True)
     _positive(t.grad_checkpointing_every, "train.grad_checkpointing_every")
     _positive(t.max_nonfinite_steps, "train.max_nonfinite_steps")
+    _validate_compile_mode(cfg)
     _positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True)
     if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
         raise UserError(f"`optim.betas` must be two numbers in [0, 1), got {cfg.optim.betas!r}")
@@ -135,6 +136,17 @@ def validate(cfg: Config) -> None:
     _positive(cfg.checkpoint.keep_every, "checkpoint.keep_every", allow_none=True)
     _positive(cfg.checkpoint.save_timeout_s, "checkpoint.save_timeout_s")
     _positive(cfg.log.every_steps, "log.every_steps")
+
+
+def _validate_compile_mode(cfg: Config) -> None:
+    mode = cfg.train.compile_mode
+    if mode != "default" and not cfg.train.compile:
+        raise UserError(f"train.compile_mode={mode} needs train.compile=true (or leave compile_mode at default)")
+    if mode in CUDA_GRAPH_MODES and cfg.strategy.name != "ddp":
+        raise UserError(
+            f"train.compile_mode={mode} replays CUDA graphs, which dist_train supports with strategy.name=ddp only "
+            f"(FSDP2 and DeepSpeed move parameters and gradients between steps): use max-autotune-no-cudagraphs"
+        )
 
 
 PARAM_GROUP_KEYS = ("match", "lr_scale", "weight_decay")

@@ -23,6 +23,7 @@ def _f(default: Any, doc: str, **kwargs: Any) -> Any:
 
 REQUIRED = None  # marker default for the three keys the contract makes mandatory
 REQUIRED_KEYS = ("run.output_dir", "model.name", "data.name")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # train.compile_mode values that replay CUDA graphs
 
 
 @dataclass
@@ -70,6 +71,11 @@ class TrainConfig:
     )
     sync_batchnorm: bool = _f(False, "convert every BatchNorm to a synchronised one")
     compile: bool = _f(False, "torch.compile the model (in place, before the strategy) and the training loss")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
+        "default",
+        "torch.compile mode under `train.compile`: `max-autotune*` tunes kernels (slow to compile); "
+        "`reduce-overhead` and `max-autotune` replay the model as CUDA graphs (CUDA, ddp only)",
+    )
     max_nonfinite_steps: int = _f(5, "skip a step whose loss or grad norm is not finite; stop after this many in a row")
 
 
