@@ -91,5 +91,6 @@ def apply_transforms(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Modu
         count = enable_grad_checkpointing(model, cfg.train.grad_checkpointing_every)
         log.info("activation checkpointing on %s", "the Hugging Face model" if count < 0 else f"{count} blocks")
     if cfg.train.compile:
-        model.compile(mode=cfg.train.compile_mode)  # in place: no OptimizedModule wrapper, so state_dict keys carry no `_orig_mod.`
+        # in place: no OptimizedModule wrapper, so state_dict keys carry no `_orig_mod.`
+        model.compile(mode=cfg.train.compile_mode)
     return model

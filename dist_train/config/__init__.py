@@ -9,6 +9,7 @@ from .loading import apply_overrides, dump_yaml, from_dict, load_config, parse_o
 from .schema import CUDA_GRAPH_MODES, Config, config_reference
 
 __all__ = [
+    "CUDA_GRAPH_MODES",
     "Config",
     "apply_overrides",
     "config_reference",
