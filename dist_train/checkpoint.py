@@ -9,7 +9,8 @@ Layout under `<output_dir>/checkpoints/`:
 
 A save writes into `.tmp-step-N/`, fsyncs every file and the folder, renames it to `step-N/`,
 then replaces `latest` through a temporary file and a rename. A crash at any instant leaves the
-previous checkpoint and `latest` valid. Files are loaded with `torch.load(weights_only=True)`.
+previous checkpoint and `latest` valid. A step saved before (a run resumed from an older
+checkpoint re-reached it) is replaced by the new save: the old folder is renamed aside first. Files are loaded with `torch.load(weights_only=True)`.
 """
 
 from __future__ import annotations
@@ -126,14 +127,16 @@ def commit_save(
     manifest = {"format_version": FORMAT_VERSION, "step": step, **meta, "files": entries}
     write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1).encode())
     final = root / step_dir_name(step)
-    if final.exists() and _intact(final):  # a resumed run re-reached a saved step: keep the good one
-        shutil.rmtree(tmp)
-    else:
-        if final.exists():  # a damaged copy: set it aside (never delete evidence), then take its place
-            os.rename(final, root / f".corrupt-{final.name}-{os.getpid()}")
-        os.rename(tmp, final)
-        fsync_path(root)
+    replaced = None
+    if final.exists():  # a resumed or rewound run re-reached a saved step: the new save is the run's
+        # a damaged copy is set aside for good (never delete evidence); an intact one until the new one is in
+        replaced = root / f".{'replaced' if _intact(final) else 'corrupt'}-{final.name}-{os.getpid()}"
+        os.rename(final, replaced)
+    os.rename(tmp, final)
+    fsync_path(root)
     write_atomic(root / "latest", (final.name + "\n").encode())
+    if replaced is not None and replaced.name.startswith(".replaced-"):
+        shutil.rmtree(replaced)
     apply_retention(root, keep_last, keep_every)
     return final
 
@@ -225,17 +228,25 @@ def verify(folder: Path) -> dict:
 class Found:
     folder: Path
     manifest: dict
+    origin: str | None = None  # a checkpoint named by path that a run starts from (TrainState.started_from)
 
 
 def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
     """Resolve `checkpoint.resume` to a verified checkpoint (rank 0 only: it reads every byte).
 
     `auto`: `latest`, else the newest intact `step-*` folder; a corrupt candidate is reported in
-    one line and skipped. A path: a checkpoint folder or a run folder; must be intact.
+    one line and skipped. A path: a checkpoint folder or a run folder; must be intact, unless this
+    run started from it and has checkpoints of its own since: the same command started again (a
+    requeue, a restart after exit 75) continues from those.
     """
     if resume == "never":
         return None
     if resume != "auto":
+        own = find_resume_checkpoint("auto", output_dir)
+        started_from = own.manifest["trainer"].get("started_from") if own else None
+        if started_from and Path(resume).resolve() in Path(started_from).parents[:2] + (Path(started_from),):
+            log.info("checkpoint.resume: this run started from %s; continuing from its own %s", resume, own.folder.name)
+            return own
         path = Path(resume)
         if not path.exists():
             raise UserError(
@@ -252,7 +263,7 @@ def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
             if not STEP_DIR.match(latest) or not path.is_dir():
                 raise UserError(f"checkpoint.resume: {root}/latest names {latest!r}, which is not a checkpoint folder")
         try:
-            return Found(path, verify(path))
+            return Found(path, verify(path), origin=str(path.resolve()))
         except ValueError as err:
             raise UserError(f"checkpoint.resume: {err}") from None
 

@@ -141,8 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         return import_object(SUBCOMMANDS[command], "sub-command")(rest)
     except UserError as err:
         if not err.same_on_every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"dist_train: error: {err}", file=sys.stderr)
+            sys.stderr.write(f"dist_train: error: {err}\n")  # one write: ranks sharing a terminal cannot split it
         return EXIT_USAGE
     except KeyboardInterrupt:
         logging.getLogger("dist_train").error("interrupted")
         return 130
+
+
+if __name__ == "__main__":  # `python -m dist_train.cli` works like `python -m dist_train`
+    exit_with(main())

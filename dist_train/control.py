@@ -56,6 +56,8 @@ def catch_stop_signals_early() -> None:
 
 
 class Control:
+    WATCHDOG_GRACE_S = 30.0  # the watchdog waits dist.timeout_s + this: a collective's own timeout speaks first
+
     def __init__(self, ctx: DistContext, timeout_s: float, save_timeout_s: float):
         self.ctx = ctx
         self.timeout_s = timeout_s
@@ -155,7 +157,7 @@ class Control:
         now = time.monotonic()
         if seconds is None and self._default_armed_at is not None and now - self._default_armed_at < 1.0:
             return
-        faulthandler.dump_traceback_later(seconds or self.timeout_s + 30, exit=True, file=sys.stderr)
+        faulthandler.dump_traceback_later(seconds or self.timeout_s + self.WATCHDOG_GRACE_S, exit=True, file=sys.stderr)
         self._default_armed_at = now if seconds is None else None
 
     def disarm_watchdog(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -31,20 +32,26 @@ def observers_frozen(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def evaluate(strategy: Strategy, loss_fn: Loss, eval_data: EvalData, ctx: DistContext) -> dict[str, float]:
-    """Sample-weighted mean loss (token-weighted for LMs), accuracy and perplexity over the whole split."""
+def evaluate(
+    strategy: Strategy, loss_fn: Loss, eval_data: EvalData, ctx: DistContext, on_batch: Callable[[], None] | None = None
+) -> dict[str, float]:
+    """Sample-weighted mean loss (token-weighted for LMs), accuracy and perplexity over the whole split.
+
+    `on_batch` is called before each batch (the trainer's hang watchdog: an evaluation longer than
+    dist.timeout_s is progress, not a hang)."""
     model = strategy.model
     with observers_frozen(model):
-        return _evaluate(strategy, model, loss_fn, eval_data, ctx)
+        return _evaluate(strategy, model, loss_fn, eval_data, ctx, on_batch or (lambda: None))
 
 
-def _evaluate(strategy: Strategy, model: torch.nn.Module, loss_fn: Loss, eval_data: EvalData, ctx: DistContext):
+def _evaluate(strategy, model: torch.nn.Module, loss_fn: Loss, eval_data: EvalData, ctx: DistContext, on_batch):
     was_training = model.training
     model.eval()
     # loss sum, counted elements, correct, token NLL sum (LMs: perplexity)
     totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)
     position, is_lm = 0, False
     for inputs, targets in eval_data.loader:
+        on_batch()
         batch = targets.shape[0]
         valid = eval_data.valid[position : position + batch].to(ctx.device).view(batch, 1)
         position += batch

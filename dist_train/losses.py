@@ -85,6 +85,28 @@ def _same_shape(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tupl
     return outputs.float(), targets.float()
 
 
+def _check_ranges(name: str, kwargs: dict) -> None:
+    """Loss arguments torch would refuse at the first batch (or take and train nonsense with)."""
+
+    def numbers(key: str) -> list:
+        value = kwargs[key]
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise UserError(f"train.loss_kwargs.{key} must be a number or a list of numbers, got {value!r}")
+        return values
+
+    bounds = {  # key: (lowest, highest, lowest allowed itself)
+        "label_smoothing": (0.0, 1.0, True),
+        "beta": (0.0, float("inf"), True),
+        "alpha": (0.0, float("inf"), True),
+        "pos_weight": (0.0, float("inf"), False),
+    }
+    for key, (low, high, closed) in bounds.items():
+        if key in kwargs and not all((v >= low if closed else v > low) and v <= high for v in numbers(key)):
+            span = f"[{low:g}, {high:g}]" if high < float("inf") else (">= 0" if closed else "> 0")
+            raise UserError(f"train.loss_kwargs.{key} for {name} must be {span}, got {kwargs[key]!r}")
+
+
 def build_loss(name: str, **kwargs: float) -> Loss:
     """`train.loss` + `train.loss_kwargs` -> Loss."""
     allowed = {
@@ -103,6 +125,7 @@ def build_loss(name: str, **kwargs: float) -> Loss:
             f"train.loss_kwargs {sorted(unknown)} do not apply to {name} (it takes: {sorted(allowed[name]) or 'none'})"
         )
 
+    _check_ranges(name, kwargs)
     if name == "cross_entropy":
         smoothing = float(kwargs.get("label_smoothing", 0.0))
 

@@ -192,11 +192,14 @@ class LossWindow:
 
     COMPACT_AT = 1024  # micro-batch losses held before folding
 
-    def __init__(self, ctx: DistContext, limit: int, loss_sum=None, count: float = 0.0, skipped: int = 0):
+    def __init__(
+        self, ctx: DistContext, limit: int, loss_sum=None, count: float = 0.0, skipped: int = 0, streak=(0, 0)
+    ):
         self.ctx = ctx
         self.limit = limit  # skipped steps in a row that end the run (checked by the loop)
         self.skipped = skipped  # skipped steps in the run so far (read on logging steps)
-        self.streak = self.longest_streak = 0  # skipped steps in a row (up to the last logging step)
+        # skipped steps in a row now, and the most in a row since the last check (up to the last logging step)
+        self.streak, self.longest_streak = streak
         self._reset([] if loss_sum is None else [loss_sum], count)
 
     def _reset(self, losses: list, count) -> None:
@@ -226,14 +229,22 @@ class LossWindow:
         loss_sum = all_reduce_sum(self.loss_sum(), self.ctx)
         head = torch.stack([loss_sum, self.count(), self.grad_norm.double()])
         loss_sum, count, grad_norm, *flags = torch.cat([head, torch.cat(self.flags).double()]).tolist()
-        for flag in flags:
-            self.streak = self.streak + 1 if flag else 0
-            self.longest_streak = max(self.longest_streak, self.streak)
-            self.skipped += bool(flag)
+        self.skipped, self.streak, self.longest_streak = self._counted(flags)
         self._reset([], 0.0)
         return loss_sum / max(count, 1.0), grad_norm
 
-    def checkpoint_values(self) -> tuple[torch.Tensor, float, int]:
-        """(this rank's loss sum, count, skipped steps) for a checkpoint (reads the flags on the host)."""
-        skipped = self.skipped + (int(torch.cat(self.flags).sum().item()) if self.flags else 0)
-        return self.loss_sum(), float(self.count().item()), skipped
+    def _counted(self, flags: list) -> tuple[int, int, int]:
+        """(skipped steps, in a row now, most in a row) once the window's step flags are counted in."""
+        skipped, streak, longest = self.skipped, self.streak, self.longest_streak
+        for flag in flags:
+            streak = streak + 1 if flag else 0
+            longest, skipped = max(longest, streak), skipped + bool(flag)
+        return skipped, streak, longest
+
+    def checkpoint_values(self) -> tuple[torch.Tensor, float, int, list]:
+        """(this rank's loss sum, count, skipped steps, [in a row now, most in a row]) for a checkpoint
+        (reads the open window's flags on the host): a resumed run stops after as many non-finite
+        steps in a row as the uninterrupted one."""
+        flags = torch.cat(self.flags).tolist() if self.flags else []
+        skipped, streak, longest = self._counted(flags)
+        return self.loss_sum(), float(self.count().item()), skipped, [streak, longest]

@@ -28,12 +28,14 @@ class TrainState:
     epoch: int = 0
     samples_in_epoch: int = 0  # global samples of `epoch` consumed: resumable at another world size
     skipped_steps: int = 0  # non-finite steps skipped so far
+    nonfinite_streak: list = field(default_factory=lambda: [0, 0])  # [in a row now, most in a row] since the last log
     best_metric: float | None = None
     evals_without_improvement: int = 0
     window_count: float = 0.0  # counted elements in the open logging window (sums are per rank)
     lr_schedule: dict = field(default_factory=dict)  # schedules.LRSchedule state (plateau), JSON
     last_eval_step: int = -1  # a run restarted after its last evaluation does not repeat it
     early_stopped: bool = False  # a run started again after early stopping has nothing left to do
+    started_from: str | None = None  # the checkpoint.resume path this run started from (it continues its own)
 
 
 def training_config(cfg: Config) -> dict:
@@ -101,7 +103,7 @@ def restore(
     if ctx.is_rank_zero:
         try:
             found = ckpt.find_resume_checkpoint(cfg.checkpoint.resume, output_dir)
-            found = None if found is None else (str(found.folder), found.manifest)
+            found = None if found is None else (str(found.folder), found.manifest, found.origin)
         except UserError as err:
             found = err
     found = control.broadcast_object(found)
@@ -109,24 +111,30 @@ def restore(
         raise on_every_rank(found)
     if found is None:
         return None
-    folder, manifest = Path(found[0]), found[1]
+    folder, manifest, origin = Path(found[0]), found[1], found[2]
     sharded = cfg.strategy.name != "ddp"
     if manifest.get("strategy", "ddp") != cfg.strategy.name:
-        raise UserError(
-            f"checkpoint {folder} was written by strategy {manifest.get('strategy')!r}, this run uses "
-            f"{cfg.strategy.name!r}; resume with the same strategy or set checkpoint.resume=never"
+        raise on_every_rank(
+            UserError(
+                f"checkpoint {folder} was written by strategy {manifest.get('strategy')!r}, this run uses "
+                f"{cfg.strategy.name!r}; resume with the same strategy or set checkpoint.resume=never"
+            )
         )
     if sharded and manifest["world_size"] != ctx.world_size and not strategy.reshards:
-        raise UserError(
-            f"checkpoint {folder} holds {manifest['world_size']} shards; this strategy cannot reshard it: "
-            f"resume with world size {manifest['world_size']}"
+        raise on_every_rank(
+            UserError(
+                f"checkpoint {folder} holds {manifest['world_size']} shards; this strategy cannot reshard it: "
+                f"resume with world size {manifest['world_size']}"
+            )
         )
     try:
         strategy.load(folder)
     except RuntimeError as err:  # shape/key mismatch from load_state_dict
-        raise UserError(
-            f"checkpoint {folder} does not fit this model ({_load_error_summary(err)}): resume with the model "
-            "config it was written with, or start this one in a new run.output_dir"
+        raise on_every_rank(
+            UserError(
+                f"checkpoint {folder} does not fit this model ({_load_error_summary(err)}): resume with the model "
+                "config it was written with, or start this one in a new run.output_dir"
+            )
         ) from None
     if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):
         log.warning("the training config differs from the one checkpoint %s was written with", folder.name)
@@ -140,15 +148,18 @@ def restore(
         log.warning("world size changed (%d -> %d): RNG streams start fresh", manifest["world_size"], ctx.world_size)
     try:
         state = TrainState(**manifest["trainer"])
+        state.started_from = origin or state.started_from
     except TypeError as err:  # fields this version does not know (or lacks): another dist_train wrote it
         raise on_every_rank(
             UserError(f"checkpoint {folder}: its trainer state does not fit this version ({err})")
         ) from None
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size
     if state.samples_in_epoch % ctx.world_size:
-        raise UserError(
-            f"checkpoint {folder} stopped {state.samples_in_epoch} samples into an epoch, which world size "
-            f"{ctx.world_size} cannot split evenly; resume at world size {manifest['world_size']}"
+        raise on_every_rank(
+            UserError(
+                f"checkpoint {folder} stopped {state.samples_in_epoch} samples into an epoch, which world size "
+                f"{ctx.world_size} cannot split evenly; resume at world size {manifest['world_size']}"
+            )
         )
     if state.samples_in_epoch % global_batch:
         log.warning(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ from .metrics import LossWindow, MetricsLogger, Throughput, peak_rss_mb, step_ti
 from .misfit import FORWARD_ERRORS, ForwardError
 from .models import build_model
 from .models.weight_init import init_weights
+from .rng import seed_everything
 from .safetensors_io import save_file
 from .schedules import LRSchedule
 from .strategies import Strategy, build_strategy
@@ -43,15 +43,6 @@ log = logging.getLogger("dist_train")
 
 class TrainingError(RuntimeError):
     """The run failed on this rank; the message names the rank and step."""
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    with contextlib.suppress(ImportError):
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
 
 
 @dataclass
@@ -73,6 +64,7 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
     """
     local_count = sum(loss_fn.count(targets) for _, targets in micro_batches)  # host ints: no sync
     count, pending = local_count * ctx.world_size, None
+    scale = ctx.world_size / max(count, 1)  # nothing counted (every target ignored): a zero update, not 0/0
     if loss_fn.ignores_targets and ctx.world_size > 1:  # summed while the first forward runs, not before it
         count = torch.tensor(float(local_count), device=ctx.device)
         pending = dist.all_reduce(count, async_op=True)
@@ -94,8 +86,8 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
                 raise ForwardError(err, *micro_batches[i], outputs) from err  # host tensors: values shown on CUDA too
             if pending is not None:
                 pending.wait()
-                pending = None
-            strategy.backward(loss_sum * (ctx.world_size / count))
+                pending, scale = None, ctx.world_size / count.clamp(min=1.0)
+            strategy.backward(loss_sum * scale)
         losses.append(loss_sum.detach())
     grad_norm, nonfinite = strategy.clip_and_step(cfg.train.grad_clip_norm, cfg.train.grad_clip_value)
     return StepResult(losses, count, grad_norm, nonfinite)
@@ -115,7 +107,8 @@ def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data,
     return row
 
 
-def _improved(cfg: Config, state: run_state.TrainState, metrics: dict) -> bool:
+def _no_improvement_for(cfg: Config, state: run_state.TrainState, metrics: dict) -> int:
+    """Evaluations in a row without an improvement of eval.metric, this one included."""
     value = metrics.get(cfg.eval.metric)
     if value is None:
         raise UserError(f"eval.metric {cfg.eval.metric!r} is not among the eval metrics ({', '.join(metrics)})")
@@ -127,7 +120,7 @@ def _improved(cfg: Config, state: run_state.TrainState, metrics: dict) -> bool:
         state.best_metric, state.evals_without_improvement = value, 0
     else:
         state.evals_without_improvement += 1
-    return better
+    return state.evals_without_improvement
 
 
 def train(cfg: Config, ctx: DistContext) -> dict:
@@ -147,22 +140,23 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     model = apply_transforms(model, cfg, ctx)
     strategy = build_strategy(cfg, ctx)
     strategy.setup(model)
+    seed_everything(cfg.run.seed + 104_729)  # dataset factories: the same draws on every rank, at any world size
+    data = build_train_data(cfg, ctx)
+    eval_data = build_eval_data(cfg, ctx)
     seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
     loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
     if cfg.train.compile:
         loss_fn = loss_fn.compiled(cfg.train.compile_mode)
-    data = build_train_data(cfg, ctx)
     train_loss = loss_fn  # no IGNORE_INDEX in a TensorDataset's targets: static normaliser, no all-reduce per step
-    if loss_fn.ignores_targets and no_ignored_targets(data.loader.dataset):
+    if loss_fn.ignores_targets and no_ignored_targets(data.dataset):
         train_loss = replace(loss_fn, ignores_targets=False)
-    eval_data = build_eval_data(cfg, ctx)
     if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
         raise on_every_rank(
             UserError(
                 f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
             )
         )
-    sample = data.loader.dataset[0][0]
+    sample = data.dataset[0][0]
     tokens_per_sample = sample.numel() if not sample.is_floating_point() else 1  # token inputs: report tokens/s
     total_steps = cfg.train.max_steps
     if cfg.train.epochs:
@@ -174,8 +168,18 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     state = restored[0] if restored else run_state.TrainState()
     if state.early_stopped:
         total_steps = state.step  # the same command after early stopping: nothing left to train
+    elif state.step > total_steps:
+        log.warning(
+            "checkpoint %s is at step %d, past the %d steps of train.max_steps/train.epochs: nothing to train "
+            "(raise train.max_steps to go on, or set checkpoint.resume=never to start over)",
+            restored[1],
+            state.step,
+            total_steps,
+        )
     limit = cfg.train.max_nonfinite_steps if cfg.train.precision != "fp16" else 10**9  # fp16: the scaler skips
-    window = LossWindow(ctx, limit, restored[2] if restored else None, state.window_count, state.skipped_steps)
+    window = LossWindow(
+        ctx, limit, restored[2] if restored else None, state.window_count, state.skipped_steps, state.nonfinite_streak
+    )
     schedule = LRSchedule(cfg, state.lr_schedule)  # plateau state resumes with the trainer state
     metrics = MetricsLogger(
         output_dir, ctx.is_rank_zero, total_steps, state.step, cfg.log.progress, cfg.log.tensorboard
@@ -241,16 +245,14 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                 metrics.write(row)
                 metrics.console(row)
             if eval_data is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
-                control.arm_watchdog()
                 state.last_eval_step = state.step
-                with throughput.paused():  # evaluation is not training throughput
-                    eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx)}
+                with throughput.paused():  # evaluation is not training throughput; the watchdog re-armed per batch
+                    eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx, control.arm_watchdog)}
                 metrics.write(eval_row)
                 metrics.console(eval_row)
-                _improved(cfg, state, eval_row)
                 state.lr_schedule = schedule.observe(eval_row, state.step)  # same metrics, same LR on every rank
-                patience = cfg.eval.early_stopping_patience
-                if patience and state.evals_without_improvement >= patience:
+                patience = cfg.eval.early_stopping_patience  # eval.metric is read for early stopping only
+                if patience and _no_improvement_for(cfg, state, eval_row) >= patience:
                     log.info(
                         "early stopping at step %d: no improvement of %s in %d evaluations",
                         state.step,
@@ -258,7 +260,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                         patience,
                     )
                     status, state.early_stopped = "early_stopped", True
-            if cfg.checkpoint.every_steps and state.step % cfg.checkpoint.every_steps == 0:
+            last_step = state.step == total_steps or status == "early_stopped"
+            if _checkpoint_due(cfg, state.step) and not last_step:  # the last one after the final evaluation
                 with throughput.paused():
                     _save(cfg, ctx, control, strategy, state, window, output_dir)
                 last_saved = state.step
@@ -276,7 +279,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx)}
             metrics.write(eval_row)
             metrics.console(eval_row)
-        if state.step > 0 and last_saved != state.step and (cfg.checkpoint.at_end or status == "preempted"):
+        wanted = cfg.checkpoint.at_end or status == "preempted" or _checkpoint_due(cfg, state.step)
+        if state.step > 0 and last_saved != state.step and wanted:
             _save(cfg, ctx, control, strategy, state, window, output_dir)
         if status != "preempted":
             export_weights(strategy, ctx, output_dir / "model.safetensors", state.step, compression.export_state_dict)
@@ -299,10 +303,21 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     return {"status": status, "step": state.step}
 
 
+def _checkpoint_due(cfg: Config, step: int) -> bool:
+    return bool(cfg.checkpoint.every_steps) and step % cfg.checkpoint.every_steps == 0
+
+
 def _save(cfg, ctx, control, strategy, state, window: LossWindow, output_dir) -> None:
     control.arm_watchdog(cfg.checkpoint.save_timeout_s + 60)
-    loss_sum, state.window_count, state.skipped_steps = window.checkpoint_values()
-    run_state.save(cfg, ctx, control, strategy, state, output_dir, loss_sum)
+    loss_sum, state.window_count, state.skipped_steps, state.nonfinite_streak = window.checkpoint_values()
+    try:
+        run_state.save(cfg, ctx, control, strategy, state, output_dir, loss_sum)
+    except (UserError, TrainingError):
+        raise
+    except Exception as err:  # a full disk, a lost peer: `latest` still names the previous checkpoint
+        raise TrainingError(
+            f"rank {ctx.rank} failed to save the checkpoint of step {state.step}: {type(err).__name__}: {err}"
+        ) from err
     control.arm_watchdog()
 
 

@@ -7,7 +7,8 @@ socket it binds to 127.0.0.1 itself (a TCPStore given only MASTER_ADDR=127.0.0.1
 on all interfaces), every rank connects to it as a client (TORCHELASTIC_USE_AGENT_STORE), and
 gloo binds its sockets to the loopback interface. SIGTERM/SIGUSR1 sent to this process are
 forwarded to every rank, so a preempted job checkpoints. The exit status is the first failing
-rank's (2 bad input, 75 stopped by a signal after checkpointing, 1 failure), else 0.
+rank's (2 bad input, 75 stopped by a signal after checkpointing, 1 failure), else 0. With more
+than one rank and no OMP_NUM_THREADS set, each rank gets one thread, as torchrun gives them.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from datetime import timedelta
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+GRACE_S = 10.0
 
 
 def _rank_main(local_rank: int, nproc: int, port: int, argv: list[str]) -> None:
@@ -73,7 +77,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description=__doc__.split("\n\n")[0])
+    parser = _Parser(
+        prog="python launch/spawn.py",
+        usage="%(prog)s [--nproc_per_node N] --config FILE [KEY=VALUE ...]",
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other argument (--config FILE, dotted KEY=VALUE overrides) goes to each rank as "
+        "`python -m dist_train` takes it.",
+    )
     parser.add_argument("--nproc_per_node", "--nproc-per-node", type=int, default=1, help="ranks to start")
     args, rest = parser.parse_known_args(argv)
     if args.nproc_per_node < 1:
@@ -83,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # A failing rank has said why; torch would add a line per sibling it terminates.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    if args.nproc_per_node > 1:  # as torchrun: N ranks x all cores each would oversubscribe the machine
+        os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or "1"
     store, port = loopback_store(args.nproc_per_node)
     context = mp.start_processes(
         _rank_main, args=(args.nproc_per_node, port, rest), nprocs=args.nproc_per_node, join=False, start_method="spawn"
@@ -96,7 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, forward)
     try:
-        while not context.join():
+        # a rank that fails first leaves its siblings a few seconds to exit by themselves: the one that
+        # reports a config mistake (local rank 0) is often not the first to exit
+        while not context.join(grace_period=GRACE_S):
             pass
     except mp.ProcessExitedException as err:
         if err.exit_code is not None and err.exit_code < 0:  # killed: it could not say why (the OOM killer?)

@@ -146,7 +146,7 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
 def test_gpu_profile_tiny_on_cpu():
     proc = run_cli([PYTHON, "-m", "bench.gpu_profile", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "micro-batch 4, loss compiled" in proc.stdout and "top 18 kernels" in proc.stdout
+    assert "micro-batch 4, compile mode default, loss compiled" in proc.stdout and "top 18 kernels" in proc.stdout
     shares = [float(line.split()[-1].rstrip("%")) for line in proc.stdout.splitlines() if line.endswith("%")]
     assert shares and sum(shares) == pytest.approx(100, abs=0.5)  # the kinds add up to the busy time
     if not torch.cuda.is_available():

@@ -40,7 +40,10 @@ def test_int_key_accepts_int_for_float():
 @pytest.mark.parametrize(
     "sections, message",
     [
-        ({"train": {"micro_batchsize": 1}}, "unknown key `train.micro_batchsize` (did you mean `micro_batch_size`?)"),
+        (
+            {"train": {"micro_batchsize": 1}},
+            "unknown key `train.micro_batchsize` (did you mean `train.micro_batch_size`?)",
+        ),
         ({"trian": {}}, "unknown section `trian` (did you mean `train`?)"),
         ({"train": {"max_steps": "ten"}}, "`train.max_steps` must be an integer"),
         ({"train": {"max_steps": 2.5}}, "`train.max_steps` must be an integer"),
@@ -154,6 +157,9 @@ def test_numbers_in_lists_and_factory_arguments_load_as_numbers(tmp_path):
     assert cfg.optim.betas == [0.9, 0.999] and cfg.train.loss_kwargs == {"label_smoothing": 0.05}
     assert cfg.train.max_steps == 1000 and cfg.run.output_dir == "2024-01-01"  # a date stays text
     assert load_config(path, ["run.output_dir=2024"]).run.output_dir == "2024"
+    # a text key keeps a number's spelling on the command line
+    assert load_config(path, ["run.output_dir=007"]).run.output_dir == "007"
+    assert load_config(path, ["run.output_dir=1e3"]).run.output_dir == "1e3"
 
 
 @pytest.mark.parametrize(
@@ -164,6 +170,10 @@ def test_numbers_in_lists_and_factory_arguments_load_as_numbers(tmp_path):
         ("dist.timeout_s=inf", "`dist.timeout_s` must be a finite number"),
         ("strategy.name=null", "`strategy.name` must be one of ddp"),
         ("optim.name=null", "`optim.name` must be one of"),
+        ("optim.eps=-1", "`optim.eps` must be >= 0"),
+        ("optim.name=sgd optim.momentum=-1", "`optim.momentum` must be >= 0"),
+        ("schedule.name=step schedule.gamma=-1", "`schedule.gamma` must be > 0"),
+        ("strategy.name=deepspeed train.grad_clip_value=1", "grad_clip_value is not supported with strategy.name=deep"),
         ("train.compile_mode=max_autotune", "`train.compile_mode` must be one of default, reduce-overhead"),
         ("train.compile_mode=max-autotune", "train.compile_mode=max-autotune needs train.compile=true"),
         (

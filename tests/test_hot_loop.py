@@ -401,7 +401,9 @@ def test_loss_window_sums_in_order_across_compaction_and_checkpoints(monkeypatch
 
     first = LossWindow(ctx, limit=3)
     feed(first, range(3))
-    partial, count, skipped = first.checkpoint_values()  # a checkpoint after step 3
-    resumed = LossWindow(ctx, limit=3, loss_sum=partial, count=count, skipped=skipped)
+    partial, count, skipped, streak = first.checkpoint_values()  # a checkpoint after step 3, 2 skipped in a row
+    assert (skipped, streak) == (2, [2, 2])
+    resumed = LossWindow(ctx, limit=3, loss_sum=partial, count=count, skipped=skipped, streak=streak)
     feed(resumed, range(3, 7))
     assert resumed.read()[0] == loss and resumed.skipped == 4
+    assert (resumed.longest_streak, resumed.streak) == (3, 0)  # the streak went on across the checkpoint

@@ -1,6 +1,8 @@
 """Every loss against torch's reference or a hand-written formula, and the sum/count normalisation
 that makes micro-batching and world size invisible to the update."""
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -270,3 +272,17 @@ def test_compile_mode_reaches_the_model_and_the_loss_less_its_cuda_graphs(monkey
         apply_transforms(torch.nn.Linear(2, 2), cfg, ctx=None)
         build_loss("cross_entropy").compiled(cfg.train.compile_mode)
         assert modes == [mode, loss_mode]
+
+
+@pytest.mark.parametrize(
+    "name, kwargs, message",
+    [
+        ("cross_entropy", {"label_smoothing": 2}, "label_smoothing for cross_entropy must be [0, 1], got 2"),
+        ("smooth_l1", {"beta": -1.0}, "beta for smooth_l1 must be >= 0"),
+        ("bce_with_logits", {"pos_weight": [1.0, 0.0]}, "pos_weight for bce_with_logits must be > 0"),
+        ("focal", {"alpha": "high"}, "alpha must be a number or a list of numbers"),
+    ],
+)
+def test_loss_arguments_out_of_range_are_refused_before_any_batch(name, kwargs, message):
+    with pytest.raises(UserError, match=re.escape(message)):
+        build_loss(name, **kwargs)

@@ -192,6 +192,12 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("dist_train: error: model 'transformer_lm'") and "widht" in lines[0]
     path = write_config(tmp_path / "c.yaml", config)
+    # found before any process group: the rank that says it is often not the first to exit
+    for args, expected in ((["train.lr=abc"], "`train.lr` must be a finite number"), (["--bogus"], "--bogus")):
+        spawn = [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2", "--config", str(path)]
+        proc = run_cli([*spawn, *args], timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and expected in lines[0], proc.stderr[-2000:]
     torchrun = ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     proc = run_cli([PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)])
     assert proc.returncode == 2, proc.stderr[-2000:]

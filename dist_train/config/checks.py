@@ -12,9 +12,10 @@ from ..errors import UserError
 from .schema import CUDA_GRAPH_MODES, REQUIRED_KEYS, Config
 
 
-def nearest(name: str, options: list[str]) -> str:
+def nearest(name: str, options: list[str], prefix: str = "") -> str:
+    """' (did you mean `prefix + option`?)' for the option closest to `name`, else the valid options."""
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f" (did you mean `{close[0]}`?)" if close else f" (valid: {', '.join(options)})"
+    return f" (did you mean `{prefix}{close[0]}`?)" if close else f" (valid: {', '.join(options)})"
 
 
 WANTED = {
@@ -111,6 +112,11 @@ def validate(cfg: Config) -> None:
     _positive(t.max_nonfinite_steps, "train.max_nonfinite_steps")
     _validate_compile_mode(cfg)
     _positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True)
+    _positive(cfg.optim.eps, "optim.eps", allow_zero=True)
+    _positive(cfg.optim.momentum, "optim.momentum", allow_zero=True)
+    _positive(cfg.schedule.gamma, "schedule.gamma")
+    if cfg.strategy.name == "deepspeed" and t.grad_clip_value:
+        raise UserError("train.grad_clip_value is not supported with strategy.name=deepspeed; use train.grad_clip_norm")
     if len(cfg.optim.betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in cfg.optim.betas):
         raise UserError(f"`optim.betas` must be two numbers in [0, 1), got {cfg.optim.betas!r}")
     _positive(cfg.schedule.warmup_steps, "schedule.warmup_steps", allow_zero=True)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -61,7 +62,7 @@ def _build_section(cls: type, raw: Any, section: str) -> Any:
         raw = {k: v for k, v in raw.items() if k in typed}
     for key, value in raw.items():
         if key not in names:
-            raise UserError(f"unknown key `{section}.{key}`{nearest(str(key), names)}")
+            raise UserError(f"unknown key `{section}.{key}`{nearest(str(key), names, prefix=f'{section}.')}")
         if value is None and f"{section}.{key}" in REQUIRED_KEYS:
             continue  # a required key left empty: validate() says it is required
         values[key] = coerce(value, hints[key], f"{section}.{key}")
@@ -92,7 +93,8 @@ def _yaml_error(err: yaml.YAMLError, source: str) -> UserError:
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
-    """`a.b=value` strings to (path, value) pairs; values are YAML scalars (safe loader)."""
+    """`a.b=value` strings to (path, value) pairs; values are YAML scalars (safe loader), except
+    that a text key (`run.output_dir=007`) keeps a number's spelling."""
     parsed = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -102,8 +104,20 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
             value = load_yaml(text) if text.strip() else ""
         except yaml.YAMLError as err:
             raise _yaml_error(err, f"override {item!r}") from None
-        parsed.append((key.split("."), value))
+        path = key.split(".")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and _text_key(path):
+            value = text.strip()
+        parsed.append((path, value))
     return parsed
+
+
+def _text_key(path: list[str]) -> bool:
+    """Whether `section.key` is a typed key that holds text (a path or a name)."""
+    sections = get_type_hints(Config)
+    if len(path) != 2 or path[0] not in sections:
+        return False
+    hint = get_type_hints(sections[path[0]]).get(path[1])
+    return hint is str or (get_origin(hint) in (Union, types.UnionType) and str in get_args(hint))
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:

@@ -143,11 +143,11 @@ class CompressConfig:
 
 @dataclass
 class LoaderConfig:
-    num_workers: int = _f(0, "DataLoader worker processes per rank")
-    pin_memory: Union[bool, None] = _f(None, "pin host memory (null: on exactly when training on CUDA)")
-    persistent_workers: bool = _f(
-        False, "keep workers alive between epochs; workers then keep their first epoch's RNG seed across a resume"
+    num_workers: int = _f(
+        0, "DataLoader worker processes per rank; each reseeds per batch, so random transforms resume exactly"
     )
+    pin_memory: Union[bool, None] = _f(None, "pin host memory (null: on exactly when training on CUDA)")
+    persistent_workers: bool = _f(False, "keep workers alive between epochs")
     prefetch_factor: int = _f(2, "batches each worker loads ahead (when num_workers > 0)")
     shuffle: bool = _f(True, "reshuffle the train split every epoch (seeded by run.seed and the epoch)")
     drop_last: bool = _f(True, "drop the tail of an epoch that does not fill a global batch")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from ..config import Config
 from ..distributed import DistContext
 from ..errors import UserError, on_every_rank
 from ..imports import call_factory, resolve
+from ..rng import seed_everything
 from .sampler import PaddedEvalSampler, ResumableDistributedSampler
 
 REGISTRY: dict[str, str] = {
@@ -60,11 +62,14 @@ def _loader(
 ) -> DataLoader:
     workers = cfg.loader.num_workers
     pin = cfg.loader.pin_memory if cfg.loader.pin_memory is not None else ctx.device.type == "cuda"
+    if workers > 0 and isinstance(sampler, ResumableDistributedSampler):  # training: seeded batches
+        batching = {"batch_sampler": _SeededBatches(sampler, batch_size, seed)}
+        dataset = _SeededFetch(dataset)
+    else:
+        batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        drop_last=drop_last,
+        **batching,
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=cfg.loader.persistent_workers and workers > 0,
@@ -73,6 +78,47 @@ def _loader(
         # a worker whose rank is killed (even while the worker is still starting) exits with it
         worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
     )
+
+
+class _SeededBatches:
+    """The train loader's batch sampler when it has workers: each batch's indices come paired with
+    a seed from (the rank's loader seed, epoch, the batch's place in the epoch), and the worker that
+    loads the batch reseeds its generators with it first (`_SeededFetch`). A random transform then
+    draws the same numbers whichever worker loads the batch, and a run resumed mid-epoch draws what
+    the uninterrupted run drew. (Without workers the process's own streams, checkpointed with the
+    run, do the same.)"""
+
+    def __init__(self, sampler: ResumableDistributedSampler, batch_size: int, seed: int):
+        self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        indices = iter(self.sampler)
+        first = self.sampler.start // self.sampler.num_replicas // self.batch_size  # a resume's first batch
+        for number in range(first, first + len(self)):
+            seed = hash((self.seed, self.sampler.epoch, number)) % 2**63  # ints hash alike in every process
+            yield [(seed, index) for index in itertools.islice(indices, self.batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size  # whole batches only (drop_last)
+
+
+class _SeededFetch(Dataset):
+    """The train split as a worker sees it: a batch of (seed, index) keys reseeds, then loads."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        return self.dataset[key[1]]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list:
+        seed_everything(keys[0][0])
+        indices = [index for _, index in keys]
+        many = getattr(self.dataset, "__getitems__", None)
+        return many(indices) if many else [self.dataset[i] for i in indices]
 
 
 def _worker_init(rank_pid: int, worker_id: int) -> None:
@@ -95,6 +141,7 @@ def _worker_init(rank_pid: int, worker_id: int) -> None:
 
 @dataclass
 class TrainData:
+    dataset: Dataset  # the factory's train split (the loader may wrap it: _SeededFetch)
     loader: DataLoader
     sampler: ResumableDistributedSampler
     steps_per_epoch: int
@@ -104,8 +151,9 @@ class TrainData:
     def epoch_batches(self, epoch: int, start_sample: int) -> Iterator:
         """This rank's micro-batches for `epoch`, from global sample offset `start_sample` on.
 
-        Worker seeds derive from (seed, rank, epoch) alone, so a resumed run's workers draw the
-        same random numbers as the uninterrupted run's.
+        Worker seeds derive from (seed, rank, epoch) alone and each batch reseeds its worker
+        (`_SeededBatches`), so a resumed run's workers draw the same random numbers as the
+        uninterrupted run's.
         """
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start_sample)
@@ -142,7 +190,7 @@ def build_train_data(cfg: Config, ctx: DistContext) -> TrainData:
     )
     seed = cfg.run.seed * 1009 + ctx.rank * 100_003
     loader = _loader(cfg, ctx, dataset, sampler, t.micro_batch_size, True, seed)
-    return TrainData(loader, sampler, len(dataset) // global_batch, global_batch, seed)
+    return TrainData(dataset, loader, sampler, len(dataset) // global_batch, global_batch, seed)
 
 
 def build_eval_data(cfg: Config, ctx: DistContext) -> EvalData | None:

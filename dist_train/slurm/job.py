@@ -100,6 +100,7 @@ def torchrun_main(argv: list[str]) -> int:
 
     from ..control import EXIT_PREEMPTED
 
+    sys.argv[0] = "dist-train torchrun"  # torchrun's own --help and usage lines name the command typed
     try:
         run(parse_args(argv))
     except SignalException as err:  # SIGINT/SIGHUP/SIGQUIT: the agent ended the ranks itself

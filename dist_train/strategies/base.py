@@ -38,6 +38,8 @@ class Strategy:
 
     name = "base"
     reshards = True  # can load a checkpoint written at another world size
+    scaler = None  # fp16's GradScaler, where the strategy scales the loss itself (ddp, fsdp)
+    _unscaled = False  # the scaler has divided this step's gradients already
 
     def __init__(self, cfg: Config, ctx: DistContext):
         self.cfg, self.ctx = cfg, ctx
@@ -77,7 +79,15 @@ class Strategy:
         return self.clip_grad_norm(float("inf"))
 
     def clip_grad_value(self, value: float) -> None:
+        self.unscale_gradients()
         torch.nn.utils.clip_grad_value_(self.module.parameters(), value)
+
+    def unscale_gradients(self) -> None:
+        """fp16: divide this step's gradients by the loss scale, once, before any clipping (the
+        scaler refuses a second unscale_ in the same step)."""
+        if self.scaler is not None and not self._unscaled:
+            self.scaler.unscale_(self.optimizer)
+            self._unscaled = True
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -94,6 +104,7 @@ class Strategy:
             self.clip_grad_value(clip_value)
         nonfinite = torch.nan_to_num(grad_norm.float() * 0, nan=1.0)  # 1.0 iff inf/nan (inf * 0 = nan): 2 ops, not 5
         self.optimizer_step(nonfinite)
+        self._unscaled = False
         return grad_norm.detach(), nonfinite
 
     def optimizer_step(self, skip: torch.Tensor) -> None:

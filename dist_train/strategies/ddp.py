@@ -54,8 +54,7 @@ class DDPStrategy(Strategy):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients, not the scaled ones
+        self.unscale_gradients()  # clip the true gradients, not the scaled ones
         return torch.nn.utils.clip_grad_norm_(self._module.parameters(), max_norm, foreach=True)
 
     def grad_norm(self) -> torch.Tensor:
@@ -65,11 +64,6 @@ class DDPStrategy(Strategy):
         if self.scaler:
             total = total / self.scaler.get_scale()
         return total
-
-    def clip_grad_value(self, value: float) -> None:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        super().clip_grad_value(value)
 
     def optimizer_step(self, skip: torch.Tensor) -> None:
         if self.scaler:  # GradScaler finds and skips non-finite steps itself

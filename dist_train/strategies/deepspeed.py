@@ -116,10 +116,6 @@ class DeepSpeedStrategy(Strategy):
     def setup(self, model: nn.Module) -> None:
         if self.ctx.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
-        if self.cfg.train.grad_clip_value:
-            raise UserError(
-                "train.grad_clip_value is not supported with strategy.name=deepspeed; use train.grad_clip_norm"
-            )
         self._own_group = ensure_process_group(self.ctx.device)
         for key, value in (
             ("LOCAL_RANK", self.ctx.local_rank),

@@ -90,19 +90,13 @@ class FSDPStrategy(Strategy):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+        self.unscale_gradients()
         return _local(torch.nn.utils.clip_grad_norm_(self._module.parameters(), max_norm, foreach=True))
 
     def grad_norm(self) -> torch.Tensor:
         grads = [p.grad for p in self._module.parameters() if p.grad is not None]
         total = _local(torch.nn.utils.get_total_norm(grads, foreach=True))
         return total / self.scaler.get_scale() if self.scaler else total
-
-    def clip_grad_value(self, value: float) -> None:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        super().clip_grad_value(value)
 
     def optimizer_step(self, skip: torch.Tensor) -> None:
         from ..optim import step_unless

@@ -102,7 +102,7 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
     data.sampler.set_epoch(0)
     data.sampler.set_start(0)
     indices = list(itertools.islice(iter(data.sampler), count))
-    inputs, targets = data.loader.collate_fn([data.loader.dataset[i] for i in indices])
+    inputs, targets = data.loader.collate_fn([data.dataset[i] for i in indices])
     loss, outputs = build_loss(cfg.train.loss, **cfg.train.loss_kwargs), None
     what = f"rank 0's first micro-batch ({count} samples, dist-train check)"
     model.eval()
@@ -127,7 +127,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         raise UserError(f"--world-size must be >= 1, got {world_size}")
     ctx = DistContext(0, 0, world_size, world_size, torch.device("cpu"), None, "single")
     data = build_train_data(cfg, ctx)  # the same checks as the run: batch vs split size, drop_last
-    train_len = len(data.loader.dataset)
+    train_len = len(data.dataset)
     eval_set = build_dataset(cfg.data.name, "eval", cfg.data.kwargs)
     if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_set is None:
         raise UserError(
@@ -143,7 +143,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         raise UserError(
             f"strategy.name={cfg.strategy.name!r} is not available in this version (available: {', '.join(REGISTRY)})"
         )
-    sample = data.loader.dataset[0][0]
+    sample = data.dataset[0][0]
     tokens_per_sample = sample.numel() if not sample.is_floating_point() else None
     total_steps = cfg.train.max_steps
     if cfg.train.epochs:

@@ -219,11 +219,8 @@ def explain(check: str, traits: dict, cfg: Config, excess: float) -> str:
         causes.append(
             "a non-deterministic op (CUDA atomics, some scatter/index kernels: try "
             "torch.use_deterministic_algorithms(True)), randomness outside the RNGs the checkpoint saves (your own "
-            "torch.Generator, loader.persistent_workers), or state outside the model and optimizer (a stateful "
-            "loss, an unregistered buffer)"
+            "torch.Generator), or state outside the model and optimizer (a stateful loss, an unregistered buffer)"
         )
-        if cfg.loader.persistent_workers:
-            causes.append("loader.persistent_workers=true keeps the workers' first-epoch seeds across a resume")
     if not causes and excess < 10:
         causes.append(
             "a difference just above the tolerance is usually float rounding (the runs sum in another order) "

@@ -1,0 +1,185 @@
+"""The loop's edge cases, each once a bug: a step with nothing counted, non-finite streaks across a
+resume, fp16 with both clips, a rewound run re-reaching a saved step, a finished run started again,
+an eval.metric nothing watches, random transforms in loader workers across a resume, a long
+evaluation under the hang watchdog, dataset factories that draw from the global RNG, a failed save.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import PYTHON, REPO_ROOT, launch, load_weights, max_abs_diff, read_rows, run_cli, write_config
+
+import dist_train.checkpoint as ckpt
+from dist_train.config import from_dict
+from dist_train.distributed import DistContext
+from dist_train.trainer import TrainingError, train
+
+SINGLE = DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
+ENV = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+
+
+def config(output_dir, **sections) -> dict:
+    raw = {
+        "run": {"output_dir": str(output_dir), "seed": 4},
+        "model": {"name": "mlp", "input_dim": 32, "hidden_dim": 16, "num_classes": 2},
+        "data": {"name": "userpkg.edges:vectors"},
+        "train": {"max_steps": 12, "micro_batch_size": 16, "lr": 1e-2},
+        "loader": {"shuffle": False},
+        "checkpoint": {"every_steps": None, "at_end": False},
+        "eval": {"at_end": False},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return raw
+
+
+def run(output_dir, **sections) -> dict:
+    return train(from_dict(config(output_dir, **sections)), SINGLE)
+
+
+def test_a_step_with_every_target_ignored_is_a_zero_update(tmp_path):
+    """Step 1's 16 samples are all ignored (-100): no 0/0, the step changes nothing and is not skipped."""
+    assert run(tmp_path, data={"ignored": [0, 16]}, train={"max_steps": 3})["status"] == "finished"
+    rows = [r for r in read_rows(tmp_path) if "loss" in r]
+    assert rows[0]["grad_norm"] == 0.0 and rows[0]["skipped_steps"] == 0
+    assert rows[1]["grad_norm"] > 0 and rows[2]["skipped_steps"] == 0
+
+
+def test_non_finite_steps_in_a_row_are_counted_across_a_resume(tmp_path):
+    """Steps 3-7 see NaN inputs, 5 in a row stop the run; so they do when it resumes at step 5."""
+    sections = {"data": {"nan": [32, 112]}, "checkpoint": {"every_steps": 5}}
+    with pytest.raises(TrainingError, match="not finite for 5 steps in a row"):
+        run(tmp_path / "whole", **sections)
+    assert run(tmp_path / "resumed", train={"max_steps": 5}, **sections)["step"] == 5
+    with pytest.raises(TrainingError, match="not finite for 5 steps in a row"):
+        run(tmp_path / "resumed", **sections)
+
+
+def test_fp16_clips_by_norm_and_by_value_in_one_step(tmp_path):
+    """The GradScaler unscales once per step, whichever clips run."""
+    train_cfg = {"precision": "fp16", "grad_clip_norm": 1.0, "grad_clip_value": 0.01, "max_steps": 3}
+    assert run(tmp_path, train=train_cfg)["status"] == "finished"
+    assert all(r["grad_norm"] > 0 for r in read_rows(tmp_path) if "loss" in r)
+
+
+def test_a_rewound_run_replaces_the_checkpoint_of_a_step_it_reaches_again(tmp_path):
+    """Run A saves steps 2 and 4; run B resumes from A's step 2 with another learning rate and saves
+    step 4 again: that folder, named by `latest`, holds B's state."""
+    keep = {"every_steps": 2, "keep_last": 5}
+    run(tmp_path, train={"max_steps": 4}, checkpoint=keep)
+    first = torch.load(tmp_path / "checkpoints/step-00000004/model.pt")
+    rewind = {**keep, "resume": str(tmp_path / "checkpoints/step-00000002")}
+    run(tmp_path, train={"max_steps": 4, "lr": 1e-3}, checkpoint=rewind)
+    assert ckpt.read_latest(tmp_path / "checkpoints") == "step-00000004"
+    ckpt.verify(tmp_path / "checkpoints/step-00000004")
+    saved, exported = torch.load(tmp_path / "checkpoints/step-00000004/model.pt"), load_weights(tmp_path)
+    assert max_abs_diff(saved, exported) == 0.0 and max_abs_diff(saved, first) > 0
+    assert not list((tmp_path / "checkpoints").glob(".replaced-*"))
+
+
+def test_a_finished_run_started_again_evaluates_nothing_twice(tmp_path):
+    """The last step is a checkpoint step: its checkpoint comes after the final evaluation."""
+    sections = {"checkpoint": {"every_steps": 4, "at_end": False}, "train": {"max_steps": 4}, "eval": {"at_end": True}}
+    run(tmp_path, **sections)
+    rows = read_rows(tmp_path)
+    assert [r["step"] for r in rows if "eval_loss" in r] == [4]
+    run(tmp_path, **sections)
+    assert read_rows(tmp_path) == [*rows, {"resumed_from": "step-00000004", "step": 4}]
+
+
+def test_eval_metric_is_read_only_for_early_stopping(tmp_path):
+    """mse reports no eval_accuracy; with no early stopping nothing reads eval.metric."""
+    model = {"name": "mlp", "input_dim": 8, "hidden_dim": 16, "num_classes": 4}
+    data = {"name": "synthetic_vectors", "task": "regression", "input_dim": 8, "num_samples": 256, "eval_samples": 64}
+    train_cfg = {"loss": "mse", "max_steps": 4}
+    result = run(tmp_path, model=model, data=data, train=train_cfg, eval={"every_steps": 2, "metric": "eval_accuracy"})
+    assert result["status"] == "finished"
+    assert [r["step"] for r in read_rows(tmp_path) if "eval_loss" in r] == [2, 4]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("persistent", [False, True])
+def test_random_transforms_in_loader_workers_resume_exactly(tmp_path, persistent):
+    """Two workers, a random transform, 4 steps per epoch: stopped at step 6 (mid-epoch) and started
+    again, the run ends with the uninterrupted run's weights (each batch reseeds the worker that
+    loads it), with workers kept across epochs or not."""
+    sections = {
+        "data": {"name": "userpkg.edges:jittered_vectors", "n": 64},
+        "loader": {"num_workers": 2, "shuffle": True, "persistent_workers": persistent},
+        "checkpoint": {"at_end": True},
+    }
+    run(tmp_path / "whole", train={"max_steps": 10}, **sections)
+    run(tmp_path / "resumed", train={"max_steps": 6}, **sections)
+    run(tmp_path / "resumed", train={"max_steps": 10}, **sections)
+    assert max_abs_diff(load_weights(tmp_path / "whole"), load_weights(tmp_path / "resumed")) == 0.0
+
+
+WATCHDOG = """
+import sys
+from dist_train import control
+from dist_train.cli import exit_with, main
+
+control.Control.WATCHDOG_GRACE_S = 0.0  # the watchdog fires after dist.timeout_s without progress
+exit_with(main(sys.argv[1:]))
+"""
+
+
+def test_an_evaluation_longer_than_the_watchdog_is_progress_not_a_hang(tmp_path):
+    """A 2 s watchdog, an evaluation of about 3 s (64 samples x 0.05 s): re-armed per eval batch."""
+    raw = config(tmp_path / "run", data={"eval_delay": 0.05}, train={"max_steps": 2}, eval={"every_steps": 1})
+    raw["dist"] = {"timeout_s": 2.0}
+    proc = run_cli([PYTHON, "-c", WATCHDOG, "--config", str(write_config(tmp_path / "c.yaml", raw))], env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["step"] for r in read_rows(tmp_path / "run") if "eval_loss" in r] == [1, 2]
+
+
+def test_a_failed_save_names_rank_and_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    real = ckpt.commit_save
+
+    def disk_full_at_step_4(root, tmp, step, *args, **kwargs):
+        if step == 4:
+            raise OSError(28, "No space left on device")
+        return real(root, tmp, step, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, "commit_save", disk_full_at_step_4)
+    with pytest.raises(TrainingError, match=r"rank 0 failed to save the checkpoint of step 4: OSError: .*No space"):
+        run(tmp_path, checkpoint={"every_steps": 2}, train={"max_steps": 6})
+    assert ckpt.read_latest(tmp_path / "checkpoints") == "step-00000002"
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_with_a_global_rng_factory_and_a_step_with_nothing_counted(tmp_path):
+    """The dataset factory draws from the global RNG (the same data on every rank: factories run under
+    the run's seed) and step 1 holds ignored targets only (a zero update at any world size)."""
+    data = {"name": "userpkg.edges:global_rng_vectors", "ignored": [0, 16]}
+    for name, ranks, micro in (("one", 1, 16), ("two", 2, 8)):
+        raw = config(tmp_path / name, data=data, train={"max_steps": 3, "micro_batch_size": micro})
+        proc = launch(raw, tmp_path, nproc=ranks, launcher="single" if ranks == 1 else "torchrun", env=ENV)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max_abs_diff(load_weights(tmp_path / "one"), load_weights(tmp_path / "two")) < 1e-6
+    losses = {name: [r["loss"] for r in read_rows(tmp_path / name) if "loss" in r] for name in ("one", "two")}
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-6), json.dumps(losses)
+
+
+def test_a_run_started_from_a_named_checkpoint_continues_from_its_own_when_started_again(tmp_path):
+    """checkpoint.resume names another run: the same command again (a requeue, a restart after exit
+    75) continues from this run's own checkpoints, not from the named one; also once retention
+    deleted the named folder of a run that rewound to its own checkpoint."""
+    run(tmp_path / "base", train={"max_steps": 4}, checkpoint={"every_steps": 2})
+    tune = {"every_steps": 2, "resume": str(tmp_path / "base")}
+    run(tmp_path / "whole", train={"max_steps": 8}, checkpoint=tune)
+    run(tmp_path / "tuned", train={"max_steps": 6}, checkpoint=tune)  # stopped at step 6
+    run(tmp_path / "tuned", train={"max_steps": 8}, checkpoint=tune)
+    markers = [r["resumed_from"] for r in read_rows(tmp_path / "tuned") if "resumed_from" in r]
+    assert markers == ["step-00000004", "step-00000006"]
+    assert max_abs_diff(load_weights(tmp_path / "whole"), load_weights(tmp_path / "tuned")) == 0.0
+
+    rewind = {"every_steps": 2, "keep_last": 1, "resume": str(tmp_path / "base/checkpoints/step-00000002")}
+    run(tmp_path / "base", train={"max_steps": 6, "lr": 1e-3}, checkpoint=rewind)
+    assert not (tmp_path / "base/checkpoints/step-00000002").exists()  # retention took the named folder
+    assert run(tmp_path / "base", train={"max_steps": 6, "lr": 1e-3}, checkpoint=rewind)["step"] == 6
+    assert read_rows(tmp_path / "base")[-1] == {"resumed_from": "step-00000006", "step": 6}

@@ -1,0 +1,52 @@
+"""Datasets for the loop's edge cases (tests/test_loop_edges.py); shuffle off makes positions steps."""
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from .slow import Slow
+
+
+def vectors(split: str, n: int = 256, ignored=(), nan=(), eval_delay: float = 0.0):
+    """Two classes of 32-d vectors; samples [ignored[0], ignored[1]) have only ignored targets (-100),
+    samples [nan[0], nan[1]) NaN inputs. The eval split (64 samples) takes eval_delay s per sample."""
+    if split != "train":
+        x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+        data = TensorDataset(x, (x[:, 0] > 0).long())
+        return Slow(data, eval_delay) if eval_delay else data
+    x = torch.randn(n, 32, generator=torch.Generator().manual_seed(0))
+    y = (x[:, 0] > 0).long()
+    if ignored:
+        y[ignored[0] : ignored[1]] = -100
+    if nan:
+        x[nan[0] : nan[1]] = float("nan")
+    return TensorDataset(x, y)
+
+
+class Jittered(Dataset):
+    """A random transform in __getitem__ (as torchvision's are): Gaussian jitter from the global RNG."""
+
+    def __init__(self, n: int):
+        self.x = torch.randn(n, 32, generator=torch.Generator().manual_seed(0))
+        self.y = (self.x[:, 0] > 0).long()
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int):
+        return self.x[i] + 0.1 * torch.randn(32), self.y[i]
+
+
+def jittered_vectors(split: str, n: int = 256):
+    return Jittered(n) if split == "train" else None
+
+
+def global_rng_vectors(split: str, n: int = 64, ignored=()):
+    """Drawn from the global torch RNG (like random_split without a generator): the same on every rank
+    only because every rank calls the factory under the same seed."""
+    if split != "train":
+        return None
+    x = torch.randn(n, 32)
+    y = (x[:, 0] > 0).long()
+    if ignored:
+        y[ignored[0] : ignored[1]] = -100
+    return TensorDataset(x, y)
