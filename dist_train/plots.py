@@ -12,6 +12,8 @@ import logging
 import math
 from pathlib import Path
 
+from .errors import UserError
+
 log = logging.getLogger("dist_train")
 
 PANELS = (
@@ -77,5 +79,8 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     fig.suptitle(str(run_dir))
     fig.tight_layout()
     out = Path(out) if out else run_dir / "metrics.png"
-    fig.savefig(out, dpi=DPI)
+    try:
+        fig.savefig(out, dpi=DPI)
+    except (OSError, ValueError) as err:  # a folder that is not there, an image type matplotlib does not write
+        raise UserError(f"cannot write the plot to {out}: {err}") from None
     return out

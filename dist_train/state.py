@@ -127,13 +127,23 @@ def restore(
                 f"resume with world size {manifest['world_size']}"
             )
         )
-    try:
-        strategy.load(folder)
-    except RuntimeError as err:  # shape/key mismatch from load_state_dict
+    if (
+        cfg.strategy.name == "deepspeed"
+        and manifest.get("zero_stage", cfg.strategy.zero_stage) != cfg.strategy.zero_stage
+    ):
         raise on_every_rank(
             UserError(
-                f"checkpoint {folder} does not fit this model ({_load_error_summary(err)}): resume with the model "
-                "config it was written with, or start this one in a new run.output_dir"
+                f"checkpoint {folder} was written at strategy.zero_stage={manifest['zero_stage']}, this run uses "
+                f"{cfg.strategy.zero_stage}: resume with strategy.zero_stage={manifest['zero_stage']}"
+            )
+        )
+    try:
+        strategy.load(folder)
+    except (RuntimeError, ValueError, KeyError) as err:  # shape/key mismatch; other optimizer param groups
+        raise on_every_rank(
+            UserError(
+                f"checkpoint {folder} does not fit this model or optimizer ({_load_error_summary(err)}): resume with "
+                "the model and optim.param_groups it was written with, or start this one in a new run.output_dir"
             )
         ) from None
     if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):

@@ -20,6 +20,7 @@ from . import state as run_state
 from .checkpoint import write_atomic
 from .compress import Compression
 from .config import CUDA_GRAPH_MODES, Config, dump_yaml
+from .config.checks import check_watched_metrics_fit_outputs
 from .control import Control
 from .data import build_eval_data, build_train_data, no_ignored_targets
 from .distributed import DistContext
@@ -51,6 +52,7 @@ class StepResult:
     count: torch.Tensor | int  # global counted elements (loss normaliser)
     grad_norm: torch.Tensor  # pre-clip global norm
     nonfinite: torch.Tensor  # 1.0 when the step was skipped
+    output_dims: int  # of the model's outputs (3: language-model logits)
 
 
 def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Config, ctx: DistContext) -> StepResult:
@@ -90,7 +92,7 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
             strategy.backward(loss_sum * scale)
         losses.append(loss_sum.detach())
     grad_norm, nonfinite = strategy.clip_and_step(cfg.train.grad_clip_norm, cfg.train.grad_clip_value)
-    return StepResult(losses, count, grad_norm, nonfinite)
+    return StepResult(losses, count, grad_norm, nonfinite, outputs.dim() if isinstance(outputs, torch.Tensor) else 0)
 
 
 def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data, tokens, ctx) -> dict:
@@ -166,6 +168,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     if ctx.is_rank_zero:  # only now: a config its checkpoints refuse leaves the folder's config.yaml alone
         write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
     state = restored[0] if restored else run_state.TrainState()
+    resumed_at = state.step if restored else None
     if state.early_stopped:
         total_steps = state.step  # the same command after early stopping: nothing left to train
     elif state.step > total_steps:
@@ -234,6 +237,11 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                 raise TrainingError(
                     f"rank {ctx.rank} failed at step {state.step + 1}: {type(err).__name__}: {err}"
                 ) from err
+            if first_step:  # before any evaluation or checkpoint: a watched metric these outputs cannot have
+                try:
+                    check_watched_metrics_fit_outputs(cfg, result.output_dims)
+                except UserError as err:
+                    raise on_every_rank(err) from None
             first_step = False
             state.step += 1
             state.samples_in_epoch += data.global_batch
@@ -284,7 +292,10 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             _save(cfg, ctx, control, strategy, state, window, output_dir)
         if status != "preempted":
             export_weights(strategy, ctx, output_dir / "model.safetensors", state.step, compression.export_state_dict)
-            int8_metrics = compression.export(strategy.module, ctx, output_dir, loss_fn, eval_data)
+            if resumed_at == state.step and compression.exported(output_dir):  # a finished run started again
+                int8_metrics = {}
+            else:
+                int8_metrics = compression.export(strategy.module, ctx, output_dir, loss_fn, eval_data)
             if int8_metrics:
                 metrics.write({"step": state.step, **int8_metrics})
                 metrics.console({"step": state.step, **int8_metrics})

@@ -264,7 +264,7 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
         "output_file": "cannot create it",
         "output_under_file": "cannot create it",
         "binary_config": "is not UTF-8 text",
-        "mismatch": "does not fit this model (size mismatch for ",
+        "mismatch": "does not fit this model or optimizer (size mismatch for ",
         "submit_usage": "(see `dist-train slurm submit --help`)",
         "classes": "the model does not fit the data: the first training batch failed with IndexError: Target ",
         "width": "does not fit the data: the first training batch failed with RuntimeError: mat1 and mat2 shapes",

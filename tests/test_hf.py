@@ -153,6 +153,18 @@ def test_classification_from_jsonl_csv_and_parquet(tmp_path):
 
 
 @needs_hf
+def test_tsv_gz_is_tab_separated(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "train.tsv.gz", "wt") as f:
+        f.write("text\tlabel\n" + "".join(f"sample, number {i}\t{i % 2}\n" for i in range(8)))
+    dataset = build_dataset(
+        "hf", "train", {"files": {"train": str(tmp_path / "train.tsv.gz")}, "task": "classification"}
+    )
+    assert len(dataset) == 8 and [int(dataset[i][1]) for i in range(4)] == [0, 1, 0, 1]
+
+
+@needs_hf
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("abcdefgh" * 10)
@@ -188,6 +200,26 @@ def test_local_tokenizer_folder(tmp_path):
     assert dataset[0][0].tolist() == [3, 5, 0, 0] and dataset[1][0].tolist() == [4, 1, 0, 0]
     lm = build_dataset("hf", "train", {"files": files, "tokenizer": str(tmp_path / "tok"), "block_size": 2})
     assert torch.cat([lm[0][0], lm[1][0]]).tolist() == [3, 5, 2, 4]  # eos after each text
+
+
+@needs_hf
+def test_classification_truncation_keeps_the_closing_special_token(tmp_path):
+    """A BERT-style tokenizer ([CLS] text [SEP]) truncates a long text itself: [SEP] stays last."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "good": 4, "day": 5}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    ).save_pretrained(tmp_path / "tok")
+    files = {"train": _write_jsonl(tmp_path / "train.jsonl", [{"text": "good day good day", "label": 1}])}
+    settings = {"files": files, "tokenizer": str(tmp_path / "tok"), "task": "classification", "max_length": 4}
+    assert build_dataset("hf", "train", settings)[0][0].tolist() == [2, 4, 5, 3]
 
 
 @needs_hf

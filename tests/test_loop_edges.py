@@ -183,3 +183,25 @@ def test_a_run_started_from_a_named_checkpoint_continues_from_its_own_when_start
     assert not (tmp_path / "base/checkpoints/step-00000002").exists()  # retention took the named folder
     assert run(tmp_path / "base", train={"max_steps": 6, "lr": 1e-3}, checkpoint=rewind)["step"] == 6
     assert read_rows(tmp_path / "base")[-1] == {"resumed_from": "step-00000006", "step": 6}
+
+
+def test_early_stopping_on_perplexity_of_a_classifier_stops_at_the_first_batch(tmp_path):
+    """eval_perplexity exists for language-model outputs only: refused before any evaluation or save."""
+    from dist_train.errors import UserError
+
+    watch = {"every_steps": 2, "early_stopping_patience": 2, "metric": "eval_perplexity"}
+    with pytest.raises(UserError, match=r"eval.metric=eval_perplexity needs language-model outputs .* 2 dimensions"):
+        run(tmp_path, eval=watch, checkpoint={"every_steps": 1})
+    assert not (tmp_path / "checkpoints").exists()
+    assert not [r for r in read_rows(tmp_path) if "loss" in r or "eval_loss" in r]
+
+
+def test_a_finished_run_started_again_exports_and_evaluates_no_int8_model_twice(tmp_path):
+    sections = {"compress": {"dynamic_quant_export": True}, "checkpoint": {"every_steps": 2}, "train": {"max_steps": 4}}
+    run(tmp_path, **sections)
+    rows = read_rows(tmp_path)
+    assert [r["step"] for r in rows if "eval_loss_dynamic_int8" in r] == [4]
+    written = (tmp_path / "model_dynamic_int8.pt").stat().st_mtime_ns
+    run(tmp_path, **sections)
+    assert read_rows(tmp_path) == [*rows, {"resumed_from": "step-00000004", "step": 4}]
+    assert (tmp_path / "model_dynamic_int8.pt").stat().st_mtime_ns == written

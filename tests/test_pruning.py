@@ -209,9 +209,10 @@ def test_two_ranks_and_one_rank_reach_the_same_masks(tmp_path, strategy):
     [
         {"prune_start_step": 14, "prune_end_step": None},
         {"prune_end_step": 15},
+        {"prune_end_step": 14},  # the ramp's last update would be at the start of a 15th step
         {"prune": "none", "qat": True, "qat_start_step": 14},
     ],
-    ids=["start-at-the-end", "end-beyond", "qat-never-starts"],
+    ids=["start-at-the-end", "end-beyond", "end-at-the-end", "qat-never-starts"],
 )
 def test_schedules_that_cannot_happen_within_max_steps_are_refused(compress):
     with pytest.raises(UserError, match="train.max_steps \\(14\\)"):

@@ -273,3 +273,41 @@ def test_deepspeed_stage_0_skips_a_non_finite_step_like_ddp(tmp_path):
     for a, b in zip(rows["ddp"], rows["zero0"], strict=True):
         assert (a["grad_norm"] == "nan") == (b["grad_norm"] == "nan") and a["skipped_steps"] == b["skipped_steps"]
     assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "zero0")) <= 1e-6
+
+
+@pytest.mark.slow
+def test_bf16_deepspeed_reduces_fp32_gradients_like_ddp(tmp_path):
+    """bf16 autocast under ZeRO-1 follows DDP step for step: the ranks reduce fp32 gradients (DeepSpeed
+    would reduce every Linear's in bf16 by default: 0.03 apart after 4 steps)."""
+    train = {"max_steps": 4, "grad_accum_steps": 1, "lr": 1e-2, "grad_clip_norm": None, "precision": "bf16"}
+    config = tiny_lm_config(tmp_path / "unused", train=train)
+    for name, strategy in (
+        ("ddp", ["strategy.name=ddp"]),
+        ("zero1", ["strategy.name=deepspeed", "strategy.zero_stage=1"]),
+    ):
+        proc = launch(config, tmp_path, [f"run.output_dir={tmp_path / name}", *strategy], nproc=2)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "zero1")) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "first, then, message",
+    [
+        (["strategy.name=deepspeed", "strategy.zero_stage=1"], ["strategy.zero_stage=0"], "zero_stage=1, this run"),
+        (["strategy.name=fsdp"], ["model.d_model=48"], "does not fit this model or optimizer"),
+        ([], ["optim.param_groups=[{match: 'blocks.*', lr_scale: 0.5}]"], "different number of parameter groups"),
+    ],
+    ids=["zero-stage", "fsdp-shape", "param-groups"],
+)
+def test_a_checkpoint_the_run_cannot_take_is_one_line(tmp_path, first, then, message):
+    config = tiny_lm_config(
+        tmp_path / "a", train={"max_steps": 2}, checkpoint={"every_steps": 2}, eval={"at_end": False}
+    )
+    proc = launch(config, tmp_path, first, launcher="single")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resume = [f"run.output_dir={tmp_path / 'b'}", f"checkpoint.resume={tmp_path / 'a'}"]
+    proc = launch(config, tmp_path, [*first, *then, *resume], launcher="single")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("dist_train: error: checkpoint") and message in lines[-1], lines[-1]
+    assert not (tmp_path / "b" / "checkpoints").exists()

@@ -76,6 +76,15 @@ def test_check_step_schedule_points_are_where_the_lr_drops(tmp_path, capsys):
     assert points[5] == pytest.approx(1e-3) and max(points) == 10  # step 5 still trains at the peak
 
 
+@pytest.mark.parametrize("warmup, warns", [(10, False), (11, True)])
+def test_check_warns_of_a_warm_up_longer_than_the_run_only(tmp_path, capsys, warmup, warns):
+    """Step k (from 1) trains at lr x k / warmup_steps: a warm-up as long as the run ends at train.lr."""
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", schedule={"warmup_steps": warmup}))
+    report = check_json(capsys, path)
+    assert (report["lr_schedule"]["points"][-1]["lr"] == pytest.approx(1e-3)) is not warns
+    assert any("never reaches train.lr" in w for w in report["warnings"]) is warns
+
+
 def test_check_multistep_points_are_at_the_milestones(tmp_path, capsys):
     schedule = {"name": "multistep", "warmup_steps": 0, "milestones": [4, 7, 30], "gamma": 0.1}
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", schedule=schedule))
@@ -292,6 +301,17 @@ def test_verify_passes_on_the_tiny_lm(tmp_path):
 
 
 @pytest.mark.slow
+def test_verify_keeps_the_evaluations_a_plateau_schedule_reads(tmp_path):
+    config = tiny_lm_config(
+        tmp_path / "unused", schedule={"name": "plateau", "plateau_patience": 0}, eval={"every_steps": 1}
+    )
+    path = write_config(tmp_path / "c.yaml", config)
+    proc = run_cli([PYTHON, "-m", "dist_train", "verify", str(path), "--steps", "4", "--checks", "accum", "--json"])
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert json.loads(proc.stdout)["passed"]
+
+
+@pytest.mark.slow
 def test_verify_fails_with_dropout_and_explains_why(tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "unused"))
     cmd = [PYTHON, "-m", "dist_train", "verify", str(path), "model.dropout=0.2", "--steps", "4"]
@@ -349,6 +369,8 @@ def test_run_writes_metrics_png_and_plot_command_redraws_it(logged_run, tmp_path
     _assert_is_a_drawn_plot(out_path)
     code, _, err = run_main(capsys, "plot", str(tmp_path))
     assert code == 2 and "has no metrics.jsonl" in err
+    code, _, err = run_main(capsys, "plot", str(logged_run), "--out", str(tmp_path / "no" / "such" / "m.png"))
+    assert code == 2 and err.startswith("dist_train: error: cannot write the plot to") and "Traceback" not in err
 
 
 def test_plot_series_after_a_resume_keeps_one_value_per_step():

@@ -91,6 +91,20 @@ def test_sequence_classifiers_ignore_padding(name, kwargs):
     assert not torch.allclose(batch[0], batch[1], atol=1e-3)
 
 
+def test_transformer_classifier_masks_leading_padding_too():
+    """Left padding: the pad tokens in front are neither attended to nor pooled (position 0 is
+    forced visible only in a row of padding alone)."""
+    torch.manual_seed(0)
+    model = build_model("transformer_classifier", {"vocab_size": 16, "max_len": 8, "d_model": 16, "n_heads": 2}).eval()
+    tokens = torch.tensor([[0, 0, 5, 6, 7], [0, 0, 0, 0, 0]])
+    with torch.no_grad():
+        before = model(tokens)
+        model.tok_emb.weight[0].normal_()  # the pad embedding changes: only the all-padding row may notice
+        after = model(tokens)
+    torch.testing.assert_close(before[0], after[0])
+    assert torch.isfinite(after).all() and not torch.allclose(before[1], after[1])
+
+
 def test_rnn_classifier_rejects_unknown_cell():
     with pytest.raises(UserError, match="unknown cell"):
         build_model("rnn_classifier", {"cell": "transformer"})

@@ -54,6 +54,10 @@ class Compression:
             tensors = qat.float_export(tensors, self.qat.renames)
         return tensors
 
+    def exported(self, output_dir: Path) -> bool:
+        """Whether every int8 model this run exports is in `output_dir` already."""
+        return all((output_dir / qat.FILES[kind]).exists() for kind in self.kinds)
+
     def export(self, module: nn.Module, ctx: DistContext, output_dir: Path, loss_fn, eval_data) -> dict:
         """Write the int8 models (rank 0) and evaluate them (collective). Returns the eval row's metrics."""
         if not self.kinds:

@@ -188,15 +188,31 @@ def eval_metrics(loss: str) -> list[str]:
     return metrics
 
 
-def _validate_watched_metrics(cfg: Config) -> None:
-    """eval.metric (early stopping) and schedule.plateau_metric name a metric the evaluation reports."""
-    known = eval_metrics(cfg.train.loss)
+def _watched_metrics(cfg: Config) -> list[tuple[str, str]]:
+    """(key, metric) for each evaluation metric the run reads: early stopping's and the plateau schedule's."""
     watched = []
     if cfg.eval.early_stopping_patience:
         watched.append(("eval.metric", cfg.eval.metric))
     if cfg.schedule.name == "plateau":
         watched.append(("schedule.plateau_metric", cfg.schedule.plateau_metric or cfg.eval.metric))
-    for key, metric in watched:
+    return watched
+
+
+def check_watched_metrics_fit_outputs(cfg: Config, output_dims: int) -> None:
+    """eval_perplexity exists for language-model outputs (batch, tokens, vocab) only: a watched metric
+    that names it for other outputs is refused at the first batch, not at the first evaluation."""
+    for key, metric in _watched_metrics(cfg):
+        if metric == "eval_perplexity" and output_dims != 3:
+            raise UserError(
+                f"{key}=eval_perplexity needs language-model outputs (batch, tokens, vocab), but this model's "
+                f"outputs have {output_dims} dimensions: watch eval_loss or eval_accuracy"
+            )
+
+
+def _validate_watched_metrics(cfg: Config) -> None:
+    """eval.metric (early stopping) and schedule.plateau_metric name a metric the evaluation reports."""
+    known = eval_metrics(cfg.train.loss)
+    for key, metric in _watched_metrics(cfg):
         if metric not in known:
             raise UserError(
                 f"{key}={metric!r} is not a metric of train.loss={cfg.train.loss} (it has {', '.join(known)})"
@@ -239,10 +255,11 @@ def _validate_compress(cfg: Config) -> None:
             f"`compress.prune_end_step` ({c.prune_end_step}) must be >= prune_start_step ({c.prune_start_step})"
         )
     max_steps = cfg.train.max_steps
-    if c.prune != "none" and (c.prune_start_step >= max_steps or (c.prune_end_step or 0) > max_steps):
+    if c.prune != "none" and (c.prune_start_step >= max_steps or (c.prune_end_step or 0) >= max_steps):
         raise UserError(
-            f"compress.prune_start_step ({c.prune_start_step}) and prune_end_step ({c.prune_end_step}) must lie "
-            f"within train.max_steps ({max_steps}): the target sparsity would never be reached"
+            f"compress.prune_start_step ({c.prune_start_step}) and prune_end_step ({c.prune_end_step}) must be below "
+            f"train.max_steps ({max_steps}): masks change as a step starts (steps count from 0), so the target "
+            "sparsity would never be reached"
         )
     if c.qat and c.qat_start_step >= max_steps:
         raise UserError(

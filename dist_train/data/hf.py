@@ -30,7 +30,7 @@ from ..errors import UserError
 
 log = logging.getLogger("dist_train")
 
-CACHE_VERSION = 1  # bump when the preprocessing changes, so old caches are not reused
+CACHE_VERSION = 2  # bump when the preprocessing changes, so old caches are not reused (2: truncation keeps [SEP])
 BYTE_PAD, BYTE_EOS, BYTE_OFFSET = 0, 1, 3
 FORMATS = {
     ".json": "json",
@@ -151,25 +151,27 @@ def _build_atomic(folder: Path, build, rank: int) -> None:
 
 
 def _load_split(datasets, paths: list[Path], fmt: str | None, task: str, tmp: str):
+    suffix = (paths[0].suffix if paths[0].suffix != ".gz" else Path(paths[0].stem).suffix).lower()  # x.tsv.gz: .tsv
     if fmt is None:
-        suffix = paths[0].suffix if paths[0].suffix != ".gz" else Path(paths[0].stem).suffix
-        fmt = FORMATS.get(suffix.lower())
+        fmt = FORMATS.get(suffix)
         if fmt is None:
             raise UserError(f"cannot tell the format of {str(paths[0])!r}: set data.format (json, csv, parquet, text)")
     kwargs: dict[str, Any] = {"cache_dir": tmp}
     if fmt == "text":
         kwargs["sample_by"] = "document" if task == "lm" else "line"  # an LM keeps a file's newlines
-    if fmt == "csv" and paths[0].suffix.lower() == ".tsv":
+    if fmt == "csv" and suffix == ".tsv":
         kwargs["delimiter"] = "\t"
     return datasets.load_dataset(fmt, data_files=[str(p) for p in paths], split="train", **kwargs)
 
 
 def _encoder(tokenizer: str):
-    """-> (encode(list of texts) -> list of id lists, pad id, eos id or None, vocabulary size)."""
+    """-> (encode(list of texts, max tokens or None) -> list of id lists, pad id, eos id or None, vocabulary size).
+
+    A tokenizer truncates itself, so the special tokens that close a text ([SEP]) survive."""
     if tokenizer == "bytes":
 
-        def encode_bytes(texts: list[str]) -> list[list[int]]:
-            return [[b + BYTE_OFFSET for b in (t or "").encode("utf-8")] for t in texts]
+        def encode_bytes(texts: list[str], max_length: int | None = None) -> list[list[int]]:
+            return [[b + BYTE_OFFSET for b in (t or "").encode("utf-8")][:max_length] for t in texts]
 
         return encode_bytes, BYTE_PAD, BYTE_EOS, 256 + BYTE_OFFSET
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -179,8 +181,9 @@ def _encoder(tokenizer: str):
     tok = transformers.AutoTokenizer.from_pretrained(tokenizer, local_files_only=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
-    def encode_hf(texts: list[str]) -> list[list[int]]:
-        return tok([t or "" for t in texts], verbose=False)["input_ids"]
+    def encode_hf(texts: list[str], max_length: int | None = None) -> list[list[int]]:
+        limit = {"truncation": True, "max_length": max_length} if max_length else {}
+        return tok([t or "" for t in texts], verbose=False, **limit)["input_ids"]
 
     return encode_hf, pad, tok.eos_token_id, len(tok)
 
@@ -205,7 +208,8 @@ def _preprocess(paths: dict[str, list[Path]], settings: dict, tokenizer: str, fm
     if label_map:
         meta["labels"] = label_map
     for name, ds in splits.items():
-        ids = [encode(batch[text_column]) for batch in ds.iter(batch_size=1000)]
+        limit = length if task == "classification" else None  # an LM packs whole texts
+        ids = [encode(batch[text_column], limit) for batch in ds.iter(batch_size=1000)]
         ids = [row for chunk in ids for row in chunk]
         if task == "lm":
             inputs, targets = _pack(ids, eos, length, name)

@@ -74,7 +74,7 @@ class TransformerClassifier(nn.Module):
         else:
             # A row that is all padding would give every query no key (NaN softmax): let it see position 0.
             keep = keep.clone()
-            keep[:, 0] = True
+            keep[:, 0] |= ~keep.any(dim=1)
         x = self.drop(x + self.pos_emb(torch.arange(x.shape[1], device=x.device)))
         attn_keep = keep[:, None, None, :]  # broadcast over heads and queries
         for block in self.blocks:

@@ -99,7 +99,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     if t.precision == "bf16":  # autocast like the DDP path; parameters and master weights stay fp32
-        ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # and so do the gradients the ranks reduce: DeepSpeed would otherwise mark every Linear/Conv
+        # parameter to be communicated in bf16 (DDP and FSDP reduce in fp32)
+        ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     elif t.precision == "fp16":  # DeepSpeed's own fp16 with dynamic loss scaling (CUDA)
         ours["fp16"] = {"enabled": True, "initial_scale_power": 16}
     extra = _passthrough(cfg)

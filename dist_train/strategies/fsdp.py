@@ -128,10 +128,15 @@ class FSDPStrategy(Strategy):
 
     def load(self, folder: Path) -> None:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.api import CheckpointException
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._state()
-        dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+        try:
+            dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
+        except CheckpointException as err:  # a BaseException: a shape mismatch would escape every handler
+            causes = dict.fromkeys(str(exc).strip() for exc, _ in err.failures.values())  # each once, rank order
+            raise RuntimeError("; ".join(causes)) from None
         set_state_dict(
             self._module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"]
         )

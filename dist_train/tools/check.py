@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from ..cli import ArgParser
 from ..config import Config, load_config
+from ..config.checks import check_watched_metrics_fit_outputs
 from ..data import build_dataset, build_train_data
 from ..distributed import DistContext
 from ..errors import UserError
@@ -118,6 +119,7 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
             f"the model's forward or loss raised {error}{where_raised(err)} on {what}: the run would fail at its first step"
         ) from None
     shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
+    check_watched_metrics_fit_outputs(cfg, len(shape) if isinstance(shape, tuple) else 0)
     return {"checked": True, "samples": count, "outputs": shape, "loss": float(value)}
 
 

@@ -97,15 +97,16 @@ def plan_runs(cfg: Config, world_size: int, steps: int, work: Path) -> dict[str,
     }
 
 
-def _common_overrides(run: Run, work: Path, steps: int) -> list[str]:
-    """Short, quiet runs whose trajectory is the config's: no eval, no plots, nothing resumed by accident."""
+def _common_overrides(run: Run, work: Path, steps: int, evaluate: bool) -> list[str]:
+    """Short, quiet runs whose trajectory is the config's: no eval (unless the LR depends on it: the
+    plateau schedule), no plots, nothing resumed by accident."""
     return [
         f"run.output_dir={work / run.name}",
         f"train.max_steps={steps}",
         "train.epochs=null",
         f"train.micro_batch_size={run.micro_batch_size}",
         f"train.grad_accum_steps={run.grad_accum_steps}",
-        "eval.every_steps=null",
+        *([] if evaluate else ["eval.every_steps=null"]),
         "eval.at_end=false",
         "eval.early_stopping_patience=null",
         "checkpoint.every_steps=null",
@@ -139,8 +140,11 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def launch(run: Run, config_path: str, overrides: list[str], work: Path, steps: int, timeout: float) -> None:
-    cmd = [*_command(run.nproc), "--config", config_path, *overrides, *_common_overrides(run, work, steps), *run.extra]
+def launch(
+    run: Run, config_path: str, overrides: list[str], work: Path, steps: int, timeout: float, evaluate: bool = False
+) -> None:
+    common = _common_overrides(run, work, steps, evaluate)
+    cmd = [*_command(run.nproc), "--config", config_path, *overrides, *common, *run.extra]
     shutil.rmtree(work / run.name, ignore_errors=True)  # a kept --work-dir from an earlier verify
     start = time.perf_counter()
     try:
@@ -242,7 +246,7 @@ def verify(args, cfg: Config, config_path: str, overrides: list[str], work: Path
     runs = plan_runs(cfg, args.world_size, args.steps, work)
     needed = [name for name in runs if any(name in RUNS_NEEDED[c] for c in checks)]
     for name in needed:
-        launch(runs[name], config_path, overrides, work, args.steps, args.timeout_s)
+        launch(runs[name], config_path, overrides, work, args.steps, args.timeout_s, cfg.schedule.name == "plateau")
     traits = model_traits(cfg)
     parity_tol = args.tol if args.tol is not None else max(PARITY_TOL, PARITY_TOL_PER_LR * cfg.train.lr)
     results = []
