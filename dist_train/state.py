@@ -137,8 +137,11 @@ def restore(
                 f"{cfg.strategy.zero_stage}: resume with strategy.zero_stage={manifest['zero_stage']}"
             )
         )
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in strategy.optimizer.param_groups]
     try:
         strategy.load(folder)
+        for group, hyper in zip(strategy.optimizer.param_groups, configured, strict=True):
+            group.update(hyper)  # the config's weight decay, betas, lr_scale...: the checkpoint gives state only
     except (RuntimeError, ValueError, KeyError) as err:  # shape/key mismatch; other optimizer param groups
         raise on_every_rank(
             UserError(

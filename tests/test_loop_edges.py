@@ -205,3 +205,13 @@ def test_a_finished_run_started_again_exports_and_evaluates_no_int8_model_twice(
     run(tmp_path, **sections)
     assert read_rows(tmp_path) == [*rows, {"resumed_from": "step-00000004", "step": 4}]
     assert (tmp_path / "model_dynamic_int8.pt").stat().st_mtime_ns == written
+
+
+def test_a_resumed_run_takes_its_optimizer_settings_from_the_config(tmp_path):
+    """The checkpoint holds the optimizer's state (moments, step); weight decay, betas and eps come from
+    the config of the run that resumes, as the learning rate does."""
+    run(tmp_path / "base", train={"max_steps": 2}, checkpoint={"every_steps": 2})
+    for decay in (0.01, 0.5):
+        resume = {"resume": str(tmp_path / "base")}
+        run(tmp_path / f"decay-{decay}", train={"max_steps": 4}, optim={"weight_decay": decay}, checkpoint=resume)
+    assert max_abs_diff(load_weights(tmp_path / "decay-0.01"), load_weights(tmp_path / "decay-0.5")) > 1e-4
