@@ -129,12 +129,16 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     """Run (or resume) training as configured. Returns a summary with `status` and `step`."""
     step_times = step_times_hook()  # benchmarks only (DIST_TRAIN_STEP_TIMES); None otherwise
     output_dir = Path(cfg.run.output_dir)
+    control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)
+    refused = None
     if ctx.is_rank_zero:
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
-            raise UserError(f"run.output_dir {output_dir}: cannot create it ({err.strerror}); choose another") from None
-    control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)
+            refused = f"run.output_dir {output_dir}: cannot create it ({err.strerror}); choose another"
+    refused = control.broadcast_object(refused)  # every rank stops, not only the one that saw it
+    if refused:
+        raise on_every_rank(UserError(refused))
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
     model = build_model(cfg.model.name, cfg.model.kwargs)
     init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed

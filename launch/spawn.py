@@ -76,7 +76,13 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+
+
 def main(argv: list[str] | None = None) -> int:
+    # A stop signal during start-up (importing torch, starting the ranks) waits, blocked, until the
+    # forwarder below is in place; the ranks inherit the block and take it once their own handler is.
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     parser = _Parser(
         prog="python launch/spawn.py",
         usage="%(prog)s [--nproc_per_node N] --config FILE [KEY=VALUE ...]",
@@ -105,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             if process.is_alive():
                 os.kill(process.pid, signum)
 
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that arrived meanwhile is forwarded now
     try:
         # a rank that fails first leaves its siblings a few seconds to exit by themselves: the one that
         # reports a config mistake (local rank 0) is often not the first to exit

@@ -202,6 +202,34 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     proc = run_cli([PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)])
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.count("dist_train: error: model 'transformer_lm'") == 1 and "Traceback" not in proc.stderr
+    # one only rank 0 meets (it creates run.output_dir): its peers stop with it instead of waiting
+    torchrun[-1] = str(free_port())
+    started = time.monotonic()
+    cmd = [PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)]
+    proc = run_cli([*cmd, "run.output_dir=/proc/no/such"])  # found before the model (and its widht)
+    assert proc.returncode == 2 and time.monotonic() - started < 20, proc.stderr[-2000:]
+    assert proc.stderr.count("dist_train: error: run.output_dir /proc/no/such: cannot create it") == 1
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 1.5])
+def test_spawn_keeps_a_stop_signal_sent_during_start_up(tmp_path, delay_s):
+    """SIGUSR1 while spawn.py (0.3 s) or its ranks (1.5 s) import torch: blocked until the forwarder
+    and the ranks' handlers are in place, then a checkpoint and status 75, as during training."""
+    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 400}, checkpoint={"every_steps": 1000})
+    config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.002, "num_samples": 4096}
+    cmd = [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*cmd, "--config", str(write_config(tmp_path / "c.yaml", config))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(delay_s)
+    proc.send_signal(signal.SIGUSR1)
+    assert proc.wait(timeout=120) == 75, proc.stderr.read()[-2000:]
+    assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
 
 
 @pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "training"), (signal.SIGUSR1, "start-up")])

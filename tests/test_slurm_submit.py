@@ -130,7 +130,9 @@ def test_sbatch_args_replace_or_add_lines(config):
         (["--gpus-per-node", "8", "--nproc-per-node", "4"], "--nproc-per-node is for CPU runs"),
         (["--cpus-per-task", "0"], "--cpus-per-task must be at least 1"),
         (["--time", "1h"], "--time '1h' is not a SLURM time limit"),
-        (["--time", "4"], "--time 4 leaves no room for --signal-grace 300"),
+        (["--time", "4"], "a time limit of 4 leaves no room for --signal-grace 300"),
+        (["--sbatch-arg=--time=00:05:00"], "a time limit of 00:05:00 leaves no room for --signal-grace 300"),
+        (["--signal-grace", "4000"], "a time limit of 01:00:00 leaves no room"),  # cpu.sbatch's own --time
         (["--launcher", "mpirun"], "invalid choice: 'mpirun'"),
         (["--sbatch-arg=qos=high"], "must look like --option=value or --flag"),
     ],

@@ -115,12 +115,6 @@ def build_script(args) -> tuple[str, str, str]:
         raise UserError(f"--cpus-per-task must be at least 1, got {args.cpus_per_task}")
     if args.signal_grace < 1:
         raise UserError(f"--signal-grace must be at least 1 second, got {args.signal_grace}")
-    limit = time_limit_seconds(args.time) if args.time else None
-    if limit is not None and limit <= args.signal_grace:
-        raise UserError(
-            f"--time {args.time} leaves no room for --signal-grace {args.signal_grace}: "
-            "the job would be told to stop as it starts; raise --time or lower --signal-grace"
-        )
     config = Path(args.config)
     if not config.is_file():
         raise UserError(f"config file not found: {args.config}")
@@ -152,6 +146,15 @@ def build_script(args) -> tuple[str, str, str]:
     template = TEMPLATE_DIR / f"{name}.sbatch"
     if not template.is_file():
         raise UserError(f"SLURM template {template} not found: dist-train slurm submit runs from a dist_train checkout")
+    # the job's time limit, wherever it comes from (--time, --sbatch-arg=--time=..., the template's line)
+    own = re.search(r"^#SBATCH\s+--time[= ](\S+)", template.read_text(), re.M)
+    time = options.get("--time") or (own.group(1) if own else None)
+    limit = time_limit_seconds(time) if time else None
+    if limit is not None and limit <= args.signal_grace:
+        raise UserError(
+            f"a time limit of {time} leaves no room for --signal-grace {args.signal_grace}: the job would be told "
+            "to stop (and requeue itself) as it starts; raise --time or lower --signal-grace"
+        )
     prologue = [
         "# Filled in by `dist-train slurm submit`; arguments given to sbatch replace these.",
         f"[ $# -gt 0 ] || set -- {shlex.join([str(config.resolve()), *args.overrides])}",
