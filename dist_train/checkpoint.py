@@ -231,6 +231,28 @@ class Found:
     origin: str | None = None  # a checkpoint named by path that a run starts from (TrainState.started_from)
 
 
+def _started_from(resume: str, output_dir: Path, manifest: dict | None = None) -> bool:
+    """Whether a checkpoint of the run in `output_dir` (or the one `manifest` describes) records that
+    the run started from the checkpoint or run folder `resume` (TrainState.started_from). Without a
+    manifest it reads the manifests only, no checksums: cheap enough for every start."""
+    named = Path(resume).resolve()
+    if manifest is not None:
+        manifests = [manifest]
+    else:
+        manifests = []
+        for path in (output_dir / "checkpoints").glob("step-*/" + MANIFEST):
+            try:
+                manifests.append(json.loads(path.read_text()))
+            except (OSError, ValueError):
+                continue
+    for candidate in manifests:
+        trainer = candidate.get("trainer") if isinstance(candidate, dict) else None
+        origin = trainer.get("started_from") if isinstance(trainer, dict) else None
+        if isinstance(origin, str) and named in (Path(origin), *Path(origin).parents[:2]):
+            return True
+    return False
+
+
 def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
     """Resolve `checkpoint.resume` to a verified checkpoint (rank 0 only: it reads every byte).
 
@@ -242,9 +264,8 @@ def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
     if resume == "never":
         return None
     if resume != "auto":
-        own = find_resume_checkpoint("auto", output_dir)
-        started_from = own.manifest["trainer"].get("started_from") if own else None
-        if started_from and Path(resume).resolve() in Path(started_from).parents[:2] + (Path(started_from),):
+        own = find_resume_checkpoint("auto", output_dir) if _started_from(resume, output_dir) else None
+        if own is not None and _started_from(resume, output_dir, own.manifest):  # the one auto picked
             log.info("checkpoint.resume: this run started from %s; continuing from its own %s", resume, own.folder.name)
             return own
         path = Path(resume)
