@@ -184,6 +184,13 @@ def test_no_host_sync_on_non_logging_steps(tmp_path):
         assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 16)
 
 
+def test_fp16_without_clipping_reads_no_loss_scale_on_the_host(tmp_path):
+    """The unclipped gradient norm of an fp16 run is the unscaled gradients' (GradScaler.get_scale()
+    would read the scale on the host every step)."""
+    cfg = from_dict(hot_loop_config(tmp_path / "run", precision="fp16", grad_clip_norm=None))
+    _check_events(instrumented_train(cfg, single_ctx()), world_size=1)
+
+
 @pytest.mark.parametrize(
     "sync",
     [

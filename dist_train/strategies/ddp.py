@@ -58,12 +58,10 @@ class DDPStrategy(Strategy):
         return torch.nn.utils.clip_grad_norm_(self._module.parameters(), max_norm, foreach=True)
 
     def grad_norm(self) -> torch.Tensor:
+        self.unscale_gradients()  # fp16: the true gradients (get_scale() would read the scale on the host)
         grads = [p.grad for p in self._module.parameters() if p.grad is not None]
         norms = torch._foreach_norm(grads)
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        if self.scaler:
-            total = total / self.scaler.get_scale()
-        return total
+        return torch.linalg.vector_norm(torch.stack(norms))
 
     def optimizer_step(self, skip: torch.Tensor) -> None:
         if self.scaler:  # GradScaler finds and skips non-finite steps itself

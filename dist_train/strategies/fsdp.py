@@ -94,9 +94,9 @@ class FSDPStrategy(Strategy):
         return _local(torch.nn.utils.clip_grad_norm_(self._module.parameters(), max_norm, foreach=True))
 
     def grad_norm(self) -> torch.Tensor:
+        self.unscale_gradients()  # fp16: the true gradients (get_scale() would read the scale on the host)
         grads = [p.grad for p in self._module.parameters() if p.grad is not None]
-        total = _local(torch.nn.utils.get_total_norm(grads, foreach=True))
-        return total / self.scaler.get_scale() if self.scaler else total
+        return _local(torch.nn.utils.get_total_norm(grads, foreach=True))
 
     def optimizer_step(self, skip: torch.Tensor) -> None:
         from ..optim import step_unless
