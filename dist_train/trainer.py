@@ -109,6 +109,13 @@ def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data,
     return row
 
 
+def _write_log_row(state, window: LossWindow, lr: float, throughput: Throughput, data, tokens, ctx, metrics) -> None:
+    row = _log_row(state, window, lr, throughput, data, tokens, ctx)
+    state.skipped_steps = row["skipped_steps"]
+    metrics.write(row)
+    metrics.console(row)
+
+
 def _no_improvement_for(cfg: Config, state: run_state.TrainState, metrics: dict) -> int:
     """Evaluations in a row without an improvement of eval.metric, this one included."""
     value = metrics.get(cfg.eval.metric)
@@ -251,11 +258,9 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             state.samples_in_epoch += data.global_batch
             throughput.steps += 1
             window.add(result.losses, result.count, result.grad_norm, result.nonfinite)
-            if state.step % cfg.log.every_steps == 0 or state.step == total_steps:
-                row = _log_row(state, window, lr, throughput, data, tokens_per_sample, ctx)
-                state.skipped_steps = row["skipped_steps"]
-                metrics.write(row)
-                metrics.console(row)
+            logged = state.step % cfg.log.every_steps == 0 or state.step == total_steps
+            if logged:
+                _write_log_row(state, window, lr, throughput, data, tokens_per_sample, ctx, metrics)
             if eval_data is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
                 state.last_eval_step = state.step
                 with throughput.paused():  # evaluation is not training throughput; the watchdog re-armed per batch
@@ -272,6 +277,8 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                         patience,
                     )
                     status, state.early_stopped = "early_stopped", True
+                    if not logged:  # the run's last step: its window gets a row, as at train.max_steps
+                        _write_log_row(state, window, lr, throughput, data, tokens_per_sample, ctx, metrics)
             last_step = state.step == total_steps or status == "early_stopped"
             if _checkpoint_due(cfg, state.step) and not last_step:  # the last one after the final evaluation
                 with throughput.paused():

@@ -27,10 +27,15 @@ def raw(output_dir, **sections):
 
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path):
     # min_delta larger than any possible gain: only the first evaluation counts as an improvement
-    cfg = raw(tmp_path, eval={"every_steps": 2, "early_stopping_patience": 3, "min_delta": 100.0})
+    cfg = raw(
+        tmp_path, eval={"every_steps": 2, "early_stopping_patience": 3, "min_delta": 100.0}, log={"every_steps": 3}
+    )
     assert train(cfg, SINGLE) == {"status": "early_stopped", "step": 8}
     evals = [r["step"] for r in read_rows(tmp_path) if "eval_loss" in r]
     assert evals == [2, 4, 6, 8]
+    # the last step gets its row, as a run's last step at train.max_steps does: steps 7-8 are not lost
+    rows = [r for r in read_rows(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == [3, 6, 8] and rows[-1]["samples_per_s"] > 0
     assert (tmp_path / "model.safetensors").exists()
 
 

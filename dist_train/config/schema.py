@@ -198,7 +198,9 @@ class CheckpointConfig:
 
 @dataclass
 class LogConfig:
-    every_steps: int = _f(10, "write a metrics row (and a console line) every K steps")
+    every_steps: int = _f(
+        10, "write a metrics row (and a console line) every K steps and at the last step (early stopping included)"
+    )
     progress: Literal["auto", "bar", "lines"] = _f("auto", "tqdm bar on a terminal (auto), always, or plain lines")
     tensorboard: bool = _f(False, "also write scalars to `<output_dir>/tb/` (needs the `tb` extra)")
     plot: bool = _f(True, "write `<output_dir>/metrics.png` at the end (needs matplotlib; skipped without)")
