@@ -165,6 +165,24 @@ def test_tsv_gz_is_tab_separated(tmp_path):
 
 
 @needs_hf
+def test_csv_texts_are_read_as_written(tmp_path):
+    """pandas' defaults read the texts `NA`, `null`, `None` as missing (an all-padding input) and an
+    all-numeric text column as numbers (`007` -> 7, or a crash); an empty label is still an error."""
+    kwargs = {"task": "classification", "max_length": 4}
+    (tmp_path / "words.csv").write_text("text,label\nNA,pos\nnull,neg\nNone,pos\nnan,neg\n,pos\n")
+    words = build_dataset("hf", "train", {"files": str(tmp_path / "words.csv"), **kwargs})
+    assert [row[row > 0].tolist() for row in words.tensors[0]] == [
+        [b + 3 for b in text.encode()] for text in ("NA", "null", "None", "nan", "")
+    ]
+    (tmp_path / "numbers.csv").write_text("text,label\n007,1\n42,0\n")
+    numbers = build_dataset("hf", "train", {"files": str(tmp_path / "numbers.csv"), **kwargs})
+    assert numbers.tensors[0][0, :3].tolist() == [b + 3 for b in b"007"] and numbers.tensors[1].tolist() == [1, 0]
+    (tmp_path / "unlabelled.csv").write_text("text,label\na,1\nb,\n")
+    with pytest.raises(UserError, match="empty labels"):
+        build_dataset("hf", "train", {"files": str(tmp_path / "unlabelled.csv"), **kwargs})
+
+
+@needs_hf
 def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("abcdefgh" * 10)

@@ -30,7 +30,7 @@ from ..errors import UserError
 
 log = logging.getLogger("dist_train")
 
-CACHE_VERSION = 2  # bump when the preprocessing changes, so old caches are not reused (2: truncation keeps [SEP])
+CACHE_VERSION = 3  # bump when the preprocessing changes, so old caches are not reused (3: csv texts as written)
 BYTE_PAD, BYTE_EOS, BYTE_OFFSET = 0, 1, 3
 FORMATS = {
     ".json": "json",
@@ -150,7 +150,7 @@ def _build_atomic(folder: Path, build, rank: int) -> None:
     log.info("hf data: %s", json.dumps(meta))
 
 
-def _load_split(datasets, paths: list[Path], fmt: str | None, task: str, tmp: str):
+def _load_split(datasets, paths: list[Path], fmt: str | None, settings: dict, tmp: str):
     suffix = (paths[0].suffix if paths[0].suffix != ".gz" else Path(paths[0].stem).suffix).lower()  # x.tsv.gz: .tsv
     if fmt is None:
         fmt = FORMATS.get(suffix)
@@ -158,7 +158,14 @@ def _load_split(datasets, paths: list[Path], fmt: str | None, task: str, tmp: st
             raise UserError(f"cannot tell the format of {str(paths[0])!r}: set data.format (json, csv, parquet, text)")
     kwargs: dict[str, Any] = {"cache_dir": tmp}
     if fmt == "text":
-        kwargs["sample_by"] = "document" if task == "lm" else "line"  # an LM keeps a file's newlines
+        kwargs["sample_by"] = "document" if settings["task"] == "lm" else "line"  # an LM keeps a file's newlines
+    if fmt == "csv":
+        # texts as written: pandas reads `NA`, `null`, `None`, `nan` as missing (an empty text) and an
+        # all-numeric column as numbers (`007` -> 7); only an empty label field is missing
+        kwargs["keep_default_na"] = False
+        kwargs["converters"] = {settings["text_column"]: str}
+        if settings["label_column"] is not None:
+            kwargs["na_values"] = {settings["label_column"]: [""]}
     if fmt == "csv" and suffix == ".tsv":
         kwargs["delimiter"] = "\t"
     return datasets.load_dataset(fmt, data_files=[str(p) for p in paths], split="train", **kwargs)
@@ -196,7 +203,7 @@ def _preprocess(paths: dict[str, list[Path]], settings: dict, tokenizer: str, fm
     datasets.disable_progress_bars()  # rank 0's log stays readable
     encode, pad, eos, vocab = _encoder(tokenizer)
     task, length, text_column = settings["task"], settings["length"], settings["text_column"]
-    splits = {name: _load_split(datasets, ps, fmt, task, scratch) for name, ps in paths.items()}
+    splits = {name: _load_split(datasets, ps, fmt, settings, scratch) for name, ps in paths.items()}
     for name, ds in splits.items():
         needed = [text_column] + ([settings["label_column"]] if task == "classification" else [])
         missing = [c for c in needed if c not in ds.column_names]
