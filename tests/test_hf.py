@@ -257,6 +257,26 @@ def test_bad_data_settings_are_user_errors(tmp_path):
         build_dataset("hf", "train", {"files": files, "format": "foo"})  # was a hub lookup of a builder `foo`
 
 
+@needs_hf
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.jsonl", b"", "has no rows"),  # was StopIteration with no message
+        ("header.csv", b"text,label\n", "has no rows"),  # was 'Instruction "train" corresponds to no data!'
+        ("broken.jsonl", b'{"text": "a", "label": 1}\n{"text": oops\n', "as json .*JSON parse error"),
+        ("latin1.csv", b"text,label\nd\xe9j\xe0 vu,1\n", "as csv .*UnicodeDecodeError"),  # both were:
+        ("fields.csv", b"text,label\na,1\nb,0,extra\n", "as csv .*Expected 2 fields in line 3"),  # "An error occurred"
+        ("numbers.jsonl", b'{"text": 7, "label": 1}\n', "column 'text' holds .*int64.*, not text"),
+    ],
+    ids=["empty", "header-only", "broken-json", "latin1", "extra-field", "numeric-text"],
+)
+def test_unreadable_files_say_what_is_wrong(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(UserError, match=message) as error:
+        build_dataset("hf", "train", {"files": str(tmp_path / name), "task": "classification"})
+    assert "\n" not in str(error.value) and "DatasetGenerationError" not in str(error.value)
+
+
 # ---------------------------------------------------------------- 2 ranks
 
 

@@ -150,7 +150,7 @@ def _build_atomic(folder: Path, build, rank: int) -> None:
     log.info("hf data: %s", json.dumps(meta))
 
 
-def _load_split(datasets, paths: list[Path], fmt: str | None, settings: dict, tmp: str):
+def _load_split(datasets, name: str, paths: list[Path], fmt: str | None, settings: dict, tmp: str):
     suffix = (paths[0].suffix if paths[0].suffix != ".gz" else Path(paths[0].stem).suffix).lower()  # x.tsv.gz: .tsv
     if fmt is None:
         fmt = FORMATS.get(suffix)
@@ -168,7 +168,17 @@ def _load_split(datasets, paths: list[Path], fmt: str | None, settings: dict, tm
             kwargs["na_values"] = {settings["label_column"]: [""]}
     if fmt == "csv" and suffix == ".tsv":
         kwargs["delimiter"] = "\t"
-    return datasets.load_dataset(fmt, data_files=[str(p) for p in paths], split="train", **kwargs)
+    files = [str(p) for p in paths]
+    try:
+        return datasets.load_dataset(fmt, data_files=files, split="train", **kwargs)
+    except Exception as err:  # noqa: BLE001 - datasets wraps the reader's error: say what it was
+        cause = err.__cause__ or err
+        if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):  # empty, header only
+            raise UserError(f"data.files.{name}: {', '.join(files)} has no rows") from None
+        detail = " ".join(f"{type(cause).__name__}: {cause}".split())  # one line
+        raise UserError(
+            f"data.files.{name}: cannot read {', '.join(files)} as {fmt} ({detail}); fix the file or set data.format"
+        ) from None
 
 
 def _encoder(tokenizer: str):
@@ -203,12 +213,17 @@ def _preprocess(paths: dict[str, list[Path]], settings: dict, tokenizer: str, fm
     datasets.disable_progress_bars()  # rank 0's log stays readable
     encode, pad, eos, vocab = _encoder(tokenizer)
     task, length, text_column = settings["task"], settings["length"], settings["text_column"]
-    splits = {name: _load_split(datasets, ps, fmt, settings, scratch) for name, ps in paths.items()}
+    splits = {name: _load_split(datasets, name, ps, fmt, settings, scratch) for name, ps in paths.items()}
     for name, ds in splits.items():
         needed = [text_column] + ([settings["label_column"]] if task == "classification" else [])
         missing = [c for c in needed if c not in ds.column_names]
         if missing:
             raise UserError(f"data.files.{name} has no column {missing[0]!r} (columns: {ds.column_names})")
+        if getattr(ds.features[text_column], "dtype", None) not in ("string", "large_string"):
+            raise UserError(
+                f"data.files.{name}: column {text_column!r} holds {ds.features[text_column]}, not text: "
+                "set data.text_column to the text field"
+            )
     tensors: dict[str, torch.Tensor] = {}
     meta: dict[str, Any] = {"pad_id": pad, "eos_id": eos, "vocab_size": vocab, "task": task}
     label_map = _label_map(splits, settings["label_column"]) if task == "classification" else None
