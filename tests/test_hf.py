@@ -153,6 +153,18 @@ def test_classification_from_jsonl_csv_and_parquet(tmp_path):
 
 
 @needs_hf
+def test_a_label_written_as_float_in_one_split_and_int_in_the_other_is_one_label(tmp_path):
+    """train.jsonl writes 1.0, eval.jsonl 1: the mapping held "1.0" and looked up "1" (KeyError)."""
+    files = {
+        "train": _write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": 1.0}, {"text": "b", "label": 0.0}]),
+        "eval": _write_jsonl(tmp_path / "eval.jsonl", [{"text": "a", "label": 1}, {"text": "b", "label": 0}]),
+    }
+    for split in ("train", "eval"):
+        dataset = build_dataset("hf", split, {"files": files, "task": "classification", "max_length": 4})
+        assert dataset.tensors[1].tolist() == [1, 0]
+
+
+@needs_hf
 def test_tsv_gz_is_tab_separated(tmp_path):
     import gzip
 

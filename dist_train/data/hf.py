@@ -241,7 +241,9 @@ def _preprocess(paths: dict[str, list[Path]], settings: dict, tokenizer: str, fm
                 row = row[:length]
                 inputs[i, : len(row)] = torch.tensor(row, dtype=torch.long)
             labels = ds[settings["label_column"]]
-            targets = torch.tensor([label_map[str(v)] if label_map else int(v) for v in labels], dtype=torch.long)
+            targets = torch.tensor(
+                [label_map[_label_key(v)] if label_map else int(v) for v in labels], dtype=torch.long
+            )
         tensors[f"{name}_inputs"], tensors[f"{name}_targets"] = inputs, targets
         meta[f"{name}_items"] = len(inputs)
     return tensors, meta
@@ -254,7 +256,13 @@ def _label_map(splits: dict, column: str) -> dict[str, int] | None:
         raise UserError(f"data.label_column {column!r} has empty labels")
     if all(isinstance(v, int) for v in values):  # bool is an int too
         return None
-    return {label: i for i, label in enumerate(sorted(str(v) for v in values))}
+    return {label: i for i, label in enumerate(sorted({_label_key(v) for v in values}))}
+
+
+def _label_key(value: Any) -> str:
+    """A label's name in the mapping. 1.0 and 1 are one label (the set above keeps whichever came
+    first), so they need one name: one json split may write 1.0 where another writes 1."""
+    return str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
 
 
 def _pack(ids: list[list[int]], eos: int | None, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
