@@ -71,6 +71,11 @@ def _class_logits(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tu
             f"loss {name}: outputs {tuple(outputs.shape)} do not fit targets {tuple(targets.shape)}; "
             "expected outputs (B, C) with targets (B,), or (B, T, C) with (B, T)"
         )
+    if targets.is_floating_point():  # focal's gather would fail at the first step with a traceback
+        raise UserError(
+            f"loss {name}: targets are class ids, got {str(targets.dtype).removeprefix('torch.')} targets; "
+            "make the dataset's targets integer (torch.long), or use a loss for float targets (mse, bce_with_logits)"
+        )
     return outputs.reshape(-1, outputs.shape[-1]).float(), targets.reshape(-1)
 
 

@@ -183,6 +183,16 @@ def test_loss_errors_are_user_errors():
         build_loss("cross_entropy").sum(torch.randn(4, 3), torch.zeros(4, 2, dtype=torch.long))
 
 
+@pytest.mark.parametrize("name", ["cross_entropy", "focal"])
+def test_class_id_losses_refuse_float_targets_in_one_line(name):
+    """Float class ids (a dataset that stored labels as floats): focal's gather failed at the first
+    step with a traceback (status 1), cross entropy with torch's dtype error."""
+    loss = build_loss(name)
+    for use in (loss.sum, loss.elementwise):  # training and evaluation
+        with pytest.raises(UserError, match=f"loss {name}: targets are class ids, got float32 targets"):
+            use(torch.randn(4, 3), torch.tensor([0.0, 1.0, 2.0, 1.0]))
+
+
 @pytest.mark.parametrize(
     "name,kwargs",
     [
