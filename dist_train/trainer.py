@@ -229,9 +229,14 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             wait_start = time.perf_counter()  # starting an epoch's iterator (workers) is data wait too
             if state.samples_in_epoch + data.global_batch > data.sampler.usable_samples():
                 state.epoch, state.samples_in_epoch, batches = state.epoch + 1, 0, None
-            if batches is None:
-                batches = data.epoch_batches(state.epoch, state.samples_in_epoch)
-            micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+            try:
+                if batches is None:
+                    batches = data.epoch_batches(state.epoch, state.samples_in_epoch)
+                micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+            except Exception as err:  # an item or its collation failed (in a worker or not): name the step
+                raise TrainingError(
+                    f"rank {ctx.rank} failed at step {state.step + 1} loading its batch: {type(err).__name__}: {err}"
+                ) from err
             throughput.data_wait += time.perf_counter() - wait_start
             compression.on_step(state.step)
             lr = schedule.lr_at(state.step)
@@ -264,7 +269,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             if eval_data is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
                 state.last_eval_step = state.step
                 with throughput.paused():  # evaluation is not training throughput; the watchdog re-armed per batch
-                    eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx, control.arm_watchdog)}
+                    eval_row = {"step": state.step, **_evaluate(strategy, loss_fn, eval_data, ctx, state.step, control)}
                 metrics.write(eval_row)
                 metrics.console(eval_row)
                 state.lr_schedule = schedule.observe(eval_row, state.step)  # same metrics, same LR on every rank
@@ -295,7 +300,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             log.warning("stop signal received: checkpointing step %d and exiting", state.step)
         elif cfg.eval.at_end and eval_data is not None and state.last_eval_step != state.step:
             state.last_eval_step = state.step
-            eval_row = {"step": state.step, **evaluate(strategy, loss_fn, eval_data, ctx)}
+            eval_row = {"step": state.step, **_evaluate(strategy, loss_fn, eval_data, ctx, state.step)}
             metrics.write(eval_row)
             metrics.console(eval_row)
         wanted = cfg.checkpoint.at_end or status == "preempted" or _checkpoint_due(cfg, state.step)
@@ -323,6 +328,16 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             log.warning("could not write metrics.png: %s: %s", type(err).__name__, err)
     strategy.teardown()
     return {"status": status, "step": state.step}
+
+
+def _evaluate(strategy, loss_fn, eval_data, ctx, step: int, control=None) -> dict[str, float]:
+    """`evaluate`, its failures named with rank and step (an eval batch the model refuses, a broken item)."""
+    try:
+        return evaluate(strategy, loss_fn, eval_data, ctx, control.arm_watchdog if control else None)
+    except UserError:
+        raise
+    except Exception as err:
+        raise TrainingError(f"rank {ctx.rank} failed evaluating step {step}: {type(err).__name__}: {err}") from err
 
 
 def _checkpoint_due(cfg: Config, step: int) -> bool:

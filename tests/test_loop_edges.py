@@ -215,3 +215,19 @@ def test_a_resumed_run_takes_its_optimizer_settings_from_the_config(tmp_path):
         resume = {"resume": str(tmp_path / "base")}
         run(tmp_path / f"decay-{decay}", train={"max_steps": 4}, optim={"weight_decay": decay}, checkpoint=resume)
     assert max_abs_diff(load_weights(tmp_path / "decay-0.01"), load_weights(tmp_path / "decay-0.5")) > 1e-4
+
+
+def test_a_batch_that_fails_to_load_or_evaluate_names_rank_and_step(tmp_path):
+    """A dataset whose __len__ overstates its items fails at step 5 (samples 64..79 of 64), an eval
+    split with a class the model lacks at the evaluation of step 2: both were `rank 0 failed:
+    IndexError: ...`, without the step the contract asks for."""
+    with pytest.raises(TrainingError, match=r"rank 0 failed at step 5 loading its batch: IndexError"):
+        run(tmp_path / "load", data={"name": "userpkg.edges:failing_vectors", "claimed": 80})
+    assert [r["step"] for r in read_rows(tmp_path / "load") if "loss" in r] == [1, 2, 3, 4]
+    with pytest.raises(TrainingError, match=r"rank 0 failed evaluating step 2: IndexError: Target 5 is out of bounds"):
+        run(
+            tmp_path / "eval",
+            data={"name": "userpkg.edges:failing_vectors", "eval_target": 5},
+            train={"max_steps": 2},
+            eval={"at_end": True},
+        )

@@ -50,3 +50,27 @@ def global_rng_vectors(split: str, n: int = 64, ignored=()):
     if ignored:
         y[ignored[0] : ignored[1]] = -100
     return TensorDataset(x, y)
+
+
+class Overstated(Dataset):
+    """Claims `claimed` items, holds len(data): the first batch reaching past them fails to load."""
+
+    def __init__(self, data: Dataset, claimed: int):
+        self.data, self.claimed = data, claimed
+
+    def __len__(self) -> int:
+        return self.claimed
+
+    def __getitem__(self, i: int):
+        return self.data[i]
+
+
+def failing_vectors(split: str, claimed=None, eval_target=None):
+    """`vectors` (64 train samples) whose train split overstates its length (`claimed`), or whose
+    eval targets are all `eval_target` (a class the model may not have)."""
+    data = vectors(split, n=64)
+    if split == "train":
+        return Overstated(data, claimed) if claimed else data
+    if eval_target is not None:
+        data = TensorDataset(data.tensors[0], torch.full_like(data.tensors[1], eval_target))
+    return data
