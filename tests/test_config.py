@@ -297,3 +297,12 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
     assert (tmp_path / "o12" / "checkpoints" / "latest").read_text().strip() == "step-00000004"
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000001"
     assert "hidden_dim: 8" in (tmp_path / "out" / "config.yaml").read_text()  # the refused run changed nothing
+
+
+def test_an_iterable_dataset_is_one_line_before_the_first_step():
+    """An IterableDataset with __len__ passed the map-style check, then failed reading item 0 with a
+    traceback (status 1): `NotImplementedError: Subclasses of Dataset should implement __getitem__`."""
+    from dist_train.data import build_dataset
+
+    with pytest.raises(UserError, match="split 'train' is an IterableDataset: give a map-style Dataset"):
+        build_dataset("userpkg.broken:data_iterable", "train", {})

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ..config import Config
 from ..distributed import DistContext
@@ -40,6 +40,11 @@ def _build_dataset(name: str, split: str, kwargs: dict) -> Dataset | None:
     dataset = call_factory(factory, kwargs, f"dataset {name!r}", split)
     if dataset is not None and not hasattr(dataset, "__len__"):
         raise UserError(f"dataset {name!r} split {split!r} must be a map-style Dataset with __len__")
+    if isinstance(dataset, IterableDataset):  # one with __len__ too: the samplers index items
+        raise UserError(
+            f"dataset {name!r} split {split!r} is an IterableDataset: give a map-style Dataset "
+            "(__len__ and __getitem__), the sampler picks each rank's items by index"
+        )
     if dataset is not None and len(dataset) == 0:
         return None
     if dataset is not None:

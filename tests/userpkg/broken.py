@@ -33,6 +33,19 @@ def data_triple(split: str):
     return _Items(lambda i: (torch.randn(32), torch.tensor(1), torch.tensor(0)))
 
 
+class _Stream(torch.utils.data.IterableDataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __iter__(self):
+        return iter((torch.randn(32), torch.tensor(1)) for _ in range(64))
+
+
+def data_iterable(split: str):
+    """An IterableDataset with a length: the samplers cannot index it."""
+    return _Stream()
+
+
 def data_plain_list(split: str):
     return [1, 2, 3] * 30
 
