@@ -211,6 +211,27 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     assert len(_builds(tmp_path)) == 3 and changed[0][0][0] == ord("z") + 3
 
 
+def test_two_builders_with_one_pid_each_publish_a_whole_cache(tmp_path, monkeypatch):
+    """Ranks of two nodes that do not see rank 0's cache yet build into the shared folder, and may
+    have the same pid (containers): both wrote `data.pt.tmp-<pid>`, and the one that renamed it
+    second failed with FileNotFoundError (its file was already renamed by the other)."""
+    from dist_train.data import hf
+
+    folder, built = tmp_path / "cache", ({"x": torch.arange(10)}, {"items": 10})
+    real_save, saved = torch.save, []
+
+    def save_while_the_other_builder_finishes(obj, path):
+        real_save(obj, path)
+        saved.append(path)
+        if len(saved) == 1:  # this builder is between its save and its rename: the other one runs whole
+            hf._build_atomic(folder, lambda scratch: built, 1)
+
+    monkeypatch.setattr(torch, "save", save_while_the_other_builder_finishes)
+    hf._build_atomic(folder, lambda scratch: built, 0)
+    assert torch.load(folder / "data.pt")["x"].tolist() == list(range(10))
+    assert not list(folder.glob("data.pt.tmp*")) and len(saved) == 2
+
+
 @needs_hf
 def test_local_tokenizer_folder(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers

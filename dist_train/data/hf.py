@@ -20,6 +20,7 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,8 @@ def _build_atomic(folder: Path, build, rank: int) -> None:
         tensors, meta = build(scratch)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    tmp = folder / f"data.pt.tmp-{os.getpid()}"
+    # a unique name: ranks of several nodes (pids alike in containers) may build into one shared folder
+    tmp = folder / f"data.pt.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     torch.save(tensors, tmp)
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     os.replace(tmp, folder / "data.pt")  # atomic: readers see the whole file or none
