@@ -125,6 +125,9 @@ def test_lm_blocks_pack_the_byte_stream(tmp_path):
     targets = torch.stack([dataset[i][1] for i in range(blocks)]).flatten().tolist()
     assert inputs == stream[: blocks * 4] and targets == stream[1 : blocks * 4 + 1]
     assert build_dataset("hf", "eval", {"files": files}) is None  # no eval file: no eval split
+    for none in (None, []):  # a split without files (data.files.eval=null): no eval split; was a TypeError, IndexError
+        assert build_dataset("hf", "eval", {"files": {**files, "eval": none}, "block_size": 4}) is None
+        assert len(build_dataset("hf", "train", {"files": {**files, "eval": none}, "block_size": 4})) == blocks
 
 
 @needs_hf

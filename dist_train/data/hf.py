@@ -88,6 +88,8 @@ def _paths(files: dict[str, Any]) -> dict[str, list[Path]]:
     for name, value in files.items():
         if name not in ("train", "eval"):
             raise UserError(f"data.files has split {name!r}: use `train` and `eval`")
+        if value is None or value == []:  # a split without files has no items (`eval: null`: no evaluation)
+            continue
         paths[name] = [Path(p).expanduser().resolve() for p in (value if isinstance(value, list) else [value])]
         for path in paths[name]:
             if not path.is_file():
