@@ -76,7 +76,7 @@ def _class_logits(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tu
             f"loss {name}: targets are class ids, got {str(targets.dtype).removeprefix('torch.')} targets; "
             "make the dataset's targets integer (torch.long), or use a loss for float targets (mse, bce_with_logits)"
         )
-    return outputs.reshape(-1, outputs.shape[-1]).float(), targets.reshape(-1)
+    return outputs.reshape(-1, outputs.shape[-1]).float(), targets.reshape(-1).long()  # int32, uint8: torch wants int64
 
 
 def _same_shape(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
