@@ -15,6 +15,7 @@ from helpers import PYTHON, REPO_ROOT, launch, load_weights, max_abs_diff, read_
 import dist_train.checkpoint as ckpt
 from dist_train.config import from_dict
 from dist_train.distributed import DistContext
+from dist_train.errors import UserError
 from dist_train.trainer import TrainingError, train
 
 SINGLE = DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
@@ -231,3 +232,18 @@ def test_a_batch_that_fails_to_load_or_evaluate_names_rank_and_step(tmp_path):
             train={"max_steps": 2},
             eval={"at_end": True},
         )
+
+
+def test_a_train_split_the_global_batch_does_not_fit_is_said_once_per_node(tmp_path):
+    """Every rank meets these alike: one line from the node's local rank 0 (each rank printed its own)."""
+    from dist_train.data import build_train_data
+
+    two_ranks = DistContext(0, 0, 2, 2, torch.device("cpu"), None, "single")
+    for sections, message in (
+        ({"train": {"micro_batch_size": 200}}, "is larger than the train split"),
+        ({"loader": {"drop_last": False}, "data": {"n": 250}}, "loader.drop_last=false needs"),
+        ({"data": {"name": "userpkg.edges:jittered_vectors", "n": 0}}, "has no `train` split"),
+    ):
+        with pytest.raises(UserError, match=message) as error:
+            build_train_data(from_dict(config(tmp_path, **sections)), two_ranks)
+        assert error.value.same_on_every_rank

@@ -176,19 +176,23 @@ class EvalData:
 def build_train_data(cfg: Config, ctx: DistContext) -> TrainData:
     dataset = build_dataset(cfg.data.name, "train", cfg.data.kwargs)
     if dataset is None:
-        raise UserError(f"dataset {cfg.data.name!r} has no `train` split")
+        raise on_every_rank(UserError(f"dataset {cfg.data.name!r} has no `train` split"))
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum_steps * ctx.world_size
-    if global_batch > len(dataset):
-        raise UserError(
-            f"global batch {global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum_steps "
-            f"{t.grad_accum_steps} x world size {ctx.world_size}) is larger than the train split ({len(dataset)} samples): "
-            "lower train.micro_batch_size or train.grad_accum_steps"
+    if global_batch > len(dataset):  # the same verdict on every rank: said once per node
+        raise on_every_rank(
+            UserError(
+                f"global batch {global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum_steps "
+                f"{t.grad_accum_steps} x world size {ctx.world_size}) is larger than the train split "
+                f"({len(dataset)} samples): lower train.micro_batch_size or train.grad_accum_steps"
+            )
         )
     if not cfg.loader.drop_last and len(dataset) % global_batch:
-        raise UserError(
-            f"loader.drop_last=false needs the train split ({len(dataset)}) to be a multiple of the global batch "
-            f"({global_batch}) so every step sees a full global batch; set loader.drop_last=true or change the batch"
+        raise on_every_rank(
+            UserError(
+                f"loader.drop_last=false needs the train split ({len(dataset)}) to be a multiple of the global batch "
+                f"({global_batch}) so every step sees a full global batch; set loader.drop_last=true or change the batch"
+            )
         )
     sampler = ResumableDistributedSampler(
         dataset, ctx.world_size, ctx.rank, cfg.loader.shuffle, cfg.run.seed, global_batch
