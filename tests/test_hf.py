@@ -214,6 +214,18 @@ def test_cache_is_reused_and_rebuilt_when_a_file_changes(tmp_path):
     assert len(_builds(tmp_path)) == 3 and changed[0][0][0] == ord("z") + 3
 
 
+@needs_hf
+def test_a_cache_cut_short_is_one_line_naming_its_folder(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("abcdefgh" * 10)
+    kwargs = {"files": {"train": str(path)}, "block_size": 8}
+    build_dataset("hf", "train", kwargs)
+    data_file = next((tmp_path / ".dist_train_cache").glob("*/data.pt"))
+    data_file.write_bytes(data_file.read_bytes()[:100])  # what a node crash before the fsync could leave
+    with pytest.raises(UserError, match=f"cannot be read .*delete the folder {data_file.parent}"):
+        build_dataset("hf", "train", kwargs)
+
+
 def test_two_builders_with_one_pid_each_publish_a_whole_cache(tmp_path, monkeypatch):
     """Ranks of two nodes that do not see rank 0's cache yet build into the shared folder, and may
     have the same pid (containers): both wrote `data.pt.tmp-<pid>`, and the one that renamed it

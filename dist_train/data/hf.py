@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from ..checkpoint import fsync_path
 from ..errors import UserError
 
 log = logging.getLogger("dist_train")
@@ -131,7 +132,13 @@ def _prepare(folder: Path, build) -> dict[str, torch.Tensor]:
     if not data_file.exists():
         # Rank 0 failed (and says why), or the cache folder is not shared with this node: build here.
         _build_atomic(folder, build, rank)
-    return torch.load(data_file, weights_only=True)
+    try:
+        return torch.load(data_file, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - a file cut short by a node crash, or not ours
+        raise UserError(
+            f"hf data: the preprocessed cache {data_file} cannot be read ({type(err).__name__}: {err}); "
+            f"delete the folder {folder} and start again to rebuild it"
+        ) from None
 
 
 def _build_atomic(folder: Path, build, rank: int) -> None:
@@ -146,6 +153,7 @@ def _build_atomic(folder: Path, build, rank: int) -> None:
     # a unique name: ranks of several nodes (pids alike in containers) may build into one shared folder
     tmp = folder / f"data.pt.tmp-{os.getpid()}-{uuid.uuid4().hex[:12]}"
     torch.save(tensors, tmp)
+    fsync_path(tmp)  # on disk before the rename: a node crash leaves no short data.pt
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
     os.replace(tmp, folder / "data.pt")  # atomic: readers see the whole file or none
     with open(folder.parent / "builds.log", "a") as f:  # provenance: which rank built what, when
