@@ -168,6 +168,20 @@ def test_a_label_written_as_float_in_one_split_and_int_in_the_other_is_one_label
 
 
 @needs_hf
+def test_numeric_labels_are_numbered_in_numeric_order_and_eval_only_labels_are_warned_about(tmp_path, caplog):
+    """jsonl labels "2" and "10" (strings) sorted as text gave "10" id 0; and a label found only in
+    the eval split renumbered the train labels without a word."""
+    files = {
+        "train": _write_jsonl(tmp_path / "train.jsonl", [{"text": t, "label": t} for t in ("10", "2", "1")]),
+        "eval": _write_jsonl(tmp_path / "eval.jsonl", [{"text": "x", "label": "33"}, {"text": "y", "label": "2"}]),
+    }
+    with caplog.at_level("WARNING", logger="dist_train"):
+        train = build_dataset("hf", "train", {"files": files, "task": "classification", "max_length": 4})
+    assert train.tensors[1].tolist() == [2, 1, 0]  # 1 -> 0, 2 -> 1, 10 -> 2, 33 -> 3
+    assert "label(s) 33 appear only outside the train split" in caplog.text and "num_labels >= 4" in caplog.text
+
+
+@needs_hf
 def test_tsv_gz_is_tab_separated(tmp_path):
     import gzip
 

@@ -5,7 +5,7 @@ Tokenizers: `bytes` (built in: ids 0 pad, 1 eos, 2 unk, byte b -> b + 3; vocabul
 ByT5 layout) or a local folder loaded with `AutoTokenizer.from_pretrained(local_files_only=True)`.
 Tasks: `lm` packs all texts (each followed by eos) into `block_size` windows, items
 `(ids[i:i+T], ids[i+1:i+T+1])`; `classification` truncates/right-pads each text to `max_length`,
-items `(ids, label)`, string labels numbered in sorted order.
+items `(ids, label)`, string labels numbered in sorted order (numerically when all are numbers).
 
 Preprocessing runs once: rank 0 builds `<cache_dir>/<hash of files and settings>/data.pt`
 (temp file + rename) while the other ranks wait at a barrier, then every rank loads it.
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -32,7 +33,9 @@ from ..errors import UserError
 
 log = logging.getLogger("dist_train")
 
-CACHE_VERSION = 3  # bump when the preprocessing changes, so old caches are not reused (3: csv texts as written)
+CACHE_VERSION = (
+    4  # bump when the preprocessing changes, so old caches are not reused (4: numeric labels in numeric order)
+)
 BYTE_PAD, BYTE_EOS, BYTE_OFFSET = 0, 1, 3
 FORMATS = {
     ".json": "json",
@@ -268,7 +271,28 @@ def _label_map(splits: dict, column: str) -> dict[str, int] | None:
         raise UserError(f"data.label_column {column!r} has empty labels")
     if all(isinstance(v, int) for v in values):  # bool is an int too
         return None
-    return {label: i for i, label in enumerate(sorted({_label_key(v) for v in values}))}
+    names = {_label_key(v) for v in values}
+    numeric = all(_number(name) is not None for name in names)  # "2" before "10", as a csv's ints are kept
+    label_map = {label: i for i, label in enumerate(sorted(names, key=_number if numeric else None))}
+    if "train" in splits:
+        unseen = names - {_label_key(v) for v in splits["train"][column]}
+        if unseen:
+            log.warning(
+                "hf data: label(s) %s appear only outside the train split; they still take class ids "
+                "(%d classes in all): the model needs num_labels >= %d",
+                ", ".join(sorted(unseen)),
+                len(label_map),
+                len(label_map),
+            )
+    return label_map
+
+
+def _number(name: str) -> float | None:
+    try:
+        value = float(name)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None  # "nan" is a name: a NaN key would not sort
 
 
 def _label_key(value: Any) -> str:
