@@ -35,6 +35,12 @@ def _stats_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """Dtype of the elementwise normalisation: at least float32, as torch's BatchNorm kernels compute
+    bf16/fp16 inputs (a mean rounded to bf16 before the subtraction is off by up to |mean| / 256)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
 def _channel_shape(x: Tensor) -> tuple[int, ...]:
     """Shape that broadcasts a per-channel vector against x: (1, C, 1, ...)."""
     return (1, x.size(1)) + (1,) * (x.dim() - 2)
@@ -54,21 +60,22 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         count: float,
         group: Any,
     ) -> Tensor:
-        shape = _channel_shape(x)
-        out = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
+        shape, compute = _channel_shape(x), _compute_dtype(x)
+        out = (x.to(compute) - mean.to(compute).view(shape)) * invstd.to(compute).view(shape)
         if weight is not None:
-            out = out * weight.to(x.dtype).view(shape)
+            out = out * weight.to(compute).view(shape)
         if bias is not None:
-            out = out + bias.to(x.dtype).view(shape)
+            out = out + bias.to(compute).view(shape)
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.count, ctx.group = count, group
-        return out
+        return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors
-        shape, dims = _channel_shape(x), [0, *range(2, x.dim())]
-        x_hat = (x - mean.to(x.dtype).view(shape)) * invstd.to(x.dtype).view(shape)
+        shape, dims, compute = _channel_shape(x), [0, *range(2, x.dim())], _compute_dtype(x)
+        x_hat = (x.to(compute) - mean.to(compute).view(shape)) * invstd.to(compute).view(shape)
+        grad_out = grad_out.to(compute)
         sum_dy = grad_out.sum(dims, dtype=mean.dtype)
         sum_dy_xhat = (grad_out * x_hat).sum(dims, dtype=mean.dtype)
 
@@ -83,8 +90,9 @@ class _SyncBatchNormFunction(torch.autograd.Function):
             mean_dy, mean_dy_xhat = (sums / ctx.count).chunk(2)
             scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
             grad_input = (
-                grad_out - mean_dy.to(x.dtype).view(shape) - x_hat * mean_dy_xhat.to(x.dtype).view(shape)
-            ) * scale.to(x.dtype).view(shape)
+                (grad_out - mean_dy.to(compute).view(shape) - x_hat * mean_dy_xhat.to(compute).view(shape))
+                * scale.to(compute).view(shape)
+            ).to(x.dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
 
 

@@ -126,12 +126,29 @@ def _rank_fn(rank: int, world_size: int, cases: dict[str, Case]) -> dict:
             results[name] = _train_and_eval(_build(SyncBatchNorm, case), xs, grads, x_eval, calls)
     finally:
         dist.all_reduce = original_all_reduce
+    results["bf16"] = _bf16_forward_backward(SyncBatchNorm, _rank_slice(BF16_X, (4, 4), rank), rank)
     # A one-rank group must make the layer local: it would sync over the world if process_group were ignored.
     own_group = [dist.new_group([r]) for r in range(world_size)][rank]
     local_x = _rank_slice(cases["2d"].xs[0], cases["2d"].split, rank)
     with torch.no_grad():
         results["own_group_out"] = _build(SyncBatchNorm, cases["2d"], process_group=own_group)(local_x)
     return results
+
+
+# bf16 activations far from zero (conv outputs of unnormalised images): a mean rounded to bf16 before
+# the subtraction would be off by up to |mean| / 256, about 0.1 standard deviations here.
+BF16_X = torch.randn(8, CHANNELS, 4, 4, generator=torch.Generator().manual_seed(7)) + 50
+
+
+def _bf16_forward_backward(bn_cls: type[nn.Module], x: Tensor, rank: int | None = None) -> tuple[Tensor, Tensor]:
+    """Output and input gradient of a training forward under bf16 autocast (rank None: the whole batch)."""
+    grad = torch.randn(BF16_X.shape, generator=torch.Generator().manual_seed(8))
+    grad = grad if rank is None else _rank_slice(grad, (4, 4), rank)
+    x = x.bfloat16().requires_grad_(True)  # a bf16 conv's output
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = bn_cls(CHANNELS)(x)
+    (out.float() * grad).sum().backward()
+    return out.detach(), x.grad
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +214,19 @@ def test_one_all_reduce_per_forward_and_one_per_backward(rank_results: list[dict
             steps = len(case.xs)
             assert result[name]["forward_all_reduces"] == [1] * steps, name
             assert result[name]["backward_all_reduces"] == [1] * steps, name
+
+
+def test_bf16_autocast_normalises_in_float32_like_torch(rank_results: list[dict]) -> None:
+    """Under bf16 autocast (DDP's bf16) the two ranks give torch's single-process BatchNorm, which
+    normalises bf16 inputs in float32, to bf16 rounding of the result."""
+    out, grad_input = _bf16_forward_backward(nn.BatchNorm2d, BF16_X)
+    for rank, result in enumerate(rank_results):
+        rank_out, rank_grad = result["bf16"]
+        assert rank_out.dtype == rank_grad.dtype == torch.bfloat16
+        out_diff = _max_diff(rank_out.float(), _rank_slice(out, (4, 4), rank).float())
+        grad_diff = _max_diff(rank_grad.float(), _rank_slice(grad_input, (4, 4), rank).float())
+        print(f"bf16 rank {rank}: out={out_diff:.2e}, grad_input={grad_diff:.2e}")
+        assert out_diff <= 0.02 and grad_diff <= 0.02  # one bf16 step of |out| < 4 (0.125 and 0.03 before)
 
 
 def test_process_group_is_respected(rank_results: list[dict]) -> None:
