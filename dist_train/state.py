@@ -159,6 +159,10 @@ def restore(
         window_loss_sum = rank_state["window_loss_sum"]
     elif ctx.is_rank_zero:
         log.warning("world size changed (%d -> %d): RNG streams start fresh", manifest["world_size"], ctx.world_size)
+        # the open window's loss, summed over the ranks that wrote it: the next logged loss is all-reduced,
+        # so rank 0 carries the whole sum and the window's mean comes out as in the uninterrupted run
+        for rank in range(manifest["world_size"]):
+            window_loss_sum = window_loss_sum + ckpt.load_payload(folder / ckpt.rng_file(rank))["window_loss_sum"]
     try:
         state = TrainState(**manifest["trainer"])
         state.started_from = origin or state.started_from
@@ -181,7 +185,5 @@ def restore(
         )
     if ctx.is_distributed:
         dist.barrier(group=control.group)
-    if manifest["world_size"] != ctx.world_size:
-        state.window_count = 0.0  # the open window's per-rank sums cannot be redistributed
     log.info("resumed from %s (step %d)", folder.name, state.step)
     return state, folder.name, window_loss_sum.to(ctx.device)

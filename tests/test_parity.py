@@ -148,3 +148,20 @@ def test_resnet_with_sync_batchnorm_two_ranks_match_one_rank(tmp_path):
     # without sync the per-rank batch statistics differ: the same comparison must fail
     unsynced = run_ok(resnet_config(tmp_path / "nosync", micro_batch_size=8, sync_batchnorm=False), tmp_path, nproc=2)
     assert max_abs_diff(weights_ref, load_weights(unsynced)) > 1e-3
+
+
+def test_resume_at_another_world_size_logs_the_open_windows_loss(tmp_path):
+    """A checkpoint inside a logging window (log every 2, checkpoint at 3): resumed on 1 rank, the row
+    of step 4 still averages steps 3 and 4, as the uninterrupted 2-rank run's does."""
+    shape = {"max_steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2}
+    sections = dict(checkpoint={"every_steps": 3}, log={"every_steps": 2, "plot": False})
+    two = run_ok(tiny_lm_config(tmp_path / "two", train=shape, **sections), tmp_path, nproc=2)
+    step_3 = f"checkpoint.resume={two}/checkpoints/step-00000003"
+    one = tiny_lm_config(tmp_path / "one", train={**shape, "micro_batch_size": 8}, **sections)
+    proc = launch(one, tmp_path, [step_3], launcher="single")  # the same global batch on one rank
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected = {r["step"]: r["loss"] for r in read_rows(two) if "loss" in r}
+    resumed = {r["step"]: r["loss"] for r in read_rows(one["run"]["output_dir"]) if "loss" in r}
+    assert sorted(resumed) == [4, 6]
+    for step, loss in resumed.items():
+        assert loss == pytest.approx(expected[step], rel=1e-5), step
