@@ -324,6 +324,23 @@ def test_verify_fails_with_dropout_and_explains_why(tmp_path):
     assert read_rows(tmp_path / "work" / "resumed")[0] == {"resumed_from": "step-00000002", "step": 2}
 
 
+def test_verify_names_qat_observers_as_the_cause_of_a_parity_failure(tmp_path):
+    """QAT's observers see each forward's micro-batch (2 ranks x 6 vs 1 x 12: weights 4e-2 apart)."""
+    from dist_train.tools.verify import explain, model_traits
+
+    config = {
+        "run": {"output_dir": str(tmp_path / "unused")},
+        "model": {"name": "mlp", "input_dim": 8, "hidden_dim": 16, "depth": 2, "num_classes": 3},
+        "data": {"name": "synthetic_vectors", "input_dim": 8, "num_classes": 3, "num_samples": 64},
+        "train": {"max_steps": 4, "micro_batch_size": 4},
+        "compress": {"qat": True},
+    }
+    cfg = from_dict(config)
+    for check in ("ranks", "accum"):
+        cause = explain(check, model_traits(cfg), cfg, excess=1000.0)
+        assert "compress.qat" in cause and "compress.qat=false" in cause, cause
+
+
 def test_verify_rejects_bad_arguments(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run"))
     for argv, message in (

@@ -190,7 +190,7 @@ def max_abs_diff(a_dir: Path, b_dir: Path, floating_only: bool) -> float:
 
 
 def model_traits(cfg: Config) -> dict:
-    """What in the model typically breaks a guarantee: dropout, BatchNorm."""
+    """What in the model typically breaks a guarantee: dropout, BatchNorm, QAT's observers."""
     from .memory import build_for_inspection
 
     model, _ = build_for_inspection(cfg)
@@ -200,7 +200,12 @@ def model_traits(cfg: Config) -> dict:
         default=0.0,
     )
     batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    return {"dropout": dropout, "batchnorm": batchnorm, "sync_batchnorm": cfg.train.sync_batchnorm}
+    return {
+        "dropout": dropout,
+        "batchnorm": batchnorm,
+        "sync_batchnorm": cfg.train.sync_batchnorm,
+        "qat": cfg.compress.qat,
+    }
 
 
 def explain(check: str, traits: dict, cfg: Config, excess: float) -> str:
@@ -219,6 +224,12 @@ def explain(check: str, traits: dict, cfg: Config, excess: float) -> str:
         )
     if check == "accum" and traits["batchnorm"]:
         causes.append("BatchNorm normalises over each micro-batch, so accumulation cannot equal a bigger micro-batch")
+    if check in ("ranks", "accum") and traits.get("qat"):
+        causes.append(
+            "compress.qat: the activation observers set the fake-quant ranges from each forward's micro-batch "
+            "(on N ranks rank 0's, which DDP broadcasts), so these runs quantize differently; verify the rest "
+            "with compress.qat=false"
+        )
     if check == "resume":
         causes.append(
             "a non-deterministic op (CUDA atomics, some scatter/index kernels: try "
