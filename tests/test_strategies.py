@@ -311,3 +311,17 @@ def test_a_checkpoint_the_run_cannot_take_is_one_line(tmp_path, first, then, mes
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines[-1].startswith("dist_train: error: checkpoint") and message in lines[-1], lines[-1]
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_deepspeed_fp16_without_device_support_is_one_line(tmp_path):
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this device runs DeepSpeed's fp16")
+    overrides = [*VARIANTS["zero1"], "train.precision=fp16", "train.max_steps=1"]
+    proc = launch(parity_config(tmp_path / "fp16"), tmp_path, overrides, launcher="single")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert lines[-1].startswith("dist_train: error: train.precision=fp16 with strategy.name=deepspeed") and (
+        "Traceback" not in proc.stderr
+    ), proc.stderr[-2000:]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ..config import Config
-from ..errors import UserError
+from ..errors import UserError, on_every_rank
 from ..imports import require
 from ..optim import build_optimizer
 from .base import Strategy, ensure_process_group
@@ -126,6 +126,17 @@ class DeepSpeedStrategy(Strategy):
         ):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads them even for one process
         deepspeed = require("deepspeed", "deepspeed", "strategy.name=deepspeed")
+        if self.cfg.train.precision == "fp16":
+            from deepspeed.accelerator import get_accelerator
+
+            if not get_accelerator().is_fp16_supported():  # DeepSpeed's own check raises a ValueError
+                raise on_every_rank(
+                    UserError(
+                        f"train.precision=fp16 with strategy.name=deepspeed needs a device with DeepSpeed fp16 "
+                        f"support (CUDA); {get_accelerator().device_name()} has none: use train.precision=bf16, "
+                        "or strategy.name=ddp/fsdp (torch's GradScaler)"
+                    )
+                )
         config = deepspeed_config(self.cfg, self.ctx.world_size)
         optimizer = build_optimizer(self.cfg, model, fused=False)  # ZeRO steps it on flat partitions
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
