@@ -164,8 +164,8 @@ class DeepSpeedStrategy(Strategy):
         self.engine.backward(loss, scale_wrt_gas=False)  # the loop normalised the loss already
 
     def clip_and_step(self, max_norm: float | None, clip_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-        # DeepSpeed clips (config `gradient_clipping`), steps and zeroes in one call; ZeRO-1/2 skip a
-        # step whose gradient norm is not finite (ZeRO-3 only under fp16), counted in skipped_steps.
+        # DeepSpeed clips (config `gradient_clipping`), steps and zeroes in one call; ZeRO-1/2/3 skip a
+        # step whose gradient norm is not finite (checked by tests/test_strategies.py), counted in skipped_steps.
         own_skip, stage_0 = False, self.cfg.strategy.zero_stage == 0 and self.cfg.train.precision != "fp16"
         if stage_0:
             # Stage 0 steps our torch optimizer as it is: DeepSpeed records no gradient norm and skips
