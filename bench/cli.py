@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dist_train.host_memory import MMAP_THRESHOLD, TRIM_THRESHOLD
+
 from .harness import SIDES, Cell, pooled_step_ratios, run_pair, run_side, summarise_cell
 from .report import machine_info, table
 from .workloads import WORKLOADS, quick, smoke
@@ -97,6 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="abba",
         help="within each pair: dist_train first (ab), or alternate which side runs first (abba: cancels order effects)",
     )
+    parser.add_argument(
+        "--same-heap",
+        action="store_true",
+        help="give the hand-written loops dist_train's glibc heap thresholds too (MALLOC_*_ variables on both "
+        "sides; dist_train then leaves them): the ratios measure the loop alone, without that tuning's gain",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds per run")
     parser.add_argument("--keep", type=Path, default=None, help="keep every run's folder (logs, metrics) here")
     args = parser.parse_args(argv)
@@ -115,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}", flush=True)
     started = time.time()
     load_before = os.getloadavg()
+    if args.same_heap:  # read by glibc at each run's start; run_env passes this environment on
+        os.environ.update(MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD), MALLOC_TRIM_THRESHOLD_=str(TRIM_THRESHOLD))
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dist_train_bench_"))
     pairs: dict[int, list] = {i: [] for i in range(len(cells))}
     try:

@@ -4,6 +4,7 @@ Also `train.compile: true` on CPU (in-place compile: bare state_dict keys)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -79,6 +80,34 @@ def test_bench_order_alternates_across_pairs_and_cells(monkeypatch, tmp_path):
     firsts = order[::2]
     assert len(firsts) >= 4 and firsts.count("hand") == firsts.count("dist_train")
     assert firsts[0] != firsts[1]  # the second cell starts with the other side
+
+
+def test_same_heap_gives_both_sides_the_heap_thresholds(monkeypatch, tmp_path):
+    """--same-heap: both sides start with dist_train's glibc thresholds in their environment (and
+    dist_train's retain_freed_heap steps aside for them), so the ratio is the loop's alone."""
+    from bench import cli, harness
+    from dist_train.host_memory import MMAP_THRESHOLD, TRIM_THRESHOLD
+
+    for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    envs = {}
+
+    def fake_side(cell, side, run_dir, threads, timeout):
+        env = harness.run_env(threads, run_dir / "times")
+        envs[side] = (env.get("MALLOC_MMAP_THRESHOLD_"), env.get("MALLOC_TRIM_THRESHOLD_"))
+        return {"side": side, "ok": True, "step_time_s": 1.0}
+
+    monkeypatch.setattr(harness, "run_side", fake_side)
+    monkeypatch.setattr(cli, "summarise_cell", lambda pairs: {"ok": False})
+    argv = ["--smoke", "--no-warmup", "--strategies", "ddp", "--world-sizes", "1", "--workloads", "resnet"]
+    cli.main([*argv, "--json", str(tmp_path / "a.json")])
+    assert envs == {"dist_train": (None, None), "hand": (None, None)}
+    try:
+        cli.main([*argv, "--same-heap", "--json", str(tmp_path / "b.json")])
+    finally:  # cli.main set them in this process
+        for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+            os.environ.pop(name, None)
+    assert envs["dist_train"] == envs["hand"] == (str(MMAP_THRESHOLD), str(TRIM_THRESHOLD))
 
 
 def test_gpu_bench_needs_a_timed_step():
