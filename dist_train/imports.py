@@ -17,6 +17,8 @@ def import_object(spec: str, what: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as err:
         raise UserError(f"{what} {spec!r}: cannot import `{module_name}` ({err}); is it on PYTHONPATH?") from None
+    except Exception as err:  # the module's own code failed as it was imported (a SyntaxError, a raise)
+        raise UserError(f"{what} {spec!r}: importing `{module_name}` raised {raised(err)}") from None
     try:
         return getattr(module, attr)
     except AttributeError:
@@ -50,7 +52,6 @@ def call_factory(factory: Any, kwargs: dict, what: str, *args: Any) -> Any:
     """Call a factory with config kwargs; unknown or missing kwargs, and an exception the factory
     raises, become one-line errors (the line names where it was raised)."""
     import inspect
-    import traceback
 
     if not callable(factory):
         raise UserError(f"{what} is a {type(factory).__name__}, not a factory function or class")
@@ -69,6 +70,18 @@ def call_factory(factory: Any, kwargs: dict, what: str, *args: Any) -> Any:
     except UserError:
         raise
     except Exception as err:
-        frame = traceback.extract_tb(err.__traceback__)[-1]
-        where = f"{frame.filename}:{frame.lineno}"
-        raise UserError(f"{what}: the factory raised {type(err).__name__}: {err} (at {where})") from None
+        raise UserError(f"{what}: the factory raised {raised(err)}") from None
+
+
+def raised(err: Exception) -> str:
+    """`Type: message (at file:line)` for an exception user code raised: where it came from, in one line."""
+    import traceback
+
+    if isinstance(err, SyntaxError) and err.filename:
+        where = f"{err.filename}:{err.lineno}"
+        message = err.msg
+    else:
+        frames = traceback.extract_tb(err.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else "?"
+        message = str(err).splitlines()[0] if str(err) else ""
+    return f"{type(err).__name__}: {message} (at {where})"

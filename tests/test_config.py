@@ -121,6 +121,28 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path: Path):
     assert not marker.exists(), "the YAML payload was executed"
 
 
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("def model(**kwargs)\n    return None\n", r"raised SyntaxError: .* \(at .*/{name}\.py:1\)"),
+        ("WEIGHTS = open('/nonexistent/w.bin').read()\n", r"raised FileNotFoundError: .* \(at .*/{name}\.py:1\)"),
+    ],
+    ids=["syntax-error", "raises"],
+)
+def test_a_factory_module_that_fails_as_it_is_imported_is_one_line(tmp_path, monkeypatch, source, expected):
+    """Not only an ImportError: any exception the module's own code raises on import is the user's code."""
+    from dist_train.data import build_dataset
+    from dist_train.models import build_model
+
+    name = f"user_module_{abs(hash(source))}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for build in (lambda: build_model(f"{name}:model", {}), lambda: build_dataset(f"{name}:data", "train", {})):
+        with pytest.raises(UserError, match=f"importing `{name}` " + expected.format(name=name)) as err:
+            build()
+        assert err.value.same_on_every_rank and "\n" not in str(err.value)
+
+
 @pytest.mark.slow
 def test_cli_errors_that_need_the_data_exit_2(tmp_path):
     base = {**BASE, "run": {"output_dir": str(tmp_path / "out")}}
