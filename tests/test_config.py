@@ -143,6 +143,18 @@ def test_a_factory_module_that_fails_as_it_is_imported_is_one_line(tmp_path, mon
         assert err.value.same_on_every_rank and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize(
+    ("factory", "expected"),
+    [("data_splits", "raised KeyError: 0 (at "), ("data_no_length", "raised NotImplementedError: length unknown")],
+)
+def test_a_dataset_whose_length_or_first_item_cannot_be_read_is_one_line(factory, expected):
+    from dist_train.data import build_dataset
+
+    with pytest.raises(UserError, match="must be a map-style Dataset: reading its length and item 0") as err:
+        build_dataset(f"userpkg.broken:{factory}", "train", {})
+    assert expected in str(err.value) and err.value.same_on_every_rank
+
+
 @pytest.mark.slow
 def test_cli_errors_that_need_the_data_exit_2(tmp_path):
     base = {**BASE, "run": {"output_dir": str(tmp_path / "out")}}

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from ..config import Config
 from ..distributed import DistContext
 from ..errors import UserError, on_every_rank
-from ..imports import call_factory, resolve
+from ..imports import call_factory, raised, resolve
 from ..rng import seed_everything
 from .sampler import PaddedEvalSampler, ResumableDistributedSampler
 
@@ -45,10 +45,17 @@ def _build_dataset(name: str, split: str, kwargs: dict) -> Dataset | None:
             f"dataset {name!r} split {split!r} is an IterableDataset: give a map-style Dataset "
             "(__len__ and __getitem__), the sampler picks each rank's items by index"
         )
-    if dataset is not None and len(dataset) == 0:
-        return None
+    what = f"dataset {name!r} split {split!r}"
+    try:
+        if dataset is not None and len(dataset) == 0:
+            return None
+        item = dataset[0] if dataset is not None else None
+    except Exception as err:  # a mapping of splits ({"train": ...}: KeyError 0), a broken __len__/__getitem__
+        raise UserError(
+            f"{what} must be a map-style Dataset: reading its length and item 0 raised {raised(err)}"
+        ) from None
     if dataset is not None:
-        _check_item(dataset[0], f"dataset {name!r} split {split!r}")
+        _check_item(item, what)
     return dataset
 
 

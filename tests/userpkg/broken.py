@@ -73,3 +73,20 @@ def data_bad_on_rank_1(split: str):
     if os.environ.get("RANK") == "1":
         targets[:] = 7
     return TensorDataset(torch.randn(64, 32, generator=generator), targets)
+
+
+def data_splits(split: str):
+    """Every split in one dict (as `datasets.load_dataset` returns them): len() works, [0] is a KeyError."""
+    return {"train": data_classes("train"), "eval": data_classes("eval")}
+
+
+class _NoLength(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        raise NotImplementedError("length unknown until the shards are listed")
+
+    def __getitem__(self, index: int):
+        return torch.randn(32), torch.tensor(0)
+
+
+def data_no_length(split: str):
+    return _NoLength()
