@@ -53,6 +53,8 @@ def test_int_key_accepts_int_for_float():
         ({"strategy": {"zero_stage": 4}}, "`strategy.zero_stage` must be 0, 1, 2 or 3"),
         ({"train": {"lr": "fast"}}, "`train.lr` must be a finite number"),
         ({"run": {"output_dir": None}}, "`run.output_dir` is required"),
+        ({"run": {"output_dir": "/tmp/x", "seed": 2**60}}, "`run.seed` must be an integer between -2**32 and 2**32"),
+        ({"run": {"output_dir": "/tmp/x", "seed": -(2**62)}}, "`run.seed` must be an integer between -2**32 and 2**32"),
         (
             {"train": {"loss": "mse"}, "eval": {"early_stopping_patience": 2, "metric": "eval_accuracy"}},
             "eval.metric='eval_accuracy' is not a metric of train.loss=mse (it has eval_loss)",

@@ -9,7 +9,7 @@ import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 from ..errors import UserError
-from .schema import CUDA_GRAPH_MODES, REQUIRED_KEYS, Config
+from .schema import CUDA_GRAPH_MODES, MAX_SEED, REQUIRED_KEYS, Config
 
 
 def nearest(name: str, options: list[str], prefix: str = "") -> str:
@@ -100,6 +100,8 @@ def validate(cfg: Config) -> None:
         section, key = path.split(".")
         if not getattr(getattr(cfg, section), key):
             raise UserError(f"`{path}` is required: set it in the config file or as `{path}=...`")
+    if not -MAX_SEED < cfg.run.seed < MAX_SEED:
+        raise UserError(f"`run.seed` must be an integer between -2**32 and 2**32 (exclusive), got {cfg.run.seed}")
     t = cfg.train
     _positive(t.max_steps, "train.max_steps")
     _positive(t.epochs, "train.epochs", allow_none=True)

@@ -23,13 +23,14 @@ def _f(default: Any, doc: str, **kwargs: Any) -> Any:
 
 REQUIRED = None  # marker default for the three keys the contract makes mandatory
 REQUIRED_KEYS = ("run.output_dir", "model.name", "data.name")
+MAX_SEED = 2**32  # |run.seed| below it: the per-rank and per-epoch seeds derived from it stay in torch's range
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # train.compile_mode values that replay CUDA graphs
 
 
 @dataclass
 class RunConfig:
     output_dir: str = _f(REQUIRED, "everything the run writes goes here (required)")
-    seed: int = _f(0, "one seed drives every RNG on every rank")
+    seed: int = _f(0, "one seed drives every RNG on every rank (-2**32 < seed < 2**32)")
 
 
 @dataclass
