@@ -86,6 +86,28 @@ def test_malformed_yaml_reports_line_and_column(tmp_path):
         load_config(path)
 
 
+def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
+    """YAML keys are unique: PyYAML kept the last, so a second `train:` section dropped the first one's keys."""
+    path = tmp_path / "twice.yaml"
+    path.write_text(
+        "run: {output_dir: /tmp/x}\nmodel: {name: mlp}\ndata: {name: synthetic_vectors}\n"
+        "train:\n  max_steps: 5\n  lr: 1e-3\ntrain:\n  micro_batch_size: 4\n"
+    )
+    with pytest.raises(UserError, match=r"malformed YAML at line 7, column 1: found duplicate key 'train'"):
+        load_config(path)
+    path.write_text(
+        "run: {output_dir: /tmp/x, seed: 1, seed: 2}\nmodel: {name: mlp}\ndata: {name: synthetic_vectors}\n"
+    )
+    with pytest.raises(UserError, match="found duplicate key 'seed'"):
+        load_config(path)
+    with pytest.raises(UserError, match="found duplicate key 'a'"):
+        load_config(write_config(tmp_path / "c.yaml", BASE), ["model.extra={a: 1, a: 2}"])
+    path.write_text(  # a merge key's entries stay overridable by the keys written beside it
+        "run: {<<: {output_dir: /tmp/x, seed: 1}, seed: 2}\nmodel: {name: mlp}\ndata: {name: synthetic_vectors}\n"
+    )
+    assert load_config(path).run.seed == 2
+
+
 def test_reference_lists_every_key():
     table = config_reference()
     for key in ("run.output_dir", "train.grad_accum_steps", "strategy.zero_stage", "checkpoint.resume", "eval.at_end"):

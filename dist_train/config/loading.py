@@ -24,7 +24,26 @@ class ConfigLoader(yaml.SafeLoader):
     PyYAML follows YAML 1.1, where a float needs a dot: `3e-4` and `1e-1` load as strings, in
     typed keys, lists (`optim.betas`) and the model/data factory arguments alike. Dates
     (`2024-01-01`) stay text: no config key is a date, and an output folder may be named like one.
+    A key given twice in one mapping is an error (YAML requires unique keys; PyYAML would keep the
+    last silently, so a second `train:` section would drop the first one's keys).
     """
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *defaults`: keys written beside it override the merged ones
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:
+                continue  # unhashable: PyYAML's own check says so
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                )
+        return super().construct_mapping(node, deep=deep)
 
 
 ConfigLoader.yaml_implicit_resolvers = {
