@@ -108,6 +108,19 @@ def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
     assert load_config(path).run.seed == 2
 
 
+def test_the_written_config_loads_back_as_the_same_config(tmp_path):
+    """config.yaml reproduces the run: text that this loader reads as a number (YAML 1.2: `1e-4`) but
+    YAML 1.1 does not is quoted when written (it came back as run.output_dir '0.0001')."""
+    from dist_train.config import dump_yaml
+
+    overrides = ["run.output_dir=1e-4", "checkpoint.resume=5e3", "train.lr=1e-4", "model.act=1.5e3", "run.seed=7"]
+    cfg = load_config(write_config(tmp_path / "c.yaml", BASE), overrides)
+    assert (cfg.run.output_dir, cfg.checkpoint.resume, cfg.model.kwargs["act"]) == ("1e-4", "5e3", 1500.0)
+    written = tmp_path / "config.yaml"
+    written.write_text(dump_yaml(cfg))
+    assert load_config(written) == cfg
+
+
 def test_reference_lists_every_key():
     table = config_reference()
     for key in ("run.output_dir", "train.grad_accum_steps", "strategy.zero_stage", "checkpoint.resume", "eval.at_end"):

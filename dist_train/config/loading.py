@@ -50,17 +50,22 @@ ConfigLoader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag not in (FLOAT_TAG, TIMESTAMP_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-ConfigLoader.add_implicit_resolver(
-    FLOAT_TAG,
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?
+YAML12_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?
         |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
         |[-+]?\.(?:inf|Inf|INF)
         |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
+    re.X,
 )
+ConfigLoader.add_implicit_resolver(FLOAT_TAG, YAML12_FLOAT, list("-+0123456789."))
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that also quotes text ConfigLoader would read as a number (`1e-4`), so a
+    written config.yaml loads back as the same config (YAML 1.1 writes such text plain)."""
+
+
+ConfigDumper.add_implicit_resolver(FLOAT_TAG, YAML12_FLOAT, list("-+0123456789."))
 
 
 def load_yaml(text: str):
@@ -185,4 +190,4 @@ def to_dict(cfg: Config) -> dict:
 
 
 def dump_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=ConfigDumper, sort_keys=False)
