@@ -169,6 +169,11 @@ def read_latest(root: Path) -> str | None:
         return (root / "latest").read_bytes().decode("utf-8", errors="replace").strip() or None
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except IsADirectoryError:  # made by hand (`ln -s step-N latest`); a save could not replace it either
+        raise UserError(
+            f"{root / 'latest'} is a folder or a link to one, not the text file dist_train keeps there: "
+            "remove it (a resume finds the newest intact checkpoint without it)"
+        ) from None
 
 
 MANIFEST_FIELDS = {"step": int, "world_size": int, "strategy": str, "trainer": dict, "files": dict}
@@ -210,6 +215,8 @@ def verify(folder: Path) -> dict:
         raise ValueError(f"{folder} has no {MANIFEST} (incomplete or not a checkpoint)") from None
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ValueError(f"{folder}/{MANIFEST} is not valid JSON") from None
+    except OSError as err:  # a folder by that name, an I/O error
+        raise ValueError(f"{folder}/{MANIFEST} cannot be read ({err.strerror})") from None
     _check_manifest(folder, manifest)
     for name, entry in manifest["files"].items():
         path = folder / name

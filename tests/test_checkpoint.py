@@ -177,6 +177,7 @@ def _truncate_unlisted(folder: Path) -> None:
         lambda folder: _edit_manifest(folder, lambda m: m["files"].update({"model.pt": {}})),
         lambda folder: _edit_manifest(folder, lambda m: m["files"].update({"../../x": m["files"]["model.pt"]})),
         _truncate_unlisted,
+        lambda folder: ((folder / "manifest.json").unlink(), (folder / "manifest.json").mkdir()),
     ],
     ids=[
         "truncated",
@@ -189,6 +190,7 @@ def _truncate_unlisted(folder: Path) -> None:
         "entry-without-checksum",
         "name-outside",
         "file-not-listed",
+        "manifest-a-folder",
     ],
 )
 def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, reference, damage):
@@ -213,6 +215,16 @@ def test_latest_naming_no_checkpoint_falls_back(tmp_path, reference, content):
     assert ckpt.find_resume_checkpoint("auto", run_dir).folder.name == "step-00000006"
     with pytest.raises(UserError, match="which is not a checkpoint folder"):
         ckpt.find_resume_checkpoint(str(run_dir), run_dir)
+
+
+def test_latest_made_a_folder_or_a_link_to_one_is_one_line(tmp_path, reference):
+    """`ln -s step-N latest` by hand: reading it raised IsADirectoryError (a traceback, status 1)."""
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    (root / "latest").unlink()
+    (root / "latest").symlink_to("step-00000006")
+    for resume in ("auto", str(run_dir)):
+        with pytest.raises(UserError, match="checkpoints/latest is a folder or a link to one"):
+            ckpt.find_resume_checkpoint(resume, run_dir)
 
 
 def test_trainer_state_of_another_version_is_a_clear_error(tmp_path, reference):
