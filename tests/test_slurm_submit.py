@@ -381,3 +381,17 @@ def test_torchrun_wrapper_survives_usr1_and_exits_75(tmp_path):
     assert sorted(stopped)[0][1] == sorted(stopped)[1][1] and len(stopped) == 2, output
     step = int(stopped[0][1])
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
+
+
+def test_dist_train_torchrun_with_a_bad_command_line_is_one_line():
+    """torchrun's own argument errors: its argparse usage block, or a traceback with status 1
+    (`--nproc_per_node=x`, `--max-restarts=-1`); no rank starts."""
+    for args, expected in (
+        ([], "the following arguments are required: training_script"),
+        (["--nproc_per_node=x", "-m", "dist_train"], "Unsupported nproc_per_node value: x"),
+        (["--max-restarts=-1", "-m", "dist_train"], "max_restarts must be >= 0"),
+    ):
+        proc = run_cli([PYTHON, "-m", "dist_train", "torchrun", *args], timeout=120)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].startswith("dist_train: error:") and expected in lines[0], lines[0]

@@ -96,13 +96,20 @@ def torchrun_main(argv: list[str]) -> int:
     _forward_stop_signals_to_ranks()  # first: a stop signal during the imports below is kept too
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import get_args_parser, run
 
     from ..control import EXIT_PREEMPTED
 
-    sys.argv[0] = "dist-train torchrun"  # torchrun's own --help and usage lines name the command typed
+    sys.argv[0] = "dist-train torchrun"  # torchrun's own --help names the command typed
+    parser = get_args_parser()
+    parser.error = ArgParser.error.__get__(parser)  # a bad command line: one line and status 2, no usage
+    args = parser.parse_args(argv)
     try:
-        run(parse_args(argv))
+        run(args)
+    except (ValueError, RuntimeError, AssertionError) as err:
+        if not _raised_by_torchrun_arguments(err):
+            raise
+        raise UserError(f"dist-train torchrun: {err} (see `dist-train torchrun --help`)") from None
     except SignalException as err:  # SIGINT/SIGHUP/SIGQUIT: the agent ended the ranks itself
         print(f"dist_train: torchrun stopped by {err.sigval.name}", file=sys.stderr)
         return 128 + int(err.sigval)
@@ -121,3 +128,12 @@ def torchrun_main(argv: list[str]) -> int:
         print(err.format_msg(), file=sys.stderr)
         return 1
     return 0
+
+
+def _raised_by_torchrun_arguments(err: Exception) -> bool:
+    """Whether torchrun's own argument checks raised `err` (`--nproc_per_node=x`, `--max-restarts=-1`),
+    before any rank started: those are raised in torch/distributed/run.py itself."""
+    import traceback
+
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and Path(frames[-1].filename).match("torch/distributed/run.py")
