@@ -146,29 +146,30 @@ def train(cfg: Config, ctx: DistContext) -> dict:
     refused = control.broadcast_object(refused)  # every rank stops, not only the one that saw it
     if refused:
         raise on_every_rank(UserError(refused))
-    seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
-    model = build_model(cfg.model.name, cfg.model.kwargs)
-    init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
-    compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
-    model = apply_transforms(model, cfg, ctx)
-    strategy = build_strategy(cfg, ctx)
-    strategy.setup(model)
-    seed_everything(cfg.run.seed + 104_729)  # dataset factories: the same draws on every rank, at any world size
-    data = build_train_data(cfg, ctx)
-    eval_data = build_eval_data(cfg, ctx)
-    seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
-    loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
-    if cfg.train.compile:
-        loss_fn = loss_fn.compiled(cfg.train.compile_mode)
-    train_loss = loss_fn  # no IGNORE_INDEX in a TensorDataset's targets: static normaliser, no all-reduce per step
-    if loss_fn.ignores_targets and no_ignored_targets(data.dataset):
-        train_loss = replace(loss_fn, ignores_targets=False)
-    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
-        raise on_every_rank(
-            UserError(
+    try:  # a mistake found while building is the config's, met by every rank alike: said once per node
+        seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
+        model = build_model(cfg.model.name, cfg.model.kwargs)
+        init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
+        compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
+        model = apply_transforms(model, cfg, ctx)
+        strategy = build_strategy(cfg, ctx)
+        strategy.setup(model)
+        seed_everything(cfg.run.seed + 104_729)  # dataset factories: the same draws on every rank, at any world size
+        data = build_train_data(cfg, ctx)
+        eval_data = build_eval_data(cfg, ctx)
+        seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
+        loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
+        if cfg.train.compile:
+            loss_fn = loss_fn.compiled(cfg.train.compile_mode)
+        train_loss = loss_fn  # no IGNORE_INDEX in a TensorDataset's targets: static normaliser, no all-reduce per step
+        if loss_fn.ignores_targets and no_ignored_targets(data.dataset):
+            train_loss = replace(loss_fn, ignores_targets=False)
+        if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
+            raise UserError(
                 f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
             )
-        )
+    except UserError as err:
+        raise on_every_rank(err) from None
     sample = data.dataset[0][0]
     tokens_per_sample = sample.numel() if not sample.is_floating_point() else 1  # token inputs: report tokens/s
     total_steps = cfg.train.max_steps

@@ -191,6 +191,13 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("dist_train: error: model 'transformer_lm'") and "widht" in lines[0]
+    # found while the loop is built, past the model and data: the loss, the strategy (each rank said it)
+    good = write_config(tmp_path / "good.yaml", tiny_lm_config(tmp_path / "out2"))
+    spawn = [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2", "--config", str(good)]
+    proc = run_cli([*spawn, "train.loss=nope"], timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("dist_train: error: unknown train.loss 'nope'"), lines
     path = write_config(tmp_path / "c.yaml", config)
     # found before any process group: the rank that says it is often not the first to exit
     for args, expected in ((["train.lr=abc"], "`train.lr` must be a finite number"), (["--bogus"], "--bogus")):
