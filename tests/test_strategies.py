@@ -1,6 +1,7 @@
 """DeepSpeed ZeRO-1/2/3 and FSDP2 against DDP: parity, checkpoints and resume, export, memory."""
 
 import os
+import re
 
 import pytest
 import torch
@@ -172,7 +173,7 @@ def test_deepspeed_missing_is_a_one_line_error(tmp_path):
     )
 
 
-def test_deepspeed_passthrough_conflicts_are_errors():
+def test_deepspeed_passthrough_conflicts_are_errors(tmp_path):
     from dist_train.errors import UserError
     from dist_train.strategies.deepspeed import deepspeed_config
 
@@ -187,15 +188,19 @@ def test_deepspeed_passthrough_conflicts_are_errors():
         )
     )
     derived = deepspeed_config(cfg, world_size=4)
+    listed = tmp_path / "ds.json"  # a JSON file, but a list (an AttributeError), or a folder (IsADirectoryError)
+    listed.write_text("[1]")
     assert derived["train_batch_size"] == 4 * 2 * 4 and derived["gradient_accumulation_steps"] == 2
     assert derived["zero_optimization"] == {"stage": 2, "overlap_comm": False} and derived["gradient_clipping"] == 0.5
     for bad, message in (
         ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps=8 but our config gives 2"),
         ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 but our config gives 2"),
         ({"optimizer": {"type": "Adam"}}, "must not set `optimizer`"),
+        (str(listed), f"{listed} must hold a JSON object of DeepSpeed settings, got a list"),
+        (str(listed.parent), f"cannot read {listed.parent} (Is a directory)"),
     ):
         cfg.strategy.deepspeed_config = bad
-        with pytest.raises(UserError, match=message):
+        with pytest.raises(UserError, match=re.escape(message)):
             deepspeed_config(cfg, world_size=4)
 
 

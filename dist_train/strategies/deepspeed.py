@@ -49,12 +49,20 @@ def _passthrough(cfg: Config) -> dict:
     if extra is None:
         return {}
     if isinstance(extra, str):
+        path = extra
         try:
-            return json.loads(Path(extra).read_text())
+            extra = json.loads(Path(path).read_text())
         except FileNotFoundError:
-            raise UserError(f"strategy.deepspeed_config: file {extra} not found") from None
-        except json.JSONDecodeError as err:
-            raise UserError(f"strategy.deepspeed_config: {extra} is not valid JSON ({err})") from None
+            raise UserError(f"strategy.deepspeed_config: file {path} not found") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"strategy.deepspeed_config: {path} is not valid JSON ({err})") from None
+        except OSError as err:  # a folder, say
+            raise UserError(f"strategy.deepspeed_config: cannot read {path} ({err.strerror})") from None
+        if not isinstance(extra, dict):
+            raise UserError(
+                f"strategy.deepspeed_config: {path} must hold a JSON object of DeepSpeed settings, "
+                f"got a {type(extra).__name__}"
+            )
     return dict(extra)
 
 
