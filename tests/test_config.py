@@ -121,6 +121,19 @@ def test_the_written_config_loads_back_as_the_same_config(tmp_path):
     assert load_config(written) == cfg
 
 
+def test_integers_are_yaml_1_2_decimal(tmp_path):
+    """YAML 1.1 read a leading zero as octal (`run.seed=010` was 8, `09` text: an error) and `12:30` as
+    base 60 (run.output_dir '750'); as YAML 1.2, an integer is decimal unless it says 0o/0x/0b."""
+    path = write_config(tmp_path / "c.yaml", BASE)
+    cfg = load_config(path, ["run.seed=010", "train.max_steps=09", "checkpoint.every_steps=0x10", "model.width=0o10"])
+    assert (cfg.run.seed, cfg.train.max_steps, cfg.checkpoint.every_steps, cfg.model.kwargs["width"]) == (10, 9, 16, 8)
+    path.write_text(
+        "run: {output_dir: 12:30, seed: 010}\nmodel: {name: mlp, depth: 1_0}\ndata: {name: synthetic_vectors}\n"
+    )
+    cfg = load_config(path)
+    assert (cfg.run.output_dir, cfg.run.seed, cfg.model.kwargs["depth"]) == ("12:30", 10, 10)
+
+
 def test_reference_lists_every_key():
     table = config_reference()
     for key in ("run.output_dir", "train.grad_accum_steps", "strategy.zero_stage", "checkpoint.resume", "eval.at_end"):

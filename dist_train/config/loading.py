@@ -15,14 +15,16 @@ from ..errors import UserError
 from .checks import coerce, nearest, validate
 from .schema import FREE_FORM_SECTIONS, REQUIRED_KEYS, Config
 
-FLOAT_TAG, TIMESTAMP_TAG = "tag:yaml.org,2002:float", "tag:yaml.org,2002:timestamp"
+FLOAT_TAG, INT_TAG, TIMESTAMP_TAG = "tag:yaml.org,2002:float", "tag:yaml.org,2002:int", "tag:yaml.org,2002:timestamp"
 
 
 class ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader with YAML 1.2 numbers and no dates.
 
     PyYAML follows YAML 1.1, where a float needs a dot: `3e-4` and `1e-1` load as strings, in
-    typed keys, lists (`optim.betas`) and the model/data factory arguments alike. Dates
+    typed keys, lists (`optim.betas`) and the model/data factory arguments alike; and where a
+    leading zero means octal (`010` is 8, while `09` is text) and `1:30` is 90 (base 60). Here an
+    integer is decimal unless it says `0o`/`0x`/`0b`, and `1:30` is text. Dates
     (`2024-01-01`) stay text: no config key is a date, and an output folder may be named like one.
     A key given twice in one mapping is an error (YAML requires unique keys; PyYAML would keep the
     last silently, so a second `train:` section would drop the first one's keys).
@@ -47,9 +49,10 @@ class ConfigLoader(yaml.SafeLoader):
 
 
 ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (FLOAT_TAG, TIMESTAMP_TAG)]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (FLOAT_TAG, INT_TAG, TIMESTAMP_TAG)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
+YAML12_INT = re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7][0-7_]*|0x[0-9a-fA-F][0-9a-fA-F_]*|0b[01][01_]*)$")
 YAML12_FLOAT = re.compile(
     r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?
         |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
@@ -57,14 +60,26 @@ YAML12_FLOAT = re.compile(
         |\.(?:nan|NaN|NAN))$""",
     re.X,
 )
+ConfigLoader.add_implicit_resolver(INT_TAG, YAML12_INT, list("-+0123456789"))
 ConfigLoader.add_implicit_resolver(FLOAT_TAG, YAML12_FLOAT, list("-+0123456789."))
 
 
+def _construct_int(loader: ConfigLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node).replace("_", "")
+    sign, digits = (-1, text[1:]) if text[0] == "-" else (1, text.lstrip("+"))
+    base = {"0o": 8, "0x": 16, "0b": 2}.get(digits[:2], 10)
+    return sign * int(digits[2:] if base != 10 else digits, base)
+
+
+ConfigLoader.add_constructor(INT_TAG, _construct_int)
+
+
 class ConfigDumper(yaml.SafeDumper):
-    """PyYAML's safe dumper that also quotes text ConfigLoader would read as a number (`1e-4`), so a
+    """PyYAML's safe dumper that also quotes text ConfigLoader would read as a number (`1e-4`, `09`), so a
     written config.yaml loads back as the same config (YAML 1.1 writes such text plain)."""
 
 
+ConfigDumper.add_implicit_resolver(INT_TAG, YAML12_INT, list("-+0123456789"))
 ConfigDumper.add_implicit_resolver(FLOAT_TAG, YAML12_FLOAT, list("-+0123456789."))
 
 
