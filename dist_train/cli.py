@@ -58,7 +58,7 @@ def run_train(argv: list[str]) -> int:
     from .config import load_config
 
     try:
-        args = _train_parser("dist-train train").parse_args(argv)
+        args = _train_parser("dist-train train").parse_intermixed_args(argv)
         cfg = load_config(args.config, args.overrides)
     except UserError as err:
         raise on_every_rank(err) from None  # every rank parsed the same command line and file

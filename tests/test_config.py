@@ -205,6 +205,16 @@ def test_a_dataset_whose_length_or_first_item_cannot_be_read_is_one_line(factory
     assert expected in str(err.value) and err.value.same_on_every_rank
 
 
+def test_overrides_may_come_before_and_after_the_config_option(tmp_path, capsys):
+    """`dist-train train.max_steps=1 --config c.yaml train.lr=abc` reads both as overrides (it said
+    `unrecognized arguments: train.lr=abc`); the bad value stops it before anything runs."""
+    from dist_train.cli import main
+
+    path = write_config(tmp_path / "c.yaml", BASE)
+    assert main(["train", "train.max_steps=1", "--config", str(path), "train.lr=abc"]) == 2
+    assert capsys.readouterr().err == "dist_train: error: `train.lr` must be a finite number, got 'abc'\n"
+
+
 @pytest.mark.slow
 def test_cli_errors_that_need_the_data_exit_2(tmp_path):
     base = {**BASE, "run": {"output_dir": str(tmp_path / "out")}}

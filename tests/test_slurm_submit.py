@@ -69,6 +69,10 @@ def test_dry_run_cpu_prints_a_complete_job_script(config, tmp_path):
     saved = tmp_path / "job.sbatch"
     saved.write_text(script)
     assert subprocess.run(["bash", "-n", str(saved)]).returncode == 0
+    # overrides on both sides of an option, as `dist-train check`/`verify` take them (was: unrecognized)
+    proc = submit(str(config), "train.lr=1e-3", "--dry-run", "train.max_steps=3")
+    assert proc.returncode == 0, proc.stderr
+    assert f"[ $# -gt 0 ] || set -- {config.resolve()} train.lr=1e-3 train.max_steps=3\n" in proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -220,6 +224,9 @@ def test_output_dir_command(config, tmp_path):
         [PYTHON, "-m", "dist_train", "slurm", "output-dir", str(config), "train.nope=1"], env={"SLURM_JOB_ID": "31"}
     )
     assert proc.returncode == 2 and proc.stderr.startswith("dist_train: error: ")
+    args = ["slurm", "output-dir", str(config), "train.lr=1e-3", "--job-id", "32", "run.output_dir=/shared/x"]
+    proc = run_cli([PYTHON, "-m", "dist_train", *args])
+    assert (proc.returncode, proc.stdout) == (0, "/shared/x\n"), proc.stderr
 
 
 @pytest.mark.parametrize(

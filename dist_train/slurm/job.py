@@ -46,7 +46,7 @@ def output_dir_main(argv: list[str]) -> int:
     parser.add_argument("--job-id", default=os.environ.get("SLURM_JOB_ID"), help="default: $SLURM_JOB_ID")
     parser.add_argument("config")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     cfg = load_config(args.config, args.overrides)
     print(output_dir_for_job(cfg.run.output_dir, args.overrides, args.job_id))
     return 0

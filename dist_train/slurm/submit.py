@@ -165,7 +165,7 @@ def build_script(args) -> tuple[str, str, str]:
 
 
 def main(argv: list[str]) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_intermixed_args(argv)  # overrides before and after options, as check/verify
     name, script, output_dir = build_script(args)
     if args.dry_run:
         sys.stdout.write(script)
