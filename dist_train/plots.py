@@ -34,8 +34,12 @@ def read_metrics(run_dir: Path) -> list[dict]:
             if not line:
                 continue
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
+                row = None
+            if isinstance(row, dict):
+                rows.append(row)
+            else:  # torn, or a JSON value that is not a row (`[1, 2]`: an AttributeError in series())
                 log.warning("metrics.jsonl: skipping a malformed line")
     return rows
 

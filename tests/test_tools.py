@@ -399,6 +399,16 @@ def test_plot_series_after_a_resume_keeps_one_value_per_step():
     assert series(rows, "eval_loss") == []
 
 
+def test_plot_skips_lines_that_are_not_rows(tmp_path, capsys):
+    """A torn last line, or a JSON value that is not an object, is skipped (a list made the plot a traceback)."""
+    from dist_train.plots import read_metrics
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n[1, 2]\n7\n{"step": 2, "loss": 1')
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
+    code, out, err = run_main(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "m.png"))
+    assert code == 0 and "Traceback" not in err, err
+
+
 def _tb_scalars(tb_dir, tag):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
