@@ -83,6 +83,11 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
             try:
                 with strategy.autocast():
                     outputs = strategy.model(inputs)
+                if not isinstance(outputs, torch.Tensor):  # a dict/tuple/ModelOutput: the loss takes a tensor
+                    raise UserError(
+                        f"the model's forward returned a {type(outputs).__name__}, not a tensor: return the "
+                        "outputs the loss takes (the logits or predictions, e.g. `return out['logits']`)"
+                    )
                 loss_sum = loss_fn.sum(outputs, targets)
             except FORWARD_ERRORS as err:  # the model or loss cannot take this batch (misfit.py)
                 raise ForwardError(err, *micro_batches[i], outputs) from err  # host tensors: values shown on CUDA too

@@ -340,6 +340,11 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
         "submit_usage": ["slurm", "submit"],
         "classes": [*run, "model.num_classes=2", "run.output_dir=" + str(tmp_path / "o9")],
         "width": [*run, "model.input_dim=20", "run.output_dir=" + str(tmp_path / "o10")],
+        "dict_outputs": [
+            *run,
+            "model.name=userpkg.broken:model_dict_outputs",
+            "run.output_dir=" + str(tmp_path / "o13"),
+        ],
         "model_bug": ["--config", str(write_config(tmp_path / "faulty.yaml", faulty))],
         "late": [
             *run,
@@ -362,6 +367,7 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
         "submit_usage": "(see `dist-train slurm submit --help`)",
         "classes": "the model does not fit the data: the first training batch failed with IndexError: Target ",
         "width": "does not fit the data: the first training batch failed with RuntimeError: mat1 and mat2 shapes",
+        "dict_outputs": "the model's forward returned a dict, not a tensor: return the outputs the loss takes",
     }
     if not torch.cuda.is_available():
         cases["nccl"] = [*run, "dist.backend=nccl", "run.output_dir=" + str(tmp_path / "o8")]
@@ -376,8 +382,8 @@ def test_cli_user_code_and_run_errors_exit_2_in_one_line(tmp_path):
     for name, text in expected.items():
         code, stderr = results[name]
         lines = stderr.strip().splitlines()
-        if name in ("loss", "classes", "width"):  # found by the first forward: after the start-up line
-            assert lines[0].startswith(f"{lines[0][:8]} INFO training mlp"), lines[0]
+        if name in ("loss", "classes", "width", "dict_outputs"):  # found by the first forward: after the start-up line
+            assert lines[0].startswith(f"{lines[0][:8]} INFO training "), lines[0]
             lines = lines[1:]
         assert code == 2 and len(lines) == 1, (name, stderr)
         assert lines[0].startswith("dist_train: error:") and text in lines[0], (name, lines[0])

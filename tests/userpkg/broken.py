@@ -90,3 +90,18 @@ class _NoLength(torch.utils.data.Dataset):
 
 def data_no_length(split: str):
     return _NoLength()
+
+
+class _DictOutputs(torch.nn.Module):
+    """Returns a dict of outputs (as Hugging Face models do) instead of the logits tensor."""
+
+    def __init__(self, input_dim: int = 32, num_classes: int = 4):
+        super().__init__()
+        self.head = torch.nn.Linear(input_dim, num_classes)
+
+    def forward(self, x: torch.Tensor):
+        return {"logits": self.head(x)}
+
+
+def model_dict_outputs(**kwargs):
+    return _DictOutputs()
