@@ -193,6 +193,16 @@ def test_a_factory_module_that_fails_as_it_is_imported_is_one_line(tmp_path, mon
         assert err.value.same_on_every_rank and "\n" not in str(err.value)
 
 
+def test_a_model_with_nothing_to_train_is_one_line():
+    """All parameters frozen (or none): the optimizer raised 'empty parameter list' with a traceback."""
+    from dist_train.models import build_model
+
+    for factory in ("model_frozen", "model_without_parameters"):
+        with pytest.raises(UserError, match="with no trainable parameters .*: nothing to train") as err:
+            build_model(f"userpkg.broken:{factory}", {})
+        assert err.value.same_on_every_rank
+
+
 @pytest.mark.parametrize(
     ("factory", "expected"),
     [("data_splits", "raised KeyError: 0 (at "), ("data_no_length", "raised NotImplementedError: length unknown")],

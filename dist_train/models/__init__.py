@@ -29,4 +29,11 @@ def build_model(name: str, kwargs: dict) -> nn.Module:
         raise on_every_rank(err) from None  # every rank builds the same model
     if not isinstance(model, nn.Module):
         raise on_every_rank(UserError(f"model factory {name!r} returned {type(model).__name__}, not a torch.nn.Module"))
+    if not any(p.requires_grad for p in model.parameters()):  # the optimizer would refuse: empty parameter list
+        raise on_every_rank(
+            UserError(
+                f"model factory {name!r} returned a {type(model).__name__} with no trainable parameters "
+                "(none, or all with requires_grad=False): nothing to train"
+            )
+        )
     return model

@@ -105,3 +105,12 @@ class _DictOutputs(torch.nn.Module):
 
 def model_dict_outputs(**kwargs):
     return _DictOutputs()
+
+
+def model_frozen(**kwargs):
+    """Every parameter frozen (a backbone without its trainable head)."""
+    return torch.nn.Linear(32, 4).requires_grad_(False)
+
+
+def model_without_parameters(**kwargs):
+    return torch.nn.Flatten()
