@@ -91,6 +91,8 @@ def apply_transforms(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Modu
         count = enable_grad_checkpointing(model, cfg.train.grad_checkpointing_every)
         log.info("activation checkpointing on %s", "the Hugging Face model" if count < 0 else f"{count} blocks")
     if cfg.train.compile:
-        # in place: no OptimizedModule wrapper, so state_dict keys carry no `_orig_mod.`
-        model.compile(mode=cfg.train.compile_mode)
+        # in place: no OptimizedModule wrapper, so state_dict keys carry no `_orig_mod.`. Static
+        # shapes: training shapes are fixed, and FSDP2's per-block graphs meet one forward at several
+        # shapes, where automatic dynamic shapes broke Inductor (tests/test_strategies.py)
+        model.compile(mode=cfg.train.compile_mode, dynamic=False)
     return model

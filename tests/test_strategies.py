@@ -334,3 +334,21 @@ def test_deepspeed_fp16_without_device_support_is_one_line(tmp_path):
     assert lines[-1].startswith("dist_train: error: train.precision=fp16 with strategy.name=deepspeed") and (
         "Traceback" not in proc.stderr
     ), proc.stderr[-2000:]
+
+
+def test_fsdp_compiles_a_model_whose_blocks_differ_in_shape(tmp_path):
+    """FSDP2 shards each block, so torch.compile meets one block forward at several shapes (resnet's
+    stages): its automatic dynamic shapes then broke Inductor at the first step ("Cannot convert
+    expression to float", torch 2.13). Compiled static per shape, the run follows the eager one."""
+    raw = {
+        "model": {"name": "resnet", "widths": [4, 8]},
+        "data": {"name": "synthetic_images", "num_samples": 64, "image_size": 8},
+        "train": {"max_steps": 3, "micro_batch_size": 4, "lr": 1e-2},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
+        proc = launch(config, tmp_path, ["strategy.name=fsdp", f"train.compile={compiled}"], launcher="single")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max_abs_diff(load_weights(tmp_path / "eager"), load_weights(tmp_path / "compiled")) <= 1e-5

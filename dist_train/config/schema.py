@@ -71,7 +71,9 @@ class TrainConfig:
         1, "checkpoint every k-th block only (1: every block; Hugging Face models: 1 only)"
     )
     sync_batchnorm: bool = _f(False, "convert every BatchNorm to a synchronised one")
-    compile: bool = _f(False, "torch.compile the model (in place, before the strategy) and the training loss")
+    compile: bool = _f(
+        False, "torch.compile the model (in place, before the strategy, static shapes) and the training loss"
+    )
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = _f(
         "default",
         "torch.compile mode under `train.compile`: `max-autotune*` tunes kernels (slow to compile); "
