@@ -313,14 +313,17 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         if state.step > 0 and last_saved != state.step and wanted:
             _save(cfg, ctx, control, strategy, state, window, output_dir)
         if status != "preempted":
+            int8_due = resumed_at != state.step or not compression.exported(output_dir)  # else: a finished run again
+            if int8_due and ctx.is_rank_zero:
+                compression.discard(output_dir)
             export_weights(strategy, ctx, output_dir / "model.safetensors", state.step, compression.export_state_dict)
-            if resumed_at == state.step and compression.exported(output_dir):  # a finished run started again
-                int8_metrics = {}
-            else:
-                int8_metrics = compression.export(strategy.module, ctx, output_dir, loss_fn, eval_data)
-            if int8_metrics:
-                metrics.write({"step": state.step, **int8_metrics})
-                metrics.console({"step": state.step, **int8_metrics})
+            if int8_due:
+
+                def log_int8(int8_metrics: dict) -> None:
+                    metrics.write({"step": state.step, **int8_metrics})
+                    metrics.console({"step": state.step, **int8_metrics})
+
+                compression.export(strategy.module, ctx, output_dir, loss_fn, eval_data, log_int8)
     finally:
         control.disarm_watchdog()
         control.restore()

@@ -247,3 +247,43 @@ def test_a_train_split_the_global_batch_does_not_fit_is_said_once_per_node(tmp_p
         with pytest.raises(UserError, match=message) as error:
             build_train_data(from_dict(config(tmp_path, **sections)), two_ranks)
         assert error.value.same_on_every_rank
+
+
+def int8_weights(path) -> list[torch.Tensor]:
+    """The dequantized tensors of an int8 export (packed Linear parameters included)."""
+
+    def flat(value):
+        if isinstance(value, (tuple, list)):
+            return [t for item in value for t in flat(item)]
+        if isinstance(value, torch.Tensor):
+            return [value.dequantize() if value.is_quantized else value]
+        return []
+
+    return flat(list(torch.load(path, weights_only=True)["state_dict"].values()))
+
+
+@pytest.mark.parametrize("crash_in", ["quantize", "evaluate_quantized"])
+def test_a_crash_before_the_int8_export_completes_is_made_good_by_the_same_command(tmp_path, monkeypatch, crash_in):
+    """A run continued to a higher train.max_steps crashes after its last checkpoint, before its int8
+    export completed (while quantizing: the int8 model of the earlier end was kept as this one's;
+    while evaluating it: its metrics row was never written). The same command again exports both."""
+    import dist_train.compress.qat as qat
+
+    sections = {"compress": {"dynamic_quant_export": True}, "checkpoint": {"every_steps": 2}}
+    run(tmp_path / "clean", train={"max_steps": 8}, **sections)
+    run(tmp_path / "run", train={"max_steps": 4}, **sections)
+    original = getattr(qat, crash_in)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies here (kill -9, power cut)
+
+    monkeypatch.setattr(qat, crash_in, crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "run", train={"max_steps": 8}, **sections)
+    monkeypatch.setattr(qat, crash_in, original)
+    run(tmp_path / "run", train={"max_steps": 8}, **sections)
+    clean = int8_weights(tmp_path / "clean" / "model_dynamic_int8.pt")
+    for got, expected in zip(int8_weights(tmp_path / "run" / "model_dynamic_int8.pt"), clean, strict=True):
+        assert torch.equal(got, expected)
+    steps = [r["step"] for r in read_rows(tmp_path / "run") if "eval_loss_dynamic_int8" in r]
+    assert steps == [4, 8]

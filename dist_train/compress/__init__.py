@@ -6,7 +6,7 @@ from step 0:
     pruning.py  `compress.prune`: magnitude pruning masks on a sparsity schedule
     qat.py      `compress.qat`: fake-quant observers, int8 export; `compress.dynamic_quant_export`
 The trainer calls `on_step(step)` before each optimizer step, folds the exported weights through
-`export_state_dict()` and calls `export()` once at the end (int8 files and their eval metrics).
+`export_state_dict()` and calls `export()` once at the end (int8 eval metrics, then the int8 files).
 """
 
 from __future__ import annotations
@@ -58,10 +58,17 @@ class Compression:
         """Whether every int8 model this run exports is in `output_dir` already."""
         return all((output_dir / qat.FILES[kind]).exists() for kind in self.kinds)
 
-    def export(self, module: nn.Module, ctx: DistContext, output_dir: Path, loss_fn, eval_data) -> dict:
-        """Write the int8 models (rank 0) and evaluate them (collective). Returns the eval row's metrics."""
+    def discard(self, output_dir: Path) -> None:
+        """Rank 0, before a new export: remove int8 models of an earlier end (a lower train.max_steps),
+        so that one left by a crash before this export completes is not taken for this step's."""
+        for kind in self.kinds:
+            (output_dir / qat.FILES[kind]).unlink(missing_ok=True)
+
+    def export(self, module: nn.Module, ctx: DistContext, output_dir: Path, loss_fn, eval_data, log_row) -> None:
+        """Quantize and evaluate the int8 models (collective), `log_row` their metrics, then write them
+        (rank 0): the files exist only once their row is logged (`exported` then means complete)."""
         if not self.kinds:
-            return {}
+            return
         cfg = self.cfg
         if ctx.world_size > 1:  # observers (and unsynced BatchNorm stats) last saw each rank's own batch:
             import torch.distributed as dist  # every rank quantizes rank 0's model, the one rank 0 saves
@@ -75,17 +82,20 @@ class Compression:
         if self.pruner is not None:
             state = fold_pruning(state)
         row: dict = {}
+        models = {}
         for kind in self.kinds:
             skeleton = qat.build_skeleton(cfg.model.name, cfg.model.kwargs, kind, cfg.compress.qat_backend)
             skeleton.load_state_dict(state)
-            int8 = qat.quantize(skeleton, kind)
+            models[kind] = qat.quantize(skeleton, kind)
+            if eval_data is not None:
+                metrics = qat.evaluate_quantized(models[kind], loss_fn, eval_data, ctx)
+                row.update({f"{key}_{qat.SUFFIX[kind]}": value for key, value in metrics.items()})
+        if row:
+            log_row(row)
+        for kind, int8 in models.items():
             path = output_dir / qat.FILES[kind]
             if ctx.is_rank_zero:
                 qat.save_quantized(int8, path, kind, cfg)
                 float_path = output_dir / "model.safetensors"
                 float_mb = float_path.stat().st_size / 2**20 if float_path.exists() else float("nan")
                 log.info("wrote %s (%.3f MiB; model.safetensors %.3f MiB)", path, path.stat().st_size / 2**20, float_mb)
-            if eval_data is not None:
-                metrics = qat.evaluate_quantized(int8, loss_fn, eval_data, ctx)
-                row.update({f"{key}_{qat.SUFFIX[kind]}": value for key, value in metrics.items()})
-        return row
