@@ -7,9 +7,9 @@ Layout under `<output_dir>/checkpoints/`:
                                   for shards) and one RNG file per rank
     latest                        text: the folder name of the newest complete checkpoint
 
-A save writes into `.tmp-step-N/`, fsyncs every file and the folder, renames it to `step-N/`,
-then replaces `latest` through a temporary file and a rename. A crash at any instant leaves the
-previous checkpoint and `latest` valid. A step saved before (a run resumed from an older
+A save writes into `.tmp-step-N/` (leftovers of crashed saves removed first), fsyncs every file and
+the folder, renames it to `step-N/`, then replaces `latest` through a temporary file and a rename.
+A crash at any instant leaves the previous checkpoint and `latest` valid. A step saved before (a run resumed from an older
 checkpoint re-reached it) is replaced by the new save: the old folder is renamed aside first. Files are loaded with `torch.load(weights_only=True)`.
 """
 
@@ -105,11 +105,16 @@ def rng_file(rank: int) -> str:
 
 
 def begin_save(root: Path, step: int) -> Path:
-    """Rank 0: a fresh temporary folder for step `step` (stale leftovers of a crashed save removed)."""
+    """Rank 0: a fresh temporary folder for step `step`.
+
+    Leftovers of crashed saves go first, whatever their step: nothing reads them, and a save killed
+    at a step the run never saves again (a stop signal's) would otherwise keep its files for good.
+    """
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.iterdir():
+        if stale.name.startswith((".tmp-", ".replaced-")) and stale.is_dir():
+            shutil.rmtree(stale)
     tmp = root / f".tmp-{step_dir_name(step)}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
     return tmp
 

@@ -309,3 +309,33 @@ def test_starting_a_finished_run_again_repeats_nothing(tmp_path, reference):
     assert read_rows(run_dir) == [*before, {"resumed_from": "step-00000006", "step": 6}]
     assert (root / "step-00000006" / "manifest.json").stat().st_mtime_ns == stamp
     assert max_abs_diff(load_weights(reference), load_weights(run_dir)) == 0.0
+
+
+def test_a_stop_signal_save_that_crashed_leaves_no_folder_behind(tmp_path, monkeypatch, reference):
+    """A stop signal at step 3 (no checkpoint step), and the process killed while it saves (SLURM's
+    grace ran out): no later save is of step 3, yet its half-written folder must not stay for good."""
+    from dist_train.control import Control
+
+    with monkeypatch.context() as patch:
+        stop_at_3 = {"step": 0}
+
+        def should_stop(self):
+            stop_at_3["step"] += 1
+            return stop_at_3["step"] == 4  # the boundary after step 3
+
+        patch.setattr(Control, "should_stop", should_stop)
+        original = DDPStrategy.save
+
+        def save(self, folder):
+            if "step-00000003" in str(folder):
+                raise Crash("killed while saving")
+            return original(self, folder)
+
+        patch.setattr(DDPStrategy, "save", save)
+        with pytest.raises(Crash):
+            run(tmp_path)
+    root = tmp_path / "checkpoints"
+    assert (root / ".tmp-step-00000003").is_dir()  # what the crash left
+    assert run(tmp_path)["status"] == "finished"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", *(f"step-{s:08d}" for s in (2, 4, 6))]
+    assert max_abs_diff(load_weights(reference), load_weights(tmp_path)) == 0.0
