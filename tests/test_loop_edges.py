@@ -119,6 +119,29 @@ def test_random_transforms_in_loader_workers_resume_exactly(tmp_path, persistent
     assert max_abs_diff(load_weights(tmp_path / "whole"), load_weights(tmp_path / "resumed")) == 0.0
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("persistent", [False, True])
+def test_random_transforms_in_eval_loader_workers_resume_exactly(tmp_path, persistent):
+    """An eval split with noise added on the fly, two workers: a run resumed at step 6 evaluates as
+    the uninterrupted run did at steps 8 and 10 (the eval loader's worker seeds moved on with every
+    evaluation before: other eval rows, hence other early-stopping and plateau decisions)."""
+    sections = {
+        "data": {"name": "userpkg.edges:jittered_vectors", "n": 64, "eval_n": 40},
+        "loader": {"num_workers": 2, "persistent_workers": persistent},
+        "eval": {"every_steps": 2},
+        "checkpoint": {"at_end": True},
+    }
+    run(tmp_path / "whole", train={"max_steps": 10}, **sections)
+    run(tmp_path / "resumed", train={"max_steps": 6}, **sections)
+    run(tmp_path / "resumed", train={"max_steps": 10}, **sections)
+
+    def evals(run_dir):
+        return {r["step"]: r["eval_loss"] for r in read_rows(run_dir) if "eval_loss" in r}
+
+    assert list(evals(tmp_path / "whole")) == [2, 4, 6, 8, 10]
+    assert evals(tmp_path / "resumed") == evals(tmp_path / "whole")
+
+
 WATCHDOG = """
 import sys
 from dist_train import control

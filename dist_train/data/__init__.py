@@ -74,8 +74,8 @@ def _loader(
 ) -> DataLoader:
     workers = cfg.loader.num_workers
     pin = cfg.loader.pin_memory if cfg.loader.pin_memory is not None else ctx.device.type == "cuda"
-    if workers > 0 and isinstance(sampler, ResumableDistributedSampler):  # training: seeded batches
-        batching = {"batch_sampler": _SeededBatches(sampler, batch_size, seed)}
+    if workers > 0:  # seeded batches (training and evaluation)
+        batching = {"batch_sampler": _SeededBatches(sampler, batch_size, seed, drop_last)}
         dataset = _SeededFetch(dataset)
     else:
         batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
@@ -93,29 +93,34 @@ def _loader(
 
 
 class _SeededBatches:
-    """The train loader's batch sampler when it has workers: each batch's indices come paired with
-    a seed from (the rank's loader seed, epoch, the batch's place in the epoch), and the worker that
-    loads the batch reseeds its generators with it first (`_SeededFetch`). A random transform then
-    draws the same numbers whichever worker loads the batch, and a run resumed mid-epoch draws what
-    the uninterrupted run drew. (Without workers the process's own streams, checkpointed with the
-    run, do the same.)"""
+    """A loader's batch sampler when it has workers: each batch's indices come paired with a seed
+    from (the rank's loader seed, epoch, the batch's place in the epoch), and the worker that loads
+    the batch reseeds its generators with it first (`_SeededFetch`). A random transform then draws
+    the same numbers whichever worker loads the batch, and a run resumed mid-epoch draws what the
+    uninterrupted run drew. (Without workers the process's own streams, checkpointed with the run,
+    do the same.) The eval split's sampler has no epoch: every evaluation draws alike, the first
+    one of a resumed run too (the loader's own worker seeds move on with each evaluation)."""
 
-    def __init__(self, sampler: ResumableDistributedSampler, batch_size: int, seed: int):
-        self.sampler, self.batch_size, self.seed = sampler, batch_size, seed
+    def __init__(self, sampler, batch_size: int, seed: int, drop_last: bool = True):
+        self.sampler, self.batch_size, self.seed, self.drop_last = sampler, batch_size, seed, drop_last
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         indices = iter(self.sampler)
-        first = self.sampler.start // self.sampler.num_replicas // self.batch_size  # a resume's first batch
+        start = getattr(self.sampler, "start", 0)
+        first = start // self.sampler.num_replicas // self.batch_size  # a resume's first batch
+        epoch = getattr(self.sampler, "epoch", -1)
         for number in range(first, first + len(self)):
-            seed = hash((self.seed, self.sampler.epoch, number)) % 2**63  # ints hash alike in every process
+            seed = hash((self.seed, epoch, number)) % 2**63  # ints hash alike in every process
             yield [(seed, index) for index in itertools.islice(indices, self.batch_size)]
 
     def __len__(self) -> int:
-        return len(self.sampler) // self.batch_size  # whole batches only (drop_last)
+        if self.drop_last:
+            return len(self.sampler) // self.batch_size  # whole batches only
+        return -(-len(self.sampler) // self.batch_size)
 
 
 class _SeededFetch(Dataset):
-    """The train split as a worker sees it: a batch of (seed, index) keys reseeds, then loads."""
+    """A split as a worker sees it: a batch of (seed, index) keys reseeds, then loads."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset

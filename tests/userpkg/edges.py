@@ -36,8 +36,11 @@ class Jittered(Dataset):
         return self.x[i] + 0.1 * torch.randn(32), self.y[i]
 
 
-def jittered_vectors(split: str, n: int = 256):
-    return Jittered(n) if split == "train" else None
+def jittered_vectors(split: str, n: int = 256, eval_n: int = 0):
+    """`eval_n` > 0: an eval split of that many items, jittered too (noise added on the fly)."""
+    if split == "eval":
+        return Jittered(eval_n) if eval_n else None
+    return Jittered(n)
 
 
 def global_rng_vectors(split: str, n: int = 64, ignored=()):
