@@ -101,6 +101,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     if args.nproc_per_node > 1:  # as torchrun: N ranks x all cores each would oversubscribe the machine
         os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or "1"
+    # multiprocessing's resource tracker, started with the first rank, unblocks SIGTERM (and SIGINT)
+    # when it is up: the ranks would start with SIGTERM deliverable and die of one while importing.
+    # Start it now, keep what it lets through, and block again before any rank starts.
+    from multiprocessing import resource_tracker
+
+    held: list[int] = []
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda signum, frame: held.append(signum))
+    resource_tracker.ensure_running()
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     store, port = loopback_store(args.nproc_per_node)
     context = mp.start_processes(
         _rank_main, args=(args.nproc_per_node, port, rest), nprocs=args.nproc_per_node, join=False, start_method="spawn"
@@ -113,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, forward)
+    for signum in held:
+        forward(signum, None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that arrived meanwhile is forwarded now
     try:
         # a rank that fails first leaves its siblings a few seconds to exit by themselves: the one that

@@ -218,10 +218,11 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     assert proc.stderr.count("dist_train: error: run.output_dir /proc/no/such: cannot create it") == 1
 
 
-@pytest.mark.parametrize("delay_s", [0.3, 1.5])
-def test_spawn_keeps_a_stop_signal_sent_during_start_up(tmp_path, delay_s):
-    """SIGUSR1 while spawn.py (0.3 s) or its ranks (1.5 s) import torch: blocked until the forwarder
-    and the ranks' handlers are in place, then a checkpoint and status 75, as during training."""
+@pytest.mark.parametrize("sig, delay_s", [(signal.SIGUSR1, 0.3), (signal.SIGUSR1, 1.5), (signal.SIGTERM, 1.5)])
+def test_spawn_keeps_a_stop_signal_sent_during_start_up(tmp_path, sig, delay_s):
+    """SIGUSR1 while spawn.py (0.3 s) or its ranks (1.5 s) import torch, SIGTERM while the ranks do:
+    blocked until the forwarder and the ranks' handlers are in place, then a checkpoint and status 75,
+    as during training (multiprocessing's resource tracker unblocked SIGTERM before the ranks began)."""
     config = tiny_lm_config(tmp_path / "out", train={"max_steps": 400}, checkpoint={"every_steps": 1000})
     config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.002, "num_samples": 4096}
     cmd = [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2"]
@@ -234,7 +235,7 @@ def test_spawn_keeps_a_stop_signal_sent_during_start_up(tmp_path, delay_s):
         text=True,
     )
     time.sleep(delay_s)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(sig)
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-2000:]
     assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
 
