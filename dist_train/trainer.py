@@ -312,6 +312,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         wanted = cfg.checkpoint.at_end or status == "preempted" or _checkpoint_due(cfg, state.step)
         if state.step > 0 and last_saved != state.step and wanted:
             _save(cfg, ctx, control, strategy, state, window, output_dir)
+            control.disarm_watchdog()  # as after the loop: the exports and their evaluation take what they take
         if status != "preempted":
             int8_due = resumed_at != state.step or not compression.exported(output_dir)  # else: a finished run again
             if int8_due and ctx.is_rank_zero:

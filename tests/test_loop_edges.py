@@ -161,6 +161,23 @@ def test_an_evaluation_longer_than_the_watchdog_is_progress_not_a_hang(tmp_path)
     assert [r["step"] for r in read_rows(tmp_path / "run") if "eval_loss" in r] == [1, 2]
 
 
+def test_the_int8_evaluation_after_the_last_checkpoint_is_not_a_hang(tmp_path):
+    """The last checkpoint re-armed the 2 s watchdog, which then killed the run (status 1, every time
+    it was started again) during the 3 s evaluation of its int8 model; after the loop nothing is armed."""
+    raw = config(
+        tmp_path / "run",
+        data={"eval_delay": 0.05},
+        train={"max_steps": 2},
+        eval={"at_end": True},
+        checkpoint={"at_end": True},
+        compress={"dynamic_quant_export": True},
+    )
+    raw["dist"] = {"timeout_s": 2.0}
+    proc = run_cli([PYTHON, "-c", WATCHDOG, "--config", str(write_config(tmp_path / "c.yaml", raw))], env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["step"] for r in read_rows(tmp_path / "run") if "eval_loss_dynamic_int8" in r] == [2]
+
+
 def test_a_failed_save_names_rank_and_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     real = ckpt.commit_save
 
