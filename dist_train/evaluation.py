@@ -50,7 +50,7 @@ def _evaluate(strategy, model: torch.nn.Module, loss_fn: Loss, eval_data: EvalDa
     # loss sum, counted elements, correct, token NLL sum (LMs: perplexity)
     totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)
     position, is_lm = 0, False
-    for inputs, targets in eval_data.loader:
+    for inputs, targets in eval_data.batches():
         on_batch()
         batch = targets.shape[0]
         valid = eval_data.valid[position : position + batch].to(ctx.device).view(batch, 1)

@@ -218,6 +218,40 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     assert proc.stderr.count("dist_train: error: run.output_dir /proc/no/such: cannot create it") == 1
 
 
+def test_a_stop_signal_to_the_group_while_a_loader_worker_starts_checkpoints(tmp_path):
+    """SIGTERM to every process of the job (torchrun's shutdown, scancel) while a loader worker is
+    starting: torch's worker handler (SIGTERM not from the rank: die) ran before worker_init_fn's
+    SIG_IGN, so the worker died and failed its rank (status 1). Workers start with the stop signals
+    blocked now: the rank checkpoints and exits 75."""
+    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 50}, checkpoint={"every_steps": 1000})
+    config["data"] = {**config["data"], "name": "userpkg.slow:slow_worker_start_tokens", "worker_start_delay": 3.0}
+    config["loader"] = {"num_workers": 1}
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "dist_train", "--config", str(write_config(tmp_path / "c.yaml", config))]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while not _children(proc.pid):  # the loader worker (the run's only child process)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+    time.sleep(0.5)  # the worker is inside its (3 s) start
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75, proc.stderr.read()[-2000:]
+    assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 @pytest.mark.parametrize("sig, delay_s", [(signal.SIGUSR1, 0.3), (signal.SIGUSR1, 1.5), (signal.SIGTERM, 1.5)])
 def test_spawn_keeps_a_stop_signal_sent_during_start_up(tmp_path, sig, delay_s):
     """SIGUSR1 while spawn.py (0.3 s) or its ranks (1.5 s) import torch, SIGTERM while the ranks do:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -141,18 +142,17 @@ class _SeededFetch(Dataset):
 def _worker_init(rank_pid: int, worker_id: int) -> None:
     """A loader worker lives and dies with its rank.
 
-    It ignores the stop signals: torchrun's shutdown and SLURM's scancel/preemption signal every
+    It ignores the stop signals (blocked from its start until then: `start_batches`): torchrun's shutdown and SLURM's scancel/preemption signal every
     process of the group, and a worker killed by SIGTERM fails its rank ("DataLoader worker exited
     unexpectedly") before the rank can checkpoint. The rank ends its workers when it is done, and
     they get SIGKILL if it dies.
     """
-    import signal
-
     from ..control import STOP_SIGNALS
     from ..distributed import die_with_parent
 
     for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork (start_batches)
     die_with_parent(rank_pid)
 
 
@@ -175,7 +175,7 @@ class TrainData:
         self.sampler.set_epoch(epoch)
         self.sampler.set_start(start_sample)
         self.loader.generator.manual_seed(self.seed + 7 * epoch)
-        return iter(self.loader)
+        return start_batches(self.loader)
 
 
 @dataclass
@@ -183,6 +183,24 @@ class EvalData:
     loader: DataLoader
     valid: torch.Tensor  # (rank's padded shard length,) bool: False for DistributedSampler's padding
     size: int
+
+    def batches(self) -> Iterator:
+        return start_batches(self.loader)
+
+
+def start_batches(loader: DataLoader) -> Iterator:
+    """`iter(loader)`, its workers started with SIGTERM/SIGUSR1 blocked: torch's own worker handler
+    (a SIGTERM not from the rank kills the worker) is in place until `_worker_init` ignores them, and
+    a signal to the whole process group in between would fail the rank instead of stopping it."""
+    from ..control import STOP_SIGNALS
+
+    if not loader.num_workers:
+        return iter(loader)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def build_train_data(cfg: Config, ctx: DistContext) -> TrainData:

@@ -22,3 +22,21 @@ class Slow(Dataset):
 def slow_tokens(split: str, delay: float = 0.005, **kwargs) -> Dataset | None:
     inner = synthetic_tokens(split, **kwargs)
     return None if inner is None else (Slow(inner, delay) if split == "train" else inner)
+
+
+def slow_worker_start_tokens(split: str, worker_start_delay: float = 2.0, **kwargs) -> Dataset | None:
+    """synthetic_tokens whose loader workers take `worker_start_delay` s to start, right after torch
+    installs its worker signal handlers (SIGTERM from anyone but the rank: die) and before
+    `worker_init_fn`: a signal to the process group lands in that window."""
+    from torch.utils.data._utils import signal_handling
+
+    original = getattr(signal_handling._set_worker_signal_handlers, "original", None)
+    original = original or signal_handling._set_worker_signal_handlers
+
+    def slow_start(*args):
+        original(*args)
+        time.sleep(worker_start_delay)
+
+    slow_start.original = original
+    signal_handling._set_worker_signal_handlers = slow_start  # forked workers inherit it
+    return synthetic_tokens(split, **kwargs)
