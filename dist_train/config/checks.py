@@ -116,6 +116,8 @@ def validate(cfg: Config) -> None:
     _positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True)
     _positive(cfg.optim.eps, "optim.eps", allow_zero=True)
     _positive(cfg.optim.momentum, "optim.momentum", allow_zero=True)
+    if cfg.optim.name == "sgd" and cfg.optim.nesterov and not cfg.optim.momentum:
+        raise UserError("`optim.nesterov=true` needs `optim.momentum` > 0 (Nesterov momentum without momentum)")
     _positive(cfg.schedule.gamma, "schedule.gamma")
     if cfg.strategy.name == "deepspeed" and t.grad_clip_value:
         raise UserError("train.grad_clip_value is not supported with strategy.name=deepspeed; use train.grad_clip_norm")
