@@ -45,6 +45,17 @@ def test_schemes_differ_and_zero_the_biases():
     assert initialised("default").blocks[0][0].bias.abs().sum() > 0  # default keeps the factory's biases
 
 
+def test_kaiming_reads_the_fan_in_of_hugging_face_conv1d_weights():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = {"model_type": "gpt2", "vocab_size": 64, "n_positions": 16, "n_embd": 128, "n_layer": 1, "n_head": 2}
+    model = build_model("hf_causal_lm", {"config": config})
+    init_weights(model, "kaiming")
+    mlp = model.hf.transformer.h[0].mlp  # c_fc: 128 -> 512, weight (128, 512); c_proj: 512 -> 128
+    assert mlp.c_fc.weight.std().item() == pytest.approx(math.sqrt(2 / 128), rel=0.03)
+    assert mlp.c_proj.weight.std().item() == pytest.approx(math.sqrt(2 / 512), rel=0.03)
+
+
 def test_norm_scales_and_embedding_padding_row_are_kept():
     torch.manual_seed(0)
     model = build_model("rnn_classifier", {"vocab_size": 20, "num_classes": 3})

@@ -23,10 +23,13 @@ def init_weights(model: nn.Module, scheme: str, std: float = 0.02) -> int:
     if scheme == "default":
         return 0
     drawn = 0
+    # transformers' Conv1D (gpt2's attention and MLP) stores its weight as (in, out), transposed
+    transposed = {id(m.weight) for m in model.modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")}
     for name, param in model.named_parameters():
         if param.dim() >= 2:
             if scheme == "kaiming":  # He et al. 2015, for ReLU networks: std sqrt(2 / fan_in)
-                nn.init.kaiming_normal_(param, mode="fan_in", nonlinearity="relu")
+                fan_in = "fan_out" if id(param) in transposed else "fan_in"  # torch reads fan_in from dim 1
+                nn.init.kaiming_normal_(param, mode=fan_in, nonlinearity="relu")
             elif scheme == "xavier":  # Glorot & Bengio 2010: uniform, variance 2 / (fan_in + fan_out)
                 nn.init.xavier_uniform_(param)
             else:
