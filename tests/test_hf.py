@@ -42,6 +42,9 @@ def test_causal_lm_from_config_dict():
     assert model.config.resid_pdrop == model.config.embd_pdrop == model.config.attn_pdrop == 0.0
     assert build_model("hf_causal_lm", {"config": GPT2, "dropout": 0.3}).config.resid_pdrop == 0.3
     assert build_model("hf_causal_lm", {"config": GPT2}).config.resid_pdrop == 0.1  # the config's own default
+    integers = build_model("hf_causal_lm", {"config": {**GPT2, "attn_pdrop": 0, "resid_pdrop": 1}, "dropout": 0.2})
+    assert integers.config.attn_pdrop == integers.config.resid_pdrop == 0.2  # 0 and 1 written as integers
+    assert integers.hf.transformer.h[0].attn.attn_dropout.p == 0.2
     from dist_train.transforms import enable_grad_checkpointing
 
     with pytest.raises(UserError, match="grad_checkpointing_every applies to the zoo's blocks"):

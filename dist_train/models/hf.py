@@ -100,7 +100,10 @@ def _build(
             raise UserError(f"model.config: {err}") from None
     if dropout is not None:
         for key, value in list(hf_config.to_dict().items()):
-            if key.endswith(DROPOUT_SUFFIXES) and (value is None or isinstance(value, float)):
+            # a probability written as an integer (`attn_pdrop: 0` in YAML or config.json) is one too
+            if key.endswith(DROPOUT_SUFFIXES) and (
+                value is None or isinstance(value, float) or (type(value) is int and value in (0, 1))
+            ):
                 setattr(hf_config, key, float(dropout))
     auto = getattr(transformers, auto_class)
     if path and any((Path(path) / name).is_file() for name in WEIGHT_FILES):
