@@ -105,6 +105,12 @@ def test_transformer_classifier_masks_leading_padding_too():
     assert torch.isfinite(after).all() and not torch.allclose(before[1], after[1])
 
 
+def test_transformer_classifier_names_sequences_longer_than_max_len():
+    model = build_model("transformer_classifier", {"vocab_size": 16, "max_len": 8, "d_model": 16, "n_heads": 2})
+    with pytest.raises(UserError, match=r"sequences of 9 tokens are longer than model.max_len \(8\)"):
+        model(torch.ones(2, 9, dtype=torch.long))  # a config mistake: one line and status 2, not a traceback
+
+
 def test_rnn_classifier_rejects_unknown_cell():
     with pytest.raises(UserError, match="unknown cell"):
         build_model("rnn_classifier", {"cell": "transformer"})

@@ -64,8 +64,11 @@ class TransformerClassifier(nn.Module):
         self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: (B, T) -> logits (B, num_classes)
-        if tokens.shape[1] > self.max_len:
-            raise ValueError(f"transformer_classifier: {tokens.shape[1]} tokens but max_len is {self.max_len}")
+        if tokens.shape[1] > self.max_len:  # a shape, not a value: no device sync
+            raise UserError(
+                f"transformer_classifier: the data's sequences of {tokens.shape[1]} tokens are longer than "
+                f"model.max_len ({self.max_len}): raise model.max_len, or shorten the data's sequences"
+            )
         keep = tokens != self.pad_id  # (B, T)
         x = self.tok_emb(tokens)
         if self.cls is not None:
