@@ -83,6 +83,8 @@ def test_seq_cls_logits_do_not_depend_on_right_padding():
     assert logits.shape == (2, 3)
     assert torch.allclose(logits[0], model(short)[0], atol=1e-5)
     assert model.config.pad_token_id == 0
+    with pytest.raises(UserError, match="model.pad_token_id is null and the model's config has no pad_token_id"):
+        build_model("hf_seq_cls", {"config": GPT2, "pad_token_id": None})  # was a traceback at the first step
 
 
 @needs_hf

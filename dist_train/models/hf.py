@@ -148,4 +148,10 @@ def hf_seq_cls(
     if pad_token_id is not None:
         overrides["pad_token_id"] = pad_token_id
     model = _build("AutoModelForSequenceClassification", config, path, dropout, overrides, attn_implementation)
+    if model.config.pad_token_id is None:  # transformers would refuse every batch of more than one sequence
+        raise UserError(
+            "hf_seq_cls: model.pad_token_id is null and the model's config has no pad_token_id: decoder "
+            "classifiers (gpt2, llama, ...) need it to find each right-padded sequence's last token; set "
+            "model.pad_token_id to the data's pad id (0 for the bytes tokenizer)"
+        )
     return HFModel(model, pad_token_id)
