@@ -66,6 +66,9 @@ def test_model_from_local_folder_loads_its_weights(tmp_path):
     (tmp_path / "config_only" / "config.json").write_text((tmp_path / "with_weights" / "config.json").read_text())
     fresh = build_model("hf_causal_lm", {"path": str(tmp_path / "config_only"), "config": {"n_layer": 1}})
     assert len(fresh.blocks) == 1  # model.config overrides the folder's config
+    assert next(fresh.parameters()).dtype == torch.float32
+    half = build_model("hf_causal_lm", {"path": str(tmp_path / "config_only"), "config": {"dtype": "bfloat16"}})
+    assert {p.dtype for p in half.parameters()} == {torch.float32}  # fp32 master weights, as from weights
     with pytest.raises(UserError, match="no config.json"):
         build_model("hf_causal_lm", {"path": str(tmp_path)})
     with pytest.raises(UserError, match="model_type"):

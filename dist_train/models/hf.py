@@ -106,12 +106,12 @@ def _build(
             ):
                 setattr(hf_config, key, float(dropout))
     auto = getattr(transformers, auto_class)
+    # fp32 master weights whatever the checkpoint's or the config's dtype (`torch_dtype: bfloat16` in
+    # most config.json files); train.precision handles autocast.
+    dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
+    extra[dtype_key] = torch.float32
     if path and any((Path(path) / name).is_file() for name in WEIGHT_FILES):
-        # fp32 master weights whatever the checkpoint's dtype (train.precision handles autocast).
-        dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
-        return auto.from_pretrained(
-            path, config=hf_config, local_files_only=True, **{dtype_key: torch.float32}, **extra
-        )
+        return auto.from_pretrained(path, config=hf_config, local_files_only=True, **extra)
     return auto.from_config(hf_config, **extra)
 
 
