@@ -82,7 +82,7 @@ class LRSchedule:
                 f"schedule.plateau_metric {self.metric!r} is not among the eval metrics ({', '.join(metrics)})"
             )
         value, st, s = float(metrics[self.metric]), self.state, self.cfg.schedule
-        if st.best is None or self._better(value, st.best):
+        if self._better(value, st.best):
             st.best, st.bad_evals = value, 0
         else:
             st.bad_evals += 1
@@ -98,8 +98,10 @@ class LRSchedule:
             st.cooldown_left, st.bad_evals = s.plateau_cooldown, 0
         return self.state_dict()
 
-    def _better(self, value: float, best: float) -> bool:
+    def _better(self, value: float, best: float | None) -> bool:
         threshold = self.cfg.schedule.plateau_threshold
+        if best is None:  # torch starts from best = inf (min) or -inf (max): a NaN first value is no improvement
+            best = math.inf if self.mode == "min" else -math.inf
         if self.mode == "min":
             return value < best * (1.0 - threshold)
         return value > best * (1.0 + threshold)

@@ -96,6 +96,17 @@ def test_plateau_follows_torch_reduce_lr_on_plateau(options):
     assert restored.state == ours.state
 
 
+def test_plateau_a_nan_first_evaluation_is_no_improvement_as_in_torch():
+    cfg = cfg_with({"name": "plateau", "plateau_patience": 1, "plateau_factor": 0.5}, eval_every=1)
+    ours = LRSchedule(cfg)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.train.lr)
+    reference = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, patience=1, factor=0.5)
+    for step, value in enumerate([float("nan"), 1.0, 0.9, 0.8, 0.7, 0.6]):  # improving after a NaN start
+        ours.observe({"eval_loss": value}, step)
+        reference.step(value)
+        assert ours.lr_at(step + 1) == optimizer.param_groups[0]["lr"] == cfg.train.lr, step  # was halved at 2
+
+
 def test_plateau_warmup_still_ramps():
     cfg = cfg_with({"name": "plateau", "warmup_steps": 4})
     schedule = LRSchedule(cfg, {"scale": 0.5})
