@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,9 +128,9 @@ def _no_improvement_for(cfg: Config, state: run_state.TrainState, metrics: dict)
     if value is None:
         raise UserError(f"eval.metric {cfg.eval.metric!r} is not among the eval metrics ({', '.join(metrics)})")
     best = state.best_metric
-    better = best is None or (
-        value < best - cfg.eval.min_delta if cfg.eval.mode == "min" else value > best + cfg.eval.min_delta
-    )
+    if best is None:  # as from best = inf (min) or -inf (max): a NaN first evaluation is no improvement
+        best = math.inf if cfg.eval.mode == "min" else -math.inf
+    better = value < best - cfg.eval.min_delta if cfg.eval.mode == "min" else value > best + cfg.eval.min_delta
     if better:
         state.best_metric, state.evals_without_improvement = value, 0
     else:

@@ -327,3 +327,18 @@ def test_a_crash_before_the_int8_export_completes_is_made_good_by_the_same_comma
         assert torch.equal(got, expected)
     steps = [r["step"] for r in read_rows(tmp_path / "run") if "eval_loss_dynamic_int8" in r]
     assert steps == [4, 8]
+
+
+@pytest.mark.parametrize(
+    "mode, values", [("min", [float("nan"), 3.0, 2.0, 1.0]), ("max", [float("nan"), 1.0, 2.0, 3.0])]
+)
+def test_early_stopping_counts_a_nan_first_evaluation_as_no_improvement(tmp_path, mode, values):
+    """A NaN first eval_loss became the best value, and every later (improving) one compared false
+    against it: the run stopped after `patience` evaluations while the metric improved."""
+    from dist_train.state import TrainState
+    from dist_train.trainer import _no_improvement_for
+
+    cfg = from_dict(config(tmp_path, eval={"mode": mode, "early_stopping_patience": 2}))
+    state = TrainState()
+    assert [_no_improvement_for(cfg, state, {"eval_loss": v}) for v in values] == [1, 0, 0, 0]
+    assert state.best_metric == values[-1]
