@@ -107,6 +107,11 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(key, value, row["step"])
 
+    def emit(self, row: dict) -> None:
+        """Write the row to metrics.jsonl (and TensorBoard) and show it on the console."""
+        self.write(row)
+        self.console(row)
+
     def text(self, tag: str, text: str) -> None:
         if self.tb is not None:
             self.tb.add_text(tag, text)

@@ -101,7 +101,8 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
     return StepResult(losses, count, grad_norm, nonfinite, outputs.dim() if isinstance(outputs, torch.Tensor) else 0)
 
 
-def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data, tokens, ctx) -> dict:
+def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data, tokens, ctx, metrics) -> None:
+    """The training row of the window that ends at this step: metrics.jsonl, TensorBoard, console."""
     loss, grad_norm = window.read()
     if window.longest_streak >= window.limit:
         raise TrainingError(
@@ -112,14 +113,8 @@ def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data,
     row.update(skipped_steps=window.skipped, peak_rss_mb=round(peak_rss_mb(), 1))
     if ctx.device.type == "cuda":
         row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
-    return row
-
-
-def _write_log_row(state, window: LossWindow, lr: float, throughput: Throughput, data, tokens, ctx, metrics) -> None:
-    row = _log_row(state, window, lr, throughput, data, tokens, ctx)
     state.skipped_steps = row["skipped_steps"]
-    metrics.write(row)
-    metrics.console(row)
+    metrics.emit(row)
 
 
 def _no_improvement_for(cfg: Config, state: run_state.TrainState, metrics: dict) -> int:
@@ -272,13 +267,12 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             window.add(result.losses, result.count, result.grad_norm, result.nonfinite)
             logged = state.step % cfg.log.every_steps == 0 or state.step == total_steps
             if logged:
-                _write_log_row(state, window, lr, throughput, data, tokens_per_sample, ctx, metrics)
+                _log_row(state, window, lr, throughput, data, tokens_per_sample, ctx, metrics)
             if eval_data is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
                 state.last_eval_step = state.step
                 with throughput.paused():  # evaluation is not training throughput; the watchdog re-armed per batch
                     eval_row = {"step": state.step, **_evaluate(strategy, loss_fn, eval_data, ctx, state.step, control)}
-                metrics.write(eval_row)
-                metrics.console(eval_row)
+                metrics.emit(eval_row)
                 state.lr_schedule = schedule.observe(eval_row, state.step)  # same metrics, same LR on every rank
                 patience = cfg.eval.early_stopping_patience  # eval.metric is read for early stopping only
                 if patience and _no_improvement_for(cfg, state, eval_row) >= patience:
@@ -290,7 +284,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
                     )
                     status, state.early_stopped = "early_stopped", True
                     if not logged:  # the run's last step: its window gets a row, as at train.max_steps
-                        _write_log_row(state, window, lr, throughput, data, tokens_per_sample, ctx, metrics)
+                        _log_row(state, window, lr, throughput, data, tokens_per_sample, ctx, metrics)
             last_step = state.step == total_steps or status == "early_stopped"
             if _checkpoint_due(cfg, state.step) and not last_step:  # the last one after the final evaluation
                 with throughput.paused():
@@ -308,8 +302,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
         elif cfg.eval.at_end and eval_data is not None and state.last_eval_step != state.step:
             state.last_eval_step = state.step
             eval_row = {"step": state.step, **_evaluate(strategy, loss_fn, eval_data, ctx, state.step)}
-            metrics.write(eval_row)
-            metrics.console(eval_row)
+            metrics.emit(eval_row)
         wanted = cfg.checkpoint.at_end or status == "preempted" or _checkpoint_due(cfg, state.step)
         if state.step > 0 and last_saved != state.step and wanted:
             _save(cfg, ctx, control, strategy, state, window, output_dir)
@@ -322,8 +315,7 @@ def train(cfg: Config, ctx: DistContext) -> dict:
             if int8_due:
 
                 def log_int8(int8_metrics: dict) -> None:
-                    metrics.write({"step": state.step, **int8_metrics})
-                    metrics.console({"step": state.step, **int8_metrics})
+                    metrics.emit({"step": state.step, **int8_metrics})
 
                 compression.export(strategy.module, ctx, output_dir, loss_fn, eval_data, log_int8)
     finally:
