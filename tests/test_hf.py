@@ -340,11 +340,12 @@ def test_bad_data_settings_are_user_errors(tmp_path):
     ],
     ids=["empty", "header-only", "broken-json", "latin1", "extra-field", "numeric-text"],
 )
-def test_unreadable_files_say_what_is_wrong(tmp_path, name, content, message):
+def test_unreadable_files_say_what_is_wrong(tmp_path, capfd, name, content, message):
     (tmp_path / name).write_bytes(content)
     with pytest.raises(UserError, match=message) as error:
         build_dataset("hf", "train", {"files": str(tmp_path / name), "task": "classification"})
     assert "\n" not in str(error.value) and "DatasetGenerationError" not in str(error.value)
+    assert "Failed to load" not in capfd.readouterr().err  # datasets' own log line came before ours
 
 
 # ---------------------------------------------------------------- 2 ranks

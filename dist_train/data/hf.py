@@ -226,6 +226,7 @@ def _preprocess(paths: dict[str, list[Path]], settings: dict, tokenizer: str, fm
 
     datasets = require("datasets", "hf", "data.name=hf")
     datasets.disable_progress_bars()  # rank 0's log stays readable
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # a file it cannot read: our one line says why
     encode, pad, eos, vocab = _encoder(tokenizer)
     task, length, text_column = settings["task"], settings["length"], settings["text_column"]
     splits = {name: _load_split(datasets, name, ps, fmt, settings, scratch) for name, ps in paths.items()}
