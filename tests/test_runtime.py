@@ -22,6 +22,7 @@ from helpers import (
 )
 
 from dist_train.config import from_dict
+from dist_train.slurm.job import _children
 
 pytestmark = pytest.mark.slow
 
@@ -239,17 +240,6 @@ def test_a_stop_signal_to_the_group_while_a_loader_worker_starts_checkpoints(tmp
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 75, proc.stderr.read()[-2000:]
     assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
 
 
 @pytest.mark.parametrize("sig, delay_s", [(signal.SIGUSR1, 0.3), (signal.SIGUSR1, 1.5), (signal.SIGTERM, 1.5)])
