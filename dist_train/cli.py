@@ -127,6 +127,16 @@ def console_script() -> None:
     exit_with(main())
 
 
+def _local_rank() -> int:
+    """This process's local rank, also before direct srun's variables became torchrun's (a config
+    error is raised before the process group exists): one line per node, not one per task."""
+    if "LOCAL_RANK" in os.environ or "SLURM_LOCALID" not in os.environ:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    from .distributed import detect_launcher
+
+    return int(os.environ["SLURM_LOCALID"]) if detect_launcher() == "srun" else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -140,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return import_object(SUBCOMMANDS[command], "sub-command")(rest)
     except UserError as err:
-        if not err.same_on_every_rank or os.environ.get("LOCAL_RANK", "0") == "0":
+        if not err.same_on_every_rank or _local_rank() == 0:
             sys.stderr.write(f"dist_train: error: {err}\n")  # one write: ranks sharing a terminal cannot split it
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -347,6 +347,18 @@ def test_srun_environment_last_node_and_user_master(clean_env):
     assert seen["MASTER_PORT"] == "23456"  # an exported port is kept
 
 
+def test_srun_config_error_is_said_once_per_node(tmp_path):
+    # direct srun: the config is read before RANK/LOCAL_RANK are derived from SLURM's variables
+    config = write_config(tmp_path / "bad.yaml", tiny_lm_config(tmp_path / "run", train={"lr": "abc"}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("RANK", "LOCAL_RANK")}
+    env.update(STEP, SLURM_NTASKS="8", SLURM_STEP_NUM_TASKS="8", PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    for local_id, lines in (("1", 0), ("0", 1)):
+        cmd = [PYTHON, "-m", "dist_train", "--config", str(config)]
+        out = subprocess.run(cmd, env={**env, "SLURM_LOCALID": local_id}, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr.count("dist_train: error: `train.lr`") == lines, (local_id, out.stderr)
+
+
 def test_srun_ports_stay_below_the_ephemeral_range_and_differ_per_step():
     ports = {(job, step): 15000 + (16 * job + step) % 17000 for job in range(1, 50000, 7) for step in range(3)}
     assert all(15000 <= port < 32000 for port in ports.values())
