@@ -116,7 +116,10 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
     torchrun's static rendezvous keeps one store across `--max-restarts` attempts, so restarted
     workers could read the previous attempt's gloo/NCCL addresses and fail to connect; a prefix
     per attempt gives every attempt fresh keys. Under torchrun (and spawn.py) the launcher hosts
-    the store and every rank is a client; otherwise (direct srun) rank 0 hosts it.
+    the store and every rank is a client; otherwise (direct srun, or a c10d rendezvous that does
+    not share its store: a fresh store per round, hosted by rank 0) rank 0 hosts it, and the prefix
+    is left out: the restart count is each node's own (a node whose ranks did not fail restarts
+    them without counting), so ranks of different nodes would wait under different prefixes.
     """
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
     store = dist.TCPStore(
@@ -127,7 +130,7 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
         timeout=timeout,
         multi_tenant=True,
     )
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_hosts_store else "0"
     return dist.PrefixStore(f"dist_train/attempt-{attempt}", store)
 
 

@@ -220,3 +220,42 @@ def test_torchrun_elastic_restart_after_a_rank_is_killed(tmp_path):
     rows = read_rows(tmp_path / "out")
     assert [r["resumed_from"] for r in rows if "resumed_from" in r] == ["step-00000004"]  # died in step 5
     assert max_abs_diff(load_weights(tmp_path / "ref"), load_weights(tmp_path / "out")) == 0.0
+
+
+def test_two_node_c10d_restart_when_only_one_node_failed(tmp_path):
+    """Two `dist-train torchrun` agents ("nodes") in one c10d rendezvous with --max-restarts: rank 1
+    dies while rank 0 is busy outside a collective, so node 0's agent restarts its rank for the
+    waiting node without counting a restart (TORCHELASTIC_RESTART_COUNT 0 there, 1 on node 1).
+    The restarted ranks still meet, resume and finish."""
+    config = resume_config(tmp_path / "out")
+    config["data"]["delay"] = 0.1  # about 1 s of loading per step: rank 0 is seldom in a collective
+    config["train"]["max_steps"] = 6
+    config["checkpoint"]["every_steps"] = 2
+    config["eval"]["every_steps"] = None
+    config["dist"] = {"timeout_s": 20}
+    path = write_config(tmp_path / "c.yaml", config)
+    port, env = free_port(), {**os.environ, **ENV, "OMP_NUM_THREADS": "1"}
+    rdzv = [f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_backend=c10d", "--rdzv_id=two-nodes", "--max-restarts=1"]
+    cmd = [PYTHON, "-m", "dist_train", "torchrun", "--nnodes=2", "--nproc_per_node=1", *rdzv]
+    cmd += ["-m", "dist_train", "--config", str(path)]
+    agents = [
+        subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    try:
+        wait_for_checkpoint(tmp_path / "out", agents[0])
+        ranks = {}
+        for agent in agents:
+            for pid in children(agent.pid):
+                rank = [v for v in Path(f"/proc/{pid}/environ").read_text().split("\0") if v.startswith("RANK=")]
+                ranks[rank[0]] = pid
+        os.kill(ranks["RANK=0"], signal.SIGSTOP)  # busy: its agent sees the waiting node, not a failure
+        os.kill(ranks["RANK=1"], signal.SIGKILL)
+        time.sleep(3)
+        os.kill(ranks["RANK=0"], signal.SIGCONT)
+        codes = [agent.wait(timeout=120) for agent in agents]
+    finally:
+        for agent in agents:
+            agent.kill()
+    assert codes == [0, 0], [agent.stderr.read()[-3000:] for agent in agents]
+    rows = read_rows(tmp_path / "out")
+    assert len([r for r in rows if "resumed_from" in r]) == 1 and rows[-1]["step"] == 6

@@ -94,6 +94,9 @@ def _forward_stop_signals_to_ranks() -> None:
 
 def torchrun_main(argv: list[str]) -> int:
     _forward_stop_signals_to_ranks()  # first: a stop signal during the imports below is kept too
+    # c10d rendezvous: a fresh store per round. A shared one keeps the earlier rounds' keys, and the
+    # restart count that would tell them apart differs between nodes (see distributed.rendezvous_store).
+    os.environ.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
