@@ -35,9 +35,6 @@ def factory(path: str):
     return getattr(importlib.import_module(module), name)
 
 
-CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
-
-
 def loss_function(spec: dict):
     """Mean cross-entropy over fp32 logits, through torch.compile when the model is compiled (as
     dist_train compiles its loss under train.compile), in the model's mode less its CUDA graphs

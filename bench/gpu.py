@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -27,7 +28,7 @@ from pathlib import Path
 
 from .harness import SIDES, Cell, run_pair, run_side, summarise_cell
 from .report import machine_info
-from .workloads import Workload
+from .workloads import CUDA_GRAPH_MODES, Workload
 
 GPT2_SMALL = Workload(
     name="gpt2_small",
@@ -59,6 +60,11 @@ TINY = GPT2_SMALL.scaled(
 )
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# What a variant may change (bench/gpu_session.sh tries each alone, then stacks the ones that helped)
+VARIANT_KEYS = ("strategy", "grad_accum", "micro_batch", "compile_mode", "coordinate_descent")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -66,17 +72,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-compile", action="store_true", help="eager mode on both sides")
     parser.add_argument(
         "--compile-mode",
-        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        choices=COMPILE_MODES,
         default="default",
         help="torch.compile mode on both sides (dist_train: train.compile_mode)",
     )
+    parser.add_argument(
+        "--coordinate-descent",
+        action="store_true",
+        help="Inductor tunes each generated kernel's block sizes (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1)",
+    )
+    parser.add_argument(
+        "--strategy",
+        choices=("ddp", "fsdp"),
+        default="ddp",
+        help="fsdp: FSDP2 on one GPU under torchrun on both sides (bf16 parameters for compute, fp32 "
+        "master weights; no resharding after forward)",
+    )
     parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 32; tiny 4)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step")
     parser.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default 60; tiny 8)")
     parser.add_argument("--repeats", type=int, default=2, help="dist_train / hand-written pairs")
+    parser.add_argument(
+        "--dist-train-only",
+        action="store_true",
+        help="run dist_train alone (tokens/s and MFU of a variant; no hand-written side, no ratios)",
+    )
     parser.add_argument(
         "--no-warmup-pair",
         action="store_true",
         help="skip the unmeasured first pair that fills the compile caches (else the first side measured pays it)",
+    )
+    parser.add_argument(
+        "--stack",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        default=None,
+        help="a baseline report then variant reports: run once more with the change of every variant that "
+        "beat the baseline's dist_train tokens/s by more than 0.5 %% (per changed option, the best one)",
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
@@ -84,7 +117,50 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 3:
         parser.error("--steps must be at least 3: one warm-up step and two timed ones")
+    if args.grad_accum < 1:
+        parser.error("--grad-accum must be at least 1")
+    if args.strategy == "fsdp" and args.compile_mode in CUDA_GRAPH_MODES:
+        parser.error(f"--strategy fsdp with --compile-mode {args.compile_mode}: FSDP2 does not replay as CUDA graphs")
     return args
+
+
+def variant_options(args: argparse.Namespace) -> dict:
+    return {key: getattr(args, key) for key in VARIANT_KEYS}
+
+
+def dist_train_tokens_per_s(report: dict) -> float | None:
+    values = [runs[0]["tokens_per_s"] for runs in report.get("runs", []) if runs[0]["ok"]]
+    return statistics.median(values) if values else None
+
+
+def stacked_options(baseline: dict, variants: list[dict], margin: float = 0.005) -> dict:
+    """The options of every variant that beat the baseline's dist_train tokens/s by more than `margin`:
+    for each option, the value of the fastest such variant. {} when none did.
+
+    Compile modes stack as torch defines them: tuned kernels (max-autotune-no-cudagraphs) and CUDA
+    graphs (reduce-overhead) both winning make max-autotune; FSDP2 and CUDA graphs do not mix, so
+    the faster of the two stays (with tuned kernels if they won too)."""
+    base_rate, base = dist_train_tokens_per_s(baseline), baseline["options"]
+    best: dict[str, tuple[float, object]] = {}
+    modes: dict[str, float] = {}
+    for variant in variants:
+        rate = dist_train_tokens_per_s(variant)
+        if base_rate is None or rate is None or rate <= base_rate * (1 + margin):
+            continue
+        modes[variant["options"]["compile_mode"]] = rate
+        for key, value in variant["options"].items():
+            if value != base.get(key) and (key not in best or rate > best[key][0]):
+                best[key] = (rate, value)
+    stacked = {key: value for key, (_, value) in best.items()}
+    tuned = "max-autotune-no-cudagraphs" in modes
+    if tuned and "reduce-overhead" in modes:
+        stacked["compile_mode"] = "max-autotune"
+    if stacked.get("strategy") == "fsdp" and stacked.get("compile_mode") in CUDA_GRAPH_MODES:
+        if best["strategy"][0] >= max(modes.get(mode, 0.0) for mode in CUDA_GRAPH_MODES):
+            stacked["compile_mode"] = "max-autotune-no-cudagraphs" if tuned else base["compile_mode"]
+        else:
+            stacked["strategy"] = base["strategy"]
+    return {key: value for key, value in stacked.items() if value != base.get(key)}
 
 
 def gpu_peak_tflops() -> tuple[str, float | None]:
@@ -127,8 +203,74 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.stack:
+        baseline, *variants = args.stack
+        if not baseline.is_file():
+            print(f"bench.gpu --stack: no baseline report at {baseline}; nothing to run")
+            return 0
+        variants = [json.loads(path.read_text()) for path in variants if path.is_file()]
+        stacked = stacked_options(json.loads(baseline.read_text()), variants)
+        if not stacked:
+            print(f"bench.gpu --stack: no variant in {len(variants)} report(s) beat the baseline; nothing to run")
+            return 0
+        print(f"bench.gpu --stack: {stacked}", flush=True)
+        for key, value in stacked.items():
+            setattr(args, key, value)
+    cell = build_cell(args)
+    workload = cell.workload
+    per_token = flops_per_token(workload)
+    gpu, peak = gpu_peak_tflops() if args.device == "cuda" else (None, None)
+    sides = SIDES[:1] if args.dist_train_only else SIDES
+
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dist_train_bench_gpu_"))
+    started = time.time()
+    runs = []
+    try:
+        if workload.compile and not args.no_warmup_pair:
+            print("warm-up (compile caches; not measured) ...", flush=True)
+            for side in sides:
+                run_side(cell, side, root / f"warmup-{side}", threads=0, timeout=args.timeout)
+        for repeat in range(args.repeats):
+            if args.dist_train_only:
+                records = [run_side(cell, "dist_train", root / f"{repeat}-dist_train", threads=0, timeout=args.timeout)]
+            else:
+                records = run_pair(cell, repeat, root, threads=0, timeout=args.timeout, hand_first=repeat % 2 == 1)
+            by_side = {}
+            for record in records:
+                by_side[record["side"]] = record
+                measure(record, per_token, peak)
+                print(f"[{repeat + 1}/{args.repeats}] {describe(record)}", flush=True)
+            runs.append([by_side[side] for side in sides])
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+    if args.dist_train_only:
+        summary = {"ok": any(r[0]["ok"] for r in runs), "dist_train_only": True}
+    else:
+        summary = summarise_cell([tuple(r) for r in runs])
+    report = {
+        "machine": machine_info(),
+        "gpu": gpu,
+        "peak_bf16_tflops": peak,
+        "options": variant_options(args),
+        "workload": workload.spec(cell.strategy),
+        "flops_per_token": per_token,
+        "elapsed_s": time.time() - started,
+        "summary": summary,
+        "runs": runs,
+    }
+    print(gpu_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.json}")
+    return 0 if summary.get("ok") else 1
+
+
+def build_cell(args: argparse.Namespace) -> Cell:
+    """The workload and launcher the options ask for."""
     workload = TINY if args.tiny else GPT2_SMALL
-    changes = {"device": args.device}
+    changes = {"device": args.device, "grad_accum_steps": args.grad_accum}
     if args.no_compile:
         changes["compile"] = False
     elif args.compile_mode != "default":
@@ -138,85 +280,67 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps:
         changes["steps"] = args.steps
         changes["warmup_steps"] = max(1, min(workload.warmup_steps, args.steps // 3))
-    workload = workload.scaled(**changes)
-    cell = Cell(workload, world_size=1, launcher="single")
-    per_token = flops_per_token(workload)
-    gpu, peak = gpu_peak_tflops() if args.device == "cuda" else (None, None)
+    if args.coordinate_descent:  # Inductor reads it at import, in each run's process (run_env copies os.environ)
+        os.environ["TORCHINDUCTOR_COORDINATE_DESCENT_TUNING"] = "1"
+    if args.strategy == "fsdp":  # FSDP2 needs a process group: torchrun, one rank; one GPU gains nothing by resharding
+        changes["strategy_options"] = {"reshard_after_forward": False}
+        return Cell(workload.scaled(**changes), world_size=1, strategy="fsdp", launcher="torchrun")
+    return Cell(workload.scaled(**changes), world_size=1, launcher="single")
 
-    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="dist_train_bench_gpu_"))
-    started = time.time()
-    pairs = []
-    try:
-        if workload.compile and not args.no_warmup_pair:
-            print("warm-up pair (compile caches; not measured) ...", flush=True)
-            for side in SIDES:
-                run_side(cell, side, root / f"warmup-{side}", threads=0, timeout=args.timeout)
-        for repeat in range(args.repeats):
-            pair = {}
-            for record in run_pair(cell, repeat, root, threads=0, timeout=args.timeout, hand_first=repeat % 2 == 1):
-                side = record["side"]
-                if record["ok"]:
-                    record["mfu"] = record["tokens_per_s"] * per_token / (peak * 1e12) if peak else None
-                    if side == "dist_train":
-                        record["logged_mfu"] = logged_mfu(record["run_dir"])
-                    print(
-                        f"[{repeat + 1}/{args.repeats}] {side:<10} {record['tokens_per_s']:10.0f} tokens/s"
-                        + (f"  MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""),
-                        flush=True,
-                    )
-                else:
-                    print(f"[{repeat + 1}/{args.repeats}] {side:<10} FAILED\n{record.get('log_tail', '')}", flush=True)
-                pair[side] = record
-            pairs.append((pair["dist_train"], pair["hand"]))
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
 
-    summary = summarise_cell(pairs)
-    report = {
-        "machine": machine_info(),
-        "gpu": gpu,
-        "peak_bf16_tflops": peak,
-        "workload": workload.spec(),
-        "flops_per_token": per_token,
-        "elapsed_s": time.time() - started,
-        "summary": summary,
-        "runs": [list(p) for p in pairs],
-    }
-    print(gpu_table(report))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
-        print(f"wrote {args.json}")
-    return 0 if summary.get("ok") else 1
+def measure(record: dict, per_token: float, peak: float | None) -> None:
+    """Add MFU (and dist_train's own logged MFU) to a finished run's record."""
+    if not record["ok"]:
+        return
+    record["mfu"] = record["tokens_per_s"] * per_token / (peak * 1e12) if peak else None
+    if record["side"] == "dist_train":
+        record["logged_mfu"] = logged_mfu(record["run_dir"])
+
+
+def describe(record: dict) -> str:
+    if not record["ok"]:
+        return f"{record['side']:<10} FAILED\n{record.get('log_tail', '')}"
+    mfu = f"  MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
+    return f"{record['side']:<10} {record['tokens_per_s']:10.0f} tokens/s{mfu}"
 
 
 def gpu_table(report: dict) -> str:
     s = report["summary"]
     if not s.get("ok"):
         return "all runs failed"
-    ok = [(a, b) for a, b in report["runs"] if a["ok"] and b["ok"]]
+    sides = ("dist_train",) if s.get("dist_train_only") else ("dist_train", "hand")
+    ok = [r for r in report["runs"] if all(record["ok"] for record in r)]
 
     def median(values):
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
-    tokens = {side: median(r[i]["tokens_per_s"] for r in ok) for i, side in enumerate(("dist_train", "hand"))}
-    mfu = {side: median(r[i]["mfu"] for r in ok) for i, side in enumerate(("dist_train", "hand"))}
+    step = {side: median(r[i]["step_time_s"] for r in ok) for i, side in enumerate(sides)}
+    tokens = {side: median(r[i]["tokens_per_s"] for r in ok) for i, side in enumerate(sides)}
+    mfu = {side: median(r[i]["mfu"] for r in ok) for i, side in enumerate(sides)}
+    first = {side: median(r[i]["time_to_first_step_s"] for r in ok) for i, side in enumerate(sides)}
     fmt = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
     w = report["workload"]
-    lines = [
-        f"{w['name']}: {w['model_kwargs']}, micro-batch {w['micro_batch_size']}, {w['precision']}, "
-        f"compile {w['compile'] and w['compile_mode']}, device {report['gpu'] or 'cpu'} (peak {report['peak_bf16_tflops'] or 'n/a'} TFLOP/s)",
-        "| | dist_train | hand-written | ratio |",
-        "| --- | --- | --- | --- |",
-        f"| step ms | {s['step_time_s']['dist_train'] * 1e3:.1f} | {s['step_time_s']['hand'] * 1e3:.1f} "
-        f"| {s['step_time_s']['ratio']:.3f} |",
-        f"| tokens/s | {tokens['dist_train']:.0f} | {tokens['hand']:.0f} | {tokens['dist_train'] / tokens['hand']:.3f} |",
-        f"| MFU | {fmt(mfu['dist_train'])} | {fmt(mfu['hand'])} | |",
-        f"| time to first step s | {s['time_to_first_step_s']['dist_train']:.1f} "
-        f"| {s['time_to_first_step_s']['hand']:.1f} | {s['time_to_first_step_s']['ratio']:.3f} |",
+    rows = [
+        ("step ms", {side: f"{v * 1e3:.1f}" for side, v in step.items()}, "step_time_s"),
+        ("tokens/s", {side: f"{v:.0f}" for side, v in tokens.items()}, "samples_per_s"),
+        ("MFU", {side: fmt(v) for side, v in mfu.items()}, None),
+        ("time to first step s", {side: f"{v:.1f}" for side, v in first.items()}, "time_to_first_step_s"),
     ]
-    logged = median(a.get("logged_mfu") for a, _ in ok)
+    lines = [
+        f"{w['name']}: {w['model_kwargs']}, micro-batch {w['micro_batch_size']} x {w['grad_accum_steps']} micro-steps, "
+        f"{w['precision']}, {w['strategy']}, compile {w['compile'] and w['compile_mode']}, "
+        f"device {report['gpu'] or 'cpu'} (peak {report['peak_bf16_tflops'] or 'n/a'} TFLOP/s), options {report['options']}",
+        "| | "
+        + " | ".join("hand-written" if side == "hand" else side for side in sides)
+        + ("" if len(sides) == 1 else " | ratio")
+        + " |",
+        "| --- " * (len(sides) + 1 + (len(sides) > 1)) + "|",
+    ]
+    for label, cells, key in rows:
+        ratio = "" if len(sides) == 1 else f" | {s[key]['ratio']:.3f}" if key else " | "
+        lines.append(f"| {label} | " + " | ".join(cells[side] for side in sides) + ratio + " |")
+    logged = median(r[0].get("logged_mfu") for r in ok)
     if logged is not None:
         lines.append(f"dist_train's own logged mfu (metrics.jsonl): {logged:.1%}")
     return "\n".join(lines)

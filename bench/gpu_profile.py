@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from .common import CUDA_GRAPH_MODES, loss_function, param_groups
+from .common import loss_function, param_groups
 from .gpu import GPT2_SMALL, TINY, flops_per_token, gpu_peak_tflops
+from .workloads import CUDA_GRAPH_MODES
 
 KINDS = (  # first match wins, on the lower-cased kernel name
     ("attention", ("flash", "fmha", "attention", "sdpa")),

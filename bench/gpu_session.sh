@@ -1,28 +1,38 @@
 #!/usr/bin/env bash
-# Every GPU check in one command, for a session that is lent a GPU machine (no install step: that
-# machine's python3 already holds torch with CUDA, pyyaml, psutil, tqdm, pytest and pytest-timeout).
+# Every GPU check in one or two commands, for a session that is lent a GPU machine (no install step:
+# that machine's python3 already holds torch with CUDA, pyyaml, psutil, tqdm, pytest and pytest-timeout).
 #
-#   bash bench/gpu_session.sh [OUT_DIR]        # OUT_DIR defaults to $OUT, else ./gpu-session
+#   bash bench/gpu_session.sh [OUT_DIR] [all|mfu|tests]   # OUT_DIR defaults to $OUT, else ./gpu-session
 #
-# In order, each stage only while time is left (GPU_SESSION_BUDGET_S, default 420 s: no stage
-# starts after it; GPU_SESSION_LIMIT_S, default 540 s: a running stage is stopped there):
-#   gpu.txt             the GPU, driver, torch and CUDA versions
-#   pytest-gpu.txt      the CUDA-path tests (tests/test_gpu.py)
+# Each stage runs only while time is left (GPU_SESSION_BUDGET_S, default 420 s: no stage starts
+# after it; GPU_SESSION_LIMIT_S, default 540 s: a running stage is stopped there). Stages, in order:
+#   gpu.txt              the GPU, driver, torch and CUDA versions
+# mfu (the benchmark first: it is what issue 7 still needs a GPU for):
 #   bench-gpu.{txt,json} bench.gpu: dist_train vs hand-written tokens/s and MFU (GPT-2 small,
-#                       micro-batch 32, bf16, torch.compile, flash SDPA)
-#   variant-*.{txt,json} the same with one change each, one pair: train.compile_mode
-#                       reduce-overhead (CUDA graphs), max-autotune-no-cudagraphs, max-autotune,
-#                       and micro-batch 64
-#   profile.txt         bench.gpu_profile's GPU time per kernel kind at micro-batch 32
-# About 8-9 minutes on one H100/H200. Exit status: 0 when the tests and the benchmark passed.
+#                        micro-batch 32, bf16, torch.compile, flash SDPA), two pairs
+#   variant-*.{txt,json} dist_train alone with one change each, one run, cheapest first: 2 micro-steps
+#                        per optimizer step, CUDA graphs (reduce-overhead), FSDP2 (bf16 parameters,
+#                        fp32 master weights), micro-batch 64, tuned kernels
+#                        (max-autotune-no-cudagraphs), Inductor's coordinate-descent tuning
+#   stacked.{txt,json}   dist_train with every change that beat the baseline, stacked (bench.gpu --stack)
+#   profile.txt          bench.gpu_profile's GPU time per kernel kind at micro-batch 32
+# tests:
+#   pytest-gpu.txt       the CUDA-path tests (tests/test_gpu.py)
+# BENCH_GPU_ARGS go to every bench.gpu and bench.gpu_profile command: "--tiny --device cpu" smoke-tests
+# this script on a machine without a GPU.
+# `mfu` takes about 7-9 minutes on one H100, `tests` about 2: with one 15-minute device budget run
+# `mfu` (timeout_s 560), then `tests` on the still-warm machine. Exit status: 0 when what ran passed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu-session}}
+what=${2:-all}
 budget=${GPU_SESSION_BUDGET_S:-420}
 limit=${GPU_SESSION_LIMIT_S:-540}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
+read -r -a extra <<<"${BENCH_GPU_ARGS:-}"
+status=0
 
 # stage NAME COMMAND...: run COMMAND into $out/NAME.txt if the budget allows, stopped at the limit
 stage() {
@@ -40,15 +50,25 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
     2>&1 | tee -a "$out/gpu.txt"
 
-stage pytest-gpu "$python" -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_gpu.py
-tests=$?
-stage bench-gpu "$python" -m bench.gpu --json "$out/bench-gpu.json" --timeout 240
-bench=$?
-one_pair=(-m bench.gpu --repeats 1 --no-warmup-pair --timeout 240)  # step time only: compiling stays out of it
-for mode in reduce-overhead max-autotune-no-cudagraphs max-autotune; do
-    stage "variant-$mode" "$python" "${one_pair[@]}" --compile-mode "$mode" --json "$out/variant-$mode.json"
-done
-stage variant-mb64 "$python" "${one_pair[@]}" --micro-batch 64 --json "$out/variant-mb64.json"
-stage profile "$python" -m bench.gpu_profile --micro-batch 32
-echo "bench.gpu exit $bench, tests exit $tests, ${SECONDS}s"
-[ "$tests" -eq 0 ] && [ "$bench" -eq 0 ]
+if [ "$what" != tests ]; then
+    stage bench-gpu "$python" -m bench.gpu "${extra[@]}" --json "$out/bench-gpu.json" --timeout 240 || status=1
+    one=(-m bench.gpu "${extra[@]}" --dist-train-only --repeats 1 --no-warmup-pair --timeout 240)  # step time: compiling stays out
+    variant() {  # variant NAME OPTIONS...
+        local name=$1
+        shift
+        stage "variant-$name" "$python" "${one[@]}" "$@" --json "$out/variant-$name.json"
+    }
+    variant accum2 --grad-accum 2
+    variant reduce-overhead --compile-mode reduce-overhead
+    variant fsdp --strategy fsdp
+    variant mb64 --micro-batch 64
+    variant max-autotune-no-cudagraphs --compile-mode max-autotune-no-cudagraphs
+    variant coordinate-descent --coordinate-descent
+    stage stacked "$python" "${one[@]}" --stack "$out/bench-gpu.json" "$out"/variant-*.json --json "$out/stacked.json"
+    stage profile "$python" -m bench.gpu_profile "${extra[@]}" --micro-batch 32
+fi
+if [ "$what" != mfu ]; then
+    stage pytest-gpu "$python" -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_gpu.py || status=1
+fi
+echo "gpu_session $what: exit $status, ${SECONDS}s"
+exit "$status"

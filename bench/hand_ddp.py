@@ -19,7 +19,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bench.common import (
-    CUDA_GRAPH_MODES,
     StepTimes,
     batches,
     exit_now,
@@ -30,6 +29,7 @@ from bench.common import (
     save_weights,
     train_loader,
 )
+from bench.workloads import CUDA_GRAPH_MODES
 
 
 def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:

@@ -2,9 +2,11 @@
 
     torchrun --nproc_per_node=2 -m bench.hand_fsdp --spec '{...}'
 
-`fully_shard` on every repeated block, then the root (as dist_train does); fused AdamW on the
-sharded parameters with the same groups; no gradient reduce-scatter on accumulation micro-steps
-(`set_requires_gradient_sync(False)`); clipping of the global norm.
+`fully_shard` on every repeated block, then the root (as dist_train does), with bf16 parameters
+for compute and fp32 gradient reduction when the spec asks for bf16, after `model.compile()` when it
+asks for compile; fused AdamW on the sharded parameters with the same groups; no gradient
+reduce-scatter on accumulation micro-steps (`set_requires_gradient_sync(False)`); clipping of the
+global norm.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from bench.common import StepTimes, batches, exit_now, factory, loss_function, param_groups, parse_spec, train_loader
 
@@ -25,10 +27,16 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
     rank, world_size = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(spec["seed"])
     model = factory(spec["model_factory"])(**spec["model_kwargs"]).to(device)
+    if spec["compile"]:
+        model.compile(mode=spec["compile_mode"])
     mesh = init_device_mesh(device.type, (world_size,))
+    bf16 = spec["precision"] == "bf16"
+    fp32 = MixedPrecisionPolicy()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else fp32
+    reshard = spec["strategy_options"].get("reshard_after_forward", True)
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
     optimizer = torch.optim.AdamW(
         param_groups(model, spec["weight_decay"]), lr=spec["lr"], betas=spec["betas"], eps=spec["eps"], fused=True
     )
@@ -40,7 +48,7 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
     for step in range(1, spec["steps"] + 1):
         for micro in range(accum):
             inputs, targets = next(data)
-            inputs, targets = inputs.to(device), targets.to(device)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             model.set_requires_gradient_sync(micro == accum - 1)
             loss = loss_fn(model(inputs), targets) / accum
             loss.backward()
@@ -55,7 +63,7 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
 
 def main() -> None:
     spec = parse_spec()
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() and spec.get("device", "auto") != "cpu"
     dist.init_process_group("nccl" if cuda else "gloo")
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that replay CUDA graphs
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -35,6 +37,7 @@ class Workload:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode (train.compile_mode)
     device: str = "auto"  # "cpu" keeps a one-process run off the GPU (dist_train: dist.backend=gloo)
+    strategy_options: dict = dataclasses.field(default_factory=dict)  # more `strategy.*` keys, both sides
 
     def scaled(self, **changes) -> Workload:
         return dataclasses.replace(self, **changes)
@@ -75,6 +78,7 @@ class Workload:
             "checkpoint": {"every_steps": None, "at_end": False, "resume": "never"},
             "log": {"every_steps": self.log_every, "progress": "lines", "plot": False},
         }
+        cfg["strategy"].update(self.strategy_options)
         if strategy == "deepspeed":
             cfg["strategy"]["zero_stage"] = zero_stage
         if self.device == "cpu":

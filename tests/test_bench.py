@@ -16,6 +16,9 @@ from bench import cli as bench_cli
 from bench.harness import Cell, command, run_env
 from bench.workloads import LM, RESNET, smoke
 
+# bench.gpu --strategy fsdp: bf16 parameters for compute, fp32 master weights, no resharding after forward
+LM_BF16 = LM.scaled(precision="bf16", strategy_options={"reshard_after_forward": False})
+
 
 @pytest.mark.slow
 def test_bench_smoke_writes_table_and_json(tmp_path):
@@ -121,8 +124,8 @@ def test_gpu_bench_needs_a_timed_step():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("workload", "strategy", "zero_stage"),
-    [(LM, "ddp", 0), (RESNET, "ddp", 0), (LM, "fsdp", 0), (LM, "deepspeed", 2)],
-    ids=["lm-ddp", "resnet-ddp", "lm-fsdp", "lm-zero2"],
+    [(LM, "ddp", 0), (RESNET, "ddp", 0), (LM, "fsdp", 0), (LM, "deepspeed", 2), (LM_BF16, "fsdp", 0)],
+    ids=["lm-ddp", "resnet-ddp", "lm-fsdp", "lm-zero2", "lm-fsdp-bf16"],
 )
 def test_both_sides_train_the_same_model(tmp_path, workload, strategy, zero_stage):
     """dist_train and the hand-written loop (2 ranks, accumulation 2 without gradient sync on the first
@@ -169,6 +172,25 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     report = json.loads(out.read_text())
     assert report["summary"]["ok"] and report["flops_per_token"] > 0
     assert report["workload"]["precision"] == "bf16"
+    assert [r["side"] for r in report["runs"][0]] == ["dist_train", "hand"]
+
+    # a variant alone (dist_train only), then the variants that beat the baseline stacked
+    variant, stacked = tmp_path / "variant.json", tmp_path / "stacked.json"
+    only = ["--tiny", "--device", "cpu", "--no-compile", "--repeats", "1", "--dist-train-only"]
+    proc = run_cli([PYTHON, "-m", "bench.gpu", *only, "--grad-accum", "2", "--json", str(variant)], timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(variant.read_text())
+    assert report["options"]["grad_accum"] == 2 and report["workload"]["grad_accum_steps"] == 2
+    assert [r["side"] for r in report["runs"][0]] == ["dist_train"] and "hand-written" not in proc.stdout
+    run = report["runs"][0][0]  # an optimizer step takes two micro-batches of 4 sequences
+    assert run["samples_per_s"] == pytest.approx(8 / run["step_time_s"])
+    proc = run_cli([PYTHON, "-m", "bench.gpu", *only, "--stack", str(out), str(variant), "--json", str(stacked)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    if stacked.is_file():  # accumulation beat the baseline: the stacked run has it
+        assert "bench.gpu --stack: {'grad_accum': 2}" in proc.stdout
+        assert json.loads(stacked.read_text())["options"]["grad_accum"] == 2
+    else:
+        assert "beat the baseline; nothing to run" in proc.stdout
 
 
 @pytest.mark.slow
@@ -201,3 +223,32 @@ def test_compile_on_cpu_keeps_bare_state_dict_keys_and_follows_eager(tmp_path):
     assert set(weights) == set(transformer_lm(**{k: v for k, v in config["model"].items() if k != "name"}).state_dict())
     assert len(runs["compiled"]) == 3 and runs["compiled"] == pytest.approx(runs["eager"], rel=1e-5)
     assert max_abs_diff(weights, load_weights(tmp_path / "eager")) < 1e-5
+
+
+def test_gpu_bench_stacks_the_variants_that_beat_the_baseline():
+    from bench.gpu import stacked_options
+
+    base_options = {"strategy": "ddp", "grad_accum": 1, "micro_batch": None, "compile_mode": "default"}
+
+    def report(rate, **changes):
+        run = {"ok": True, "tokens_per_s": rate}
+        return {"options": {**base_options, **changes}, "runs": [[run, {"ok": True}]]}
+
+    baseline = report(100.0)
+    assert stacked_options(baseline, [report(100.4, grad_accum=2), report(90.0, micro_batch=64)]) == {}
+    assert stacked_options(baseline, [report(102.0, grad_accum=2), report(99.0, micro_batch=64)]) == {"grad_accum": 2}
+    both_modes = [
+        report(103.0, compile_mode="reduce-overhead"),
+        report(102.0, compile_mode="max-autotune-no-cudagraphs"),
+    ]
+    assert stacked_options(baseline, both_modes) == {"compile_mode": "max-autotune"}
+    # FSDP2 and CUDA graphs do not mix: the faster of the two stays
+    assert stacked_options(baseline, [*both_modes, report(105.0, strategy="fsdp")]) == {
+        "strategy": "fsdp",
+        "compile_mode": "max-autotune-no-cudagraphs",
+    }
+    assert stacked_options(baseline, [both_modes[0], report(101.0, strategy="fsdp")]) == {
+        "compile_mode": "reduce-overhead"
+    }
+    failed = {"options": {**base_options, "micro_batch": 64}, "runs": [[{"ok": False}]]}
+    assert stacked_options(baseline, [failed]) == {}
