@@ -20,14 +20,14 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from .gpu_variants import stacked_options, variant_options
 from .harness import SIDES, Cell, run_pair, run_side, summarise_cell
-from .report import machine_info
+from .report import gpu_table, machine_info
 from .workloads import CUDA_GRAPH_MODES, Workload
 
 GPT2_SMALL = Workload(
@@ -61,8 +61,6 @@ TINY = GPT2_SMALL.scaled(
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-# What a variant may change (bench/gpu_session.sh tries each alone, then stacks the ones that helped)
-VARIANT_KEYS = ("strategy", "grad_accum", "micro_batch", "compile_mode", "coordinate_descent")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -122,45 +120,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.strategy == "fsdp" and args.compile_mode in CUDA_GRAPH_MODES:
         parser.error(f"--strategy fsdp with --compile-mode {args.compile_mode}: FSDP2 does not replay as CUDA graphs")
     return args
-
-
-def variant_options(args: argparse.Namespace) -> dict:
-    return {key: getattr(args, key) for key in VARIANT_KEYS}
-
-
-def dist_train_tokens_per_s(report: dict) -> float | None:
-    values = [runs[0]["tokens_per_s"] for runs in report.get("runs", []) if runs[0]["ok"]]
-    return statistics.median(values) if values else None
-
-
-def stacked_options(baseline: dict, variants: list[dict], margin: float = 0.005) -> dict:
-    """The options of every variant that beat the baseline's dist_train tokens/s by more than `margin`:
-    for each option, the value of the fastest such variant. {} when none did.
-
-    Compile modes stack as torch defines them: tuned kernels (max-autotune-no-cudagraphs) and CUDA
-    graphs (reduce-overhead) both winning make max-autotune; FSDP2 and CUDA graphs do not mix, so
-    the faster of the two stays (with tuned kernels if they won too)."""
-    base_rate, base = dist_train_tokens_per_s(baseline), baseline["options"]
-    best: dict[str, tuple[float, object]] = {}
-    modes: dict[str, float] = {}
-    for variant in variants:
-        rate = dist_train_tokens_per_s(variant)
-        if base_rate is None or rate is None or rate <= base_rate * (1 + margin):
-            continue
-        modes[variant["options"]["compile_mode"]] = rate
-        for key, value in variant["options"].items():
-            if value != base.get(key) and (key not in best or rate > best[key][0]):
-                best[key] = (rate, value)
-    stacked = {key: value for key, (_, value) in best.items()}
-    tuned = "max-autotune-no-cudagraphs" in modes
-    if tuned and "reduce-overhead" in modes:
-        stacked["compile_mode"] = "max-autotune"
-    if stacked.get("strategy") == "fsdp" and stacked.get("compile_mode") in CUDA_GRAPH_MODES:
-        if best["strategy"][0] >= max(modes.get(mode, 0.0) for mode in CUDA_GRAPH_MODES):
-            stacked["compile_mode"] = "max-autotune-no-cudagraphs" if tuned else base["compile_mode"]
-        else:
-            stacked["strategy"] = base["strategy"]
-    return {key: value for key, value in stacked.items() if value != base.get(key)}
 
 
 def gpu_peak_tflops() -> tuple[str, float | None]:
@@ -302,48 +261,6 @@ def describe(record: dict) -> str:
         return f"{record['side']:<10} FAILED\n{record.get('log_tail', '')}"
     mfu = f"  MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
     return f"{record['side']:<10} {record['tokens_per_s']:10.0f} tokens/s{mfu}"
-
-
-def gpu_table(report: dict) -> str:
-    s = report["summary"]
-    if not s.get("ok"):
-        return "all runs failed"
-    sides = ("dist_train",) if s.get("dist_train_only") else ("dist_train", "hand")
-    ok = [r for r in report["runs"] if all(record["ok"] for record in r)]
-
-    def median(values):
-        values = [v for v in values if v is not None]
-        return statistics.median(values) if values else None
-
-    step = {side: median(r[i]["step_time_s"] for r in ok) for i, side in enumerate(sides)}
-    tokens = {side: median(r[i]["tokens_per_s"] for r in ok) for i, side in enumerate(sides)}
-    mfu = {side: median(r[i]["mfu"] for r in ok) for i, side in enumerate(sides)}
-    first = {side: median(r[i]["time_to_first_step_s"] for r in ok) for i, side in enumerate(sides)}
-    fmt = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
-    w = report["workload"]
-    rows = [
-        ("step ms", {side: f"{v * 1e3:.1f}" for side, v in step.items()}, "step_time_s"),
-        ("tokens/s", {side: f"{v:.0f}" for side, v in tokens.items()}, "samples_per_s"),
-        ("MFU", {side: fmt(v) for side, v in mfu.items()}, None),
-        ("time to first step s", {side: f"{v:.1f}" for side, v in first.items()}, "time_to_first_step_s"),
-    ]
-    lines = [
-        f"{w['name']}: {w['model_kwargs']}, micro-batch {w['micro_batch_size']} x {w['grad_accum_steps']} micro-steps, "
-        f"{w['precision']}, {w['strategy']}, compile {w['compile'] and w['compile_mode']}, "
-        f"device {report['gpu'] or 'cpu'} (peak {report['peak_bf16_tflops'] or 'n/a'} TFLOP/s), options {report['options']}",
-        "| | "
-        + " | ".join("hand-written" if side == "hand" else side for side in sides)
-        + ("" if len(sides) == 1 else " | ratio")
-        + " |",
-        "| --- " * (len(sides) + 1 + (len(sides) > 1)) + "|",
-    ]
-    for label, cells, key in rows:
-        ratio = "" if len(sides) == 1 else f" | {s[key]['ratio']:.3f}" if key else " | "
-        lines.append(f"| {label} | " + " | ".join(cells[side] for side in sides) + ratio + " |")
-    logged = median(r[0].get("logged_mfu") for r in ok)
-    if logged is not None:
-        lines.append(f"dist_train's own logged mfu (metrics.jsonl): {logged:.1%}")
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
-"""The results table (plain text, Markdown-compatible) and the machine description."""
+"""The results tables (plain text, Markdown-compatible: `python -m bench` and bench.gpu) and the machine description."""
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 
 
 def machine_info() -> dict:
@@ -87,4 +88,46 @@ def table(report: dict) -> str:
         )
     for note in report["notes"]:
         lines.append(f"note: {note}")
+    return "\n".join(lines)
+
+
+def gpu_table(report: dict) -> str:
+    s = report["summary"]
+    if not s.get("ok"):
+        return "all runs failed"
+    sides = ("dist_train",) if s.get("dist_train_only") else ("dist_train", "hand")
+    ok = [r for r in report["runs"] if all(record["ok"] for record in r)]
+
+    def median(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    step = {side: median(r[i]["step_time_s"] for r in ok) for i, side in enumerate(sides)}
+    tokens = {side: median(r[i]["tokens_per_s"] for r in ok) for i, side in enumerate(sides)}
+    mfu = {side: median(r[i]["mfu"] for r in ok) for i, side in enumerate(sides)}
+    first = {side: median(r[i]["time_to_first_step_s"] for r in ok) for i, side in enumerate(sides)}
+    fmt = lambda v: "n/a" if v is None else f"{v:.1%}"  # noqa: E731
+    w = report["workload"]
+    rows = [
+        ("step ms", {side: f"{v * 1e3:.1f}" for side, v in step.items()}, "step_time_s"),
+        ("tokens/s", {side: f"{v:.0f}" for side, v in tokens.items()}, "samples_per_s"),
+        ("MFU", {side: fmt(v) for side, v in mfu.items()}, None),
+        ("time to first step s", {side: f"{v:.1f}" for side, v in first.items()}, "time_to_first_step_s"),
+    ]
+    lines = [
+        f"{w['name']}: {w['model_kwargs']}, micro-batch {w['micro_batch_size']} x {w['grad_accum_steps']} micro-steps, "
+        f"{w['precision']}, {w['strategy']}, compile {w['compile'] and w['compile_mode']}, "
+        f"device {report['gpu'] or 'cpu'} (peak {report['peak_bf16_tflops'] or 'n/a'} TFLOP/s), options {report['options']}",
+        "| | "
+        + " | ".join("hand-written" if side == "hand" else side for side in sides)
+        + ("" if len(sides) == 1 else " | ratio")
+        + " |",
+        "| --- " * (len(sides) + 1 + (len(sides) > 1)) + "|",
+    ]
+    for label, cells, key in rows:
+        ratio = "" if len(sides) == 1 else f" | {s[key]['ratio']:.3f}" if key else " | "
+        lines.append(f"| {label} | " + " | ".join(cells[side] for side in sides) + ratio + " |")
+    logged = median(r[0].get("logged_mfu") for r in ok)
+    if logged is not None:
+        lines.append(f"dist_train's own logged mfu (metrics.jsonl): {logged:.1%}")
     return "\n".join(lines)

@@ -226,7 +226,7 @@ def test_compile_on_cpu_keeps_bare_state_dict_keys_and_follows_eager(tmp_path):
 
 
 def test_gpu_bench_stacks_the_variants_that_beat_the_baseline():
-    from bench.gpu import stacked_options
+    from bench.gpu_variants import stacked_options
 
     base_options = {"strategy": "ddp", "grad_accum": 1, "micro_batch": None, "compile_mode": "default"}
 
