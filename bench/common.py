@@ -6,6 +6,7 @@ Kept apart from the loops so each loop file reads as the plain training loop a u
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import os
@@ -48,6 +49,18 @@ def loss_function(spec: dict):
     mode = spec.get("compile_mode", "default")
     mode = {"reduce-overhead": "default", "max-autotune": "max-autotune-no-cudagraphs"}.get(mode, mode)
     return torch.compile(cross_entropy, mode=mode)
+
+
+def attention_preference(spec: dict) -> contextlib.AbstractContextManager:
+    """The spec's attention kernel first in torch's priority order, every backend left enabled
+    (train.sdpa_backend); "torch" keeps torch's order."""
+    if spec.get("sdpa_backend", "torch") == "torch":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH, SDPBackend.CUDNN_ATTENTION]
+    first = {"flash": 0, "efficient": 1, "math": 2, "cudnn": 3}[spec["sdpa_backend"]]
+    return sdpa_kernel([order[first], *order[:first], *order[first + 1 :]], set_priority=True)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -80,6 +80,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="Inductor tunes each generated kernel's block sizes (TORCHINDUCTOR_COORDINATE_DESCENT_TUNING=1)",
     )
     parser.add_argument(
+        "--sdpa-backend",
+        choices=("torch", "cudnn", "flash", "efficient", "math"),
+        default="torch",
+        help="attention kernel tried first on both sides (dist_train: train.sdpa_backend); cudnn is faster on Hopper",
+    )
+    parser.add_argument(
         "--strategy",
         choices=("ddp", "fsdp"),
         default="ddp",
@@ -236,6 +242,8 @@ def build_cell(args: argparse.Namespace) -> Cell:
         changes["compile_mode"] = args.compile_mode
     if args.micro_batch:
         changes["micro_batch_size"] = args.micro_batch
+    if args.sdpa_backend != "torch":
+        changes["sdpa_backend"] = args.sdpa_backend
     if args.steps:
         changes["steps"] = args.steps
         changes["warmup_steps"] = max(1, min(workload.warmup_steps, args.steps // 3))

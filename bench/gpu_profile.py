@@ -1,6 +1,7 @@
 """Where a GPT-2-small training step spends its GPU time: torch.profiler over a few steady-state steps.
 
     python -m bench.gpu_profile [--micro-batch 32] [--steps 5] [--no-compile-loss] [--compile-mode max-autotune]
+                                [--sdpa-backend cudnn]
     python -m bench.gpu_profile --tiny --device cpu     # smoke test of the script (CPU ops, tiny model)
 
 The step of bench.gpu's hand-written side (the same model, bf16 autocast, `model.compile()`, the
@@ -18,7 +19,7 @@ import time
 
 import torch
 
-from .common import loss_function, param_groups
+from .common import attention_preference, loss_function, param_groups
 from .gpu import GPT2_SMALL, TINY, flops_per_token, gpu_peak_tflops
 from .workloads import CUDA_GRAPH_MODES
 
@@ -46,6 +47,7 @@ def main() -> None:
     parser.add_argument(
         "--compile-mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     )
+    parser.add_argument("--sdpa-backend", choices=("torch", "cudnn", "flash", "efficient", "math"), default="torch")
     parser.add_argument("--top", type=int, default=18)
     args = parser.parse_args()
     from torch.profiler import ProfilerActivity, profile
@@ -81,18 +83,19 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for _ in range(args.warmup):
-        step()
-    sync()
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    sync()
-    wall = (time.perf_counter() - started) / args.steps
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    with attention_preference({"sdpa_backend": args.sdpa_backend}):  # as train.sdpa_backend: compiling included
+        for _ in range(args.warmup):
+            step()
+        sync()
+        started = time.perf_counter()
         for _ in range(args.steps):
             step()
         sync()
+        wall = (time.perf_counter() - started) / args.steps
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(args.steps):
+                step()
+            sync()
 
     if cuda:
         events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -108,7 +111,8 @@ def main() -> None:
     _, peak = gpu_peak_tflops() if cuda else (None, None)
     achieved = spec.micro_batch_size * seq * flops_per_token(spec) / wall / 1e12
     print(
-        f"micro-batch {spec.micro_batch_size}, compile mode {mode}, loss {'eager' if args.no_compile_loss else 'compiled'}: "
+        f"micro-batch {spec.micro_batch_size}, compile mode {mode}, loss {'eager' if args.no_compile_loss else 'compiled'}, "
+        f"attention {args.sdpa_backend}: "
         f"wall {wall * 1e3:.1f} ms/step, {device.type} busy {gpu_ms:.1f} ms/step, {achieved:.0f} TFLOP/s"
         + (f" = MFU {achieved / peak:.1%}" if peak else "")
     )

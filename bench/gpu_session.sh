@@ -11,9 +11,10 @@
 #   bench-gpu.{txt,json} bench.gpu: dist_train vs hand-written tokens/s and MFU (GPT-2 small,
 #                        micro-batch 32, bf16, torch.compile, flash SDPA), two pairs
 #   variant-*.{txt,json} dist_train alone with one change each, one run, cheapest first: 2 micro-steps
-#                        per optimizer step, CUDA graphs (reduce-overhead), FSDP2 (bf16 parameters,
-#                        fp32 master weights), micro-batch 64, tuned kernels
-#                        (max-autotune-no-cudagraphs), Inductor's coordinate-descent tuning
+#                        per optimizer step, cuDNN attention (train.sdpa_backend=cudnn), CUDA graphs
+#                        (reduce-overhead), FSDP2 (bf16 parameters, fp32 master weights),
+#                        micro-batch 64, tuned kernels (max-autotune-no-cudagraphs), Inductor's
+#                        coordinate-descent tuning
 #   stacked.{txt,json}   dist_train with every change that beat the baseline, stacked (bench.gpu --stack)
 #   profile.txt          bench.gpu_profile's GPU time per kernel kind at micro-batch 32
 # tests:
@@ -59,6 +60,7 @@ if [ "$what" != tests ]; then
         stage "variant-$name" "$python" "${one[@]}" "$@" --json "$out/variant-$name.json"
     }
     variant accum2 --grad-accum 2
+    variant cudnn --sdpa-backend cudnn
     variant reduce-overhead --compile-mode reduce-overhead
     variant fsdp --strategy fsdp
     variant mb64 --micro-batch 64

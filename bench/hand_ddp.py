@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from bench.common import (
     StepTimes,
+    attention_preference,
     batches,
     exit_now,
     factory,
@@ -79,7 +80,8 @@ def main() -> None:
         torch.cuda.set_device(device)
     if "RANK" in os.environ:  # started by torchrun
         dist.init_process_group("nccl" if cuda else "gloo")
-    clock, module = run(spec, device)
+    with attention_preference(spec):
+        clock, module = run(spec, device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     clock.write(rank)
     if rank == 0:

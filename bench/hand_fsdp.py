@@ -18,7 +18,17 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-from bench.common import StepTimes, batches, exit_now, factory, loss_function, param_groups, parse_spec, train_loader
+from bench.common import (
+    StepTimes,
+    attention_preference,
+    batches,
+    exit_now,
+    factory,
+    loss_function,
+    param_groups,
+    parse_spec,
+    train_loader,
+)
 
 
 def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
@@ -68,7 +78,8 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    clock, model = run(spec, device)
+    with attention_preference(spec):
+        clock, model = run(spec, device)
     rank = dist.get_rank()
     clock.write(rank)
     if spec["save"]:  # gathering the full state dict is collective

@@ -36,6 +36,7 @@ class Workload:
     precision: str = "fp32"
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode (train.compile_mode)
+    sdpa_backend: str = "torch"  # attention kernel tried first (train.sdpa_backend; torch: torch's order)
     device: str = "auto"  # "cpu" keeps a one-process run off the GPU (dist_train: dist.backend=gloo)
     strategy_options: dict = dataclasses.field(default_factory=dict)  # more `strategy.*` keys, both sides
 
@@ -70,6 +71,7 @@ class Workload:
                 "precision": self.precision,
                 "compile": self.compile,
                 "compile_mode": self.compile_mode,
+                "sdpa_backend": self.sdpa_backend,
             },
             "optim": {"name": "adamw", "weight_decay": self.weight_decay, "betas": list(self.betas), "eps": self.eps},
             "schedule": {"name": "constant", "warmup_steps": 0},

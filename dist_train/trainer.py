@@ -38,7 +38,7 @@ from .rng import seed_everything
 from .safetensors_io import save_file
 from .schedules import LRSchedule
 from .strategies import Strategy, build_strategy
-from .transforms import apply_transforms
+from .transforms import apply_transforms, preferred_attention
 
 log = logging.getLogger("dist_train")
 
@@ -135,6 +135,11 @@ def _no_improvement_for(cfg: Config, state: run_state.TrainState, metrics: dict)
 
 def train(cfg: Config, ctx: DistContext) -> dict:
     """Run (or resume) training as configured. Returns a summary with `status` and `step`."""
+    with preferred_attention(cfg.train.sdpa_backend):  # before torch.compile traces the model
+        return _train(cfg, ctx)
+
+
+def _train(cfg: Config, ctx: DistContext) -> dict:
     step_times = step_times_hook()  # benchmarks only (DIST_TRAIN_STEP_TIMES); None otherwise
     output_dir = Path(cfg.run.output_dir)
     control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)

@@ -4,11 +4,16 @@
 2. Activation checkpointing per block: patches block forwards in place, so parameter names and
    `state_dict` keys stay those of the bare model (checkpoints and export see no wrapper names).
 3. torch.compile last: it must trace the model as it will run, checkpointing included.
+
+`preferred_attention()` is not a transform but a kernel choice for the whole run
+(`train.sdpa_backend`): it must be in force when torch.compile traces the model.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import inspect
 import logging
 
 import torch
@@ -96,3 +101,42 @@ def apply_transforms(model: nn.Module, cfg: Config, ctx: DistContext) -> nn.Modu
         # shapes, where automatic dynamic shapes broke Inductor (tests/test_strategies.py)
         model.compile(mode=cfg.train.compile_mode, dynamic=False)
     return model
+
+
+# train.sdpa_backend -> torch.nn.attention.SDPBackend, in torch's own priority order (cuDNN last)
+SDPA_BACKENDS = {
+    "flash": "FLASH_ATTENTION",
+    "efficient": "EFFICIENT_ATTENTION",
+    "math": "MATH",
+    "cudnn": "CUDNN_ATTENTION",
+}
+
+
+@contextlib.contextmanager
+def preferred_attention(name: str):
+    """`F.scaled_dot_product_attention` tries `name`'s kernel first while the context lasts, then
+    torch's order: every backend stays enabled, so a shape, dtype or device the preferred kernel
+    cannot serve falls back as before (on a CPU nothing changes). `torch` leaves torch's order,
+    which never reaches cuDNN while the math kernel can serve: on Hopper GPUs cuDNN's attention
+    trains faster than flash attention (Hugging Face transformers prefers it there:
+    https://github.com/huggingface/transformers/pull/48163)."""
+    if name == "torch":
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from .errors import UserError, on_every_rank
+
+    if "set_priority" not in inspect.signature(sdpa_kernel).parameters:
+        raise on_every_rank(
+            UserError(
+                f"train.sdpa_backend={name} needs torch >= 2.6 (an attention priority order); this is torch "
+                f"{torch.__version__}: upgrade torch or set train.sdpa_backend=torch"
+            )
+        )
+    order = [getattr(SDPBackend, SDPA_BACKENDS[name])]
+    order += [getattr(SDPBackend, member) for key, member in SDPA_BACKENDS.items() if key != name]
+    if hasattr(SDPBackend, "OVERRIDEABLE"):  # out-of-tree devices' own kernels stay enabled too
+        order.append(SDPBackend.OVERRIDEABLE)
+    with sdpa_kernel(order, set_priority=True):
+        yield

@@ -177,17 +177,19 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     # a variant alone (dist_train only), then the variants that beat the baseline stacked
     variant, stacked = tmp_path / "variant.json", tmp_path / "stacked.json"
     only = ["--tiny", "--device", "cpu", "--no-compile", "--repeats", "1", "--dist-train-only"]
-    proc = run_cli([PYTHON, "-m", "bench.gpu", *only, "--grad-accum", "2", "--json", str(variant)], timeout=300)
+    two = ["--grad-accum", "2", "--sdpa-backend", "cudnn"]  # cuDNN attention: a preference, no-op on a CPU
+    proc = run_cli([PYTHON, "-m", "bench.gpu", *only, *two, "--json", str(variant)], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(variant.read_text())
     assert report["options"]["grad_accum"] == 2 and report["workload"]["grad_accum_steps"] == 2
+    assert report["workload"]["sdpa_backend"] == "cudnn"
     assert [r["side"] for r in report["runs"][0]] == ["dist_train"] and "hand-written" not in proc.stdout
     run = report["runs"][0][0]  # an optimizer step takes two micro-batches of 4 sequences
     assert run["samples_per_s"] == pytest.approx(8 / run["step_time_s"])
     proc = run_cli([PYTHON, "-m", "bench.gpu", *only, "--stack", str(out), str(variant), "--json", str(stacked)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if stacked.is_file():  # accumulation beat the baseline: the stacked run has it
-        assert "bench.gpu --stack: {'grad_accum': 2}" in proc.stdout
+        assert "bench.gpu --stack: {'grad_accum': 2, 'sdpa_backend': 'cudnn'}" in proc.stdout
         assert json.loads(stacked.read_text())["options"]["grad_accum"] == 2
     else:
         assert "beat the baseline; nothing to run" in proc.stdout

@@ -4,7 +4,8 @@ One command runs these and the GPU benchmark on a GPU machine: `bash bench/gpu_s
 What they pin down: a one-GPU run picks CUDA and logs MFU and CUDA memory; GPU and CPU runs of the
 same fp32 config agree; no CUDA synchronisation inside a training step (torch's sync debug mode set
 to error); fp16 with the GradScaler and bf16 with torch.compile train; CUDA graphs (compile mode
-reduce-overhead) follow the default mode; FSDP2 on one GPU matches DDP;
+reduce-overhead) follow the default mode; cuDNN attention runs when `train.sdpa_backend=cudnn`
+asks for it and trains like flash attention; FSDP2 on one GPU matches DDP;
 SyncBatchNorm becomes torch's own on CUDA; a model that does not fit the data is one line, status 2;
 and, with two GPUs, 2 ranks x b equal 1 rank x 2b (NCCL).
 """
@@ -122,6 +123,30 @@ def test_cuda_graph_compile_mode_follows_the_default_mode(tmp_path):
         default = [r[key] for r in runs["default"] if key in r]
         graphs = [r[key] for r in runs["reduce-overhead"] if key in r]
         assert len(default) >= 3 and graphs == pytest.approx(default, rel=2e-2), key
+
+
+def test_cudnn_attention_runs_when_preferred_and_trains_like_flash(tmp_path):
+    """train.sdpa_backend=cudnn: causal bf16 attention runs torch's cuDNN op (flash under torch's own
+    order), and a bf16 run's losses follow the default run's."""
+    import torch.nn.functional as F
+    from torch.profiler import ProfilerActivity, profile
+
+    from dist_train.transforms import preferred_attention
+
+    q = torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ops = {}
+    for backend in ("torch", "cudnn"):
+        with preferred_attention(backend), profile(activities=[ProfilerActivity.CPU]) as prof:
+            F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+            torch.cuda.synchronize()
+        ops[backend] = {e.key for e in prof.key_averages() if e.key.startswith("aten::_scaled_dot_product")}
+    assert "aten::_scaled_dot_product_flash_attention" in ops["torch"], ops
+    assert "aten::_scaled_dot_product_cudnn_attention" in ops["cudnn"], ops
+    rows = {}
+    for backend in ("torch", "cudnn"):
+        train = {"precision": "bf16", "sdpa_backend": backend, "max_steps": 12}
+        rows[backend] = train_ok(tiny_lm_config(tmp_path / backend, train=train), tmp_path)
+    assert [r["loss"] for r in rows["cudnn"]] == pytest.approx([r["loss"] for r in rows["torch"]], rel=2e-2)
 
 
 def test_fsdp2_on_one_gpu_matches_ddp(tmp_path):

@@ -105,3 +105,51 @@ def test_no_weight_decay_on_biases_and_norm_weights():
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     assert "tok_emb.weight" in decayed and "blocks.0.attn.qkv.weight" in decayed
     assert not any(n.endswith(".bias") or ".ln" in n or n.startswith("ln_f") for n in decayed)
+
+
+def test_sdpa_backend_is_a_preference_in_force_for_the_whole_run(tmp_path, monkeypatch):
+    """train.sdpa_backend=cudnn puts cuDNN first in torch's attention priority order for every
+    forward (training and evaluation) and leaves every backend enabled: on a CPU, where cuDNN cannot
+    serve, the run equals the default one bit for bit. The order is torch's again afterwards."""
+    import torch.nn.functional as F
+    from helpers import tiny_lm_config
+    from torch.nn.attention import SDPBackend
+
+    from dist_train.config import from_dict
+
+    seen = []
+    original = F.scaled_dot_product_attention
+
+    def recording(*args, **kwargs):
+        seen.append((torch._C._get_sdp_priority_order()[0], torch.backends.cuda.flash_sdp_enabled()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    before = torch._C._get_sdp_priority_order()
+    runs = {}
+    for backend in ("torch", "cudnn"):
+        seen.clear()
+        train_section = {"sdpa_backend": backend, "max_steps": 4}
+        cfg = from_dict(tiny_lm_config(tmp_path / backend, train=train_section, eval={"every_steps": 2}))
+        assert train(cfg, SINGLE)["step"] == 4
+        first = int(SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION)
+        assert seen and set(seen) == {(first, True)}, seen  # eval forwards included, flash still enabled
+        assert torch._C._get_sdp_priority_order() == before
+        runs[backend] = load_weights(tmp_path / backend)
+    assert all(torch.equal(runs["torch"][k], v) for k, v in runs["cudnn"].items())
+
+
+def test_sdpa_backend_on_a_torch_without_priorities_is_one_line(monkeypatch):
+    import contextlib
+
+    import torch.nn.attention
+
+    from dist_train.errors import UserError
+    from dist_train.transforms import preferred_attention
+
+    monkeypatch.setattr(torch.nn.attention, "sdpa_kernel", contextlib.contextmanager(lambda backends: (yield)))
+    with pytest.raises(UserError, match=r"train.sdpa_backend=cudnn needs torch >= 2.6 .* set train.sdpa_backend=torch"):
+        with preferred_attention("cudnn"):
+            pass
+    with preferred_attention("torch"):  # torch's own order needs nothing
+        pass

@@ -79,6 +79,12 @@ class TrainConfig:
         "torch.compile mode under `train.compile`: `max-autotune*` tunes kernels (slow to compile); "
         "`reduce-overhead` and `max-autotune` replay the model as CUDA graphs (CUDA, ddp only)",
     )
+    sdpa_backend: Literal["torch", "cudnn", "flash", "efficient", "math"] = _f(
+        "torch",
+        "the `F.scaled_dot_product_attention` kernel tried first, torch's order after it (a preference: "
+        "what it cannot serve falls back); `torch`: torch's order (flash, efficient, math: cuDNN never); "
+        "`cudnn` is the faster kernel on Hopper GPUs by Hugging Face's measurements",
+    )
     max_nonfinite_steps: int = _f(5, "skip a step whose loss or grad norm is not finite; stop after this many in a row")
 
 
