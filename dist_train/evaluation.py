@@ -7,6 +7,7 @@ import math
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
 from .data import EvalData
 from .distributed import DistContext, all_reduce_sum
@@ -40,6 +41,11 @@ def evaluate(
     `on_batch` is called before each batch (the trainer's hang watchdog: an evaluation longer than
     dist.timeout_s is progress, not a hang)."""
     model = strategy.model
+    if isinstance(strategy, Strategy) and ctx.world_size > 1:
+        # BatchNorm stats without sync last saw each rank's own batches (FSDP and ZeRO keep them per
+        # rank): every rank evaluates rank 0's model, the one checkpoints and model.safetensors hold
+        for buffer in strategy.module.buffers():
+            dist.broadcast(buffer.data, src=0)
     with observers_frozen(model):
         return _evaluate(strategy, model, loss_fn, eval_data, ctx, on_batch or (lambda: None))
 

@@ -352,3 +352,68 @@ def test_fsdp_compiles_a_model_whose_blocks_differ_in_shape(tmp_path):
         proc = launch(config, tmp_path, ["strategy.name=fsdp", f"train.compile={compiled}"], launcher="single")
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert max_abs_diff(load_weights(tmp_path / "eager"), load_weights(tmp_path / "compiled")) <= 1e-5
+
+
+def _bn_eval_config(name):
+    return from_dict(
+        {
+            "run": {"output_dir": "unused"},
+            "model": {"name": "cnn", "channels": [8], "batch_norm": True, "num_classes": 4},
+            "data": {"name": "synthetic_images", "num_classes": 4, "image_size": 8, "eval_samples": 37},
+            "train": {"micro_batch_size": 8, "lr": 0.05},
+            "eval": {"micro_batch_size": 5},
+            "strategy": {"name": name, "zero_stage": 3},
+        }
+    )
+
+
+def _evaluate_unsynced_batchnorm(rank, world):
+    """Two steps on each rank's own batches (BatchNorm not synchronised), then an evaluation."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from dist_train.data import build_eval_data
+    from dist_train.evaluation import evaluate
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+    from dist_train.trainer import train_step
+
+    out = {}
+    for name in ("fsdp", "deepspeed"):
+        cfg, ctx = _bn_eval_config(name), ctx_from_env()
+        torch.manual_seed(0)
+        strategy = build_strategy(cfg, ctx)
+        strategy.setup(build_model(cfg.model.name, cfg.model.kwargs))
+        loss_fn = build_loss("cross_entropy")
+        data = torch.Generator().manual_seed(rank)
+        for _ in range(2):
+            batch = (torch.randn(8, 3, 8, 8, generator=data) + rank, torch.randint(4, (8,), generator=data))
+            train_step(strategy, loss_fn, [batch], cfg, ctx)
+        metrics = evaluate(strategy, loss_fn, build_eval_data(cfg, ctx), ctx)
+        out[name] = (metrics, strategy.full_state_dict())
+        strategy.teardown()
+    return out
+
+
+def test_unsynced_batchnorm_evaluates_the_saved_model_on_every_rank():
+    """FSDP2 and ZeRO-3 keep each rank's BatchNorm running statistics (no buffer broadcast as in DDP):
+    rank 1 evaluated with its own, and the eval metrics were those of no model the run saved. They
+    are now a one-rank evaluation of the exported weights (rank 0's)."""
+    from dist_train.data import build_eval_data
+    from dist_train.distributed import DistContext
+    from dist_train.evaluation import evaluate
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+
+    ranks = run_ranks(_evaluate_unsynced_batchnorm, 2)
+    ctx = DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
+    for name, (metrics, state) in ranks[0].items():
+        assert ranks[1][name][0] == metrics  # every rank reports the same
+        cfg = _bn_eval_config("ddp")
+        model = build_model(cfg.model.name, cfg.model.kwargs)
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in state.items()})
+        strategy = build_strategy(cfg, ctx)
+        strategy.setup(model)
+        reference = evaluate(strategy, build_loss("cross_entropy"), build_eval_data(cfg, ctx), ctx)
+        assert metrics["eval_accuracy"] == reference["eval_accuracy"], name
+        assert metrics["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-6), name
