@@ -338,7 +338,7 @@ def test_early_stopping_counts_a_nan_first_evaluation_as_no_improvement(tmp_path
     from dist_train.state import TrainState
     from dist_train.trainer import _no_improvement_for
 
-    cfg = from_dict(config(tmp_path, eval={"mode": mode, "early_stopping_patience": 2}))
+    cfg = from_dict(config(tmp_path, eval={"mode": mode, "every_steps": 2, "early_stopping_patience": 2}))
     state = TrainState()
     assert [_no_improvement_for(cfg, state, {"eval_loss": v}) for v in values] == [1, 0, 0, 0]
     assert state.best_metric == values[-1]

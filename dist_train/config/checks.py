@@ -137,6 +137,10 @@ def validate(cfg: Config) -> None:
     _positive(cfg.eval.every_steps, "eval.every_steps", allow_none=True)
     _positive(cfg.eval.micro_batch_size, "eval.micro_batch_size", allow_none=True)
     _positive(cfg.eval.early_stopping_patience, "eval.early_stopping_patience", allow_none=True)
+    if cfg.eval.early_stopping_patience and not cfg.eval.every_steps:  # the at-end evaluation is not counted
+        raise UserError(
+            "eval.early_stopping_patience counts the evaluations every eval.every_steps steps: set eval.every_steps"
+        )
     if not 0 <= cfg.strategy.zero_stage <= 3:
         raise UserError(f"`strategy.zero_stage` must be 0, 1, 2 or 3, got {cfg.strategy.zero_stage}")
     _positive(cfg.strategy.bucket_cap_mb, "strategy.bucket_cap_mb")

@@ -173,7 +173,11 @@ class EvalConfig:
         "`eval_perplexity` (cross_entropy/focal on LM outputs)",
     )
     mode: Literal["min", "max"] = _f("min", "whether `metric` improves downwards or upwards")
-    early_stopping_patience: Union[int, None] = _f(None, "stop after this many evaluations without improvement")
+    early_stopping_patience: Union[int, None] = _f(
+        None,
+        "stop after this many evaluations without improvement (the `eval.every_steps` ones: it needs "
+        "`eval.every_steps`; the at-end evaluation is not counted)",
+    )
     min_delta: float = _f(0.0, "smallest change of `metric` that counts as an improvement")
 
 
