@@ -417,3 +417,29 @@ def test_unsynced_batchnorm_evaluates_the_saved_model_on_every_rank():
         reference = evaluate(strategy, build_loss("cross_entropy"), build_eval_data(cfg, ctx), ctx)
         assert metrics["eval_accuracy"] == reference["eval_accuracy"], name
         assert metrics["eval_loss"] == pytest.approx(reference["eval_loss"], rel=1e-6), name
+
+
+def test_fsdp_resumes_unsynced_batchnorm_statistics_bit_exact(tmp_path):
+    """DCP writes a replicated tensor once, by default from the rank with the least to write: the
+    running statistics of a BatchNorm without sync (each rank's own) came back as rank 1's, and the
+    resumed run's model.safetensors differed from the uninterrupted one's."""
+    config = {
+        "run": {"output_dir": str(tmp_path / "whole")},
+        "model": {"name": "cnn", "channels": [8], "batch_norm": True, "num_classes": 4},
+        "data": {"name": "synthetic_images", "num_classes": 4, "image_size": 8, "num_samples": 256},
+        "train": {"max_steps": 6, "micro_batch_size": 8, "lr": 0.05},
+        "strategy": {"name": "fsdp"},
+        "checkpoint": {"every_steps": 3},
+        "eval": {"at_end": False},
+        "log": {"plot": False},
+    }
+    proc = launch(config, tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    resume = [
+        f"run.output_dir={tmp_path / 'resumed'}",
+        f"checkpoint.resume={tmp_path / 'whole' / 'checkpoints' / 'step-00000003'}",
+    ]
+    proc = launch(config, tmp_path, resume, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert read_rows(tmp_path / "resumed")[0] == {"resumed_from": "step-00000003", "step": 3}
+    assert max_abs_diff(load_weights(tmp_path / "whole"), load_weights(tmp_path / "resumed")) == 0.0

@@ -119,8 +119,13 @@ class FSDPStrategy(Strategy):
 
     def save(self, folder: Path) -> list[str]:
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint import DefaultSavePlanner
 
-        dcp.save(self._state(), checkpoint_id=str(folder / DCP_DIR))
+        # A replicated tensor is written once, by default by the rank with the least to write: a
+        # BatchNorm's running statistics (per rank without train.sync_batchnorm) must be rank 0's,
+        # the ones model.safetensors holds, or a resumed run exports other statistics
+        planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
+        dcp.save(self._state(), checkpoint_id=str(folder / DCP_DIR), planner=planner)
         dist.barrier()
         if not self.ctx.is_rank_zero:
             return []
