@@ -8,6 +8,7 @@ from helpers import load_weights, max_abs_diff, read_rows, run_ranks
 import dist_train.state as run_state
 from dist_train.compress.pruning import Pruner, fold_pruning
 from dist_train.config import from_dict
+from dist_train.data import build_dataset
 from dist_train.distributed import DistContext
 from dist_train.errors import UserError
 from dist_train.models import build_model
@@ -217,3 +218,23 @@ def test_two_ranks_and_one_rank_reach_the_same_masks(tmp_path, strategy):
 def test_schedules_that_cannot_happen_within_max_steps_are_refused(compress):
     with pytest.raises(UserError, match="train.max_steps \\(14\\)"):
         from_dict(raw_config("x", compress=compress))
+
+
+def test_a_weight_its_parent_reads_directly_is_masked(tmp_path):
+    # nn.MultiheadAttention passes out_proj.weight to its functional form without calling out_proj:
+    # that weight once failed the first backward (the tensor of the build, whose mask then changed)
+    raw = raw_config(tmp_path, eval={"every_steps": None}, checkpoint={"every_steps": None})
+    raw["model"] = {"name": "userpkg.attention:encoder_lm", "vocab_size": 32, "d_model": 16}
+    raw["data"] = {"name": "synthetic_tokens", "vocab_size": 32, "seq_len": 8, "num_samples": 256, "eval_samples": 32}
+    assert train(from_dict(raw), SINGLE)["status"] == "finished"
+    weights = load_weights(tmp_path)
+    out_proj = weights["encoder.self_attn.out_proj.weight"]
+    assert (out_proj == 0).sum().item() == round(TARGET * out_proj.numel())
+    model = build_model(raw["model"]["name"], {"vocab_size": 32, "d_model": 16})
+    model.load_state_dict(weights)
+    model.eval()
+    data = {k: v for k, v in raw["data"].items() if k != "name"}
+    inputs, targets = build_dataset("synthetic_tokens", "eval", data).tensors
+    with torch.no_grad():  # the exported (folded) model is the one the run evaluated: out_proj masked there too
+        loss = torch.nn.functional.cross_entropy(model(inputs).flatten(0, 1), targets.flatten()).item()
+    assert loss == pytest.approx([r for r in read_rows(tmp_path) if "eval_loss" in r][-1]["eval_loss"], abs=1e-5)

@@ -2,9 +2,11 @@
 
 At build time, before any transform or strategy wrapping, every pruned module gets an all-ones
 mask (`prune.identity`): its parameter becomes `weight_orig`, its buffer `weight_mask`, and a
-forward pre-hook computes `weight = weight_orig * weight_mask`. The state_dict keys are therefore
-the same from step 0 on, checkpoints hold the masks like any buffer, and a resumed run continues
-with exactly the masks it saved.
+forward pre-hook computes `weight = weight_orig * weight_mask`. The model's own forward pre-hook
+computes them all too: a parent that reads a child's `weight` without calling the child
+(nn.MultiheadAttention's `out_proj`) would otherwise get the tensor of an earlier forward. The
+state_dict keys are therefore the same from step 0 on, checkpoints hold the masks like any buffer,
+and a resumed run continues with exactly the masks it saved.
 
 Schedule (Zhu & Gupta 2017, "To prune, or not to prune"): the masks are recomputed at the start of
 step t for t = start, start + every, ..., and at t = end, to sparsity
@@ -60,6 +62,7 @@ class Pruner:
         for _, param in model.named_parameters(remove_duplicate=False):
             seen[id(param)] = seen.get(id(param), 0) + 1
         self.modules: list[tuple[str, nn.Module]] = []
+        self.hooks: list[tuple[nn.Module, prune.BasePruningMethod]] = []
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
             if not isinstance(module, types) or not isinstance(weight, nn.Parameter):
@@ -73,11 +76,14 @@ class Pruner:
                 raise UserError(f"compress.prune_dim={self.dim}: {name}.weight has only {weight.dim()} dimensions")
             prune.identity(module, "weight")
             self.modules.append((name, module))
+            hooks = module._forward_pre_hooks.values()
+            self.hooks += [(module, hook) for hook in hooks if isinstance(hook, prune.BasePruningMethod)]
         if not self.modules:
             raise UserError(
                 f"compress.prune: no module of type {', '.join(c.prune_modules)} to prune "
                 "(check compress.prune_modules and compress.prune_exclude)"
             )
+        model.register_forward_pre_hook(self._masked_weights)
         log.info(
             "compress.prune: %s pruning of %d modules to sparsity %g by step %d (%s ramp from step %d, every %d)",
             c.prune,
@@ -88,6 +94,11 @@ class Pruner:
             self.start,
             self.every,
         )
+
+    def _masked_weights(self, model: nn.Module, args: tuple) -> None:
+        """Every pruned `weight` from this forward's `weight_orig` and mask, before any module reads it."""
+        for module, hook in self.hooks:
+            hook(module, args)
 
     def sparsity_at(self, step: int) -> float | None:
         """The sparsity the masks get at the start of step `step`, or None when they are not updated then."""
