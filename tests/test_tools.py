@@ -141,6 +141,9 @@ def test_check_text_report_and_config_flag(tmp_path, capsys):
         (["train.micro_batch_size=400"], "is larger than the train split"),
         (["eval.every_steps=5", "data.eval_samples=0"], "has no `eval` split"),
         (["--world-size", "0"], "--world-size must be >= 1"),
+        (["compress.prune=unstructured", "compress.prune_modules=[Linearr]"], "'Linearr' is not a torch.nn module"),
+        (["compress.prune=structured", "compress.prune_dim=2"], "blocks.0.attn.qkv.weight has only 2 dimensions"),
+        (["compress.qat=true"], "model TransformerLM does not declare qat_fusion()"),
     ],
 )
 def test_check_exits_2_on_an_invalid_config(tmp_path, capsys, argv, message):

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from ..cli import ArgParser
+from ..compress import Compression
 from ..config import Config, load_config
 from ..config.checks import check_watched_metrics_fit_outputs
 from ..data import build_dataset, build_train_data
@@ -152,6 +153,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
     model, where = memory.build_for_inspection(cfg)
+    Compression(cfg, model)  # as the run builds it: a module type, dimension or model compress.* cannot use is refused
     numel, trainable = memory.count_parameters(model)
     first_batch = probe_first_batch(cfg, data, model, where, numel)
     try:
