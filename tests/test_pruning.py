@@ -94,6 +94,15 @@ def test_unknown_module_type_is_a_user_error():
         Pruner(cfg, build_model("mlp", {}))
 
 
+def test_pruned_batchnorm_with_sync_batchnorm_is_a_user_error(tmp_path):
+    # the conversion to SyncBatchNorm took the pruned BatchNorm's `weight` for its parameter: a TypeError
+    raw = raw_config(tmp_path, compress={"prune_modules": ["Conv2d", "BatchNorm2d"]}, train={"sync_batchnorm": True})
+    raw["model"] = {"name": "cnn", "channels": [4], "num_classes": 3}
+    raw["data"] = {"name": "synthetic_images", "num_classes": 3, "image_size": 8, "num_samples": 64}
+    with pytest.raises(UserError, match="BatchNorm blocks.0.norm.weight, which train.sync_batchnorm replaces"):
+        train(from_dict(raw), SINGLE)
+
+
 PRUNED = ["blocks.0.0.weight", "blocks.1.0.weight"]
 
 

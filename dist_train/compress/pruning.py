@@ -74,6 +74,11 @@ class Pruner:
                 continue
             if self.structured and not -weight.dim() <= self.dim < weight.dim():
                 raise UserError(f"compress.prune_dim={self.dim}: {name}.weight has only {weight.dim()} dimensions")
+            if cfg.train.sync_batchnorm and isinstance(module, nn.modules.batchnorm._BatchNorm):
+                raise UserError(
+                    f"compress.prune would mask the BatchNorm {name}.weight, which train.sync_batchnorm replaces: "
+                    "leave BatchNorm out of compress.prune_modules (or exclude it), or set train.sync_batchnorm=false"
+                )
             prune.identity(module, "weight")
             self.modules.append((name, module))
             hooks = module._forward_pre_hooks.values()
