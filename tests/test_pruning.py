@@ -73,6 +73,15 @@ def test_fold_keeps_bare_names_and_zeroes_masked_weights():
     assert torch.equal(folded["a.weight"], torch.tensor([[3.0, 0.0], [0.0, 3.0]]))
 
 
+def test_fold_keeps_a_weight_orig_that_has_no_mask():
+    # spectral_norm's `weight_orig` (with `weight_u`/`weight_v`) in a pruned model: a KeyError ended the run at export
+    sn = torch.nn.utils.spectral_norm(torch.nn.Linear(2, 2)).state_dict()
+    tensors = {**{f"sn.{k}": v for k, v in sn.items()}, "a.weight_orig": torch.ones(2), "a.weight_mask": torch.ones(2)}
+    folded = fold_pruning(tensors)
+    assert list(folded) == ["sn.bias", "sn.weight_orig", "sn.weight_u", "sn.weight_v", "a.weight"]
+    assert folded["sn.weight_orig"] is tensors["sn.weight_orig"]
+
+
 @pytest.mark.parametrize(
     "sections, message",
     [

@@ -135,12 +135,14 @@ class Pruner:
 
 
 def fold_pruning(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`x.weight_orig` and `x.weight_mask` -> `x.weight = weight_orig * weight_mask` (key order kept)."""
+    """`x.weight_orig` and `x.weight_mask` -> `x.weight = weight_orig * weight_mask` (key order kept).
+
+    A `weight_orig` without a mask is not pruning's (torch's spectral_norm registers one): kept as it is."""
     out = {}
     for key, value in tensors.items():
         head, _, last = key.rpartition(".")
         prefix = f"{head}." if head else ""
-        if last == ORIG:
+        if last == ORIG and prefix + MASK in tensors:
             out[prefix + "weight"] = value * tensors[prefix + MASK].to(value.dtype)
         elif last != MASK or prefix + ORIG not in tensors:
             out[key] = value
