@@ -163,6 +163,7 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
         seed_everything(cfg.run.seed + 104_729)  # dataset factories: the same draws on every rank, at any world size
         data = build_train_data(cfg, ctx)
         eval_data = build_eval_data(cfg, ctx)
+        compression.probe(data.dataset[0][0])  # QAT: an op without an int8 kernel is refused now, not after training
         seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
         loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
         if cfg.train.compile:

@@ -146,6 +146,21 @@ def test_model_without_qat_fusion_is_a_user_error(tmp_path):
         train(from_dict(raw), SINGLE)
 
 
+@pytest.mark.parametrize(
+    "factory, data, reason",
+    [
+        ("residual", VECTORS, "Could not run 'aten::add"),
+        ("embedding_lm", {"name": "synthetic_tokens", "vocab_size": 32, "seq_len": 8}, "Embedding quantization"),
+    ],
+)
+def test_model_with_an_op_without_int8_kernel_is_refused_before_training(tmp_path, factory, data, reason):
+    # it trained to the end, then its int8 export failed with NotImplementedError (and again on every restart)
+    raw = raw_config(tmp_path, {"name": f"userpkg.residual:{factory}"}, data, 2, {"qat": True})
+    with pytest.raises(UserError, match=f"int8 model of 'userpkg.residual:{factory}' cannot run \\({reason}"):
+        train(from_dict(raw), SINGLE)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
+
+
 def test_pruning_and_qat_together_export_sparse_int8_weights(tmp_path):
     compress = {"qat": True, "prune": "unstructured", "prune_sparsity": 0.5, "prune_end_step": 40}
     compress.update(prune_every_steps=10, prune_exclude=["head"])

@@ -19,6 +19,7 @@ import torch.nn as nn
 
 from ..config import Config
 from ..distributed import DistContext
+from ..errors import UserError
 from . import qat
 from .pruning import Pruner, fold_pruning
 from .qat import QAT, load_quantized
@@ -43,6 +44,25 @@ class Compression:
             self.qat.on_step(step)
         if self.pruner is not None:
             self.pruner.on_step(step)
+
+    def probe(self, sample: torch.Tensor) -> None:
+        """QAT: convert a fresh copy of the model to int8 and run it on one training input now, so that a
+        model with an op that has no int8 kernel is refused at start-up, not by the export after training."""
+        if self.qat is None:
+            return
+        cfg = self.cfg
+        skeleton = qat.build_skeleton(cfg.model.name, cfg.model.kwargs, "qat", cfg.compress.qat_backend)
+        try:
+            int8 = qat.quantize(skeleton, "qat")  # a module without an int8 form (Embedding) fails here
+            with torch.no_grad(), qat.quiet():
+                int8(sample.unsqueeze(0).cpu())
+        except (AssertionError, RuntimeError, NotImplementedError) as err:
+            reason = str(err).strip().splitlines()[0].split(". ")[0] if str(err).strip() else type(err).__name__
+            raise UserError(
+                f"compress.qat: the int8 model of {cfg.model.name!r} cannot run ({reason}): every op between its "
+                "input and output needs a quantized CPU kernel (a `+` of two tensors has none, for one), "
+                "or set compress.qat=false"
+            ) from None
 
     def export_state_dict(self, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
         """Export weights under the bare model's names: masks folded in, QAT observer state dropped."""
