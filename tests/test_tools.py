@@ -153,6 +153,14 @@ def test_check_exits_2_on_an_invalid_config(tmp_path, capsys, argv, message):
     assert err.startswith("dist_train: error:") and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_check_exits_2_on_a_qat_model_the_run_refuses(tmp_path, capsys):
+    config = resnet_config(tmp_path / "run", compress={"qat": True})
+    config["model"], config["data"] = {"name": "userpkg.residual:residual"}, {"name": "synthetic_vectors"}
+    code, out, err = run_main(capsys, "check", str(write_config(tmp_path / "c.yaml", config)))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1
+    assert err.startswith("dist_train: error: compress.qat: the int8 model of 'userpkg.residual:residual' cannot run")
+
+
 def test_check_warns_about_batchnorm_fp16_and_a_dropped_tail(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", resnet_config(tmp_path / "run", train={"precision": "fp16"}))
     warnings = check_json(capsys, path, "--world-size", "2")["warnings"]

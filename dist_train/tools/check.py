@@ -153,7 +153,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
     model, where = memory.build_for_inspection(cfg)
-    Compression(cfg, model)  # as the run builds it: a module type, dimension or model compress.* cannot use is refused
+    Compression(cfg, model).probe(sample)  # as the run builds it: what compress.* cannot use is refused
     numel, trainable = memory.count_parameters(model)
     first_batch = probe_first_batch(cfg, data, model, where, numel)
     try:
