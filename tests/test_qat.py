@@ -260,3 +260,10 @@ def test_dynamic_export_of_a_recurrent_model_loads_with_weights_only(tmp_path):
     assert payload["kind"] == "dynamic"
     loaded = load_quantized(tmp_path / "model_dynamic_int8.pt")
     assert type(loaded.head).__module__.startswith("torch.ao.nn.quantized.dynamic")
+
+
+def test_a_qat_fusion_group_torch_cannot_fuse_is_a_user_error(tmp_path):
+    raw = raw_config(tmp_path, {"name": "userpkg.unfusable:unfusable"}, VECTORS, 2, {"qat": True})
+    # torch's AssertionError ("did not find fuser method") was a traceback
+    with pytest.raises(UserError, match=r"group \['fc', 'act'\] \(Linear, GELU\) cannot be fused"):
+        train(from_dict(raw), SINGLE)

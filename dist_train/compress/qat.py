@@ -103,8 +103,15 @@ def prepare_qat_model(model: nn.Module, backend: str) -> dict[str, str]:
                 renames[f"{group[0]}.bn."] = f"{member}."
     model.train()
     with quiet():
-        if groups:
-            tq.fuse_modules_qat(model, groups, inplace=True)
+        for group in groups:
+            kinds = ", ".join(type(model.get_submodule(member)).__name__ for member in group)
+            try:
+                tq.fuse_modules_qat(model, group, inplace=True)
+            except (AssertionError, NotImplementedError):  # torch has no fused module for these types
+                raise UserError(
+                    f"compress.qat: qat_fusion() group {group} ({kinds}) cannot be fused: torch fuses a Conv or "
+                    "Linear with the BatchNorm and/or ReLU that follows it; leave other modules out of the groups"
+                ) from None
         setattr(model, QUANT, tq.QuantStub())
         setattr(model, DEQUANT, tq.DeQuantStub())
         model.register_forward_pre_hook(_quantize_input)
