@@ -61,9 +61,9 @@ def test_check_reports_batch_steps_schedule_and_model_state_formulas(tmp_path, c
     mem = report["memory"]["per_rank"]
     # fp32 Adam: params 4, grads 4, moments 8 bytes per parameter; N = 2
     assert [mem["ddp"][k] for k in ("params", "grads", "optimizer")] == [4 * psi, 4 * psi, 8 * psi]
-    assert mem["zero1"]["total"] == 8 * psi + 4 * psi
-    assert mem["zero2"]["total"] == 4 * psi + 6 * psi
-    assert mem["zero3"]["total"] == mem["fsdp"]["total"] == 8 * psi
+    assert mem["zero1"]["total"] == 8 * psi + 6 * psi  # ZeRO adds its fp32 master copy: 12 bytes / N
+    assert mem["zero2"]["total"] == 4 * psi + 8 * psi
+    assert mem["zero3"]["total"] == 10 * psi and mem["fsdp"]["total"] == 8 * psi
     assert report["memory"]["configured"] == "ddp" and report["memory"]["activations"] > 0
     assert report["deepspeed_config"] is None and report["warnings"] == []
 
@@ -95,7 +95,7 @@ def test_check_multistep_points_are_at_the_milestones(tmp_path, capsys):
 
 
 def test_check_mixed_precision_uses_the_zero_paper_split(tmp_path, capsys):
-    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", train={"precision": "bf16"}))
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", train={"precision": "fp16"}))
     report = check_json(capsys, path, "--world-size", "4")
     psi = report["model"]["trainable_parameters"]
     mem = report["memory"]["per_rank"]
@@ -105,6 +105,9 @@ def test_check_mixed_precision_uses_the_zero_paper_split(tmp_path, capsys):
     assert mem["zero2"]["params"] == 2 * psi
     assert mem["zero3"]["total"] == 16 * psi // 4
     assert "mixed-precision" in report["memory"]["precision_note"]
+    # bf16 is autocast over fp32 weights under every strategy, DeepSpeed included: no 2-byte split
+    bf16 = check_json(capsys, path, "--world-size", "4", "train.precision=bf16")["memory"]
+    assert bf16["per_rank"]["zero2"]["params"] == 4 * psi and "mixed-precision" not in bf16["precision_note"]
 
 
 def test_check_activation_estimate_scales_with_batch_and_checkpointing(tmp_path, capsys):
@@ -258,6 +261,58 @@ def test_check_memory_matches_a_real_two_rank_ddp_run(tmp_path, capsys):
         for key in ("params", "grads", "optimizer"):
             assert ddp[key] == pytest.approx(real[key], rel=0.10), (raw["model"]["name"], key, ddp[key], real[key])
         assert ddp["total"] == pytest.approx(sum(real.values()), rel=0.10)
+
+
+def _measured_zero_state_bytes(rank, world, raws):
+    """Bytes of the module's parameters and of the ZeRO optimizer (its fp32 master partitions and their
+    state) after one real DeepSpeed step."""
+    from dist_train.data import build_train_data
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+    from dist_train.trainer import seed_everything, train_step
+    from dist_train.transforms import apply_transforms
+
+    measured = []
+    for raw in raws:
+        cfg, ctx = from_dict(raw), ctx_from_env()
+        seed_everything(cfg.run.seed)
+        strategy = build_strategy(cfg, ctx)
+        strategy.setup(apply_transforms(build_model(cfg.model.name, cfg.model.kwargs), cfg, ctx))
+        batches = build_train_data(cfg, ctx).epoch_batches(0, 0)
+        train_step(strategy, build_loss(cfg.train.loss), [next(batches)], cfg, ctx)
+        inner = strategy.engine.optimizer.optimizer  # the torch optimizer ZeRO steps on its fp32 partitions
+        masters = [p for group in inner.param_groups for p in group["params"]]
+        state = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t)]
+        measured.append(
+            {
+                "params": sum(p.nbytes for p in strategy.module.parameters()),
+                "optimizer": sum(t.nbytes for t in masters + state),
+            }
+        )
+    return measured
+
+
+@pytest.mark.slow
+def test_check_zero_rows_match_a_real_two_rank_deepspeed_run(tmp_path, capsys):
+    """bf16 runs ZeRO under torch autocast (fp32 weights), and ZeRO keeps an fp32 master partition
+    even of fp32 weights: check said 2-byte params for bf16 and no master copy for fp32."""
+    pytest.importorskip("deepspeed")
+    raws = [
+        tiny_lm_config(
+            tmp_path / f"{precision}{stage}",
+            strategy={"name": "deepspeed", "zero_stage": stage},
+            train={"precision": precision, "grad_accum_steps": 1},
+        )
+        for precision, stage in (("bf16", 1), ("fp32", 2))
+    ]
+    measured = run_ranks(_measured_zero_state_bytes, 2, raws)
+    assert measured[0] == measured[1]
+    for raw, real in zip(raws, measured[0]):
+        estimate = check_json(capsys, write_config(tmp_path / "c.yaml", raw), "--world-size", "2")
+        row = estimate["memory"]["per_rank"][estimate["memory"]["configured"]]
+        for key in ("params", "optimizer"):
+            assert row[key] == pytest.approx(real[key], rel=0.01), (raw["train"]["precision"], key, row[key], real[key])
 
 
 # --- doctor -----------------------------------------------------------------------------------------------

@@ -1,19 +1,20 @@
 """Per-rank memory estimates: model states per strategy (ZeRO paper formulas) and activations.
 
-Model states for Ψ trainable parameters on N ranks, from the ZeRO paper (Rajbhandari et al. 2020,
+Model states for Ψ trainable parameters on N ranks, after the ZeRO paper (Rajbhandari et al. 2020,
 https://arxiv.org/abs/1910.02054, section 3.1 and Figure 1), with K bytes of optimizer state per
-parameter:
+parameter, as the strategies here hold them:
 
-    mixed precision (fp16/bf16 weights and grads, fp32 master copy + Adam moments, K = 12):
+    fp16 (DeepSpeed's own fp16: 2-byte weights and grads, fp32 master copy + Adam moments, K = 12):
         DDP 16Ψ   ZeRO-1 4Ψ + 12Ψ/N   ZeRO-2 2Ψ + 14Ψ/N   ZeRO-3 16Ψ/N
-    fp32 (weights, grads and Adam moments in fp32, K = 8):
-        DDP 16Ψ   ZeRO-1 8Ψ + 8Ψ/N    ZeRO-2 4Ψ + 12Ψ/N   ZeRO-3 16Ψ/N
+    fp32 and bf16 (fp32 weights and grads, fp32 master copy + Adam moments, K = 12):
+        DDP 16Ψ   ZeRO-1 8Ψ + 12Ψ/N   ZeRO-2 4Ψ + 16Ψ/N   ZeRO-3 20Ψ/N
 
-DDP (and autocast in general) keeps fp32 weights and gradients, so its split is the fp32 one at
-every precision; FSDP2 shards fp32 parameters, gradients and optimizer state (16Ψ/N, like ZeRO-3)
-and only gathers low-precision copies for compute. K follows `optim.name`: Adam/AdamW keep two
-fp32 moments (8 bytes), SGD with momentum one (4), plain SGD none; the mixed-precision master
-copy adds 4.
+DeepSpeed's ZeRO optimizer keeps its fp32 master partition whatever the weights' dtype (a copy even
+of fp32 weights), and `train.precision: bf16` runs it under `torch_autocast`: weights and gradients
+stay fp32. DDP (and autocast in general) keeps fp32 weights and gradients and no master copy (16Ψ);
+FSDP2 shards fp32 parameters, gradients and optimizer state (16Ψ/N) and only gathers low-precision
+copies for compute. K follows `optim.name`: Adam/AdamW keep two fp32 moments (8 bytes), SGD with
+momentum one (4), plain SGD none; ZeRO's master copy adds 4.
 """
 
 from __future__ import annotations
@@ -72,9 +73,10 @@ def model_state_bytes(numel: int, world_size: int, precision: str, states_per_pa
     """Per-rank bytes of parameters, gradients and optimizer state for every strategy row."""
     n, fp32_optim = world_size, 4.0 * states_per_param
     fp32 = (4.0, 4.0, fp32_optim)
-    # ZeRO with fp16/bf16 keeps 2-byte weights and grads and an fp32 master copy in the optimizer
-    zero = (2.0, 2.0, fp32_optim + 4.0) if precision in LOW_PRECISION else fp32
-    p, g, o = zero
+    # ZeRO keeps an fp32 master copy in the optimizer; only DeepSpeed's fp16 has 2-byte weights and
+    # grads (bf16 is autocast over fp32 weights, see strategies/deepspeed.py)
+    width = 2.0 if precision == "fp16" else 4.0
+    p, g, o = width, width, fp32_optim + 4.0
     per_param = {
         "ddp": fp32,
         "zero1": (p, g, o / n),
@@ -86,12 +88,16 @@ def model_state_bytes(numel: int, world_size: int, precision: str, states_per_pa
 
 
 def precision_note(precision: str) -> str:
-    if precision in LOW_PRECISION:
+    if precision == "fp16":
         return (
-            f"{precision}: ZeRO rows use the mixed-precision split (2-byte params and grads, fp32 master copy + "
+            "fp16: ZeRO rows use the mixed-precision split (2-byte params and grads, fp32 master copy + "
             "optimizer state); DDP and FSDP keep fp32 params/grads/state (autocast)"
         )
-    return "fp32: params 4 B, grads 4 B, optimizer state 4 B per fp32 tensor per parameter (Adam: 8 B)"
+    return (
+        f"{precision}: params 4 B, grads 4 B, optimizer state 4 B per fp32 tensor per parameter (Adam: 8 B); "
+        "ZeRO adds its fp32 master copy (4 B)"
+        + (", bf16 autocast keeps fp32 params/grads" if precision == "bf16" else "")
+    )
 
 
 def build_for_inspection(cfg: Config) -> tuple[nn.Module, str]:
