@@ -110,6 +110,26 @@ def test_check_mixed_precision_uses_the_zero_paper_split(tmp_path, capsys):
     assert bf16["per_rank"]["zero2"]["params"] == 4 * psi and "mixed-precision" not in bf16["precision_note"]
 
 
+def frozen_body_config(output_dir):
+    return {
+        "run": {"output_dir": str(output_dir)},
+        "model": {"name": "userpkg.broken:model_half_frozen"},
+        "data": {"name": "userpkg.edges:vectors"},
+        "train": {"micro_batch_size": 4, "max_steps": 4},
+    }
+
+
+def test_check_counts_frozen_weights_in_the_params_column_only(tmp_path, capsys):
+    """Frozen weights are held (params) but get no gradient or optimizer state: the params column
+    counted only the trainable ones."""
+    report = check_json(capsys, write_config(tmp_path / "c.yaml", frozen_body_config(tmp_path / "run")))
+    numel, trainable = report["model"]["parameters"], report["model"]["trainable_parameters"]
+    assert (numel, trainable) == (32 * 64 + 64 + 64 * 2 + 2, 64 * 2 + 2)
+    mem = report["memory"]["per_rank"]
+    assert [mem["ddp"][k] for k in ("params", "grads", "optimizer")] == [4 * numel, 4 * trainable, 8 * trainable]
+    assert mem["fsdp"]["params"] == 4 * numel and mem["zero1"]["optimizer"] == 12 * trainable
+
+
 def test_check_activation_estimate_scales_with_batch_and_checkpointing(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", model={"n_layers": 8}))
     acts = {
@@ -252,6 +272,7 @@ def test_check_memory_matches_a_real_two_rank_ddp_run(tmp_path, capsys):
         tiny_lm_config(tmp_path / "lm"),  # AdamW, tied embeddings
         tiny_lm_config(tmp_path / "lm16", train={"precision": "bf16"}),  # autocast keeps fp32 states under DDP
         resnet_config(tmp_path / "rn", optim={"name": "sgd", "momentum": 0.9}, train={"sync_batchnorm": True}),
+        frozen_body_config(tmp_path / "frozen"),  # frozen weights: held, without grads or optimizer state
     ]
     measured = run_ranks(_measured_model_state_bytes, 2, raws)
     assert measured[0] == measured[1]

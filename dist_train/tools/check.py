@@ -163,7 +163,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
     except Exception as err:  # noqa: BLE001 - an estimate only: report why it is missing
         activations, act_note = None, f"n/a ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
     states = memory.model_state_bytes(
-        trainable, world_size, cfg.train.precision, memory.optimizer_states_per_param(cfg)
+        numel, trainable, world_size, cfg.train.precision, memory.optimizer_states_per_param(cfg)
     )
     per_rank = {row: {**s.as_dict(), "with_activations": s.total + (activations or 0)} for row, s in states.items()}
     ds_config, ds_note = deepspeed_json(cfg, world_size)

@@ -2,7 +2,7 @@
 
 Model states for Ψ trainable parameters on N ranks, after the ZeRO paper (Rajbhandari et al. 2020,
 https://arxiv.org/abs/1910.02054, section 3.1 and Figure 1), with K bytes of optimizer state per
-parameter, as the strategies here hold them:
+parameter, as the strategies here hold them (frozen parameters add their weights only):
 
     fp16 (DeepSpeed's own fp16: 2-byte weights and grads, fp32 master copy + Adam moments, K = 12):
         DDP 16Ψ   ZeRO-1 4Ψ + 12Ψ/N   ZeRO-2 2Ψ + 14Ψ/N   ZeRO-3 16Ψ/N
@@ -69,8 +69,11 @@ def configured_row(cfg: Config) -> str:
     return cfg.strategy.name
 
 
-def model_state_bytes(numel: int, world_size: int, precision: str, states_per_param: int) -> dict[str, ModelStates]:
-    """Per-rank bytes of parameters, gradients and optimizer state for every strategy row."""
+def model_state_bytes(
+    numel: int, trainable: int, world_size: int, precision: str, states_per_param: int
+) -> dict[str, ModelStates]:
+    """Per-rank bytes of parameters (all `numel`: frozen ones are held too), gradients and optimizer
+    state (the `trainable` ones only) for every strategy row."""
     n, fp32_optim = world_size, 4.0 * states_per_param
     fp32 = (4.0, 4.0, fp32_optim)
     # ZeRO keeps an fp32 master copy in the optimizer; only DeepSpeed's fp16 has 2-byte weights and
@@ -84,7 +87,10 @@ def model_state_bytes(numel: int, world_size: int, precision: str, states_per_pa
         "zero3": (p / n, g / n, o / n),
         "fsdp": (fp32[0] / n, fp32[1] / n, fp32[2] / n),
     }
-    return {row: ModelStates(*(_per_rank(f, numel) for f in factors)) for row, factors in per_param.items()}
+    return {
+        row: ModelStates(_per_rank(fp, numel), _per_rank(fg, trainable), _per_rank(fo, trainable))
+        for row, (fp, fg, fo) in per_param.items()
+    }
 
 
 def precision_note(precision: str) -> str:

@@ -112,5 +112,11 @@ def model_frozen(**kwargs):
     return torch.nn.Linear(32, 4).requires_grad_(False)
 
 
+def model_half_frozen(**kwargs):
+    """A frozen 32 -> 64 body under a trainable 64 -> 2 head (fine-tuning a backbone's head)."""
+    body = torch.nn.Linear(32, 64).requires_grad_(False)
+    return torch.nn.Sequential(body, torch.nn.ReLU(), torch.nn.Linear(64, 2))
+
+
 def model_without_parameters(**kwargs):
     return torch.nn.Flatten()
