@@ -434,9 +434,12 @@ def test_verify_rejects_bad_arguments(tmp_path, capsys):
         (["--world-size", "1"], "--world-size must be >= 2"),
         (["--checks", "ranks,speed"], "--checks: unknown speed"),
         (["train.lr=fast"], "`train.lr` must be a finite number"),
+        (["--work-dir", str(path)], f"--work-dir {path}: cannot create the folder"),  # was a traceback, exit 1
+        (["--timeout-s", "0"], "--timeout-s must be > 0"),  # was every run "took longer", exit 1
+        (["--tol", "nan"], "--tol must be >= 0, got nan"),  # was every parity check failing, exit 1
     ):
-        code, _, err = run_main(capsys, "verify", str(path), *argv)
-        assert code == 2 and message in err, err
+        code, _, err = run_main(capsys, "verify", str(path), "--checks", "ranks", "--steps", "2", *argv)
+        assert code == 2 and message in err and len(err.splitlines()) == 1, err
 
 
 # --- plots and TensorBoard --------------------------------------------------------------------------------

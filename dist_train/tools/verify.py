@@ -323,13 +323,18 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--world-size must be >= 2 to compare against 1 rank, got {args.world_size}")
     if args.steps < 2:
         raise UserError(f"--steps must be >= 2 (resume is checked from step steps/2), got {args.steps}")
-    if args.tol is not None and args.tol < 0:
+    if args.tol is not None and not args.tol >= 0:  # NaN included: no difference would pass
         raise UserError(f"--tol must be >= 0, got {args.tol}")
+    if not args.timeout_s > 0:
+        raise UserError(f"--timeout-s must be > 0, got {args.timeout_s}")
     if detect_launcher() != "single":
         raise UserError("run verify as one process (not under torchrun/srun): it launches its own ranks")
     cfg = load_config(config_path, overrides)
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="dist-train-verify-"))
-    work.mkdir(parents=True, exist_ok=True)
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file of that name, a read-only place
+        raise UserError(f"--work-dir {work}: cannot create the folder ({err.strerror or err})") from None
     try:
         report = verify(args, cfg, config_path, overrides, work.absolute())
     except RunFailed as err:
