@@ -212,8 +212,9 @@ def _check_manifest(folder: Path, manifest) -> None:
             raise ValueError(f"{folder.name}: file {name} is not in the manifest (unverified: edited or foreign)")
 
 
-def verify(folder: Path) -> dict:
-    """The manifest of a complete, intact checkpoint folder; ValueError saying what is wrong otherwise."""
+def verify(folder: Path, checksums: bool = True) -> dict:
+    """The manifest of a complete, intact checkpoint folder; ValueError saying what is wrong otherwise.
+    `checksums=False` checks every file's presence and size only (reads no data: `dist-train check`)."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:
@@ -231,7 +232,7 @@ def verify(folder: Path) -> dict:
             raise ValueError(
                 f"{folder.name}: file {name} has {path.stat().st_size} bytes, manifest says {entry['size']}"
             )
-        if sha256_file(path) != entry["sha256"]:
+        if checksums and sha256_file(path) != entry["sha256"]:
             raise ValueError(f"{folder.name}: file {name} fails its checksum (corrupted)")
     return manifest
 
@@ -265,6 +266,27 @@ def _started_from(resume: str, output_dir: Path, manifest: dict | None = None) -
     return False
 
 
+def resume_path(resume: str) -> Path:
+    """The checkpoint folder a `checkpoint.resume` path names (a checkpoint folder, or a run folder's
+    `latest`), not verified yet; UserError when it names none."""
+    path = Path(resume)
+    if not path.exists():
+        raise UserError(
+            f"checkpoint.resume: {path} does not exist (give a step-XXXXXXXX folder, a run folder, auto or never)"
+        )
+    if not (path / MANIFEST).exists():
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        latest = read_latest(root)
+        if latest is None:
+            raise UserError(
+                f"checkpoint.resume: {path} is neither a checkpoint folder nor a run folder with checkpoints/latest"
+            )
+        path = root / latest
+        if not STEP_DIR.match(latest) or not path.is_dir():
+            raise UserError(f"checkpoint.resume: {root}/latest names {latest!r}, which is not a checkpoint folder")
+    return path
+
+
 def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
     """Resolve `checkpoint.resume` to a verified checkpoint (rank 0 only: it reads every byte).
 
@@ -280,21 +302,7 @@ def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
         if own is not None and _started_from(resume, output_dir, own.manifest):  # the one auto picked
             log.info("checkpoint.resume: this run started from %s; continuing from its own %s", resume, own.folder.name)
             return own
-        path = Path(resume)
-        if not path.exists():
-            raise UserError(
-                f"checkpoint.resume: {path} does not exist (give a step-XXXXXXXX folder, a run folder, auto or never)"
-            )
-        if not (path / MANIFEST).exists():
-            root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-            latest = read_latest(root)
-            if latest is None:
-                raise UserError(
-                    f"checkpoint.resume: {path} is neither a checkpoint folder nor a run folder with checkpoints/latest"
-                )
-            path = root / latest
-            if not STEP_DIR.match(latest) or not path.is_dir():
-                raise UserError(f"checkpoint.resume: {root}/latest names {latest!r}, which is not a checkpoint folder")
+        path = resume_path(resume)
         try:
             return Found(path, verify(path), origin=str(path.resolve()))
         except ValueError as err:

@@ -197,8 +197,10 @@ def test_check_warns_about_batchnorm_fp16_and_a_dropped_tail(tmp_path, capsys):
 def _fake_checkpoint(run_dir, step, world_size, strategy, config_hash):
     folder = run_dir / "checkpoints" / ckpt.step_dir_name(step)
     folder.mkdir(parents=True)
-    manifest = {"step": step, "world_size": world_size, "strategy": strategy, "config_hash": config_hash, "files": {}}
-    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest))
+    (folder / "model.pt").write_bytes(b"weights")
+    files = {"model.pt": {"size": 7, "sha256": ckpt.sha256_file(folder / "model.pt")}}
+    manifest = {"step": step, "world_size": world_size, "strategy": strategy, "config_hash": config_hash}
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest | {"trainer": {}, "files": files}))
     (run_dir / "checkpoints" / "latest").write_text(folder.name + "\n")
 
 
@@ -219,6 +221,14 @@ def test_check_warns_about_a_checkpoint_from_another_run(tmp_path, capsys):
     assert "at step 12 >= 10: the run has nothing left to do" in warnings[1]
     code, _, err = run_main(capsys, "check", str(path), f"checkpoint.resume={tmp_path / 'missing'}")
     assert code == 2 and "does not exist" in err
+    # paths the run refuses (exit 2) are refused by check too, in the run's words (check said "No warnings")
+    (other / "checkpoints" / "step-00000012" / "model.pt").write_bytes(b"trunc")
+    for resume, message in (
+        (path, "is neither a checkpoint folder nor a run folder with checkpoints/latest"),
+        (other, "step-00000012: file model.pt has 5 bytes, manifest says 7"),
+    ):
+        code, out, err = run_main(capsys, "check", str(path), f"checkpoint.resume={resume}")
+        assert code == 2 and out == "" and message in err and len(err.splitlines()) == 1, err
 
 
 def test_check_deepspeed_section(tmp_path):

@@ -45,21 +45,20 @@ def _model_pitfalls(cfg: Config, model: nn.Module, world_size: int) -> list[str]
 
 
 def _resume_folder(cfg: Config) -> Path | None:
-    """The checkpoint folder `checkpoint.resume` points at (manifests are read, not checksummed)."""
-    resume = cfg.checkpoint.resume
+    """The checkpoint folder `checkpoint.resume` points at (manifests and file sizes are read, not
+    checksummed). A path the run would refuse (not a checkpoint, incomplete, truncated) is its
+    UserError here too, unless this run started from it and resumes its own checkpoints by now."""
+    resume, output_dir = cfg.checkpoint.resume, Path(cfg.run.output_dir)
     if resume == "never":
         return None
-    if resume == "auto":
-        root = Path(cfg.run.output_dir) / "checkpoints"
-    else:
-        path = Path(resume)
-        if not path.exists():
-            raise UserError(
-                f"checkpoint.resume: {path} does not exist (give a step-XXXXXXXX folder, a run folder, auto or never)"
-            )
-        if (path / ckpt.MANIFEST).exists():
-            return path
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if resume != "auto" and not ckpt._started_from(resume, output_dir):
+        folder = ckpt.resume_path(resume)
+        try:
+            ckpt.verify(folder, checksums=False)
+        except ValueError as err:
+            raise UserError(f"checkpoint.resume: {err}") from None
+        return folder
+    root = output_dir / "checkpoints"
     latest = ckpt.read_latest(root)
     if latest and (root / latest).is_dir():
         return root / latest
