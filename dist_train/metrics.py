@@ -93,10 +93,10 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            # A resumed run re-logs the steps after its checkpoint: purge_step drops the old run's
-            # events from there on, so each tag keeps one value per step.
-            purge = start_step + 1 if start_step else None
-            self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=purge, flush_secs=10)
+            # A resumed run re-logs the steps after its checkpoint, and a run started again before its
+            # first checkpoint every step: purge_step drops the earlier attempt's events from there
+            # on, so each tag keeps one value per step.
+            self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=start_step + 1, flush_secs=10)
 
     def write(self, row: dict) -> None:
         if not self.enabled:

@@ -2,7 +2,8 @@
 
 Drawn with matplotlib's object API (no pyplot, so no global backend switch and no GUI). Resumed
 runs are plotted as one curve: after a `resumed_from` row the steps past the checkpoint, logged
-again by the resumed run, replace the ones the interrupted run had logged.
+again by the resumed run, replace the ones the interrupted run had logged (and a run started again
+before its first checkpoint, logging from step 1 again, replaces the earlier attempt's).
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
             continue
         value = row.get(key)
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            if points and row["step"] <= points[-1][0]:  # started again before its first checkpoint: from here
+                points = [p for p in points if p[0] < row["step"]]  # on, the new attempt's points replace the old
             points.append((row["step"], float(value)))
     return points
 

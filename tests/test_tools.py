@@ -500,6 +500,11 @@ def test_plot_series_after_a_resume_keeps_one_value_per_step():
     rows += [{"step": s, "loss": 100.0 + s} for s in range(4, 7)] + [{"step": 6, "eval_loss": "nan"}]
     assert series(rows, "loss") == [(1, 9.0), (2, 8.0), (3, 7.0), (4, 104.0), (5, 105.0), (6, 106.0)]
     assert series(rows, "eval_loss") == []
+    # a run killed before its first checkpoint and started again logs from step 1 again (no resumed_from row)
+    again = [{"step": s, "loss": 10.0 - s} for s in range(1, 5)] + [{"step": s, "loss": 20.0 + s} for s in range(1, 7)]
+    again.append({"step": 6, "eval_loss": 1.5})
+    assert series(again, "loss") == [(s, 20.0 + s) for s in range(1, 7)]
+    assert series(again, "eval_loss") == [(6, 1.5)]
 
 
 def test_plot_skips_lines_that_are_not_rows(tmp_path, capsys):
@@ -546,6 +551,20 @@ def test_tensorboard_resume_replaces_the_interrupted_runs_steps(tmp_path):
     resumed.close()
     _, loss = _tb_scalars(tmp_path / "tb", "loss")
     assert loss == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0), (6, 60.0)]
+
+
+def test_tensorboard_a_run_started_again_before_its_first_checkpoint_replaces_the_earlier_attempt(tmp_path):
+    """Killed before any checkpoint, the same command starts from step 0 again: the first attempt's
+    events stayed, two values per step."""
+    from dist_train.metrics import MetricsLogger
+
+    for attempt, last in ((1, 4), (2, 6)):
+        logger = MetricsLogger(tmp_path, True, 6, 0, "lines", True)
+        for step in range(1, last + 1):
+            logger.write({"step": step, "loss": 10.0 * attempt + step})
+        logger.close()
+    _, loss = _tb_scalars(tmp_path / "tb", "loss")
+    assert loss == [(step, 20.0 + step) for step in range(1, 7)]
 
 
 def test_check_runs_the_first_batch_and_refuses_a_model_that_does_not_fit_the_data(tmp_path, capsys):
