@@ -346,6 +346,21 @@ def test_check_zero_rows_match_a_real_two_rank_deepspeed_run(tmp_path, capsys):
             assert row[key] == pytest.approx(real[key], rel=0.01), (raw["train"]["precision"], key, row[key], real[key])
 
 
+@pytest.mark.slow
+def test_check_checkpoint_bytes_match_a_real_zero2_checkpoint(tmp_path, capsys):
+    """ZeRO-1/2 checkpoints hold the fp32 weights and the fp32 master partitions + moments (16 bytes per
+    parameter with AdamW): check said 12, as for DDP."""
+    pytest.importorskip("deepspeed")
+    raw = tiny_lm_config(tmp_path / "run", strategy={"name": "deepspeed", "zero_stage": 2}, train={"max_steps": 1})
+    proc = launch(raw, tmp_path, nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "run" / "checkpoints" / ckpt.step_dir_name(1) / "deepspeed"
+    written = sum(p.stat().st_size for p in folder.glob("*.pt"))
+    estimate = check_json(capsys, write_config(tmp_path / "c.yaml", raw), "--world-size", "2")
+    assert estimate["checkpoint_bytes"] == 16 * estimate["model"]["trainable_parameters"]
+    assert estimate["checkpoint_bytes"] == pytest.approx(written, rel=0.1)
+
+
 # --- doctor -----------------------------------------------------------------------------------------------
 
 

@@ -19,8 +19,14 @@ from .report import human_bytes
 
 
 def checkpoint_size(trainable: int, numel: int, cfg: Config) -> int:
-    """Approximate bytes of one checkpoint: fp32 weights plus fp32 optimizer state."""
-    return 4 * numel + 4 * optimizer_states_per_param(cfg) * trainable
+    """Approximate bytes of one checkpoint: fp32 weights plus fp32 optimizer state. DeepSpeed ZeRO
+    also saves its fp32 master partitions (4 bytes per parameter), and at stage 3 those are the only
+    copy of the weights (its model-state files hold none)."""
+    weights, states = 4 * numel, 4 * optimizer_states_per_param(cfg) * trainable
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage:
+        states += 4 * trainable
+        weights = 0 if cfg.strategy.zero_stage == 3 else (2 if cfg.train.precision == "fp16" else 4) * numel
+    return weights + states
 
 
 def _model_pitfalls(cfg: Config, model: nn.Module, world_size: int) -> list[str]:
