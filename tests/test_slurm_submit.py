@@ -409,6 +409,8 @@ def test_dist_train_torchrun_with_a_bad_command_line_is_one_line():
         ([], "the following arguments are required: training_script"),
         (["--nproc_per_node=x", "-m", "dist_train"], "Unsupported nproc_per_node value: x"),
         (["--max-restarts=-1", "-m", "dist_train"], "max_restarts must be >= 0"),
+        (["--nproc_per_node=0", "-m", "dist_train"], "--nproc_per_node must be >= 1, got 0"),  # were bare
+        (["--monitor-interval=0", "-m", "dist_train"], "--monitor-interval must be > 0, got 0.0"),  # AssertionErrors
     ):
         proc = run_cli([PYTHON, "-m", "dist_train", "torchrun", *args], timeout=120)
         lines = proc.stderr.strip().splitlines()

@@ -107,6 +107,11 @@ def torchrun_main(argv: list[str]) -> int:
     parser = get_args_parser()
     parser.error = ArgParser.error.__get__(parser)  # a bad command line: one line and status 2, no usage
     args = parser.parse_args(argv)
+    # torchrun's agent checks these with a bare AssertionError (a traceback with status 1, no message)
+    if args.nproc_per_node.lstrip("-").isdigit() and int(args.nproc_per_node) < 1:
+        raise UserError(f"dist-train torchrun: --nproc_per_node must be >= 1, got {args.nproc_per_node}")
+    if not args.monitor_interval > 0:
+        raise UserError(f"dist-train torchrun: --monitor-interval must be > 0, got {args.monitor_interval}")
     try:
         run(args)
     except (ValueError, RuntimeError, AssertionError) as err:
