@@ -167,12 +167,16 @@ def test_check_text_report_and_config_flag(tmp_path, capsys):
         (["compress.prune=unstructured", "compress.prune_modules=[Linearr]"], "'Linearr' is not a torch.nn module"),
         (["compress.prune=structured", "compress.prune_dim=2"], "blocks.0.attn.qkv.weight has only 2 dimensions"),
         (["compress.qat=true"], "model TransformerLM does not declare qat_fusion()"),
+        # the run's own refusal of a run.output_dir it cannot create (check said "No warnings")
+        (["run.output_dir={config}"], "run.output_dir {config}: cannot create it (File exists); choose another"),
+        (["run.output_dir={config}/run"], "cannot create it (Not a directory); choose another"),
     ],
 )
 def test_check_exits_2_on_an_invalid_config(tmp_path, capsys, argv, message):
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run"))
-    code, out, err = run_main(capsys, "check", str(path), *argv)
+    code, out, err = run_main(capsys, "check", str(path), *(arg.format(config=path) for arg in argv))
     assert code == 2 and out == ""
+    message = message.format(config=path)
     assert err.startswith("dist_train: error:") and message in err and len(err.strip().splitlines()) == 1
 
 

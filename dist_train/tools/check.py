@@ -9,9 +9,11 @@ known pitfalls (see `pitfalls.py`). Exit 0 when the config is valid (warnings in
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -124,10 +126,22 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
     return {"checked": True, "samples": count, "outputs": shape, "loss": float(value)}
 
 
+def check_output_dir(output_dir: str) -> None:
+    """The run's `mkdir -p run.output_dir`, creating nothing: a file in its way (the folder itself or
+    one above it) makes the run stop with exit 2. Permissions are left alone: this machine may not be
+    the one that writes."""
+    path = Path(output_dir).absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        reason = errno.EEXIST if existing == path else errno.ENOTDIR
+        raise UserError(f"run.output_dir {output_dir}: cannot create it ({os.strerror(reason)}); choose another")
+
+
 def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-size") -> dict:
     """Everything `check` reports, as a JSON-ready dict. Raises UserError when the run would refuse the config."""
     if world_size < 1:
         raise UserError(f"--world-size must be >= 1, got {world_size}")
+    check_output_dir(cfg.run.output_dir)
     ctx = DistContext(0, 0, world_size, world_size, torch.device("cpu"), None, "single")
     data = build_train_data(cfg, ctx)  # the same checks as the run: batch vs split size, drop_last
     train_len = len(data.dataset)
