@@ -167,6 +167,7 @@ def test_check_text_report_and_config_flag(tmp_path, capsys):
         (["compress.prune=unstructured", "compress.prune_modules=[Linearr]"], "'Linearr' is not a torch.nn module"),
         (["compress.prune=structured", "compress.prune_dim=2"], "blocks.0.attn.qkv.weight has only 2 dimensions"),
         (["compress.qat=true"], "model TransformerLM does not declare qat_fusion()"),
+        (["compress.prune=unstructured", "compress.prune_modules=[Conv2d]"], "no module of type Conv2d to prune"),
         # the run's own refusal of a run.output_dir it cannot create (check said "No warnings")
         (["run.output_dir={config}"], "run.output_dir {config}: cannot create it (File exists); choose another"),
         (["run.output_dir={config}/run"], "cannot create it (Not a directory); choose another"),
