@@ -334,6 +334,7 @@ def test_check_zero_rows_match_a_real_two_rank_deepspeed_run(tmp_path, capsys):
     """bf16 runs ZeRO under torch autocast (fp32 weights), and ZeRO keeps an fp32 master partition
     even of fp32 weights: check said 2-byte params for bf16 and no master copy for fp32."""
     pytest.importorskip("deepspeed")
+    capsys.readouterr()  # DeepSpeed's import warning (stdout) is not check's output
     raws = [
         tiny_lm_config(
             tmp_path / f"{precision}{stage}",
@@ -356,6 +357,7 @@ def test_check_checkpoint_bytes_match_a_real_zero2_checkpoint(tmp_path, capsys):
     """ZeRO-1/2 checkpoints hold the fp32 weights and the fp32 master partitions + moments (16 bytes per
     parameter with AdamW): check said 12, as for DDP."""
     pytest.importorskip("deepspeed")
+    capsys.readouterr()  # DeepSpeed's import warning (stdout) is not check's output
     raw = tiny_lm_config(tmp_path / "run", strategy={"name": "deepspeed", "zero_stage": 2}, train={"max_steps": 1})
     proc = launch(raw, tmp_path, nproc=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
