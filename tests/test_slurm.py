@@ -212,3 +212,27 @@ def test_usr1_checkpoints_requeues_and_resumes_bit_identically(tmp_path, slurm_e
     assert [row["step"] for row in rows if "loss" in row] == list(range(1, max_steps + 1))  # none lost or repeated
     assert max_abs_diff(load_weights(run_dir), load_weights(tmp_path / "reference")) == 0.0
     print(f"USR1 -> requeued in {requeued - signalled:.1f} s; job done {time.monotonic() - requeued:.1f} s later")
+
+
+def test_usr1_while_the_job_step_starts_requeues_instead_of_failing(tmp_path, slurm_env, jobs):
+    """USR1 to the batch script while srun and its task start up (the time-limit signal can come
+    at the job's start: slurmctld sends it up to 30 s early). The script passes it on at once; srun
+    or the task, killed by it before their own handlers were in place, failed the job (138, no
+    requeue). A Python that takes 1 s to start makes the task's window wide enough to hit."""
+    python = tmp_path / "bin" / "python"
+    python.parent.mkdir()
+    python.write_text(f'#!/bin/sh\nsleep 1\nexec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    env = {**slurm_env, "DIST_TRAIN_PYTHON": str(python)}
+    config = write_config(tmp_path / "tiny.yaml", lm_config(tmp_path / "runs", delay_s=0.02))
+    job = sbatch(env, jobs, f"--output={tmp_path}/job-%j.out", "slurm/cpu.sbatch", str(config))
+    log, run_dir = tmp_path / f"job-{job}.out", tmp_path / "runs" / job
+    wait_for(job, env, log, lambda info: log.exists() and f"dist_train: job {job}, restart 0" in log.read_text())
+    for _ in range(25):  # srun has just started: signal it all through its task's start-up
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env)
+        time.sleep(0.1)
+    text = assert_completed(wait_for(job, env, log), log, restarts=1)
+    assert "requeueing job" in text and (run_dir / "model.safetensors").is_file(), text
+    rows = read_rows(run_dir)
+    assert len([row for row in rows if "resumed_from" in row]) == 1, text
+    assert sorted({row["step"] for row in rows if "loss" in row}) == list(range(1, 11))
