@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from .errors import UserError, on_every_rank
@@ -55,12 +56,17 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def run_train(argv: list[str]) -> int:
+    # A stop signal while this rank reads its config and imports torch (seconds) waits, blocked, for
+    # the stop handler below instead of being dropped (ignored, as srun.sbatch starts its ranks) or
+    # killing the rank; `dist-train torchrun` starts its ranks with both blocked already.
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGUSR1))
     from .config import load_config
 
     try:
         args = _train_parser("dist-train train").parse_intermixed_args(argv)
         cfg = load_config(args.config, args.overrides)
     except UserError as err:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # as it was, for a caller in this process
         raise on_every_rank(err) from None  # every rank parsed the same command line and file
 
     from .control import EXIT_PREEMPTED, catch_stop_signals_early

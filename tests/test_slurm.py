@@ -8,6 +8,7 @@ one after the other; sacct is not available, jobs are followed with `scontrol sh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -235,4 +236,31 @@ def test_usr1_while_the_job_step_starts_requeues_instead_of_failing(tmp_path, sl
     assert "requeueing job" in text and (run_dir / "model.safetensors").is_file(), text
     rows = read_rows(run_dir)
     assert len([row for row in rows if "resumed_from" in row]) == 1, text
+    assert sorted({row["step"] for row in rows if "loss" in row}) == list(range(1, 11))
+
+
+def test_usr1_to_the_ranks_while_they_import_is_kept(tmp_path, slurm_env, jobs):
+    """`scancel --signal=USR1 JOB` signals the job step's processes, not the batch script (which so
+    cannot repeat it). srun.sbatch's ranks start with USR1 ignored: one that came while a rank
+    imported torch (seconds) was dropped, and the job ran to its end without stopping. The rank now
+    holds it (blocked) until its stop handler is in place: it checkpoints, exits 75, is requeued."""
+    config = write_config(tmp_path / "tiny.yaml", lm_config(tmp_path / "runs", delay_s=0.02))
+    options = ["--gpus-per-node=0", "--ntasks-per-node=2", "--cpus-per-task=1", f"--output={tmp_path}/job-%j.out"]
+    job = sbatch(slurm_env, jobs, *options, "slurm/srun.sbatch", str(config))
+    log, run_dir = tmp_path / f"job-{job}.out", tmp_path / "runs" / job
+
+    def ranks_started(info: dict[str, str]) -> bool:  # the cluster is this machine: look for them
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                args = cmdline.read_text().split("\0")
+                if Path(args[0]).name.startswith("python") and ["--config", str(config)] == args[3:5]:
+                    return True  # python -m dist_train --config CONFIG (not srun, not the bash wrapper)
+        return False
+
+    assert wait_for(job, slurm_env, log, ranks_started)["JobState"] == "RUNNING", log.read_text()
+    time.sleep(0.5)  # past the interpreter's start, inside `import torch`
+    subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, check=True)
+    text = assert_completed(wait_for(job, slurm_env, log), log, restarts=1)
+    rows = read_rows(run_dir)
+    assert [row for row in rows if "resumed_from" in row] == [{"resumed_from": "step-00000001", "step": 1}], text
     assert sorted({row["step"] for row in rows if "loss" in row}) == list(range(1, 11))
