@@ -137,6 +137,7 @@ def test_sbatch_args_replace_or_add_lines(config):
         (["--time", "4"], "a time limit of 4 leaves no room for --signal-grace 300"),
         (["--sbatch-arg=--time=00:05:00"], "a time limit of 00:05:00 leaves no room for --signal-grace 300"),
         (["--signal-grace", "4000"], "a time limit of 01:00:00 leaves no room"),  # cpu.sbatch's own --time
+        (["--time", "3", "--sbatch-arg=--signal=B:USR1@200"], "leaves no room for --sbatch-arg=--signal=B:USR1@200"),
         (["--launcher", "mpirun"], "invalid choice: 'mpirun'"),
         (["--sbatch-arg=qos=high"], "must look like --option=value or --flag"),
     ],
@@ -146,6 +147,18 @@ def test_impossible_requests_are_one_line_errors(config, args, message):
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.startswith("dist_train: error: ") and proc.stderr.count("\n") == 1, proc.stderr
     assert message in proc.stderr
+
+
+def test_a_signal_line_given_as_sbatch_arg_sets_the_grace_that_is_checked(config):
+    """`--sbatch-arg=--signal=...` replaces the template's line: its time, not --signal-grace's
+    default 300, is what the time limit must leave room for."""
+    proc = submit("--dry-run", "--time", "3", "--sbatch-arg=--signal=B:USR1@60", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert sbatch_lines(proc.stdout)["--signal"] == "B:USR1@60"
+    proc = submit("--dry-run", "--time", "2", "--sbatch-arg=--signal=USR1", str(config))  # SLURM's default: 60 s
+    assert proc.returncode == 0, proc.stderr
+    proc = submit("--dry-run", "--time", "1", "--sbatch-arg=--signal=USR1", str(config))
+    assert proc.returncode == 2 and "leaves no room for --sbatch-arg=--signal=USR1" in proc.stderr
 
 
 def test_missing_config_and_bad_override_fail_before_submitting(tmp_path, config):

@@ -150,9 +150,14 @@ def build_script(args) -> tuple[str, str, str]:
     own = re.search(r"^#SBATCH\s+--time[= ](\S+)", template.read_text(), re.M)
     time = options.get("--time") or (own.group(1) if own else None)
     limit = time_limit_seconds(time) if time else None
-    if limit is not None and limit <= args.signal_grace:
+    # the grace the job gets: --signal-grace, unless --sbatch-arg=--signal=[B:]SIG[@SECONDS] replaced its line
+    grace, grace_from = args.signal_grace, f"--signal-grace {args.signal_grace}"
+    given = re.fullmatch(r"(?:[RB]+:)?\w+(?:@(\d+))?", options["--signal"] or "")
+    if given and options["--signal"] != f"B:USR1@{args.signal_grace}":
+        grace, grace_from = int(given.group(1) or 60), f"--sbatch-arg=--signal={options['--signal']}"  # SLURM: 60
+    if limit is not None and limit <= grace:
         raise UserError(
-            f"a time limit of {time} leaves no room for --signal-grace {args.signal_grace}: the job would be told "
+            f"a time limit of {time} leaves no room for {grace_from}: the job would be told "
             "to stop (and requeue itself) as it starts; raise --time or lower --signal-grace"
         )
     prologue = [
