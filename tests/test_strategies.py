@@ -284,6 +284,29 @@ def test_deepspeed_skips_a_non_finite_step_like_ddp(tmp_path):
         assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / name)) <= 1e-6, name
 
 
+def test_fsdp_fp16_skips_a_non_finite_step_like_ddp(tmp_path):
+    """FSDP2's ShardedGradScaler defaulted to device cuda, which disabled it on a CPU: the NaN step was
+    applied and the run finished with NaN weights. Enabled, it could not step fused AdamW (its found_inf
+    has shape [1]): FSDP2 now scales fp16 on the run's device with an unfused optimizer, as DDP skips."""
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    raw = {
+        "model": {"name": "userpkg.nan:nan_model", "nan_calls": [3]},
+        "data": {"name": "synthetic_vectors", "num_samples": 256},
+        "train": {"max_steps": 6, "precision": "fp16"},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    for name in ("ddp", "fsdp"):
+        config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
+        proc = launch(config, tmp_path, VARIANTS[name], launcher="single", env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = [r for r in read_rows(tmp_path / name) if "loss" in r]
+        assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1], name
+    weights = load_weights(tmp_path / "fsdp")
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    assert max_abs_diff(load_weights(tmp_path / "ddp"), weights) <= 1e-6
+
+
 @pytest.mark.slow
 def test_bf16_deepspeed_reduces_fp32_gradients_like_ddp(tmp_path):
     """bf16 autocast under ZeRO-1 follows DDP step for step: the ranks reduce fp32 gradients (DeepSpeed

@@ -63,11 +63,13 @@ class FSDPStrategy(Strategy):
         # first, so resharding them would cost one extra all-gather per micro-step.
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
         self.model = self._module = model
-        self.optimizer = build_optimizer(self.cfg, model)
-        if self.cfg.train.precision == "fp16":
+        fp16 = self.cfg.train.precision == "fp16"
+        # fused Adam(W) cannot take ShardedGradScaler's found_inf (shape [1], its step counts are 0-d)
+        self.optimizer = build_optimizer(self.cfg, model, fused=not fp16)
+        if fp16:
             from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-            self.scaler = ShardedGradScaler()
+            self.scaler = ShardedGradScaler(self.ctx.device.type)  # its default, cuda, disables it on a CPU
         else:
             self.scaler = None
 
