@@ -196,6 +196,8 @@ def test_deepspeed_passthrough_conflicts_are_errors(tmp_path):
         ({"gradient_accumulation_steps": 8}, "gradient_accumulation_steps=8 but our config gives 2"),
         ({"zero_optimization": {"stage": 3}}, "zero_optimization.stage=3 but our config gives 2"),
         ({"optimizer": {"type": "Adam"}}, "must not set `optimizer`"),
+        ({"bf16": {"enabled": True}}, "bf16.enabled=True but our config gives False (from train.precision)"),
+        ({"torch_autocast": {"enabled": True}}, "torch_autocast.enabled=True but our config gives False"),
         (str(listed), f"{listed} must hold a JSON object of DeepSpeed settings, got a list"),
         (str(listed.parent), f"cannot read {listed.parent} (Is a directory)"),
     ):

@@ -106,6 +106,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "steps_per_print": 2**31 - 1,  # we log; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
+    # every precision section says whether it is on: a passthrough switching one on contradicts
+    # train.precision (one line), where it would otherwise train in bf16/fp16 behind an fp32 config
+    ours.update(bf16={"enabled": False}, fp16={"enabled": False}, torch_autocast={"enabled": False})
     if t.precision == "bf16":  # autocast like the DDP path; parameters and master weights stay fp32
         # and so do the gradients the ranks reduce: DeepSpeed would otherwise mark every Linear/Conv
         # parameter to be communicated in bf16 (DDP and FSDP reduce in fp32)
