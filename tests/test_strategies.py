@@ -309,6 +309,23 @@ def test_fsdp_fp16_skips_a_non_finite_step_like_ddp(tmp_path):
     assert max_abs_diff(load_weights(tmp_path / "ddp"), weights) <= 1e-6
 
 
+def test_deepspeed_offload_trains_like_ddp(tmp_path):
+    """strategy.offload_optimizer stopped every run in deepspeed.initialize with a ZeRORuntimeException
+    traceback (ZeRO-Offload demands DeepSpeed's CPU Adam unless zero_force_ds_cpu_optimizer is false):
+    our torch optimizer steps the offloaded partitions, as it steps them without offload."""
+    config = tiny_lm_config(tmp_path / "unused", train={"max_steps": 3}, eval={"at_end": False})
+    variants = {
+        "ddp": VARIANTS["ddp"],
+        "zero2": [*VARIANTS["zero2"], "strategy.offload_optimizer=true"],
+        "zero3": [*VARIANTS["zero3"], "strategy.offload_optimizer=true", "strategy.offload_params=true"],
+    }
+    for name, overrides in variants.items():
+        proc = launch(config, tmp_path, [f"run.output_dir={tmp_path / name}", *overrides], launcher="single")
+        assert proc.returncode == 0, (name, proc.stderr[-3000:])
+    for name in ("zero2", "zero3"):
+        assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / name)) <= 1e-5, name
+
+
 @pytest.mark.slow
 def test_bf16_deepspeed_reduces_fp32_gradients_like_ddp(tmp_path):
     """bf16 autocast under ZeRO-1 follows DDP step for step: the ranks reduce fp32 gradients (DeepSpeed

@@ -103,6 +103,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         "gradient_clipping": t.grad_clip_norm or 0.0,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # our torch optimizer, not DeepSpeed's
+        "zero_force_ds_cpu_optimizer": False,  # ours under offload too (DeepSpeed would demand its CPU Adam)
         "steps_per_print": 2**31 - 1,  # we log; DeepSpeed stays quiet
         "wall_clock_breakdown": False,
     }
