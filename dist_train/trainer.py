@@ -43,6 +43,9 @@ from .transforms import apply_transforms, preferred_attention
 log = logging.getLogger("dist_train")
 
 
+FP16_BACKOFF_STEPS = 16  # skipped steps in a row that take the loss scalers' initial 2**16 down to 1
+
+
 class TrainingError(RuntimeError):
     """The run failed on this rank; the message names the rank and step."""
 
@@ -198,7 +201,9 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
             state.step,
             total_steps,
         )
-    limit = cfg.train.max_nonfinite_steps if cfg.train.precision != "fp16" else 10**9  # fp16: the scaler skips
+    limit = cfg.train.max_nonfinite_steps
+    if cfg.train.precision == "fp16":  # the loss scaler halves its scale (2**16 at first) on each skip: its
+        limit += FP16_BACKOFF_STEPS  # back-off is no divergence, but a streak past scale 1 is
     window = LossWindow(
         ctx, limit, restored[2] if restored else None, state.window_count, state.skipped_steps, state.nonfinite_streak
     )

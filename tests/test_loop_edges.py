@@ -60,6 +60,15 @@ def test_non_finite_steps_in_a_row_are_counted_across_a_resume(tmp_path):
         run(tmp_path / "resumed", **sections)
 
 
+def test_fp16_stops_after_the_scalers_back_off_plus_the_limit(tmp_path):
+    """fp16 had no limit (the GradScaler's back-off skips steps in a row): a run whose loss stayed NaN
+    finished with status 0 and NaN weights. The scaler's 16 halvings of its 2**16 scale come on top."""
+    sections = {"data": {"n": 1024, "nan": [32, 1024]}, "loader": {"shuffle": False}}
+    train_cfg = {"precision": "fp16", "max_nonfinite_steps": 2, "max_steps": 30}
+    with pytest.raises(TrainingError, match=r"not finite for 18 steps in a row \(by step 20\)"):
+        run(tmp_path, train=train_cfg, **sections)
+
+
 def test_fp16_clips_by_norm_and_by_value_in_one_step(tmp_path):
     """The GradScaler unscales once per step, whichever clips run."""
     train_cfg = {"precision": "fp16", "grad_clip_norm": 1.0, "grad_clip_value": 0.01, "max_steps": 3}

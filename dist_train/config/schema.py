@@ -85,7 +85,9 @@ class TrainConfig:
         "what it cannot serve falls back); `torch`: torch's order (flash, efficient, math: cuDNN never); "
         "`cudnn` is the faster kernel on Hopper GPUs by Hugging Face's measurements",
     )
-    max_nonfinite_steps: int = _f(5, "skip a step whose loss or grad norm is not finite; stop after this many in a row")
+    max_nonfinite_steps: int = _f(
+        5, "skip a step whose loss or grad norm is not finite; stop after this many in a row (fp16: 16 more)"
+    )
 
 
 @dataclass
