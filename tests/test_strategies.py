@@ -204,6 +204,9 @@ def test_deepspeed_passthrough_conflicts_are_errors(tmp_path):
         cfg.strategy.deepspeed_config = bad
         with pytest.raises(UserError, match=re.escape(message)):
             deepspeed_config(cfg, world_size=4)
+    cfg.strategy.deepspeed_config, cfg.strategy.zero_stage, cfg.strategy.offload_optimizer = None, 0, True
+    with pytest.raises(UserError, match=re.escape("offload_optimizer needs strategy.zero_stage >= 1")):
+        deepspeed_config(cfg, world_size=4)
 
 
 def _batchnorm_bf16(rank, world):

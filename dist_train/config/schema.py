@@ -187,7 +187,7 @@ class EvalConfig:
 class StrategyConfig:
     name: Literal["ddp", "deepspeed", "fsdp"] = _f("ddp", "`ddp` (also world size 1), `deepspeed` or `fsdp` (FSDP2)")
     zero_stage: int = _f(1, "DeepSpeed ZeRO stage, 0-3")
-    offload_optimizer: bool = _f(False, "DeepSpeed: keep optimizer state on the CPU")
+    offload_optimizer: bool = _f(False, "DeepSpeed ZeRO 1-3: keep optimizer state on the CPU")
     offload_params: bool = _f(False, "DeepSpeed ZeRO-3: keep parameters on the CPU")
     deepspeed_config: Union[dict, str, None] = _f(None, "extra DeepSpeed config (dict or JSON path), merged into ours")
     find_unused_parameters: bool = _f(False, "DDP: allow parameters that get no gradient")

@@ -89,6 +89,10 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     t, s = cfg.train, cfg.strategy
     zero: dict = {"stage": s.zero_stage}
     if s.offload_optimizer:
+        if s.zero_stage == 0:  # DeepSpeed would step our optimizer where it is, silently
+            raise UserError(
+                "strategy.offload_optimizer needs strategy.zero_stage >= 1 (stage 0 has no ZeRO optimizer to offload)"
+            )
         zero["offload_optimizer"] = {"device": "cpu"}
     if s.offload_params:
         if s.zero_stage != 3:
