@@ -312,6 +312,21 @@ def test_fsdp_fp16_skips_a_non_finite_step_like_ddp(tmp_path):
     assert max_abs_diff(load_weights(tmp_path / "ddp"), weights) <= 1e-6
 
 
+def test_fsdp_resumes_across_a_precision_change_like_ddp(tmp_path):
+    """An fp32 FSDP checkpoint resumed by an fp16 run was "does not fit this model or optimizer
+    (Missing key in checkpoint state_dict: scaler.scale)" (status 2) where DDP starts a fresh scale."""
+    config = tiny_lm_config(
+        tmp_path / "a", train={"max_steps": 2}, checkpoint={"every_steps": 2}, eval={"at_end": False}
+    )
+    steps = [("fp32", 2, None), ("fp16", 4, "a"), ("fp32", 6, "b")]  # each run resumes from the one before
+    for name, (precision, max_steps, resume) in zip("abc", steps):
+        overrides = [*VARIANTS["fsdp"], f"run.output_dir={tmp_path / name}", f"train.precision={precision}"]
+        overrides += [f"train.max_steps={max_steps}", f"checkpoint.resume={tmp_path / resume if resume else 'never'}"]
+        proc = launch(config, tmp_path, overrides, launcher="single")
+        assert proc.returncode == 0, (name, proc.stderr[-2000:])
+    assert [r for r in read_rows(tmp_path / "c") if "loss" in r][-1]["step"] == 6
+
+
 def test_deepspeed_offload_trains_like_ddp(tmp_path):
     """strategy.offload_optimizer stopped every run in deepspeed.initialize with a ZeRORuntimeException
     traceback (ZeRO-Offload demands DeepSpeed's CPU Adam unless zero_force_ds_cpu_optimizer is false):

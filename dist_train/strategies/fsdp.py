@@ -31,6 +31,13 @@ def _local(tensor: torch.Tensor) -> torch.Tensor:
     return full() if full is not None else tensor
 
 
+def _holds(path: Path, prefix: str) -> bool:
+    """Whether the DCP checkpoint at `path` has an entry whose flattened key starts with `prefix`."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    return any(key.startswith(prefix) for key in FileSystemReader(str(path)).read_metadata().state_dict_metadata)
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
     reshards = True
@@ -139,6 +146,8 @@ class FSDPStrategy(Strategy):
         from torch.distributed.checkpoint.state_dict import set_state_dict
 
         state = self._state()
+        if self.scaler and not _holds(folder / DCP_DIR, "scaler."):  # written without fp16: a fresh scale, as DDP
+            del state["scaler"]
         try:
             dcp.load(state, checkpoint_id=str(folder / DCP_DIR))
         except CheckpointException as err:  # a BaseException: a shape mismatch would escape every handler
