@@ -209,6 +209,19 @@ def test_deepspeed_passthrough_conflicts_are_errors(tmp_path):
         deepspeed_config(cfg, world_size=4)
 
 
+def test_a_passthrough_value_deepspeed_refuses_is_one_line(tmp_path):
+    """DeepSpeed validates its JSON in deepspeed.initialize: a bad strategy.deepspeed_config value was its
+    pydantic ValidationError traceback and status 1."""
+    bad = "strategy.deepspeed_config={zero_optimization: {overlap_comm: maybe}}"
+    proc = launch(parity_config(tmp_path / "run"), tmp_path, [*VARIANTS["zero1"], bad], launcher="single")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[-1] == (
+        "dist_train: error: strategy.deepspeed_config: DeepSpeed's DeepSpeedZeroConfig refuses it: overlap_comm: "
+        "Input should be a valid boolean, unable to interpret input (got 'maybe')"
+    )
+
+
 def _batchnorm_bf16(rank, world):
     """Three bf16 steps and an evaluation pass of a BatchNorm CNN (SyncBatchNorm) under DDP and FSDP2."""
     from dist_train.losses import build_loss

@@ -155,9 +155,19 @@ class DeepSpeedStrategy(Strategy):
                 )
         config = deepspeed_config(self.cfg, self.ctx.world_size)
         optimizer = build_optimizer(self.cfg, model, fused=False)  # ZeRO steps it on flat partitions
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=config, dist_init_required=False
-        )
+        from pydantic import ValidationError  # DeepSpeed's config schema
+
+        try:
+            self.engine, self.optimizer, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=config, dist_init_required=False
+            )
+        except ValidationError as err:  # a strategy.deepspeed_config value its schema refuses: ours are valid
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
+            )
+            raise on_every_rank(
+                UserError(f"strategy.deepspeed_config: DeepSpeed's {err.title} refuses it: {problems}")
+            ) from None
         self.model = self.engine
         self._skipped = 0
 
