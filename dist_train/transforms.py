@@ -27,11 +27,14 @@ log = logging.getLogger("dist_train")
 
 
 def find_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated blocks of a model: its `blocks` (zoo) or `layers` ModuleList, else none."""
+    """The repeated blocks of a model: its `blocks` (zoo) or `layers` ModuleList, else none.
+
+    Each block once: a block the list holds twice (weights shared across depth) is wrapped once.
+    """
     for name in ("blocks", "layers"):
         blocks = getattr(model, name, None)
         if isinstance(blocks, nn.ModuleList):
-            return list(blocks)
+            return list(dict.fromkeys(blocks))
     return []
 
 

@@ -117,6 +117,50 @@ def test_every_k_covers_every_kth_block_and_models_without_blocks_fail():
         enable_grad_checkpointing(torch.nn.Linear(3, 3))
 
 
+class _SharedBlocks(torch.nn.Module):
+    """One block applied at every depth (ALBERT-style weight sharing): its ModuleList holds it twice."""
+
+    def __init__(self):
+        super().__init__()
+        block = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+        self.inp, self.blocks, self.head = (
+            torch.nn.Linear(4, 8),
+            torch.nn.ModuleList([block, block]),
+            torch.nn.Linear(8, 3),
+        )
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return self.head(h)
+
+
+def test_a_block_shared_across_depth_is_wrapped_once():
+    """The shared block was wrapped per mention: checkpointing failed at step 1 (AttributeError:
+    'functools.partial' object has no attribute '__self__') and FSDP2 refused a second fully_shard."""
+    from dist_train.config import from_dict
+    from dist_train.distributed import DistContext
+    from dist_train.strategies import build_strategy
+
+    torch.manual_seed(0)
+    plain = _SharedBlocks()
+    checkpointed = copy.deepcopy(plain)
+    assert enable_grad_checkpointing(checkpointed) == 1
+    inputs, targets = torch.randn(5, 4), torch.randint(3, (5,))
+    expected, got = _gradients(plain, inputs, targets), _gradients(checkpointed, inputs, targets)
+    assert max(float((expected[k] - got[k]).abs().max()) for k in expected) <= 1e-6
+    raw = {"run": {"output_dir": "unused"}, "model": {"name": "mlp"}, "data": {"name": "synthetic_vectors"}}
+    cfg = from_dict({**raw, "strategy": {"name": "fsdp"}})
+    strategy = build_strategy(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single"))
+    try:
+        strategy.setup(checkpointed)
+        build_loss("cross_entropy").sum(strategy.model(inputs), targets).backward()
+        assert strategy.full_state_dict().keys() == plain.state_dict().keys()
+    finally:
+        strategy.teardown()
+
+
 def test_hf_model_gradients_equal_with_checkpointing():
     pytest.importorskip("transformers")
     config = {
