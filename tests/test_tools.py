@@ -250,6 +250,29 @@ def test_check_deepspeed_section(tmp_path):
     assert deepspeed_json(from_dict(tiny_lm_config(tmp_path)), 2) == (None, "n/a (strategy.name=ddp)")
 
 
+def test_check_exits_2_on_a_deepspeed_config_value_its_schema_refuses(tmp_path, capsys):
+    """The run stops on a strategy.deepspeed_config value DeepSpeed's schema refuses (exit 2, one line):
+    check said 'No warnings' (exit 0). A valid passthrough still passes, its JSON report unspoilt."""
+    pytest.importorskip("deepspeed")
+    capsys.readouterr()  # DeepSpeed's import warning (stdout) is not check's output
+    for value, code in (("maybe", 2), (True, 0)):
+        passthrough = {"zero_optimization": {"overlap_comm": value}}
+        strategy = {"name": "deepspeed", "zero_stage": 1, "deepspeed_config": passthrough}
+        path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", strategy=strategy))
+        if code == 0:
+            assert check_json(capsys, path, "--world-size", "2")["deepspeed_config"]["zero_optimization"] == {
+                "stage": 1,
+                "overlap_comm": True,
+            }
+            continue
+        returned, out, err = run_main(capsys, "check", str(path))
+        assert returned == 2 and out == "", err
+        assert err == (
+            "dist_train: error: strategy.deepspeed_config: DeepSpeed's DeepSpeedZeroConfig refuses it: overlap_comm: "
+            "Input should be a valid boolean, unable to interpret input (got 'maybe')\n"
+        )
+
+
 def _measured_model_state_bytes(rank, world, raws):
     """Bytes of parameters, .grad and optimizer state after one real optimizer step (as trainer.train builds them)."""
     from dist_train.data import build_train_data

@@ -14,6 +14,9 @@ Accumulation: the loop already scales each micro-batch's loss, so backward runs 
 from __future__ import annotations
 
 import contextlib
+import copy
+import importlib.util
+import io
 import json
 import math
 import os
@@ -127,6 +130,35 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     return _merge(ours, extra)
 
 
+def schema_error(err) -> UserError:
+    """The one-line error for a pydantic ValidationError of DeepSpeed's config schema (run and check)."""
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors())
+    return UserError(f"strategy.deepspeed_config: DeepSpeed's {err.title} refuses it: {problems}")
+
+
+def check_schema(config: dict) -> None:
+    """DeepSpeed's own schema check of `config`, as `deepspeed.initialize` runs it (`dist-train check`): a
+    value it refuses is the run's UserError. Nothing when deepspeed is not installed; other errors are
+    left to the run (this machine may not be the one that trains)."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    quiet = io.StringIO()  # DeepSpeed's accelerator warnings: not check's report (stdout) nor its one error line
+    try:
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            from deepspeed.runtime.config import DeepSpeedConfig
+        from pydantic import ValidationError
+    except Exception:  # noqa: BLE001 - a deepspeed that does not import here: the run says why where it trains
+        return
+
+    try:  # one process here: DeepSpeed derives train_batch_size for world size 1 itself
+        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+            DeepSpeedConfig({k: copy.deepcopy(v) for k, v in config.items() if k != "train_batch_size"})
+    except ValidationError as err:
+        raise schema_error(err) from None
+    except Exception:  # noqa: BLE001 - not the schema's: the run says it where it trains
+        return
+
+
 class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     reshards = False  # ZeRO partitions are tied to the world size they were written at
@@ -162,12 +194,7 @@ class DeepSpeedStrategy(Strategy):
                 model=model, optimizer=optimizer, config=config, dist_init_required=False
             )
         except ValidationError as err:  # a strategy.deepspeed_config value its schema refuses: ours are valid
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc']))}: {e['msg']} (got {e.get('input')!r})" for e in err.errors()
-            )
-            raise on_every_rank(
-                UserError(f"strategy.deepspeed_config: DeepSpeed's {err.title} refuses it: {problems}")
-            ) from None
+            raise on_every_rank(schema_error(err)) from None
         self.model = self.engine
         self._skipped = 0
 

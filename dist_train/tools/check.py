@@ -79,11 +79,13 @@ def deepspeed_json(cfg: Config, world_size: int) -> tuple[dict | None, str]:
     if cfg.strategy.name != "deepspeed":
         return None, f"n/a (strategy.name={cfg.strategy.name})"
     try:
-        from ..strategies.deepspeed import deepspeed_config
+        from ..strategies.deepspeed import check_schema, deepspeed_config
     except ImportError as err:
         return None, f"n/a (the DeepSpeed strategy is not available: {err})"
     try:
-        return deepspeed_config(cfg, world_size), "passed to deepspeed.initialize"
+        config = deepspeed_config(cfg, world_size)
+        check_schema(config)  # a value DeepSpeed's schema refuses stops the run (exit 2): here too
+        return config, "passed to deepspeed.initialize"
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 - the report goes on; the error is shown in its place
