@@ -181,6 +181,21 @@ def test_check_exits_2_on_an_invalid_config(tmp_path, capsys, argv, message):
     assert err.startswith("dist_train: error:") and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_check_exits_2_on_an_attention_preference_this_torch_cannot_set(tmp_path, capsys, monkeypatch):
+    """train.sdpa_backend=cudnn on a torch without attention priorities (< 2.6, still supported) stops
+    the run with exit 2: check said 'No warnings'."""
+    import contextlib
+
+    import torch.nn.attention
+
+    monkeypatch.setattr(torch.nn.attention, "sdpa_kernel", contextlib.contextmanager(lambda backends: (yield)))
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", train={"sdpa_backend": "cudnn"}))
+    code, out, err = run_main(capsys, "check", str(path))
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("dist_train: error: train.sdpa_backend=cudnn needs torch >= 2.6"), err
+    assert run_main(capsys, "check", str(path), "train.sdpa_backend=torch")[0] == 0
+
+
 def test_check_exits_2_on_a_qat_model_the_run_refuses(tmp_path, capsys):
     config = resnet_config(tmp_path / "run", compress={"qat": True})
     config["model"], config["data"] = {"name": "userpkg.residual:residual"}, {"name": "synthetic_vectors"}

@@ -30,6 +30,7 @@ from ..misfit import FORWARD_ERRORS, ForwardError
 from ..misfit import where as where_raised
 from ..models import build_model
 from ..optim import lr_at
+from ..transforms import preferred_attention
 from . import memory
 from .pitfalls import checkpoint_size, find_pitfalls
 from .report import human_bytes, key_values, table
@@ -171,7 +172,8 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
     model, where = memory.build_for_inspection(cfg)
     Compression(cfg, model).probe(sample)  # as the run builds it: what compress.* cannot use is refused
     numel, trainable = memory.count_parameters(model)
-    first_batch = probe_first_batch(cfg, data, model, where, numel)
+    with preferred_attention(cfg.train.sdpa_backend):  # as the run's forwards (torch >= 2.6 for a preference)
+        first_batch = probe_first_batch(cfg, data, model, where, numel)
     try:
         activations, act_note = memory.activation_bytes(model, sample, cfg, where), f"estimated on the {where} device"
     except UserError:  # e.g. train.grad_checkpointing on a model without blocks: the run would refuse it too
