@@ -308,8 +308,14 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
         control.disarm_watchdog()
         write_step_times(step_times, ctx.rank)
         control.finish_vote()
-        if status == "preempted":
-            log.warning("stop signal received: checkpointing step %d and exiting", state.step)
+        if status == "preempted":  # one rank stops before its first step: there may be nothing new to save
+            new = state.step > 0 and last_saved != state.step
+            log.warning(
+                "stop signal received: %s",
+                f"checkpointing step {state.step} and exiting"
+                if new
+                else f"nothing new to checkpoint at step {state.step}; exiting",
+            )
         elif cfg.eval.at_end and eval_data is not None and state.last_eval_step != state.step:
             state.last_eval_step = state.step
             eval_row = {"step": state.step, **_evaluate(strategy, loss_fn, eval_data, ctx, state.step)}

@@ -264,6 +264,21 @@ def test_spawn_keeps_a_stop_signal_sent_during_start_up(tmp_path, sig, delay_s):
     assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
 
 
+def test_one_process_stopped_during_start_up_says_it_has_nothing_to_save(tmp_path):
+    """A one-process run takes a start-up signal before its first step: status 75 (a requeue starts
+    it again), no checkpoint, and a log line that says so instead of announcing a checkpoint."""
+    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 400}, checkpoint={"every_steps": 1000})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "dist_train", "--config", str(write_config(tmp_path / "c.yaml", config))]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)  # importing torch takes seconds: the signal waits, blocked, for the stop handler
+    proc.send_signal(signal.SIGUSR1)
+    stderr = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 75, stderr[-2000:]
+    assert "stop signal received: nothing new to checkpoint at step 0; exiting" in stderr, stderr[-2000:]
+    assert "checkpointing step" not in stderr and not (tmp_path / "out" / "checkpoints").exists()
+
+
 @pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "training"), (signal.SIGUSR1, "start-up")])
 def test_dist_train_torchrun_passes_stop_signals_to_the_ranks(tmp_path, sig, when):
     """A signal to the agent of `dist-train torchrun` reaches its ranks (torchrun starts them in
