@@ -516,3 +516,48 @@ def test_fsdp_resumes_unsynced_batchnorm_statistics_bit_exact(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_rows(tmp_path / "resumed")[0] == {"resumed_from": "step-00000003", "step": 3}
     assert max_abs_diff(load_weights(tmp_path / "whole"), load_weights(tmp_path / "resumed")) == 0.0
+
+
+def _routed_step(rank, world, strategy_name):
+    """One SGD step of userpkg.routed on rank-specific batches: rank 0's takes head `a`, rank 1's head `b`."""
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+    from dist_train.trainer import train_step
+
+    raw = {
+        "run": {"output_dir": "unused"},
+        "model": {"name": "userpkg.routed:routed"},
+        "data": {"name": "synthetic_vectors"},
+        "train": {"micro_batch_size": 4, "lr": 0.5, "grad_clip_norm": None},
+        "optim": {"name": "sgd", "momentum": 0.0, "weight_decay": 0.0},
+        "strategy": {"name": strategy_name, "find_unused_parameters": True},
+    }
+    cfg, ctx = from_dict(raw), ctx_from_env()
+    batches = []
+    for r in range(world):
+        x = torch.randn(4, 32, generator=torch.Generator().manual_seed(r))
+        x[0, 0] = 1.0 if r == 0 else -1.0
+        batches.append((x, torch.tensor([0, 1, 1, 0])))
+    torch.manual_seed(0)
+    strategy = build_strategy(cfg, ctx)
+    strategy.setup(build_model(cfg.model.name, cfg.model.kwargs))
+    train_step(strategy, build_loss("cross_entropy"), [batches[rank]], cfg, ctx)
+    weights = strategy.full_state_dict()
+    strategy.teardown()
+    if rank:
+        return None
+    torch.manual_seed(0)  # the expected step: both ranks' batches through one model, mean over all samples
+    model = build_model(cfg.model.name, cfg.model.kwargs)
+    loss = sum(build_loss("cross_entropy").sum(model(x), y) for x, y in batches) / (4 * world)
+    loss.backward()
+    with torch.no_grad():
+        expected = {k: p - 0.5 * p.grad for k, p in model.named_parameters()}
+    return max_abs_diff(expected, weights)
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp"])
+def test_a_parameter_used_on_some_ranks_only_gets_the_mean_gradient(name):
+    """FSDP2 reduce-scattered only the parameters with a gradient on each rank: rank 0's (body, a) against
+    rank 1's (body, b), so head a's gradient was summed with head b's (0.1 off DDP after one step)."""
+    assert run_ranks(_routed_step, 2, name)[0] <= 1e-6

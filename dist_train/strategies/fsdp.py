@@ -69,6 +69,11 @@ class FSDPStrategy(Strategy):
         # The root keeps its parameters after forward (FSDP2's default for the root): backward needs them
         # first, so resharding them would cost one extra all-gather per micro-step.
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
+        if hasattr(model, "set_reduce_scatter_unused_params"):  # recent torch (2.13 has it)
+            # a parameter one rank used and another did not (a branch taken per batch): every rank
+            # reduce-scatters it, the unused side with zeros, as DDP all-reduces it; else the ranks'
+            # lists differ and one parameter's gradient is summed with another's
+            model.set_reduce_scatter_unused_params(True)
         self.model = self._module = model
         fp16 = self.cfg.train.precision == "fp16"
         # fused Adam(W) cannot take ShardedGradScaler's found_inf (shape [1], its step counts are 0-d)
