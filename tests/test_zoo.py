@@ -111,6 +111,14 @@ def test_transformer_classifier_names_sequences_longer_than_max_len():
         model(torch.ones(2, 9, dtype=torch.long))  # a config mistake: one line and status 2, not a traceback
 
 
+@pytest.mark.parametrize("name", ["transformer_lm", "transformer_classifier"])
+@pytest.mark.parametrize("kwargs", [{"n_heads": -2}, {"n_heads": 0}, {"n_layers": -1}, {"d_model": -4, "n_heads": -2}])
+def test_transformers_refuse_sizes_below_one(name, kwargs):
+    """n_heads=-2 divides d_model: the model was built and its first forward failed (status 1, a traceback)."""
+    with pytest.raises(UserError, match=rf"{name}: .* must be >= 1 and n_layers >= 0"):
+        build_model(name, kwargs)
+
+
 def test_rnn_classifier_rejects_unknown_cell():
     with pytest.raises(UserError, match="unknown cell"):
         build_model("rnn_classifier", {"cell": "transformer"})

@@ -102,6 +102,11 @@ def transformer_classifier(
     pooling: str = "mean",
 ) -> TransformerClassifier:
     """`pooling`: mean (over non-padding tokens) or cls (a learned token prepended to every sequence)."""
+    if min(vocab_size, num_classes, max_len, d_model, n_heads, mlp_ratio) < 1 or n_layers < 0:
+        raise UserError(
+            "transformer_classifier: vocab_size, num_classes, max_len, d_model, n_heads and mlp_ratio must be >= 1 "
+            "and n_layers >= 0"
+        )
     if d_model % n_heads:
         raise UserError(f"transformer_classifier: d_model ({d_model}) must be divisible by n_heads ({n_heads})")
     if pooling not in ("mean", "cls"):

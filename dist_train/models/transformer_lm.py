@@ -97,6 +97,10 @@ def transformer_lm(
     mlp_ratio: int = 4,
     dropout: float = 0.0,
 ) -> TransformerLM:
+    if min(vocab_size, seq_len, d_model, n_heads, mlp_ratio) < 1 or n_layers < 0:
+        raise UserError(
+            "transformer_lm: vocab_size, seq_len, d_model, n_heads and mlp_ratio must be >= 1 and n_layers >= 0"
+        )
     if d_model % n_heads:
         raise UserError(f"transformer_lm: d_model ({d_model}) must be divisible by n_heads ({n_heads})")
     return TransformerLM(vocab_size, seq_len, d_model, n_layers, n_heads, mlp_ratio, dropout)
