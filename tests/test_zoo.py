@@ -119,6 +119,13 @@ def test_transformers_refuse_sizes_below_one(name, kwargs):
         build_model(name, kwargs)
 
 
+@pytest.mark.parametrize("kwargs", [{"widths": []}, {"widths": [4, 0]}, {"blocks_per_stage": -1}, {"in_channels": 0}])
+def test_resnet_refuses_empty_or_non_positive_sizes(kwargs):
+    """widths=[] silently trained the default [16, 32, 64]; blocks_per_stage=-1 a ResNet without blocks."""
+    with pytest.raises(UserError, match="resnet: widths must be a non-empty list"):
+        build_model("resnet", kwargs)
+
+
 def test_rnn_classifier_rejects_unknown_cell():
     with pytest.raises(UserError, match="unknown cell"):
         build_model("rnn_classifier", {"cell": "transformer"})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..errors import UserError
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int, dropout: float):
@@ -52,4 +54,10 @@ def resnet(
     blocks_per_stage: int = 1,
     dropout: float = 0.0,
 ) -> ResNet:
-    return ResNet(in_channels, num_classes, list(widths or [16, 32, 64]), blocks_per_stage, dropout)
+    widths = [16, 32, 64] if widths is None else list(widths)  # an empty list is a mistake, not the default
+    if not widths or min(widths) < 1 or min(in_channels, num_classes, blocks_per_stage) < 1:
+        raise UserError(
+            "resnet: widths must be a non-empty list of positive widths, and in_channels, num_classes and "
+            "blocks_per_stage >= 1"
+        )
+    return ResNet(in_channels, num_classes, widths, blocks_per_stage, dropout)
