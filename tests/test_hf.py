@@ -91,6 +91,20 @@ def test_seq_cls_logits_do_not_depend_on_right_padding():
 
 
 @needs_hf
+def test_seq_cls_pad_token_id_null_masks_the_configs_own_pad_id():
+    """model.pad_token_id=null keeps the config's own (bert: 0): its tokens were not masked out of attention,
+    so a bidirectional encoder's logits depended on how much padding the batch carried."""
+    bert = {"model_type": "bert", "vocab_size": 32, "hidden_size": 16, "num_hidden_layers": 1}
+    bert.update(num_attention_heads=2, intermediate_size=32, max_position_embeddings=32, initializer_range=0.5)
+    torch.manual_seed(0)
+    model = build_model("hf_seq_cls", {"config": bert, "pad_token_id": None, "dropout": 0.0}).eval()
+    assert model.config.pad_token_id == 0
+    short = torch.tensor([[5, 6, 7, 8]])
+    padded = torch.cat([short, torch.zeros(1, 8, dtype=torch.long)], dim=1)
+    torch.testing.assert_close(model(padded), model(short))
+
+
+@needs_hf
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_seq_cls"])
 def test_example_configs_build_and_run_a_batch(name, tmp_path, monkeypatch):
     from helpers import REPO_ROOT

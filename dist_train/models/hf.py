@@ -154,4 +154,4 @@ def hf_seq_cls(
             "classifiers (gpt2, llama, ...) need it to find each right-padded sequence's last token; set "
             "model.pad_token_id to the data's pad id (0 for the bytes tokenizer)"
         )
-    return HFModel(model, pad_token_id)
+    return HFModel(model, model.config.pad_token_id)  # null: the config's own, masked out of attention too
