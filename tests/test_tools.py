@@ -288,8 +288,9 @@ def test_check_exits_2_on_a_deepspeed_config_value_its_schema_refuses(tmp_path, 
         )
 
 
-def _measured_model_state_bytes(rank, world, raws):
-    """Bytes of parameters, .grad and optimizer state after one real optimizer step (as trainer.train builds them)."""
+def _after_one_real_step(raw: dict, keep_grads: bool = False):
+    """The strategy of `raw`, built as trainer.train builds it, after one real optimizer step (in a rank
+    of run_ranks); `keep_grads` leaves the gradients in place to count them."""
     from dist_train.data import build_train_data
     from dist_train.losses import build_loss
     from dist_train.models import build_model
@@ -297,16 +298,23 @@ def _measured_model_state_bytes(rank, world, raws):
     from dist_train.trainer import seed_everything, train_step
     from dist_train.transforms import apply_transforms
 
+    cfg, ctx = from_dict(raw), ctx_from_env()
+    seed_everything(cfg.run.seed)
+    strategy = build_strategy(cfg, ctx)
+    strategy.setup(apply_transforms(build_model(cfg.model.name, cfg.model.kwargs), cfg, ctx))
+    if keep_grads:
+        strategy.optimizer.zero_grad = lambda set_to_none=True: None
+    batches = build_train_data(cfg, ctx).epoch_batches(0, 0)
+    micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
+    train_step(strategy, build_loss(cfg.train.loss), micro_batches, cfg, ctx)
+    return strategy
+
+
+def _measured_model_state_bytes(rank, world, raws):
+    """Bytes of parameters, .grad and optimizer state after one real optimizer step (as trainer.train builds them)."""
     measured = []
     for raw in raws:
-        cfg, ctx = from_dict(raw), ctx_from_env()
-        seed_everything(cfg.run.seed)
-        strategy = build_strategy(cfg, ctx)
-        strategy.setup(apply_transforms(build_model(cfg.model.name, cfg.model.kwargs), cfg, ctx))
-        strategy.optimizer.zero_grad = lambda set_to_none=True: None  # keep the gradients to count them
-        batches = build_train_data(cfg, ctx).epoch_batches(0, 0)
-        micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
-        train_step(strategy, build_loss(cfg.train.loss), micro_batches, cfg, ctx)
+        strategy = _after_one_real_step(raw, keep_grads=True)
         params = list(strategy.module.parameters())
         optimizer_state = [t for s in strategy.optimizer.state.values() for t in s.values() if torch.is_tensor(t)]
         measured.append(
@@ -340,21 +348,9 @@ def test_check_memory_matches_a_real_two_rank_ddp_run(tmp_path, capsys):
 def _measured_zero_state_bytes(rank, world, raws):
     """Bytes of the module's parameters and of the ZeRO optimizer (its fp32 master partitions and their
     state) after one real DeepSpeed step."""
-    from dist_train.data import build_train_data
-    from dist_train.losses import build_loss
-    from dist_train.models import build_model
-    from dist_train.strategies import build_strategy
-    from dist_train.trainer import seed_everything, train_step
-    from dist_train.transforms import apply_transforms
-
     measured = []
     for raw in raws:
-        cfg, ctx = from_dict(raw), ctx_from_env()
-        seed_everything(cfg.run.seed)
-        strategy = build_strategy(cfg, ctx)
-        strategy.setup(apply_transforms(build_model(cfg.model.name, cfg.model.kwargs), cfg, ctx))
-        batches = build_train_data(cfg, ctx).epoch_batches(0, 0)
-        train_step(strategy, build_loss(cfg.train.loss), [next(batches)], cfg, ctx)
+        strategy = _after_one_real_step(raw)
         inner = strategy.engine.optimizer.optimizer  # the torch optimizer ZeRO steps on its fp32 partitions
         masters = [p for group in inner.param_groups for p in group["params"]]
         state = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t)]
