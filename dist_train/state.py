@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .config import Config, to_dict
 from .control import Control
 from .distributed import DistContext
 from .errors import UserError, on_every_rank
+from .safetensors_io import save_file
 from .strategies import Strategy
 
 log = logging.getLogger("dist_train")
@@ -36,6 +38,25 @@ class TrainState:
     last_eval_step: int = -1  # a run restarted after its last evaluation does not repeat it
     early_stopped: bool = False  # a run started again after early stopping has nothing left to do
     started_from: str | None = None  # the checkpoint.resume path this run started from (it continues its own)
+
+    def evals_without_improvement_after(self, eval_cfg, metrics: dict) -> int:
+        """Count this evaluation toward early stopping: evaluations in a row without an improvement
+        of `eval_cfg.metric`, this one included."""
+        value = metrics.get(eval_cfg.metric)
+        if value is None:
+            raise UserError(f"eval.metric {eval_cfg.metric!r} is not among the eval metrics ({', '.join(metrics)})")
+        best = self.best_metric
+        if best is None:  # as from best = inf (min) or -inf (max): a NaN first evaluation is no improvement
+            best = math.inf if eval_cfg.mode == "min" else -math.inf
+        if eval_cfg.mode == "min":
+            better = value < best - eval_cfg.min_delta
+        else:
+            better = value > best + eval_cfg.min_delta
+        if better:
+            self.best_metric, self.evals_without_improvement = value, 0
+        else:
+            self.evals_without_improvement += 1
+        return self.evals_without_improvement
 
 
 def training_config(cfg: Config) -> dict:
@@ -187,3 +208,16 @@ def restore(
         dist.barrier(group=control.group)
     log.info("resumed from %s (step %d)", folder.name, state.step)
     return state, folder.name, window_loss_sum.to(ctx.device)
+
+
+def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int, fold=None) -> None:
+    """Consolidated fp32 weights with the bare model's names (collective; rank 0 writes).
+
+    `fold` maps the strategy's full state_dict to the exported one (compression: masks folded in).
+    """
+    tensors = strategy.full_state_dict()
+    if fold is not None:
+        tensors = fold(tensors)
+    if ctx.is_rank_zero and tensors is not None:
+        save_file(tensors, path, metadata={"format": "pt", "step": str(step)})
+        log.info("wrote %s (%d tensors)", path, len(tensors))

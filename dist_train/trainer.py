@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -23,7 +23,7 @@ from .compress import Compression
 from .config import CUDA_GRAPH_MODES, Config, dump_yaml
 from .config.checks import check_watched_metrics_fit_outputs
 from .control import Control
-from .data import build_eval_data, build_train_data, no_ignored_targets
+from .data import EvalData, TrainData, build_eval_data, build_train_data, no_ignored_targets
 from .distributed import DistContext
 from .errors import UserError, on_every_rank
 from .evaluation import evaluate
@@ -35,7 +35,6 @@ from .misfit import FORWARD_ERRORS, ForwardError
 from .models import build_model
 from .models.weight_init import init_weights
 from .rng import seed_everything
-from .safetensors_io import save_file
 from .schedules import LRSchedule
 from .strategies import Strategy, build_strategy
 from .transforms import apply_transforms, preferred_attention
@@ -120,20 +119,42 @@ def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data,
     metrics.emit(row)
 
 
-def _no_improvement_for(cfg: Config, state: run_state.TrainState, metrics: dict) -> int:
-    """Evaluations in a row without an improvement of eval.metric, this one included."""
-    value = metrics.get(cfg.eval.metric)
-    if value is None:
-        raise UserError(f"eval.metric {cfg.eval.metric!r} is not among the eval metrics ({', '.join(metrics)})")
-    best = state.best_metric
-    if best is None:  # as from best = inf (min) or -inf (max): a NaN first evaluation is no improvement
-        best = math.inf if cfg.eval.mode == "min" else -math.inf
-    better = value < best - cfg.eval.min_delta if cfg.eval.mode == "min" else value > best + cfg.eval.min_delta
-    if better:
-        state.best_metric, state.evals_without_improvement = value, 0
-    else:
-        state.evals_without_improvement += 1
-    return state.evals_without_improvement
+class _Built(NamedTuple):
+    """What a run builds before its first step, alike on every rank."""
+
+    strategy: Strategy
+    compression: Compression
+    data: TrainData
+    eval_data: EvalData | None
+    loss_fn: Loss  # evaluation's
+    train_loss: Loss  # the same loss, its normaliser static when no target is ignored
+
+
+def _build(cfg: Config, ctx: DistContext) -> _Built:
+    """Model, transforms, strategy, data and loss, in an order whose seeds make every rank alike."""
+    seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
+    model = build_model(cfg.model.name, cfg.model.kwargs)
+    init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
+    compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
+    model = apply_transforms(model, cfg, ctx)
+    strategy = build_strategy(cfg, ctx)
+    strategy.setup(model)
+    seed_everything(cfg.run.seed + 104_729)  # dataset factories: the same draws on every rank, at any world size
+    data = build_train_data(cfg, ctx)
+    eval_data = build_eval_data(cfg, ctx)
+    compression.probe(data.dataset[0][0])  # QAT: an op without an int8 kernel is refused now, not after training
+    seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
+    loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
+    if cfg.train.compile:
+        loss_fn = loss_fn.compiled(cfg.train.compile_mode)
+    train_loss = loss_fn  # no IGNORE_INDEX in a TensorDataset's targets: static normaliser, no all-reduce per step
+    if loss_fn.ignores_targets and no_ignored_targets(data.dataset):
+        train_loss = replace(loss_fn, ignores_targets=False)
+    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
+        raise UserError(
+            f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
+        )
+    return _Built(strategy, compression, data, eval_data, loss_fn, train_loss)
 
 
 def train(cfg: Config, ctx: DistContext) -> dict:
@@ -156,28 +177,7 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
     if refused:
         raise on_every_rank(UserError(refused))
     try:  # a mistake found while building is the config's, met by every rank alike: said once per node
-        seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
-        model = build_model(cfg.model.name, cfg.model.kwargs)
-        init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
-        compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
-        model = apply_transforms(model, cfg, ctx)
-        strategy = build_strategy(cfg, ctx)
-        strategy.setup(model)
-        seed_everything(cfg.run.seed + 104_729)  # dataset factories: the same draws on every rank, at any world size
-        data = build_train_data(cfg, ctx)
-        eval_data = build_eval_data(cfg, ctx)
-        compression.probe(data.dataset[0][0])  # QAT: an op without an int8 kernel is refused now, not after training
-        seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
-        loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
-        if cfg.train.compile:
-            loss_fn = loss_fn.compiled(cfg.train.compile_mode)
-        train_loss = loss_fn  # no IGNORE_INDEX in a TensorDataset's targets: static normaliser, no all-reduce per step
-        if loss_fn.ignores_targets and no_ignored_targets(data.dataset):
-            train_loss = replace(loss_fn, ignores_targets=False)
-        if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
-            raise UserError(
-                f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
-            )
+        strategy, compression, data, eval_data, loss_fn, train_loss = _build(cfg, ctx)
     except UserError as err:
         raise on_every_rank(err) from None
     sample = data.dataset[0][0]
@@ -286,7 +286,7 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
                 metrics.emit(eval_row)
                 state.lr_schedule = schedule.observe(eval_row, state.step)  # same metrics, same LR on every rank
                 patience = cfg.eval.early_stopping_patience  # eval.metric is read for early stopping only
-                if patience and _no_improvement_for(cfg, state, eval_row) >= patience:
+                if patience and state.evals_without_improvement_after(cfg.eval, eval_row) >= patience:
                     log.info(
                         "early stopping at step %d: no improvement of %s in %d evaluations",
                         state.step,
@@ -328,7 +328,9 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
             int8_due = resumed_at != state.step or not compression.exported(output_dir)  # else: a finished run again
             if int8_due and ctx.is_rank_zero:
                 compression.discard(output_dir)
-            export_weights(strategy, ctx, output_dir / "model.safetensors", state.step, compression.export_state_dict)
+            run_state.export_weights(
+                strategy, ctx, output_dir / "model.safetensors", state.step, compression.export_state_dict
+            )
             if int8_due:
 
                 def log_int8(int8_metrics: dict) -> None:
@@ -376,16 +378,3 @@ def _save(cfg, ctx, control, strategy, state, window: LossWindow, output_dir) ->
             f"rank {ctx.rank} failed to save the checkpoint of step {state.step}: {type(err).__name__}: {err}"
         ) from err
     control.arm_watchdog()
-
-
-def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int, fold=None) -> None:
-    """Consolidated fp32 weights with the bare model's names (collective; rank 0 writes).
-
-    `fold` maps the strategy's full state_dict to the exported one (compression: masks folded in).
-    """
-    tensors = strategy.full_state_dict()
-    if fold is not None:
-        tensors = fold(tensors)
-    if ctx.is_rank_zero and tensors is not None:
-        save_file(tensors, path, metadata={"format": "pt", "step": str(step)})
-        log.info("wrote %s (%d tensors)", path, len(tensors))

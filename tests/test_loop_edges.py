@@ -345,9 +345,8 @@ def test_early_stopping_counts_a_nan_first_evaluation_as_no_improvement(tmp_path
     """A NaN first eval_loss became the best value, and every later (improving) one compared false
     against it: the run stopped after `patience` evaluations while the metric improved."""
     from dist_train.state import TrainState
-    from dist_train.trainer import _no_improvement_for
 
     cfg = from_dict(config(tmp_path, eval={"mode": mode, "every_steps": 2, "early_stopping_patience": 2}))
     state = TrainState()
-    assert [_no_improvement_for(cfg, state, {"eval_loss": v}) for v in values] == [1, 0, 0, 0]
+    assert [state.evals_without_improvement_after(cfg.eval, {"eval_loss": v}) for v in values] == [1, 0, 0, 0]
     assert state.best_metric == values[-1]
