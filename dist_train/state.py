@@ -114,10 +114,11 @@ def _load_error_summary(err: Exception, limit: int = 300) -> str:
 
 
 def restore(
-    cfg: Config, ctx: DistContext, control: Control, strategy: Strategy, output_dir: Path
+    cfg: Config, ctx: DistContext, control: Control, strategy: Strategy, output_dir: Path, epoch_samples: int
 ) -> tuple[TrainState, str, torch.Tensor] | None:
     """Find (rank 0) and load (every rank) the checkpoint named by `checkpoint.resume`, if any.
 
+    `epoch_samples` is the number of samples of an epoch this run trains on (whole global batches).
     Returns the trainer state, the checkpoint's folder name and this rank's open-window loss sum.
     """
     found = None
@@ -192,14 +193,16 @@ def restore(
             UserError(f"checkpoint {folder}: its trainer state does not fit this version ({err})")
         ) from None
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size
-    if state.samples_in_epoch % ctx.world_size:
+    # as the loop decides: an epoch with no room for another global batch is over, the next starts at 0
+    epoch_continues = state.samples_in_epoch + global_batch <= epoch_samples
+    if epoch_continues and state.samples_in_epoch % ctx.world_size:
         raise on_every_rank(
             UserError(
                 f"checkpoint {folder} stopped {state.samples_in_epoch} samples into an epoch, which world size "
                 f"{ctx.world_size} cannot split evenly; resume at world size {manifest['world_size']}"
             )
         )
-    if state.samples_in_epoch % global_batch:
+    if epoch_continues and state.samples_in_epoch % global_batch:
         log.warning(
             "global batch changed since the checkpoint: the current epoch continues from sample %d",
             state.samples_in_epoch,

@@ -186,7 +186,7 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
     if cfg.train.epochs:
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
-    restored = run_state.restore(cfg, ctx, control, strategy, output_dir)
+    restored = run_state.restore(cfg, ctx, control, strategy, output_dir, data.sampler.usable_samples())
     if ctx.is_rank_zero:  # only now: a config its checkpoints refuse leaves the folder's config.yaml alone
         write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
     state = restored[0] if restored else run_state.TrainState()

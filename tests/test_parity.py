@@ -165,3 +165,18 @@ def test_resume_at_another_world_size_logs_the_open_windows_loss(tmp_path):
     assert sorted(resumed) == [4, 6]
     for step, loss in resumed.items():
         assert loss == pytest.approx(expected[step], rel=1e-5), step
+
+
+def test_a_checkpoint_at_the_end_of_an_epoch_resumes_at_a_world_size_that_does_not_divide_it(tmp_path):
+    """One rank x 3 on 10 samples: the epoch ends after 9 samples, where the checkpoint of step 3 is.
+    Two ranks resume it into the next epoch; they were refused with 'stopped 9 samples into an epoch,
+    which world size 2 cannot split evenly' (status 2), though nothing of that epoch was left."""
+    shape = {"max_steps": 3, "micro_batch_size": 3, "grad_accum_steps": 1}
+    config = mlp_config(tmp_path / "run", **shape)
+    config["data"]["num_samples"] = 10
+    run_ok(config, tmp_path, launcher="single")
+    proc = launch(config, tmp_path, ["train.max_steps=5", "train.micro_batch_size=2"], nproc=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "continues from sample" not in proc.stderr  # no new global batch fits the old epoch: none continues
+    rows = [r for r in read_rows(tmp_path / "run") if "loss" in r]
+    assert [(r["step"], r["epoch"]) for r in rows] == [(1, 0), (2, 0), (3, 0), (4, 1), (5, 1)]
