@@ -182,15 +182,15 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
         raise on_every_rank(err) from None
     sample = data.dataset[0][0]
     tokens_per_sample = sample.numel() if not sample.is_floating_point() else 1  # token inputs: report tokens/s
-    total_steps = cfg.train.max_steps
-    if cfg.train.epochs:
-        total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
     restored = run_state.restore(cfg, ctx, control, strategy, output_dir, data.sampler.usable_samples())
     if ctx.is_rank_zero:  # only now: a config its checkpoints refuse leaves the folder's config.yaml alone
         write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
     state = restored[0] if restored else run_state.TrainState()
     resumed_at = state.step if restored else None
+    total_steps = cfg.train.max_steps
+    if cfg.train.epochs:
+        total_steps = min(total_steps, _end_of_epochs(cfg.train.epochs, data, state))
     if state.early_stopped:
         total_steps = state.step  # the same command after early stopping: nothing left to train
     elif state.step > total_steps:
@@ -360,6 +360,13 @@ def _evaluate(strategy, loss_fn, eval_data, ctx, step: int, control=None) -> dic
         raise
     except Exception as err:
         raise TrainingError(f"rank {ctx.rank} failed evaluating step {step}: {type(err).__name__}: {err}") from err
+
+
+def _end_of_epochs(epochs: int, data, state: run_state.TrainState) -> int:
+    """The step that ends epoch `epochs - 1`: epochs x steps per epoch, counted on from where the state
+    left the data, so a resume with another global batch still trains `epochs` passes in all."""
+    left = max(0, data.sampler.usable_samples() - state.samples_in_epoch) // data.global_batch  # the current epoch's
+    return state.step + left + (epochs - state.epoch - 1) * data.steps_per_epoch
 
 
 def _checkpoint_due(cfg: Config, step: int) -> bool:

@@ -75,6 +75,18 @@ def test_epochs_end_the_run(tmp_path):
     assert [r["epoch"] for r in rows] == [0] * 16 + [1] * 16
 
 
+def test_epochs_count_passes_after_a_resume_with_another_global_batch(tmp_path):
+    """train.epochs=2 resumed after its first epoch (16 steps of 16) with micro-batch 32: the second
+    pass is 8 steps of 32. It was 2 x 8 = 16 steps in all, so the run stopped with 'nothing to train'
+    after one pass (and a global batch made smaller ran into a third)."""
+    end = {"every_steps": None, "at_end": True}
+    assert train(raw(tmp_path, train={"epochs": 1, "max_steps": 1000}, checkpoint=end), SINGLE)["step"] == 16
+    resumed = raw(tmp_path, train={"epochs": 2, "max_steps": 1000, "micro_batch_size": 32}, checkpoint=end)
+    assert train(resumed, SINGLE) == {"status": "finished", "step": 24}
+    rows = [r for r in read_rows(tmp_path) if "loss" in r]
+    assert [r["epoch"] for r in rows] == [0] * 16 + [1] * 8
+
+
 def test_bf16_autocast_trains_on_cpu(tmp_path):
     cfg = raw(tmp_path, train={"precision": "bf16", "max_steps": 30})
     assert train(cfg, SINGLE)["status"] == "finished"
