@@ -85,6 +85,16 @@ def test_check_warns_of_a_warm_up_longer_than_the_run_only(tmp_path, capsys, war
     assert any("never reaches train.lr" in w for w in report["warnings"]) is warns
 
 
+def test_check_warns_of_a_warm_up_longer_than_a_run_that_train_epochs_ends(tmp_path, capsys):
+    """40 samples, global batch 8, train.epochs=1: the run is 5 steps, a warm-up of 6 never ends (it
+    was compared with train.max_steps=10 only: no warning)."""
+    raw = tiny_lm_config(tmp_path / "run", schedule={"warmup_steps": 6}, train={"epochs": 1})
+    raw["data"]["num_samples"] = 40
+    report = check_json(capsys, write_config(tmp_path / "c.yaml", raw))
+    assert report["steps"]["total"] == 5 and report["lr_schedule"]["points"][-1]["lr"] < 1e-3
+    assert any("(6) > the run's 5 steps" in w and "never reaches train.lr" in w for w in report["warnings"])
+
+
 def test_check_multistep_points_are_at_the_milestones(tmp_path, capsys):
     schedule = {"name": "multistep", "warmup_steps": 0, "milestones": [4, 7, 30], "gamma": 0.1}
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", schedule=schedule))

@@ -130,10 +130,10 @@ def find_pitfalls(cfg: Config, model: nn.Module, report: dict) -> list[str]:
             f"the global batch ({report['batch']['global_batch']}) does not divide the train split "
             f"({report['data']['train_samples']}): the last {dropped} samples of every epoch are never trained on"
         )
-    if cfg.schedule.warmup_steps > cfg.train.max_steps:  # step k (from 1) trains at lr x k / warmup_steps
+    if cfg.schedule.warmup_steps > steps["total"]:  # step k (from 1) trains at lr x k / warmup_steps
         warnings.append(
-            f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) > train.max_steps ({cfg.train.max_steps}): "
-            "the LR never reaches train.lr"
+            f"schedule.warmup_steps ({cfg.schedule.warmup_steps}) > the run's {steps['total']} steps "
+            "(train.max_steps/train.epochs): the LR never reaches train.lr"
         )
     if steps["total"] < cfg.train.max_steps:
         warnings.append(
