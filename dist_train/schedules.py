@@ -68,7 +68,9 @@ class LRSchedule:
         self.plateau = s.name == "plateau"
         self.metric = s.plateau_metric or cfg.eval.metric
         self.mode = s.plateau_mode or cfg.eval.mode
-        self.state = PlateauState(**(state or {}))
+        # only plateau reads its state: another schedule resuming a plateau checkpoint starts at scale 1, as
+        # the checkpoints it writes (no state) make it start again after an interruption
+        self.state = PlateauState(**(state or {})) if self.plateau else PlateauState()
 
     def lr_at(self, step: int) -> float:
         return lr_at(self.cfg, step, self.state.scale)

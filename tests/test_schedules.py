@@ -113,6 +113,19 @@ def test_plateau_warmup_still_ramps():
     assert [schedule.lr_at(s) for s in range(5)] == pytest.approx([0.0125, 0.025, 0.0375, 0.05, 0.05])
 
 
+@pytest.mark.parametrize("name", ["constant", "step", "multistep", "cosine"])
+def test_a_plateau_checkpoints_scale_does_not_carry_into_another_schedule(name):
+    """A plateau run's checkpoint (scale 0.25) resumed with another schedule: its LR is the configured
+    schedule's. The stale scale applied (constant, step, multistep; the warm-up of every schedule),
+    and as that schedule saves no state, the same run started again from its own next checkpoint
+    trained at the full LR: interrupted and uninterrupted runs differed."""
+    cfg = cfg_with({"name": name, "warmup_steps": 2, "milestones": [50]})
+    resumed = LRSchedule(cfg, {"scale": 0.25, "best": 1.0, "bad_evals": 1, "reductions": 2})
+    assert [resumed.lr_at(s) for s in (0, 1, 10)] == pytest.approx([lr_at(cfg, s) for s in (0, 1, 10)])
+    assert resumed.lr_at(10) == pytest.approx(0.1 if name != "cosine" else lr_at(cfg, 10))
+    assert resumed.state_dict() == {}
+
+
 def test_unknown_plateau_metric_is_a_user_error():
     """Refused with the config, before any step trains: the loss says which metrics an evaluation has."""
     with pytest.raises(UserError, match="plateau_metric='eval_bleu' is not a metric of train.loss=cross_entropy"):
