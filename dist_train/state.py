@@ -39,6 +39,14 @@ class TrainState:
     early_stopped: bool = False  # a run started again after early stopping has nothing left to do
     started_from: str | None = None  # the checkpoint.resume path this run started from (it continues its own)
 
+    def end_of_epochs(self, epochs: int, epoch_samples: int, global_batch: int) -> int:
+        """The step that ends epoch `epochs - 1`, counted on from where this state left the data
+        (`epoch_samples`: the samples of an epoch the run trains on), so that a resume with another
+        global batch still trains `epochs` passes in all."""
+        steps_per_epoch = epoch_samples // global_batch
+        left = max(0, epoch_samples - self.samples_in_epoch) // global_batch  # of the current epoch
+        return self.step + left + (epochs - self.epoch - 1) * steps_per_epoch
+
     def evals_without_improvement_after(self, eval_cfg, metrics: dict) -> int:
         """Count this evaluation toward early stopping: evaluations in a row without an improvement
         of `eval_cfg.metric`, this one included."""

@@ -190,7 +190,9 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
     resumed_at = state.step if restored else None
     total_steps = cfg.train.max_steps
     if cfg.train.epochs:
-        total_steps = min(total_steps, _end_of_epochs(cfg.train.epochs, data, state))
+        total_steps = min(
+            total_steps, state.end_of_epochs(cfg.train.epochs, data.sampler.usable_samples(), data.global_batch)
+        )
     if state.early_stopped:
         total_steps = state.step  # the same command after early stopping: nothing left to train
     elif state.step > total_steps:
@@ -360,13 +362,6 @@ def _evaluate(strategy, loss_fn, eval_data, ctx, step: int, control=None) -> dic
         raise
     except Exception as err:
         raise TrainingError(f"rank {ctx.rank} failed evaluating step {step}: {type(err).__name__}: {err}") from err
-
-
-def _end_of_epochs(epochs: int, data, state: run_state.TrainState) -> int:
-    """The step that ends epoch `epochs - 1`: epochs x steps per epoch, counted on from where the state
-    left the data, so a resume with another global batch still trains `epochs` passes in all."""
-    left = max(0, data.sampler.usable_samples() - state.samples_in_epoch) // data.global_batch  # the current epoch's
-    return state.step + left + (epochs - state.epoch - 1) * data.steps_per_epoch
 
 
 def _checkpoint_due(cfg: Config, step: int) -> bool:

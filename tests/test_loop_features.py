@@ -1,10 +1,15 @@
 """Loop features in one process: early stopping, epochs, bf16 autocast on CPU, SGD, clip by value."""
 
+import contextlib
+import io
+import json
+
 import pytest
 import torch
 from helpers import load_weights, read_rows
 
-from dist_train.config import from_dict
+from dist_train.cli import main
+from dist_train.config import dump_yaml, from_dict
 from dist_train.distributed import DistContext
 from dist_train.trainer import train
 
@@ -23,6 +28,15 @@ def raw(output_dir, **sections):
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
     return from_dict(config)
+
+
+def check_warnings(tmp_path, cfg) -> list[str]:
+    """`dist-train check --json` on `cfg`: its warnings."""
+    path, out = tmp_path / "check.yaml", io.StringIO()
+    path.write_text(dump_yaml(cfg))
+    with contextlib.redirect_stdout(out):
+        assert main(["check", str(path), "--json"]) == 0
+    return json.loads(out.getvalue())["warnings"]
 
 
 def test_early_stopping_after_patience_evaluations_without_improvement(tmp_path):
@@ -78,11 +92,13 @@ def test_epochs_end_the_run(tmp_path):
 def test_epochs_count_passes_after_a_resume_with_another_global_batch(tmp_path):
     """train.epochs=2 resumed after its first epoch (16 steps of 16) with micro-batch 32: the second
     pass is 8 steps of 32. It was 2 x 8 = 16 steps in all, so the run stopped with 'nothing to train'
-    after one pass (and a global batch made smaller ran into a third)."""
+    after one pass (and a global batch made smaller ran into a third). `check` counts them alike."""
     end = {"every_steps": None, "at_end": True}
     assert train(raw(tmp_path, train={"epochs": 1, "max_steps": 1000}, checkpoint=end), SINGLE)["step"] == 16
     resumed = raw(tmp_path, train={"epochs": 2, "max_steps": 1000, "micro_batch_size": 32}, checkpoint=end)
+    assert "nothing left to do" not in " ".join(check_warnings(tmp_path, resumed))
     assert train(resumed, SINGLE) == {"status": "finished", "step": 24}
+    assert any("step 24 >= 24: the run has nothing left to do" in w for w in check_warnings(tmp_path, resumed))
     rows = [r for r in read_rows(tmp_path) if "loss" in r]
     assert [r["epoch"] for r in rows] == [0] * 16 + [1] * 8
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..config import Config
 from ..errors import UserError
-from ..state import training_config
+from ..state import TrainState, training_config
 from .memory import optimizer_states_per_param
 from .report import human_bytes
 
@@ -72,7 +72,9 @@ def _resume_folder(cfg: Config) -> Path | None:
     return steps[-1] if steps else None
 
 
-def _checkpoint_pitfalls(cfg: Config, world_size: int, total_steps: int) -> list[str]:
+def _checkpoint_pitfalls(
+    cfg: Config, world_size: int, total_steps: int, epoch_samples: int, global_batch: int
+) -> list[str]:
     folder = _resume_folder(cfg)
     if folder is None:
         existing = Path(cfg.run.output_dir) / "checkpoints"
@@ -108,6 +110,12 @@ def _checkpoint_pitfalls(cfg: Config, world_size: int, total_steps: int) -> list
             f"the run will resume {folder}, written for another model/data/optimizer/schedule/batch config "
             "(config hash differs); use a new run.output_dir or checkpoint.resume=never to start fresh"
         )
+    if cfg.train.epochs:  # counted on from where the checkpoint left the data, as the run counts them
+        try:
+            state = TrainState(**manifest["trainer"])
+            total_steps = min(cfg.train.max_steps, state.end_of_epochs(cfg.train.epochs, epoch_samples, global_batch))
+        except (KeyError, TypeError):
+            pass  # a manifest of another version: the run itself says what it makes of it
     if manifest.get("step", 0) >= total_steps:
         warnings.append(f"{folder} is at step {manifest.get('step')} >= {total_steps}: the run has nothing left to do")
     return warnings
@@ -145,7 +153,8 @@ def find_pitfalls(cfg: Config, model: nn.Module, report: dict) -> list[str]:
         warnings.append(
             "log.plot is on but matplotlib is not installed: no metrics.png (pip install 'dist-train[plot]')"
         )
-    warnings += _checkpoint_pitfalls(cfg, world_size, steps["total"])
+    epoch_samples = report["data"]["train_samples"] - dropped
+    warnings += _checkpoint_pitfalls(cfg, world_size, steps["total"], epoch_samples, report["batch"]["global_batch"])
     size, free = report["checkpoint_bytes"], _free_disk(Path(cfg.run.output_dir))
     needed = size * (cfg.checkpoint.keep_last + 1)  # a new checkpoint is complete before the oldest goes
     if free is not None and needed > free:
