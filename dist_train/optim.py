@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from .config import Config
-from .patterns import canonical_name, compile_pattern
+from .patterns import FUSED_NAMES, canonical_name, compile_pattern
 from .schedules import lr_at  # noqa: F401 - re-exported: the schedule used to live here
 
 log = logging.getLogger("dist_train")
@@ -25,10 +25,11 @@ def resolve_param_groups(model: nn.Module, weight_decay: float, rules: list[dict
     """
     matchers = [compile_pattern(rule["match"], f"optim.param_groups[{i}].match") for i, rule in enumerate(rules)]
     buckets: dict[tuple[int, bool], tuple[list, list]] = {}  # (rule index or len(rules), decays) -> params, names
+    fused = getattr(model, FUSED_NAMES, None)
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        bare = canonical_name(name)
+        bare = canonical_name(name, fused)
         index = next((i for i, matches in enumerate(matchers) if matches(bare)), len(rules))
         own_decay = index < len(rules) and "weight_decay" in rules[index]  # one group: the rule's decay
         params, names = buckets.setdefault((index, own_decay or param.dim() >= 2), ([], []))

@@ -20,6 +20,8 @@ REGEX_PREFIX = "re:"
 # Segments that wrappers insert into names; rules are written against the bare model's names.
 _WRAPPER_SEGMENTS = ("_orig_mod.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 _PRUNED = "weight_orig"  # compress.prune reparametrises `weight` as `weight_orig` x `weight_mask`
+# compress.qat fuses a BatchNorm into the conv before it: {"<conv>.bn.": "<its own name>."}, on the model
+FUSED_NAMES = "qat_renames"
 
 
 def compile_pattern(pattern: str, where: str) -> Callable[[str], bool]:
@@ -35,10 +37,15 @@ def compile_pattern(pattern: str, where: str) -> Callable[[str], bool]:
     return lambda name: fnmatch.fnmatchcase(name, pattern)
 
 
-def canonical_name(name: str) -> str:
-    """The bare model's name for a parameter: wrapper segments dropped, pruning's `weight_orig` -> `weight`."""
+def canonical_name(name: str, fused: dict[str, str] | None = None) -> str:
+    """The bare model's name for a parameter: wrapper segments dropped, a fused BatchNorm's `<conv>.bn.`
+    back under its own name (`fused`: the model's FUSED_NAMES), pruning's `weight_orig` -> `weight`."""
     for segment in _WRAPPER_SEGMENTS:
         name = name.replace(segment, "")
+    for prefix, original in (fused or {}).items():
+        if name.startswith(prefix):
+            name = original + name[len(prefix) :]
+            break
     head, _, last = name.rpartition(".")
     if last == _PRUNED:
         name = f"{head}.weight" if head else "weight"

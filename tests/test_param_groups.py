@@ -71,6 +71,23 @@ def test_pruned_and_compiled_names_match_the_bare_names():
     assert resolved[0][2] == ["head.bias", "head.weight"]
 
 
+def test_a_batchnorm_fused_by_qat_is_matched_by_its_own_name():
+    """compress.qat fuses each cnn block's BatchNorm into its conv (`blocks.0.conv.bn.weight`): a rule on
+    the BatchNorm's own name, the one model.safetensors holds, matched nothing (a warning), and a rule
+    on the conv took the BatchNorm's parameters too."""
+    from dist_train.compress.qat import prepare_qat_model
+
+    model = build_model("cnn", {"channels": [8, 16]})
+    prepare_qat_model(model, "x86")
+    rules = [{"match": "blocks.*.norm.*", "lr_scale": 0.0}, {"match": "blocks.0.conv.*", "lr_scale": 2.0}]
+    resolved = resolve_param_groups(model, 0.05, rules)
+    assert [(label, names) for label, _, names in resolved[:2]] == [
+        ("rule 0 `blocks.*.norm.*`", ["blocks.0.norm.weight", "blocks.0.norm.bias", "blocks.1.norm.weight",
+                                     "blocks.1.norm.bias"]),
+        ("rule 1 `blocks.0.conv.*`", ["blocks.0.conv.weight"]),
+    ]  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "rules, message",
     [

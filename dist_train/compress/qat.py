@@ -31,6 +31,7 @@ import torch.nn as nn
 
 from ..config import Config
 from ..errors import UserError
+from ..patterns import FUSED_NAMES
 
 log = logging.getLogger("dist_train")
 
@@ -118,6 +119,7 @@ def prepare_qat_model(model: nn.Module, backend: str) -> dict[str, str]:
         model.register_forward_hook(_dequantize_output)
         model.qconfig = tq.get_default_qat_qconfig(backend)
         tq.prepare_qat(model, inplace=True)
+    setattr(model, FUSED_NAMES, renames)  # optim.param_groups rules match the fused BatchNorm by its own name
     return renames
 
 
