@@ -8,7 +8,10 @@ groups every step), so a DeepSpeed run follows the DDP path step for step.
 
 Accumulation: the loop already scales each micro-batch's loss, so backward runs with
 `scale_wrt_gas=False`, and the loop's `no_sync()` marks the accumulation boundary explicitly
-(`set_gradient_accumulation_boundary`): ZeRO reduces gradients on the last micro-step only.
+(`set_gradient_accumulation_boundary`): ZeRO-0/1 reduce gradients on the last micro-step only.
+ZeRO-2/3 keep only their partition of the gradients, so DeepSpeed reduces every micro-step's
+gradients as backward makes them (ZeRO-2 all-reduces its buckets, ZeRO-3 reduce-scatters), at
+the boundary or not: by design, no setting defers it.
 """
 
 from __future__ import annotations
