@@ -24,6 +24,7 @@ class Loss:
     ignores_targets: bool  # targets may hold IGNORE_INDEX: count them per batch
     summed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # reduction="sum" in one op
     is_nll: bool = False  # elementwise is the plain negative log-likelihood (perplexity = exp of its mean)
+    same_count: bool = False  # every rank counts as many elements in every step: no all-reduce of the count
 
     def count(self, targets: torch.Tensor) -> int:
         """Counted elements of a (host) target batch; the normaliser's share of this micro-batch."""

@@ -23,7 +23,7 @@ from .compress import Compression
 from .config import CUDA_GRAPH_MODES, Config, dump_yaml
 from .config.checks import check_watched_metrics_fit_outputs
 from .control import Control
-from .data import EvalData, TrainData, build_eval_data, build_train_data, no_ignored_targets
+from .data import EvalData, TrainData, build_eval_data, build_train_data, same_counts
 from .distributed import DistContext
 from .errors import UserError, on_every_rank
 from .evaluation import evaluate
@@ -70,7 +70,7 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
     local_count = sum(loss_fn.count(targets) for _, targets in micro_batches)  # host ints: no sync
     count, pending = local_count * ctx.world_size, None
     scale = ctx.world_size / max(count, 1)  # nothing counted (every target ignored): a zero update, not 0/0
-    if loss_fn.ignores_targets and ctx.world_size > 1:  # summed while the first forward runs, not before it
+    if not loss_fn.same_count and ctx.world_size > 1:  # summed while the first forward runs, not before it
         count = torch.tensor(float(local_count), device=ctx.device)
         pending = dist.all_reduce(count, async_op=True)
     losses = []
@@ -147,9 +147,9 @@ def _build(cfg: Config, ctx: DistContext) -> _Built:
     loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
     if cfg.train.compile:
         loss_fn = loss_fn.compiled(cfg.train.compile_mode)
-    train_loss = loss_fn  # no IGNORE_INDEX in a TensorDataset's targets: static normaliser, no all-reduce per step
-    if loss_fn.ignores_targets and no_ignored_targets(data.dataset):
-        train_loss = replace(loss_fn, ignores_targets=False)
+    train_loss = loss_fn  # a TensorDataset with no IGNORE_INDEX: static normaliser, no all-reduce per step
+    if same_counts(data.dataset, loss_fn.ignores_targets):
+        train_loss = replace(loss_fn, ignores_targets=False, same_count=True)
     if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
         raise UserError(
             f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"

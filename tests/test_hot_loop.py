@@ -370,15 +370,17 @@ def test_static_normaliser_only_for_tensor_datasets_without_ignored_targets():
     from torch.utils.data import TensorDataset
     from userpkg.slow import Slow
 
-    from dist_train.data import no_ignored_targets
+    from dist_train.data import same_counts
 
     tokens = torch.randint(0, 10, (8, 4))
-    assert no_ignored_targets(TensorDataset(tokens, tokens))
+    assert same_counts(TensorDataset(tokens, tokens), ignores_targets=True)
     padded = tokens.clone()
     padded[0, -1] = -100
-    assert not no_ignored_targets(TensorDataset(tokens, padded))
-    assert not no_ignored_targets(Slow(TensorDataset(tokens, tokens), 0.0))  # unknown until loaded
-    assert not no_ignored_targets(TensorDataset(tokens.float(), tokens.float()))  # regression targets
+    assert not same_counts(TensorDataset(tokens, padded), ignores_targets=True)
+    assert same_counts(TensorDataset(tokens, padded), ignores_targets=False)  # a loss that counts every target
+    assert not same_counts(Slow(TensorDataset(tokens, tokens), 0.0), ignores_targets=True)  # unknown until loaded
+    assert not same_counts(Slow(TensorDataset(tokens, tokens), 0.0), ignores_targets=False)  # sizes may differ
+    assert same_counts(TensorDataset(tokens.float(), tokens.float()), ignores_targets=False)  # regression, fixed
 
 
 def test_loss_window_sums_in_order_across_compaction_and_checkpoints(monkeypatch):

@@ -215,6 +215,24 @@ def test_two_ranks_match_one_with_a_global_rng_factory_and_a_step_with_nothing_c
     assert losses["two"] == pytest.approx(losses["one"], rel=1e-6), json.dumps(losses)
 
 
+@pytest.mark.slow
+def test_two_ranks_match_one_when_the_ranks_count_other_numbers_of_elements(tmp_path):
+    """Series of 4 and 16 steps under mse, micro-batch 1: the loss normaliser was each rank's own count
+    times the world size, not the global count (an all-reduce only for losses with ignored targets),
+    so 2 ranks gave the short series' steps 2.5x the weight of the long one's and logged a loss 2.5x
+    too high (1.40 where 1 rank x accumulation 2, the same samples, logs 0.56)."""
+    model = {"name": "tcn", "input_dim": 1, "num_outputs": 1, "channels": 8, "num_levels": 2, "pooling": "none"}
+    for name, ranks, accum in (("one", 1, 2), ("two", 2, 1)):
+        train = {"max_steps": 4, "micro_batch_size": 1, "grad_accum_steps": accum, "loss": "mse"}
+        raw = config(tmp_path / name, data={"name": "userpkg.edges:varying_series"}, train=train)
+        raw["model"] = model
+        proc = launch(raw, tmp_path, nproc=ranks, launcher="single" if ranks == 1 else "torchrun", env=ENV)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max_abs_diff(load_weights(tmp_path / "one"), load_weights(tmp_path / "two")) < 1e-6
+    losses = {name: [r["loss"] for r in read_rows(tmp_path / name) if "loss" in r] for name in ("one", "two")}
+    assert losses["two"] == pytest.approx(losses["one"], rel=1e-6), json.dumps(losses)
+
+
 def test_a_run_started_from_a_named_checkpoint_continues_from_its_own_when_started_again(tmp_path):
     """checkpoint.resume names another run: the same command again (a requeue, a restart after exit
     75) continues from this run's own checkpoints, not from the named one; also once retention

@@ -242,10 +242,12 @@ def build_eval_data(cfg: Config, ctx: DistContext) -> EvalData | None:
     return EvalData(loader, torch.tensor(sampler.valid_flags(), dtype=torch.bool), len(dataset))
 
 
-def no_ignored_targets(dataset: Dataset) -> bool:
-    """True when every train target is known up front to count for the loss: a TensorDataset (fixed
-    shapes) whose integer targets hold no IGNORE_INDEX. The loss normaliser of a step is then static
-    (elements per micro-batch x accumulation x world size), and the loop skips its per-step all-reduce.
+def same_counts(dataset: Dataset, ignores_targets: bool) -> bool:
+    """True when every rank's train micro-batches are known up front to count as many loss elements:
+    a TensorDataset (fixed shapes) whose integer targets, for a loss that ignores IGNORE_INDEX, hold
+    none. The loss normaliser of a step is then static (elements per micro-batch x accumulation x
+    world size), and the loop skips its per-step all-reduce. Any other dataset may give the ranks
+    targets of other sizes (variable-length items), whatever the loss.
     """
     from torch.utils.data import TensorDataset
 
@@ -254,4 +256,4 @@ def no_ignored_targets(dataset: Dataset) -> bool:
     if not isinstance(dataset, TensorDataset) or len(dataset.tensors) < 2:
         return False
     targets = dataset.tensors[1]
-    return not targets.is_floating_point() and not bool((targets == IGNORE_INDEX).any())
+    return not ignores_targets or (not targets.is_floating_point() and not bool((targets == IGNORE_INDEX).any()))

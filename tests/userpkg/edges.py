@@ -77,3 +77,22 @@ def failing_vectors(split: str, claimed=None, eval_target=None):
     if eval_target is not None:
         data = TensorDataset(data.tensors[0], torch.full_like(data.tensors[1], eval_target))
     return data
+
+
+class VaryingSeries(Dataset):
+    """Float series of 4 (even items) or 16 (odd items) steps; targets: their running sums, per step."""
+
+    def __init__(self, n: int):
+        gen = torch.Generator().manual_seed(0)
+        self.items = [torch.randn(4 + 12 * (i % 2), 1, generator=gen) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i], self.items[i].cumsum(0)
+
+
+def varying_series(split: str, n: int = 64):
+    """Per-step regression on series of two lengths: with micro-batch 1, ranks count other numbers of elements."""
+    return VaryingSeries(n) if split == "train" else None
