@@ -253,6 +253,21 @@ def test_readme_config_reference_is_current():
     assert section == config_reference(), "README config table is stale: paste `python -m dist_train.config`"
 
 
+def test_runtime_dependencies_include_numpy_and_match_the_readme():
+    """torch does not require numpy, yet every multi-rank run needs it (torch's broadcast_object_list
+    reads Tensor.numpy()) and so does the model.safetensors export: without it declared, a fresh
+    `pip install -e .` failed every run with `RuntimeError: Numpy is not available`."""
+    import re
+
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    declared = re.search(r"^dependencies = \[(.*)\]$", pyproject, re.M).group(1)
+    names = [re.match(r'"([A-Za-z0-9_-]+)', spec.strip()).group(1).lower() for spec in declared.split(",")]
+    assert "numpy" in names
+    readme = (REPO_ROOT / "README.md").read_text()
+    documented = re.search(r"pip install -e \. +# runtime: (.*)", readme).group(1)
+    assert [name.strip() for name in documented.split(",")] == names
+
+
 def test_numbers_in_lists_and_factory_arguments_load_as_numbers(tmp_path):
     """YAML 1.1 reads `3e-4` as text wherever it stands; the config loader reads YAML 1.2 numbers."""
     path = tmp_path / "c.yaml"
