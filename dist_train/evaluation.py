@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from .config.checks import eval_metrics
 from .data import EvalData
 from .distributed import DistContext, all_reduce_sum
 from .losses import IGNORE_INDEX, Loss
@@ -56,6 +57,8 @@ def _evaluate(strategy, model: torch.nn.Module, loss_fn: Loss, eval_data: EvalDa
     # loss sum, counted elements, correct, token NLL sum (LMs: perplexity)
     totals = torch.zeros(4, dtype=torch.float64, device=ctx.device)
     position, is_lm = 0, False
+    # class-id losses only: bce_with_logits takes (B, T, C) outputs too, as 0-1 targets of that shape
+    perplexity = "eval_perplexity" in eval_metrics(loss_fn.name)
     for inputs, targets in eval_data.batches():
         on_batch()
         batch = targets.shape[0]
@@ -65,7 +68,7 @@ def _evaluate(strategy, model: torch.nn.Module, loss_fn: Loss, eval_data: EvalDa
         targets = targets.to(ctx.device, non_blocking=True)
         with strategy.autocast():
             outputs = model(inputs)
-        is_lm = is_lm or (loss_fn.classification and outputs.dim() == 3)
+        is_lm = is_lm or (perplexity and outputs.dim() == 3)
         losses = loss_fn.elementwise(outputs, targets).reshape(batch, -1).double()
         counted = valid if not loss_fn.ignores_targets else valid & (targets != IGNORE_INDEX).reshape(batch, -1)
         counted = counted.expand_as(losses).double()

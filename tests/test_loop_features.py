@@ -82,6 +82,19 @@ def test_early_stopping_on_a_max_metric_follows_the_patience_rule(tmp_path):
     assert evals[-1][0] == expected_stop and max(a for _, a in evals) > 0.6
 
 
+@pytest.mark.parametrize("columns", [3, 0])
+def test_bce_on_per_token_outputs_evaluates_without_perplexity(tmp_path, columns):
+    """bce_with_logits on (B, T, C) outputs (or (B, T, 1) for (B, T) targets) is no language model: its
+    evaluation failed with `outputs (8, 6, 3) do not fit targets (8, 6, 3)` (exit 2 mid-run)."""
+    cfg = raw(tmp_path, train={"max_steps": 2, "loss": "bce_with_logits"}, eval={"every_steps": 1})
+    cfg.model.name, cfg.model.kwargs = "torch.nn:Linear", {"in_features": 4, "out_features": max(columns, 1)}
+    cfg.data.name, cfg.data.kwargs = "userpkg.edges:tags", {"columns": columns}
+    assert train(cfg, SINGLE) == {"status": "finished", "step": 2}
+    evals = [r for r in read_rows(tmp_path) if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [1, 2]
+    assert all(set(r) == {"step", "eval_loss", "eval_accuracy"} and 0 < r["eval_accuracy"] < 1 for r in evals)
+
+
 def test_epochs_end_the_run(tmp_path):
     cfg = raw(tmp_path, train={"epochs": 2, "max_steps": 1000})  # 256 // 16 = 16 steps per epoch
     assert train(cfg, SINGLE) == {"status": "finished", "step": 32}

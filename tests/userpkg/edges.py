@@ -96,3 +96,11 @@ class VaryingSeries(Dataset):
 def varying_series(split: str, n: int = 64):
     """Per-step regression on series of two lengths: with micro-batch 1, ranks count other numbers of elements."""
     return VaryingSeries(n) if split == "train" else None
+
+
+def tags(split: str, n: int = 64, columns: int = 3):
+    """Per-token binary tags for bce_with_logits: (n, 6, 4) inputs, (n, 6, columns) 0-1 targets, or
+    (n, 6) when columns is 0 (the model then outputs one column); `torch.nn:Linear` tags them."""
+    x = torch.randn(n, 6, 4, generator=torch.Generator().manual_seed(0 if split == "train" else 1))
+    y = (x[..., : max(columns, 1)] > 0).float()
+    return TensorDataset(x, y if columns else y.squeeze(-1))
