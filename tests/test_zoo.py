@@ -1,10 +1,12 @@
 """The model zoo: every family builds from its example config, ignores padding where it should,
 stays causal where it should, and learns its synthetic task on 2 ranks."""
 
+import itertools
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from helpers import REPO_ROOT, read_rows, run_ranks
 
 from dist_train.config import load_config
@@ -34,6 +36,43 @@ def test_example_config_builds_and_runs_a_batch(name):
     assert len(find_blocks(model)) >= 2, "repeated blocks must be found for checkpointing / FSDP"
     assert all(p.grad is not None for p in model.parameters())
     assert build_dataset(cfg.data.name, "eval", cfg.data.kwargs) is not None
+
+
+def _readme_arguments(header: str) -> dict[str, str]:
+    """name -> its `arguments (defaults)` cell, from the README table under `header`."""
+    lines = (REPO_ROOT / "README.md").read_text().split(header, 1)[1].splitlines()[2:]
+    rows = itertools.takewhile(lambda line: line.startswith("| `"), lines)
+    return {row.split("`")[1]: row.rstrip(" |").rsplit(" | ", 1)[1] for row in rows}
+
+
+@pytest.mark.parametrize(
+    "registry, header",
+    [
+        (MODEL_REGISTRY, "| name | what | input -> output | arguments (defaults) |"),
+        (DATA_REGISTRY, "| name | items | arguments (defaults) |"),
+    ],
+)
+def test_readme_lists_every_factory_argument_with_its_default(registry, header):
+    """The README's model and dataset tables are the factories' reference: every argument, its default."""
+    import inspect
+    import re
+
+    documented = _readme_arguments(header)
+    assert set(documented) == set(registry)
+    for name in registry:
+        pairs = dict(re.findall(r"(\w+)=([^\s`]+)", " ".join(re.findall(r"`([^`]*)`", documented[name]))))
+        for param in inspect.signature(resolve(name, registry, "factory")).parameters.values():
+            if param.name == "split" or param.default is None and param.name in ("widths", "channels"):
+                continue  # the split, and list defaults written out ([16,32,64]) in place of null
+            if param.default is inspect.Parameter.empty:
+                assert f"`{param.name}` (required)" in documented[name], (name, param.name)
+                continue
+            default = param.default
+            assert param.name in pairs, f"README: {name} does not list `{param.name}` (default {default!r})"
+            if isinstance(default, float):
+                assert float(pairs[param.name]) == default, (name, param.name)
+            else:
+                assert pairs[param.name] == yaml.safe_dump(default).removesuffix("...\n").strip(), (name, param.name)
 
 
 def test_every_zoo_model_takes_dropout():
