@@ -165,6 +165,11 @@ def build_loss(name: str, **kwargs: float) -> Loss:
             loss = -((-torch.expm1(log_p)).clamp(min=1e-12) ** gamma) * log_p
             if alpha is not None:  # a scalar, or a list of one weight per class
                 alpha_t = torch.as_tensor(alpha, dtype=loss.dtype, device=loss.device)
+                if alpha_t.dim() and alpha_t.numel() != logits.shape[-1]:  # not an IndexError mid-step
+                    raise UserError(
+                        f"train.loss_kwargs.alpha for focal has {alpha_t.numel()} weights, but the model outputs "
+                        f"{logits.shape[-1]} classes: give one weight per class, or a scalar"
+                    )
                 loss = loss * (alpha_t[index] if alpha_t.dim() else alpha_t)
             return loss * keep
 

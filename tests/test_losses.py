@@ -70,6 +70,16 @@ def test_focal_matches_the_formula(tokens, gamma, alpha):
     assert mean("focal", logits, targets, **kwargs) == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("alpha", [[0.5, 0.5], [0.1] * 6])
+def test_focal_alpha_of_another_length_than_the_classes_is_one_line(tokens, alpha):
+    """It was an IndexError inside the loss at the first step (exit 1, traceback), or the extra weights
+    ignored; eager and compiled alike."""
+    loss = build_loss("focal", alpha=alpha)
+    for fn in (loss.sum, loss.compiled().sum):
+        with pytest.raises(UserError, match=f"alpha for focal has {len(alpha)} weights, but the model outputs 5"):
+            fn(*tokens)
+
+
 def test_focal_with_gamma_zero_is_cross_entropy(tokens):
     logits, targets = tokens
     assert mean("focal", logits, targets, gamma=0.0) == pytest.approx(float(mean("cross_entropy", logits, targets)))
