@@ -194,3 +194,35 @@ def test_sdpa_backend_on_a_torch_without_priorities_is_one_line(monkeypatch):
             pass
     with preferred_attention("torch"):  # torch's own order needs nothing
         pass
+
+
+def test_readme_lists_every_metrics_row_key(monkeypatch):
+    """The README's `metrics.jsonl` entry names every key a training row (a CUDA one included) and an
+    evaluation row can carry; it had `cuda_max_allocated_mb` in place of `peak_rss_mb` and no `mfu`."""
+    import re
+    from types import SimpleNamespace
+
+    from helpers import REPO_ROOT
+
+    from dist_train.config.checks import eval_metrics
+    from dist_train.metrics import Throughput
+    from dist_train.trainer import _log_row
+
+    class Window:
+        limit, longest_streak, skipped = 5, 0, 0
+
+        def read(self):
+            return 1.0, 2.0
+
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 0)
+    throughput, rows = Throughput(mfu_per_token=1e-9), []
+    throughput.steps = 1
+    ctx = SimpleNamespace(device=torch.device("cuda"))  # a CUDA rank's row, built on the CPU
+    state = SimpleNamespace(step=1, epoch=0, skipped_steps=0)
+    _log_row(
+        state, Window(), 0.1, throughput, SimpleNamespace(global_batch=4), 16, ctx, SimpleNamespace(emit=rows.append)
+    )
+    written = set(rows[0]) | set(eval_metrics("cross_entropy"))
+    readme = (REPO_ROOT / "README.md").read_text()
+    entry = re.search(r"^\| `metrics.jsonl` \| (.*)a resumed run first appends", readme, re.M).group(1)
+    assert set(re.findall(r"`(\w+)`", entry)) == written
