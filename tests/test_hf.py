@@ -122,6 +122,32 @@ def test_example_configs_build_and_run_a_batch(name, tmp_path, monkeypatch):
     assert 0 < value.item() < 10
 
 
+@needs_hf
+def test_example_seq_cls_config_starts_from_local_weights_as_documented(tmp_path):
+    """configs/hf_seq_cls.yaml with a local folder, as the README and the config say: its model.config
+    dict must be dropped (`model.config=null`), or its small-BERT sizes override the folder's config and
+    the folder's weights are refused (the README named model.path alone)."""
+    from helpers import REPO_ROOT
+
+    from dist_train.config import load_config
+
+    example = REPO_ROOT / "configs" / "hf_seq_cls.yaml"
+    assert "`model.path=/models/my-bert model.config=null`" in (REPO_ROOT / "README.md").read_text()
+    assert "model.path=FOLDER model.config=null" in example.read_text()
+    small_bert = load_config(example).model.kwargs["config"]
+    torch.manual_seed(0)
+    saved = build_model("hf_seq_cls", {"config": {**small_bert, "hidden_size": 48, "num_hidden_layers": 1}})
+    saved.hf.save_pretrained(tmp_path / "my-bert")
+    folder = f"model.path={tmp_path / 'my-bert'}"
+    cfg = load_config(example, [folder, "model.config=null"])
+    loaded = build_model(cfg.model.name, cfg.model.kwargs)
+    for key, value in saved.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    alone = load_config(example, [folder]).model.kwargs
+    with pytest.raises(UserError):  # what model.path alone did: the small BERT's sizes refuse the weights
+        build_model(cfg.model.name, alone)
+
+
 # ---------------------------------------------------------------- datasets
 
 
