@@ -44,12 +44,22 @@ def test_multistep_decays_at_each_milestone_after_warmup():
         torch_sched.step()
 
 
+def test_multistep_milestones_take_integral_floats_like_an_int_key():
+    """`milestones: [3e4, 4.5e4]` (numbers in YAML 1.2) were refused as "must be a non-empty list of
+    positive steps, got [30000.0, 45000.0]", while an int key takes `train.max_steps=1e5`."""
+    cfg = cfg_with({"name": "multistep", "milestones": [2e1, 5e1], "gamma": 0.5})
+    assert cfg.schedule.milestones == [20, 50] and all(type(m) is int for m in cfg.schedule.milestones)
+    assert lr_at(cfg, 20) == pytest.approx(0.05)
+
+
 @pytest.mark.parametrize(
     "schedule, message",
     [
         ({"name": "multistep"}, "schedule.milestones"),
         ({"name": "multistep", "milestones": [30, 20]}, "strictly increasing"),
         ({"name": "multistep", "milestones": [0]}, "positive steps"),
+        ({"name": "multistep", "milestones": [10, 20.5]}, r"schedule.milestones\[1\]` must be an integer, got 20.5"),
+        ({"name": "multistep", "milestones": [True]}, r"schedule.milestones\[0\]` must be an integer"),
         ({"name": "plateau", "plateau_factor": 1.0}, "plateau_factor"),
         ({"name": "plateau", "plateau_mode": "up"}, "plateau_mode"),
     ],

@@ -230,7 +230,9 @@ def _validate_watched_metrics(cfg: Config) -> None:
 def _validate_schedule(cfg: Config) -> None:
     s = cfg.schedule
     if s.name == "multistep":
-        if not s.milestones or not all(isinstance(m, int) and not isinstance(m, bool) and m > 0 for m in s.milestones):
+        # steps, read like an int key: `[3e4, 4.5e4]` (YAML 1.2 floats) are steps 30000 and 45000
+        s.milestones = [coerce(m, int, f"schedule.milestones[{i}]") for i, m in enumerate(s.milestones)]
+        if not s.milestones or not all(m > 0 for m in s.milestones):
             raise UserError(f"`schedule.milestones` must be a non-empty list of positive steps, got {s.milestones!r}")
         if sorted(set(s.milestones)) != s.milestones:
             raise UserError(f"`schedule.milestones` must be strictly increasing, got {s.milestones!r}")
