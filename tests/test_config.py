@@ -300,6 +300,7 @@ def test_numbers_in_lists_and_factory_arguments_load_as_numbers(tmp_path):
         ("strategy.name=deepspeed train.grad_clip_value=1", "grad_clip_value is not supported with strategy.name=deep"),
         ("train.compile_mode=max_autotune", "`train.compile_mode` must be one of default, reduce-overhead"),
         ("train.compile_mode=max-autotune", "train.compile_mode=max-autotune needs train.compile=true"),
+        ("train.grad_checkpointing_every=2", "train.grad_checkpointing_every=2 needs train.grad_checkpointing=true"),
         (
             "train.compile=true train.compile_mode=reduce-overhead strategy.name=fsdp",
             "CUDA graphs, which dist_train supports with strategy.name=ddp only",

@@ -111,6 +111,11 @@ def validate(cfg: Config) -> None:
     _positive(t.grad_clip_norm, "train.grad_clip_norm", allow_none=True)
     _positive(t.grad_clip_value, "train.grad_clip_value", allow_none=True)
     _positive(t.grad_checkpointing_every, "train.grad_checkpointing_every")
+    if t.grad_checkpointing_every != 1 and not t.grad_checkpointing:  # as compile_mode without compile
+        raise UserError(
+            f"train.grad_checkpointing_every={t.grad_checkpointing_every} needs train.grad_checkpointing=true "
+            "(or leave grad_checkpointing_every at 1)"
+        )
     _positive(t.max_nonfinite_steps, "train.max_nonfinite_steps")
     _validate_compile_mode(cfg)
     _positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True)

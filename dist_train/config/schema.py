@@ -68,7 +68,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "`bf16` autocast (CPU, CUDA); `fp16` autocast + GradScaler")
     grad_checkpointing: bool = _f(False, "recompute activations in backward (per block, non-reentrant)")
     grad_checkpointing_every: int = _f(
-        1, "checkpoint every k-th block only (1: every block; Hugging Face models: 1 only)"
+        1,
+        "with train.grad_checkpointing: checkpoint every k-th block only (1: every block; Hugging Face models: 1 only)",
     )
     sync_batchnorm: bool = _f(False, "convert every BatchNorm to a synchronised one")
     compile: bool = _f(
@@ -161,7 +162,11 @@ class LoaderConfig:
     persistent_workers: bool = _f(False, "keep workers alive between epochs")
     prefetch_factor: int = _f(2, "batches each worker loads ahead (when num_workers > 0)")
     shuffle: bool = _f(True, "reshuffle the train split every epoch (seeded by run.seed and the epoch)")
-    drop_last: bool = _f(True, "drop the tail of an epoch that does not fill a global batch")
+    drop_last: bool = _f(
+        True,
+        "drop the tail of an epoch that does not fill a global batch (`false`: every step still takes a "
+        "full global batch, so a train split that is not a multiple of it is refused)",
+    )
 
 
 @dataclass
