@@ -22,6 +22,12 @@ from .distributed import DistContext, all_reduce_sum
 log = logging.getLogger("dist_train")
 
 
+def tokens_per_sample(sample: torch.Tensor) -> int:
+    """Token ids in one input sample (tokens/s, MFU): the elements of an int32/int64 input; 1 for any
+    other input (floats, and uint8/bool pixels or masks are not tokens)."""
+    return sample.numel() if sample.dtype in (torch.int32, torch.int64) else 1
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process in MiB (Linux ru_maxrss is in KiB)."""
     try:

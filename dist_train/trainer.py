@@ -30,7 +30,15 @@ from .evaluation import evaluate
 from .flops import mfu_per_token
 from .host_memory import retain_freed_heap
 from .losses import Loss, build_loss
-from .metrics import LossWindow, MetricsLogger, Throughput, peak_rss_mb, step_times_hook, write_step_times
+from .metrics import (
+    LossWindow,
+    MetricsLogger,
+    Throughput,
+    peak_rss_mb,
+    step_times_hook,
+    tokens_per_sample,
+    write_step_times,
+)
 from .misfit import FORWARD_ERRORS, ForwardError
 from .models import build_model
 from .models.weight_init import init_weights
@@ -180,8 +188,7 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
         strategy, compression, data, eval_data, loss_fn, train_loss = _build(cfg, ctx)
     except UserError as err:
         raise on_every_rank(err) from None
-    sample = data.dataset[0][0]
-    tokens_per_sample = sample.numel() if not sample.is_floating_point() else 1  # token inputs: report tokens/s
+    tokens = tokens_per_sample(data.dataset[0][0])  # token inputs: report tokens/s
 
     restored = run_state.restore(cfg, ctx, control, strategy, output_dir, data.sampler.usable_samples())
     if ctx.is_rank_zero:  # only now: a config its checkpoints refuse leaves the folder's config.yaml alone
@@ -228,7 +235,7 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
         state.step,
     )
 
-    throughput = Throughput(mfu_per_token(strategy.module, tokens_per_sample, ctx))
+    throughput = Throughput(mfu_per_token(strategy.module, tokens, ctx))
     status, batches = "early_stopped" if state.early_stopped else "finished", None
     last_saved = state.step if restored else -1  # a finished run started again saves nothing new
     if ctx.device.type == "cpu":
@@ -280,7 +287,7 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
             window.add(result.losses, result.count, result.grad_norm, result.nonfinite)
             logged = state.step % cfg.log.every_steps == 0 or state.step == total_steps
             if logged:
-                _log_row(state, window, lr, throughput, data, tokens_per_sample, ctx, metrics)
+                _log_row(state, window, lr, throughput, data, tokens, ctx, metrics)
             if eval_data is not None and cfg.eval.every_steps and state.step % cfg.eval.every_steps == 0:
                 state.last_eval_step = state.step
                 with throughput.paused():  # evaluation is not training throughput; the watchdog re-armed per batch
@@ -297,7 +304,7 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
                     )
                     status, state.early_stopped = "early_stopped", True
                     if not logged:  # the run's last step: its window gets a row, as at train.max_steps
-                        _log_row(state, window, lr, throughput, data, tokens_per_sample, ctx, metrics)
+                        _log_row(state, window, lr, throughput, data, tokens, ctx, metrics)
             last_step = state.step == total_steps or status == "early_stopped"
             if _checkpoint_due(cfg, state.step) and not last_step:  # the last one after the final evaluation
                 with throughput.paused():

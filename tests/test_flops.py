@@ -86,3 +86,19 @@ def test_mfu_only_on_cuda_with_a_known_gpu_and_model(monkeypatch):
     row = throughput.rates(samples_per_step=4, tokens_per_sample=16)
     assert row["mfu"] == pytest.approx(row["tokens_per_s"] * 1e-9)
     assert "mfu" not in Throughput().rates(4, 16)
+
+
+@pytest.mark.parametrize(
+    "sample, tokens",
+    [
+        (torch.zeros(64, dtype=torch.int64), 64),  # token ids
+        (torch.zeros(64, dtype=torch.int32), 64),
+        (torch.zeros(3, 8, 8, dtype=torch.uint8), 1),  # pixels: no tokens/s (it reported 192 tokens per image)
+        (torch.zeros(64, dtype=torch.bool), 1),  # a mask
+        (torch.zeros(3, 8, 8), 1),  # floats
+    ],
+)
+def test_only_integer_id_inputs_count_as_tokens(sample, tokens):
+    from dist_train.metrics import tokens_per_sample
+
+    assert tokens_per_sample(sample) == tokens

@@ -26,6 +26,7 @@ from ..data import build_dataset, build_train_data
 from ..distributed import DistContext
 from ..errors import UserError
 from ..losses import build_loss
+from ..metrics import tokens_per_sample
 from ..misfit import FORWARD_ERRORS, ForwardError
 from ..misfit import where as where_raised
 from ..models import build_model
@@ -164,7 +165,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
             f"strategy.name={cfg.strategy.name!r} is not available in this version (available: {', '.join(REGISTRY)})"
         )
     sample = data.dataset[0][0]
-    tokens_per_sample = sample.numel() if not sample.is_floating_point() else None
+    tokens = tokens_per_sample(sample)
     total_steps = cfg.train.max_steps
     if cfg.train.epochs:
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
@@ -197,7 +198,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
             "micro_batch_size": cfg.train.micro_batch_size,
             "grad_accum_steps": cfg.train.grad_accum_steps,
             "global_batch": data.global_batch,
-            "tokens_per_step": data.global_batch * tokens_per_sample if tokens_per_sample else None,
+            "tokens_per_step": data.global_batch * tokens if tokens > 1 else None,
         },
         "steps": {
             "total": total_steps,
