@@ -180,7 +180,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
         print(f"\nwrote {args.json}")
-    failed = [r["label"] for r in results if not r["summary"].get("ok")]
+    # a cell whose pairs did not all run: its figures cover fewer pairs than asked, or none
+    failed = [
+        f"{r['label']} ({len(r['runs']) - r['summary'].get('pairs', 0)} of {len(r['runs'])} pairs)"
+        for r in results
+        if r["summary"].get("pairs", 0) < len(r["runs"]) or not r["summary"].get("ok")
+    ]
     if failed:
         print(f"failed runs: {', '.join(failed)}")
         return 1

@@ -229,7 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
-    return 0 if summary.get("ok") else 1
+    failed = sum(not record["ok"] for r in runs for record in r)
+    if failed:
+        print(f"failed runs: {failed} of {len(runs) * len(sides)}")
+    return 0 if summary.get("ok") and not failed else 1
 
 
 def build_cell(args: argparse.Namespace) -> Cell:

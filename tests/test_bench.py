@@ -85,6 +85,36 @@ def test_bench_order_alternates_across_pairs_and_cells(monkeypatch, tmp_path):
     assert firsts[0] != firsts[1]  # the second cell starts with the other side
 
 
+def test_a_failed_run_fails_the_benchmark(monkeypatch, tmp_path, capsys):
+    """One run failing among good ones: the cell is summarised over the pairs that ran, and both
+    benchmarks say so and exit 1 (they exited 0 unless every pair of a cell had failed)."""
+    from bench import cli, gpu, harness
+
+    calls = []
+
+    def fake_side(cell, side, run_dir, threads, timeout):
+        calls.append(side)
+        if side == "hand" and len(calls) == 3:  # the second pair (hand-written side first)
+            return {"side": side, "ok": False, "exit": 1, "log_tail": "Traceback: boom"}
+        ok = dict.fromkeys(("step_time_s", "samples_per_s", "cpu_per_step_s", "time_to_first_step_s"), 1.0)
+        return {"side": side, "ok": True, **ok, "tokens_per_s": 1.0, "peak_rss_mb": [1.0], "run_dir": str(run_dir)}
+
+    monkeypatch.setattr(harness, "run_side", fake_side)
+    argv = ["--smoke", "--no-warmup", "--repeats", "2", "--strategies", "ddp", "--world-sizes", "1"]
+    assert cli.main([*argv, "--workloads", "resnet", "--json", str(tmp_path / "b.json")]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "Traceback: boom" in out
+    assert "failed runs: resnet x1 ddp (1 of 2 pairs)" in out
+    (cell,) = json.loads((tmp_path / "b.json").read_text())["cells"]
+    assert cell["summary"]["ok"] and cell["summary"]["pairs"] == 1
+
+    calls.clear()
+    argv = ["--tiny", "--device", "cpu", "--no-compile", "--repeats", "2", "--json", str(tmp_path / "g.json")]
+    assert gpu.main(argv) == 1
+    assert "failed runs: 1 of 4" in capsys.readouterr().out
+    assert json.loads((tmp_path / "g.json").read_text())["summary"]["pairs"] == 1
+
+
 def test_same_heap_gives_both_sides_the_heap_thresholds(monkeypatch, tmp_path):
     """--same-heap: both sides start with dist_train's glibc thresholds in their environment (and
     dist_train's retain_freed_heap steps aside for them), so the ratio is the loop's alone."""
