@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dist_train.host_memory import MMAP_THRESHOLD, TRIM_THRESHOLD
 
-from .harness import SIDES, Cell, pooled_step_ratios, run_pair, run_side, summarise_cell
+from .harness import HAND_LOOPS, SIDES, Cell, pooled_step_ratios, run_pair, run_side, summarise_cell
 from .report import machine_info, table
 from .workloads import WORKLOADS, quick, smoke
 
@@ -111,8 +111,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.workloads + args.sharded_workloads) - set(WORKLOADS)
     if unknown:
         parser.error(f"unknown workloads {sorted(unknown)} (known: {', '.join(WORKLOADS)})")
+    unknown = set(args.strategies) - set(HAND_LOOPS)  # no hand-written loop to compare with
+    if unknown:
+        parser.error(f"unknown strategies {sorted(unknown)} (known: {', '.join(HAND_LOOPS)})")
     if args.repeats is None:
         args.repeats = 1 if args.smoke else 2 if args.quick else 5
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     return args
 
 

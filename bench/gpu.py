@@ -123,6 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--steps must be at least 3: one warm-up step and two timed ones")
     if args.grad_accum < 1:
         parser.error("--grad-accum must be at least 1")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.strategy == "fsdp" and args.compile_mode in CUDA_GRAPH_MODES:
         parser.error(f"--strategy fsdp with --compile-mode {args.compile_mode}: FSDP2 does not replay as CUDA graphs")
     return args

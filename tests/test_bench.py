@@ -185,6 +185,24 @@ def test_unregistered_strategies_are_skipped_with_a_note(monkeypatch):
     assert any(note.startswith("fsdp: not registered") for note in notes)
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--strategies", "ddp,fspd"], "unknown strategies ['fspd']"), (["--repeats", "0"], "at least 1")],
+)
+def test_bench_refuses_unknown_strategies_and_no_repeats(capsys, argv, message):
+    """A misspelt strategy is a usage error, as a misspelt workload is (it was skipped with a note
+    'not registered ... yet', and `--strategies fspd` ran nothing and exited 0 with an empty table)."""
+    with pytest.raises(SystemExit) as err:
+        bench_cli.parse_args(["--smoke", *argv])
+    assert err.value.code == 2 and message in capsys.readouterr().err
+    if "--repeats" in argv:  # bench.gpu too (it ran the compile warm-up, then said 'all runs failed')
+        from bench.gpu import parse_args
+
+        with pytest.raises(SystemExit) as err:
+            parse_args(argv)
+        assert err.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message printed without a GPU")
 def test_gpu_bench_without_a_gpu_says_so():
     proc = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=REPO_ROOT, capture_output=True, text=True)
