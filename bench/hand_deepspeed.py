@@ -70,8 +70,10 @@ def main() -> None:
         clock.tick()
 
     clock.write(rank)
-    if spec["zero_stage"] < 3 and rank == 0:
-        save_weights(engine.module, spec["save"])
+    if spec["save"]:  # ZeRO-3 partitions the parameters: gathering them is collective
+        with deepspeed.zero.GatheredParameters(list(engine.module.parameters()), enabled=spec["zero_stage"] == 3):
+            if rank == 0:
+                save_weights(engine.module, spec["save"])
     dist.destroy_process_group()
 
 

@@ -154,8 +154,15 @@ def test_gpu_bench_needs_a_timed_step():
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("workload", "strategy", "zero_stage"),
-    [(LM, "ddp", 0), (RESNET, "ddp", 0), (LM, "fsdp", 0), (LM, "deepspeed", 2), (LM_BF16, "fsdp", 0)],
-    ids=["lm-ddp", "resnet-ddp", "lm-fsdp", "lm-zero2", "lm-fsdp-bf16"],
+    [
+        (LM, "ddp", 0),
+        (RESNET, "ddp", 0),
+        (LM, "fsdp", 0),
+        (LM, "deepspeed", 2),
+        (LM, "deepspeed", 3),
+        (LM_BF16, "fsdp", 0),
+    ],
+    ids=["lm-ddp", "resnet-ddp", "lm-fsdp", "lm-zero2", "lm-zero3", "lm-fsdp-bf16"],
 )
 def test_both_sides_train_the_same_model(tmp_path, workload, strategy, zero_stage):
     """dist_train and the hand-written loop (2 ranks, accumulation 2 without gradient sync on the first
