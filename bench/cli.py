@@ -183,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table(report))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # as --keep: no traceback once the runs are done
         args.json.write_text(json.dumps(report, indent=1))
         print(f"\nwrote {args.json}")
     # a cell whose pairs did not all run: its figures cover fewer pairs than asked, or none

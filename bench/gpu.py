@@ -229,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(gpu_table(report))
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)  # as --keep: no traceback once the runs are done
         args.json.write_text(json.dumps(report, indent=1))
         print(f"wrote {args.json}")
     failed = sum(not record["ok"] for r in runs for record in r)

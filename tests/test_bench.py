@@ -115,6 +115,24 @@ def test_a_failed_run_fails_the_benchmark(monkeypatch, tmp_path, capsys):
     assert json.loads((tmp_path / "g.json").read_text())["summary"]["pairs"] == 1
 
 
+def test_json_goes_into_a_new_folder(monkeypatch, tmp_path):
+    """--json runs/bench.json where runs/ does not exist yet: written (it was a FileNotFoundError
+    traceback once every run had finished, the report lost)."""
+    from bench import cli, gpu, harness
+
+    def fake_side(cell, side, run_dir, threads, timeout):
+        ok = dict.fromkeys(("step_time_s", "samples_per_s", "cpu_per_step_s", "time_to_first_step_s"), 1.0)
+        return {"side": side, "ok": True, **ok, "tokens_per_s": 1.0, "peak_rss_mb": [1.0], "run_dir": str(run_dir)}
+
+    monkeypatch.setattr(harness, "run_side", fake_side)
+    argv = ["--smoke", "--no-warmup", "--strategies", "ddp", "--world-sizes", "1", "--workloads", "resnet"]
+    assert cli.main([*argv, "--json", str(tmp_path / "runs" / "bench.json")]) == 0
+    assert json.loads((tmp_path / "runs" / "bench.json").read_text())["cells"][0]["summary"]["ok"]
+    argv = ["--tiny", "--device", "cpu", "--no-compile", "--repeats", "1"]
+    assert gpu.main([*argv, "--json", str(tmp_path / "gpu" / "runs" / "gpu.json")]) == 0
+    assert json.loads((tmp_path / "gpu" / "runs" / "gpu.json").read_text())["summary"]["ok"]
+
+
 def test_same_heap_gives_both_sides_the_heap_thresholds(monkeypatch, tmp_path):
     """--same-heap: both sides start with dist_train's glibc thresholds in their environment (and
     dist_train's retain_freed_heap steps aside for them), so the ratio is the loop's alone."""
