@@ -8,7 +8,8 @@ Both sides build `transformer_lm(vocab_size=50304, seq_len=1024, d_model=768, n_
 n_heads=12)` (causal `F.scaled_dot_product_attention`: flash attention on CUDA in bf16) from the
 same seed, train it on `synthetic_tokens` with fused AdamW under bf16 autocast, the model compiled
 in place (`model.compile()`) and the fp32 cross-entropy compiled too, in fresh processes,
-alternating dist_train / hand-written. Tokens/s comes from the steady-state median step time;
+alternating dist_train / hand-written. Tokens/s comes from the steady-state step time, timed from
+one host read of the loss to another (steps 21-60: CUDA steps are queued ahead of the GPU);
 MFU = tokens/s x FLOPs per token (dist_train.flops) / the GPU's bf16 dense peak. dist_train's own
 logged `mfu` (metrics.jsonl) is shown as a cross-check. `python -m bench.gpu_profile` shows where
 the GPU time of such a step goes.
@@ -47,6 +48,7 @@ GPT2_SMALL = Workload(
     betas=(0.9, 0.95),
     precision="bf16",
     compile=True,
+    step_time="window",  # CUDA steps are queued ahead: time from one host read of the loss to another
 )
 
 TINY = GPT2_SMALL.scaled(
@@ -55,7 +57,7 @@ TINY = GPT2_SMALL.scaled(
     data_kwargs={"vocab_size": 256, "seq_len": 64, "num_samples": 512, "eval_samples": 0},
     micro_batch_size=4,
     steps=8,
-    warmup_steps=3,
+    warmup_steps=4,
     log_every=4,
 )
 
@@ -119,8 +121,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     parser.add_argument("--keep", type=Path, default=None, help="keep every run's folder here")
     args = parser.parse_args(argv)
-    if args.steps is not None and args.steps < 3:
-        parser.error("--steps must be at least 3: one warm-up step and two timed ones")
+    every = (TINY if args.tiny else GPT2_SMALL).log_every
+    if args.steps is not None and (args.steps < 2 * every or args.steps % every):
+        parser.error(
+            f"--steps must be a multiple of {every} and at least {2 * every}: the timed window runs from one "
+            f"host read of the loss (every {every} steps) to another"
+        )
     if args.grad_accum < 1:
         parser.error("--grad-accum must be at least 1")
     if args.repeats < 1:
@@ -252,7 +258,8 @@ def build_cell(args: argparse.Namespace) -> Cell:
         changes["sdpa_backend"] = args.sdpa_backend
     if args.steps:
         changes["steps"] = args.steps
-        changes["warmup_steps"] = max(1, min(workload.warmup_steps, args.steps // 3))
+        every = workload.log_every  # the window starts and ends at a read of the loss (Workload.step_time)
+        changes["warmup_steps"] = max(every, min(workload.warmup_steps, args.steps // 3 // every * every))
     if args.coordinate_descent:  # Inductor reads it at import, in each run's process (run_env copies os.environ)
         os.environ["TORCHINDUCTOR_COORDINATE_DESCENT_TUNING"] = "1"
     if args.strategy == "fsdp":  # FSDP2 needs a process group: torchrun, one rank; one GPU gains nothing by resharding

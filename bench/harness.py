@@ -133,16 +133,25 @@ def steady_durations(ends: list[float], warmup_steps: int) -> list[float]:
     return [b - a for a, b in zip(ends[warmup_steps - 1 : -1], ends[warmup_steps:])]
 
 
+def synced_windows(ends: list[float], warmup_steps: int, every: int) -> list[float]:
+    """Mean step time of each `every`-step window after warm-up, from one step that reads the loss on
+    the host (a multiple of `every`) to the next: exact where steps are queued ahead (CUDA)."""
+    marks = [ends[step - 1] for step in range(warmup_steps, len(ends) + 1, every)]
+    return [(b - a) / every for a, b in zip(marks, marks[1:])]
+
+
 def summarise_run(rank_records: list[dict], launched: float, cell: Cell) -> dict:
-    """Steady-state median step time (slowest rank), samples/s, time to first step, peak RSS per rank."""
+    """Steady-state step time (slowest rank's median step, or its median synchronised window:
+    Workload.step_time), samples/s, time to first step, peak RSS per rank."""
     w = cell.workload
-    medians, means, cpu = [], [], []
+    medians, means, windows, cpu = [], [], [], []
     for rec in rank_records:
         durations = steady_durations(rec["steps"], w.warmup_steps)
         medians.append(statistics.median(durations))
         means.append(statistics.fmean(durations))
+        windows.append(statistics.median(synced_windows(rec["steps"], w.warmup_steps, w.log_every)))
         cpu.append(statistics.median(steady_durations(rec["cpu"], w.warmup_steps)))
-    step_time = max(medians)
+    step_time = max(windows) if w.step_time == "window" else max(medians)  # see Workload.step_time
     samples_per_s = w.global_batch(cell.world_size) / step_time
     out = {
         "step_time_s": step_time,

@@ -38,7 +38,17 @@ class Workload:
     compile_mode: str = "default"  # torch.compile mode (train.compile_mode)
     sdpa_backend: str = "torch"  # attention kernel tried first (train.sdpa_backend; torch: torch's order)
     device: str = "auto"  # "cpu" keeps a one-process run off the GPU (dist_train: dist.backend=gloo)
+    # The run's step time: "median" of the steady-state steps (CPU: robust to the machine's other load),
+    # or "window": the median over the log_every-step windows from one step that reads the loss on the
+    # host to the next, after warm-up (harness.synced_windows). On a GPU the host queues steps ahead of
+    # the device, so a step's timestamp marks when it was queued; only a host read of a result is a
+    # synchronised point, and the median of queued intervals overstates throughput.
+    step_time: str = "median"
     strategy_options: dict = dataclasses.field(default_factory=dict)  # more `strategy.*` keys, both sides
+
+    def __post_init__(self) -> None:
+        if self.step_time == "window" and (self.warmup_steps % self.log_every or self.steps % self.log_every):
+            raise ValueError(f"{self.name}: a window step time needs warmup_steps and steps multiples of log_every")
 
     def scaled(self, **changes) -> Workload:
         return dataclasses.replace(self, **changes)

@@ -3,6 +3,7 @@ Also `train.compile: true` on CPU (in-place compile: bare state_dict keys)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -161,12 +162,34 @@ def test_same_heap_gives_both_sides_the_heap_thresholds(monkeypatch, tmp_path):
     assert envs["dist_train"] == envs["hand"] == (str(MMAP_THRESHOLD), str(TRIM_THRESHOLD))
 
 
-def test_gpu_bench_needs_a_timed_step():
+@pytest.mark.parametrize("steps", ["2", "15", "25"])
+def test_gpu_bench_times_a_window_between_two_reads_of_the_loss(steps):
     from bench.gpu import parse_args
 
     with pytest.raises(SystemExit) as err:
-        parse_args(["--steps", "2"])
+        parse_args(["--steps", steps])  # too short, or a window ending between two reads of the loss
     assert err.value.code == 2
+    assert parse_args(["--steps", "30"]).steps == 30
+
+
+def test_gpu_bench_step_time_is_the_mean_between_synchronised_steps():
+    """On a GPU the host queues steps ahead: nine steps stamped 1 ms apart, then the step that reads
+    the loss waits 91 ms for the GPU. The median (1 ms) overstated throughput ten times; the time
+    from one read of the loss to another is the truth (10 ms a step), and the median over those
+    windows leaves out one window's hiccup (a 100 ms pause: its window's mean is 20 ms)."""
+    from bench.gpu import GPT2_SMALL
+    from bench.harness import summarise_run
+
+    ends, t = [], 0.0
+    for step in range(1, GPT2_SMALL.steps + 1):
+        t += 0.091 if step % GPT2_SMALL.log_every == 0 else 0.001
+        t += 0.1 if step == GPT2_SMALL.warmup_steps + 5 else 0.0
+        ends.append(t)
+    record = {"steps": ends, "cpu": ends, "train_start": 0.0, "peak_rss_mb": 1.0}
+    gpu = summarise_run([record], 0.0, Cell(GPT2_SMALL, 1, launcher="single"))
+    assert gpu["step_time_s"] == pytest.approx(0.010)
+    cpu = summarise_run([record], 0.0, Cell(dataclasses.replace(GPT2_SMALL, step_time="median"), 1))
+    assert cpu["step_time_s"] == pytest.approx(0.001)  # the CPU benchmarks' robust median, unchanged
 
 
 @pytest.mark.slow
