@@ -84,8 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--smoke", action="store_true", help="tiny models, 8 steps, 1 pair (tests the harness)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--workloads", type=csv, default=list(WORKLOADS), help="default: all")
-    parser.add_argument("--world-sizes", type=ints, default=[1, 2])
+    parser.add_argument(
+        "--workloads", type=csv, default=list(WORKLOADS), help="of the DDP cells (default: all; deepspeed/fsdp: below)"
+    )
+    parser.add_argument("--world-sizes", type=ints, default=[1, 2], help="of the DDP cells (deepspeed/fsdp: below)")
     parser.add_argument("--strategies", type=csv, default=["ddp", "deepspeed", "fsdp"])
     parser.add_argument("--zero-stages", type=ints, default=[1, 2, 3])
     parser.add_argument("--sharded-workloads", type=csv, default=["transformer_lm"], help="for deepspeed/fsdp")
