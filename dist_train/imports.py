@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Any
 
 from .errors import UserError, on_every_rank
@@ -13,6 +15,7 @@ def import_object(spec: str, what: str) -> Any:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         raise UserError(f"{what} {spec!r} is neither a registry name nor `package.module:factory`")
+    _look_in_working_folder()
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
@@ -23,6 +26,15 @@ def import_object(spec: str, what: str) -> Any:
         return getattr(module, attr)
     except AttributeError:
         raise UserError(f"{what} {spec!r}: module `{module_name}` has no attribute `{attr}`") from None
+
+
+def _look_in_working_folder() -> None:
+    """`python -m dist_train` and torchrun import from the folder the run starts in; the `dist-train`
+    console script and spawn's ranks do not. Append it (last: it never shadows an installed module),
+    so a package there resolves alike under every launcher."""
+    cwd = os.getcwd()
+    if "" not in sys.path and cwd not in sys.path:
+        sys.path.append(cwd)
 
 
 def require(module_name: str, extra: str, feature: str) -> Any:

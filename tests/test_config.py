@@ -1,5 +1,6 @@
 """Config loading, overrides and validation; CLI error handling (exit 2, one line, no traceback)."""
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,18 @@ def test_a_factory_module_that_fails_as_it_is_imported_is_one_line(tmp_path, mon
         with pytest.raises(UserError, match=f"importing `{name}` " + expected.format(name=name)) as err:
             build()
         assert err.value.same_on_every_rank and "\n" not in str(err.value)
+
+
+def test_a_factory_package_in_the_working_folder_resolves_under_every_launcher(tmp_path, monkeypatch):
+    """`python -m dist_train` and torchrun have the working folder on sys.path, the `dist-train`
+    console script and spawn's ranks did not: the same config failed there with 'cannot import'."""
+    from dist_train.models import build_model
+
+    (tmp_path / "cwd_pkg_models.py").write_text("import torch\ndef model():\n    return torch.nn.Linear(2, 3)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert build_model("cwd_pkg_models:model", {}).out_features == 3
+    assert sys.path[-1] == str(tmp_path)  # last: an installed module of the same name still wins
 
 
 def test_a_model_with_nothing_to_train_is_one_line():
