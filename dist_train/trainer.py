@@ -346,6 +346,10 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
                     metrics.emit({"step": state.step, **int8_metrics})
 
                 compression.export(strategy.module, ctx, output_dir, loss_fn, eval_data, log_int8)
+    except (UserError, TrainingError):
+        raise
+    except Exception as err:  # the loop's own collectives (the logged loss, the stop vote), the export: a lost peer
+        raise TrainingError(f"rank {ctx.rank} failed after step {state.step}: {type(err).__name__}: {err}") from err
     finally:
         control.disarm_watchdog()
         control.restore()

@@ -96,6 +96,15 @@ def test_a_rank_that_raises_fails_the_whole_job(tmp_path, launcher):
     assert "rank 1 failed at step 3: RuntimeError: injected failure" in proc.stderr
 
 
+def test_a_rank_lost_after_its_step_fails_the_others_naming_the_step(tmp_path):
+    """Rank 1 dies after the optimizer step of step 3, when rank 0 all-reduces the logged loss: rank 0's
+    message names the step too (it said `rank 0 failed: RuntimeError: ... Connection closed by peer`)."""
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    proc = launch(faulty_config(tmp_path, "exit_after_step"), tmp_path, nproc=2, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert "rank 0 failed after step 3: RuntimeError: " in proc.stderr, proc.stderr[-3000:]
+
+
 def test_a_hung_rank_fails_within_the_timeout_with_stacks(tmp_path):
     start = time.monotonic()
     env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}

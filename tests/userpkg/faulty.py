@@ -1,4 +1,7 @@
-"""A model that raises, or hangs, on one rank at a given forward call: for failure-handling tests."""
+"""A model that raises, or hangs, on one rank at a given forward call: for failure-handling tests.
+
+`exit_after_step`: the rank dies right after that call's optimizer step (its gradients all-reduced
+already), so the others fail in a collective after the step: the logged loss's all-reduce."""
 
 import os
 import time
@@ -25,6 +28,10 @@ class Faulty(nn.Module):
                 self.mode == "exit_once" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0"
             ):
                 os._exit(9)
+            if self.mode == "exit_after_step":
+                from torch.optim.optimizer import register_optimizer_step_post_hook
+
+                register_optimizer_step_post_hook(lambda *args: os._exit(9))
         return self.linear(x)
 
 
