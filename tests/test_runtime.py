@@ -288,15 +288,20 @@ def test_one_process_stopped_during_start_up_says_it_has_nothing_to_save(tmp_pat
     assert "checkpointing step" not in stderr and not (tmp_path / "out" / "checkpoints").exists()
 
 
-@pytest.mark.parametrize("sig, when", [(signal.SIGTERM, "training"), (signal.SIGUSR1, "start-up")])
-def test_dist_train_torchrun_passes_stop_signals_to_the_ranks(tmp_path, sig, when):
+@pytest.mark.parametrize(
+    "sig, when, restarts",
+    [(signal.SIGTERM, "training", 0), (signal.SIGUSR1, "start-up", 0), (signal.SIGUSR1, "training", 2)],
+)
+def test_dist_train_torchrun_passes_stop_signals_to_the_ranks(tmp_path, sig, when, restarts):
     """A signal to the agent of `dist-train torchrun` reaches its ranks (torchrun starts them in
     sessions of their own); one during start-up waits for the stop handler instead of killing a
-    rank. The ranks checkpoint and the agent exits 75, as every other launcher does."""
+    rank. The ranks checkpoint and the agent exits 75, as every other launcher does, with
+    --max-restarts too (its agent restarted the stopped ranks, which resumed and trained on)."""
     config = tiny_lm_config(tmp_path / "out", train={"max_steps": 400}, checkpoint={"every_steps": 1000})
     config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.002, "num_samples": 4096}
     path = write_config(tmp_path / "c.yaml", config)
     torchrun = ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    torchrun.append(f"--max-restarts={restarts}")
     env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
     cmd = [PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -311,3 +316,4 @@ def test_dist_train_torchrun_passes_stop_signals_to_the_ranks(tmp_path, sig, whe
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]
     latest = (tmp_path / "out" / "checkpoints" / "latest").read_text().strip()
     assert latest < "step-00000400" and (latest >= "step-00000020" or when == "start-up"), latest
+    assert not [row for row in read_rows(tmp_path / "out") if "resumed_from" in row]  # stopped, not restarted

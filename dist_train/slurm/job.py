@@ -7,9 +7,9 @@ at once, with exit status 2 and nothing requeued) and prints the folder the job 
 made to stop the way every other launcher does. Plain torchrun breaks a stop three ways: its agent
 dies of SIGUSR1 (default action, taking the ranks with it) when `scancel --signal=USR1` signals every
 process of a job step; on SIGTERM it terminates the ranks itself (30 s, then SIGKILL) and exits 1;
-and a rank that stops after its checkpoint exits 75, which the agent reports as a failure (1). Here
-the agent passes SIGTERM and SIGUSR1 on to its ranks (which checkpoint and exit 75) and exits with
-the ranks' 75 or 2.
+and a rank that stops after its checkpoint exits 75, which the agent reports as a failure (1), or
+restarts under --max-restarts. Here the agent passes SIGTERM and SIGUSR1 on to its ranks (which
+checkpoint and exit 75) and exits with the ranks' 75 (never restarting them) or 2.
 """
 
 from __future__ import annotations
@@ -92,6 +92,28 @@ def _forward_stop_signals_to_ranks() -> None:
     threading.Thread(target=relay, name="stop-signal-relay", daemon=True).start()
 
 
+def _no_restart_after_a_stop() -> None:
+    """A rank that stopped after its checkpoint (75) ends the agent's run, --max-restarts or not.
+
+    torchrun's agent restarts a worker group that failed while restarts are left, and a rank's 75 is a
+    failure to it: the stopped ranks would resume and train on until the scheduler kills the job,
+    which a preemption then never requeues. The agent's own check of its ranks disables restarts the
+    same way (torchrun's wedged-worker case)."""
+    from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
+
+    from ..control import EXIT_PREEMPTED
+
+    monitor = LocalElasticAgent._monitor_workers
+
+    def _monitor_workers(self, worker_group):
+        result = monitor(self, worker_group)
+        if any(failure.exitcode == EXIT_PREEMPTED for failure in result.failures.values()):
+            self._remaining_restarts = 0
+        return result
+
+    LocalElasticAgent._monitor_workers = _monitor_workers
+
+
 def torchrun_main(argv: list[str]) -> int:
     _forward_stop_signals_to_ranks()  # first: a stop signal during the imports below is kept too
     # c10d rendezvous: a fresh store per round. A shared one keeps the earlier rounds' keys, and the
@@ -103,6 +125,7 @@ def torchrun_main(argv: list[str]) -> int:
 
     from ..control import EXIT_PREEMPTED
 
+    _no_restart_after_a_stop()
     sys.argv[0] = "dist-train torchrun"  # torchrun's own --help names the command typed
     parser = get_args_parser()
     parser.error = ArgParser.error.__get__(parser)  # a bad command line: one line and status 2, no usage
