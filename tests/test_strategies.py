@@ -561,3 +561,42 @@ def test_a_parameter_used_on_some_ranks_only_gets_the_mean_gradient(name):
     """FSDP2 reduce-scattered only the parameters with a gradient on each rank: rank 0's (body, a) against
     rank 1's (body, b), so head a's gradient was summed with head b's (0.1 off DDP after one step)."""
     assert run_ranks(_routed_step, 2, name)[0] <= 1e-6
+
+
+def test_an_fsdp_save_waits_for_a_slow_rank_up_to_the_save_timeout(tmp_path):
+    """Rank 0 stalls (SIGSTOP, as on a slow filesystem) for 14 s inside its FSDP checkpoint write while
+    dist.timeout_s is 6 s: the other rank waits, as checkpoint.save_timeout_s says, and the run finishes
+    (DCP's collectives and the closing barrier ran on the default group: 'rank 1 failed to save the
+    checkpoint of step 4: ... Timed out waiting 6000ms')."""
+    import signal
+    import subprocess
+    import time
+    from pathlib import Path
+
+    from helpers import free_port
+
+    from dist_train.slurm.job import _children
+
+    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 6}, checkpoint={"every_steps": 4})
+    config.update(strategy={"name": "fsdp"}, dist={"timeout_s": 6}, eval={"at_end": False})
+    config["checkpoint"]["save_timeout_s"] = 120
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
+    cmd = [PYTHON, *torchrun, "--master_port", str(free_port()), "-m", "dist_train"]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*cmd, "--config", str(write_config(tmp_path / "c.yaml", config))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    shards, deadline = tmp_path / "out" / "checkpoints" / ".tmp-step-00000004" / "dcp", time.monotonic() + 120
+    while not shards.exists():  # the ranks are inside the save of step 4
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.002)
+    rank0 = [pid for pid in _children(proc.pid) if b"\0RANK=0\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes()]
+    os.kill(rank0[0], signal.SIGSTOP)
+    time.sleep(14)
+    os.kill(rank0[0], signal.SIGCONT)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()[-3000:]
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == "step-00000006"

@@ -10,6 +10,7 @@ before DCP reads anything, and checkpoint folders are trusted input.
 from __future__ import annotations
 
 import contextlib
+import datetime
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
@@ -47,6 +48,12 @@ class FSDPStrategy(Strategy):
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         self._own_group = ensure_process_group(self.ctx.device)
+        # DCP's collectives in a save wait for the slowest rank's write: checkpoint.save_timeout_s, not
+        # dist.timeout_s (the control group's gloo, as for every other rank that waits on a save)
+        self._save_group = None
+        if self.ctx.world_size > 1:
+            timeout = datetime.timedelta(seconds=self.cfg.checkpoint.save_timeout_s)
+            self._save_group = dist.new_group(backend="gloo", timeout=timeout)
         model.to(self.ctx.device)
         mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world_size,))
         dtype = PRECISION_DTYPES.get(self.cfg.train.precision)
@@ -139,8 +146,8 @@ class FSDPStrategy(Strategy):
         # BatchNorm's running statistics (per rank without train.sync_batchnorm) must be rank 0's,
         # the ones model.safetensors holds, or a resumed run exports other statistics
         planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True)
-        dcp.save(self._state(), checkpoint_id=str(folder / DCP_DIR), planner=planner)
-        dist.barrier()
+        dcp.save(self._state(), checkpoint_id=str(folder / DCP_DIR), planner=planner, process_group=self._save_group)
+        dist.barrier(group=self._save_group)
         if not self.ctx.is_rank_zero:
             return []
         return sorted(str(p.relative_to(folder)) for p in (folder / DCP_DIR).rglob("*") if p.is_file())
