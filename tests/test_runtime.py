@@ -288,6 +288,17 @@ def test_one_process_stopped_during_start_up_says_it_has_nothing_to_save(tmp_pat
     assert "checkpointing step" not in stderr and not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_dist_train_torchrun_does_not_restart_a_config_error(tmp_path):
+    """--max-restarts retried a config mistake: the same error three times, then status 2."""
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "out"))
+    torchrun = ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "dist_train", "torchrun", *torchrun, "--max-restarts=2", "-m", "dist_train"]
+    proc = run_cli([*cmd, "--config", str(path), "model.name=userpkg.nosuch:model"], env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.count("cannot import `userpkg.nosuch`") == 1, proc.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     "sig, when, restarts",
     [(signal.SIGTERM, "training", 0), (signal.SIGUSR1, "start-up", 0), (signal.SIGUSR1, "training", 2)],

@@ -93,7 +93,8 @@ def _forward_stop_signals_to_ranks() -> None:
 
 
 def _no_restart_after_a_stop() -> None:
-    """A rank that stopped after its checkpoint (75) ends the agent's run, --max-restarts or not.
+    """A rank that stopped after its checkpoint (75) ends the agent's run, --max-restarts or not; so
+    does a config error (2), which every restart would meet again.
 
     torchrun's agent restarts a worker group that failed while restarts are left, and a rank's 75 is a
     failure to it: the stopped ranks would resume and train on until the scheduler kills the job,
@@ -101,13 +102,14 @@ def _no_restart_after_a_stop() -> None:
     same way (torchrun's wedged-worker case)."""
     from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 
+    from ..cli import EXIT_USAGE
     from ..control import EXIT_PREEMPTED
 
     monitor = LocalElasticAgent._monitor_workers
 
     def _monitor_workers(self, worker_group):
         result = monitor(self, worker_group)
-        if any(failure.exitcode == EXIT_PREEMPTED for failure in result.failures.values()):
+        if any(failure.exitcode in (EXIT_PREEMPTED, EXIT_USAGE) for failure in result.failures.values()):
             self._remaining_restarts = 0
         return result
 
