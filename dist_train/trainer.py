@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -181,6 +182,11 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             refused = f"run.output_dir {output_dir}: cannot create it ({err.strerror}); choose another"
+        else:  # a folder there already that this user cannot write in (read-only, another owner)
+            try:
+                tempfile.TemporaryFile(dir=output_dir).close()
+            except OSError as err:
+                refused = f"run.output_dir {output_dir}: cannot write in it ({err.strerror}); choose another"
     refused = control.broadcast_object(refused)  # every rank stops, not only the one that saw it
     if refused:
         raise on_every_rank(UserError(refused))

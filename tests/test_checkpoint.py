@@ -339,3 +339,33 @@ def test_a_stop_signal_save_that_crashed_leaves_no_folder_behind(tmp_path, monke
     assert run(tmp_path)["status"] == "finished"
     assert sorted(p.name for p in root.iterdir()) == ["latest", *(f"step-{s:08d}" for s in (2, 4, 6))]
     assert max_abs_diff(load_weights(reference), load_weights(tmp_path)) == 0.0
+
+
+def _as_plain_user() -> list[str]:
+    """A command prefix that makes file permissions apply (root ignores them; setpriv drops that)."""
+    import os
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file permissions cannot be made to apply")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+
+
+def test_a_run_output_dir_it_cannot_write_in_is_one_line(tmp_path):
+    """An existing folder this user cannot write in (read-only, another owner's): the first write,
+    config.yaml, raised PermissionError (a traceback, status 1) after the model and data were built."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = write_config(tmp_path / "c.yaml", mlp_raw(out))
+    out.chmod(0o555)
+    try:
+        proc = run_cli([*_as_plain_user(), PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
+    finally:
+        out.chmod(0o755)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        f"dist_train: error: run.output_dir {out}: cannot write in it (Permission denied); choose another"
+    ]
+    assert list(out.iterdir()) == []
