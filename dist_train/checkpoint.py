@@ -15,6 +15,8 @@ checkpoint re-reached it) is replaced by the new save: the old folder is renamed
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -22,6 +24,7 @@ import os
 import random
 import re
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +36,7 @@ log = logging.getLogger("dist_train")
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST = "manifest.json"
+LOCK_FILE = ".dist_train.lock"
 FORMAT_VERSION = 1
 
 
@@ -57,6 +61,30 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_path(path.parent)
+
+
+def lock_output_dir(output_dir: Path) -> int:
+    """Rank 0: hold `<output_dir>/.dist_train.lock` (a POSIX lock, NFS-wide) for the whole run; returns
+    its descriptor, to be closed at the end. A second run started into the same folder meanwhile is
+    refused (UserError): it would delete the first one's checkpoint in progress and interleave their
+    rows. The kernel drops the lock when its process ends, however it ends (kill -9 included), so
+    none outlives its run. OSError when the folder cannot be written in."""
+    fd = os.open(output_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        if err.errno not in (errno.EACCES, errno.EAGAIN):  # a file system without locks: run unguarded
+            log.warning("cannot lock %s (%s): nothing stops a second run in this folder", output_dir, err.strerror)
+            return fd
+        holder = os.pread(fd, 256, 0).decode("utf-8", errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(
+            f"run.output_dir {output_dir} is in use by another run ({holder}): wait for it to end or choose "
+            "another run.output_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
 
 
 def sha256_file(path: Path) -> str:

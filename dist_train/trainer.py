@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import tempfile
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import state as run_state
-from .checkpoint import write_atomic
+from .checkpoint import lock_output_dir, write_atomic
 from .compress import Compression
 from .config import CUDA_GRAPH_MODES, Config, dump_yaml
 from .config.checks import check_watched_metrics_fit_outputs
@@ -168,11 +168,11 @@ def _build(cfg: Config, ctx: DistContext) -> _Built:
 
 def train(cfg: Config, ctx: DistContext) -> dict:
     """Run (or resume) training as configured. Returns a summary with `status` and `step`."""
-    with preferred_attention(cfg.train.sdpa_backend):  # before torch.compile traces the model
-        return _train(cfg, ctx)
+    with preferred_attention(cfg.train.sdpa_backend), contextlib.ExitStack() as held:  # attention: before torch.compile
+        return _train(cfg, ctx, held)
 
 
-def _train(cfg: Config, ctx: DistContext) -> dict:
+def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
     step_times = step_times_hook()  # benchmarks only (DIST_TRAIN_STEP_TIMES); None otherwise
     output_dir = Path(cfg.run.output_dir)
     control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)
@@ -182,9 +182,11 @@ def _train(cfg: Config, ctx: DistContext) -> dict:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             refused = f"run.output_dir {output_dir}: cannot create it ({err.strerror}); choose another"
-        else:  # a folder there already that this user cannot write in (read-only, another owner)
+        else:  # one run at a time per folder; a folder this user cannot write in (read-only, another owner's)
             try:
-                tempfile.TemporaryFile(dir=output_dir).close()
+                held.callback(os.close, lock_output_dir(output_dir))
+            except UserError as err:
+                refused = str(err)
             except OSError as err:
                 refused = f"run.output_dir {output_dir}: cannot write in it ({err.strerror}); choose another"
     refused = control.broadcast_object(refused)  # every rank stops, not only the one that saw it

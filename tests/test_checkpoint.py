@@ -369,3 +369,31 @@ def test_a_run_output_dir_it_cannot_write_in_is_one_line(tmp_path):
         f"dist_train: error: run.output_dir {out}: cannot write in it (Permission denied); choose another"
     ]
     assert list(out.iterdir()) == []
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
+    """Two launches into one run.output_dir at once: each save began by deleting the other's
+    `.tmp-step-N/` in progress (the first died in torch.save, status 1, with a traceback) and both
+    appended to metrics.jsonl. Rank 0 holds a lock on the folder for the whole run now."""
+    import fcntl
+    import os
+
+    out = tmp_path / "out"
+    out.mkdir()
+    config = write_config(tmp_path / "c.yaml", mlp_raw(out))
+    cmd = [PYTHON, "-m", "dist_train", "--config", str(config)]
+    fd = os.open(out / ".dist_train.lock", os.O_RDWR | os.O_CREAT)  # as a run in progress holds it
+    os.write(fd, b"pid 4242 on node7\n")
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        proc = run_cli(cmd, timeout=120)
+    finally:
+        os.close(fd)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"dist_train: error: run.output_dir {out} is in use by another run (pid 4242 on node7): wait for it to "
+        "end or choose another run.output_dir"
+    ], proc.stderr[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == [".dist_train.lock"]  # nothing of the run written
+    proc = run_cli(cmd, timeout=120)  # the holder gone (however it ended), the folder is free again
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "latest").is_file()
