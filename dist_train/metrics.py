@@ -74,6 +74,16 @@ def _clean(value: object) -> object:
     return value
 
 
+def _ends_mid_row(path: Path) -> bool:
+    """Whether the file's last line lacks its newline: the next row appended would be glued to it."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(-1, os.SEEK_END)
+            return f.read(1) != b"\n"
+    except OSError:  # none yet, or empty
+        return False
+
+
 class MetricsLogger:
     """Writes rows on rank 0; every method is a no-op on the other ranks."""
 
@@ -90,7 +100,11 @@ class MetricsLogger:
             require("tensorboard", "tb", "log.tensorboard")
         if not enabled:
             return
-        self.file = open(output_dir / "metrics.jsonl", "a", buffering=1)  # line-buffered: a crash loses no row
+        path = output_dir / "metrics.jsonl"
+        torn = _ends_mid_row(path)
+        self.file = open(path, "a", buffering=1)  # line-buffered: a crash loses no row
+        if torn:  # a row a crash cut short (a full disk, a lost node) stays one malformed line of its own
+            self.file.write("\n")
         use_bar = progress == "bar" or (progress == "auto" and sys.stderr.isatty())
         if use_bar:
             from tqdm import tqdm

@@ -397,3 +397,19 @@ def test_a_second_run_into_a_folder_in_use_is_refused(tmp_path):
     proc = run_cli(cmd, timeout=120)  # the holder gone (however it ended), the folder is free again
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "model.safetensors").is_file() and (out / "checkpoints" / "latest").is_file()
+
+
+def test_a_resume_after_a_torn_metrics_row_keeps_its_marker(tmp_path, reference):
+    """A crash mid-row left metrics.jsonl without its last newline: the resumed run appended its
+    `resumed_from` marker to that fragment, one malformed line, and the marker was lost to readers."""
+    from dist_train.plots import read_metrics
+
+    run_dir, _ = _checkpointed_run(tmp_path, reference)
+    rows = (run_dir / "metrics.jsonl").read_bytes()
+    (run_dir / "metrics.jsonl").write_bytes(rows[: rows.rindex(b"\n", 0, -1) + 30])  # the last row cut short
+    assert run(run_dir, train={"max_steps": 8})["status"] == "finished"
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    kept = read_metrics(run_dir)
+    assert len(kept) == len(lines) - 1  # the fragment alone is skipped
+    assert {"resumed_from": "step-00000006", "step": 6} in kept
+    assert [r["step"] for r in kept if "loss" in r][-2:] == [7, 8]
