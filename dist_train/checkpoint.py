@@ -175,10 +175,15 @@ def commit_save(
 
 
 def apply_retention(root: Path, keep_last: int, keep_every: int | None) -> None:
-    """Delete complete checkpoints beyond the newest `keep_last`, except multiples of `keep_every`."""
+    """Delete complete checkpoints beyond the newest `keep_last`, except multiples of `keep_every`.
+    Only folders with a manifest count among the newest: a stray by a step name past them (an empty
+    folder, a file) is no checkpoint; one older than they goes with the old checkpoints."""
     steps = sorted(int(m.group(1)) for p in root.iterdir() if (m := STEP_DIR.match(p.name)))
+    complete = [step for step in steps if (root / step_dir_name(step) / MANIFEST).is_file()]
+    if not keep_last or len(complete) <= keep_last:
+        return
     latest = read_latest(root)
-    for step in steps[:-keep_last] if keep_last else []:
+    for step in (step for step in steps if step < complete[-keep_last]):
         name = step_dir_name(step)
         if name == latest or (keep_every and step % keep_every == 0):
             continue

@@ -413,3 +413,17 @@ def test_a_resume_after_a_torn_metrics_row_keeps_its_marker(tmp_path, reference)
     assert len(kept) == len(lines) - 1  # the fragment alone is skipped
     assert {"resumed_from": "step-00000006", "step": 6} in kept
     assert [r["step"] for r in kept if "loss" in r][-2:] == [7, 8]
+
+
+def test_retention_counts_no_stray_by_a_step_name(tmp_path):
+    """An empty step folder or a file by a step name past the run's steps counted as the newest
+    checkpoints: keep_last=2 kept the stray and `latest` only, and deleted step 8. A folder older than
+    the kept ones (a delete cut short: its manifest gone first) still goes with the old checkpoints."""
+    root = tmp_path / "checkpoints"
+    (root / "step-00000099").mkdir(parents=True)
+    (root / "step-00000001").mkdir()
+    (root / "step-00000001" / "model.pt").write_text("left over")
+    (root / "step-00000098").write_text("not a checkpoint")
+    run(tmp_path, train={"max_steps": 10}, checkpoint={"every_steps": 2, "keep_last": 2})
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["latest", "step-00000008", "step-00000010", "step-00000098", "step-00000099"]
