@@ -27,9 +27,9 @@ FIGSIZE, DPI = (11, 7), 100  # metrics.png is 1100 x 700 pixels
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    """The rows of metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
+    """The rows of metrics.jsonl; a torn line (a crash mid-write: cut short, garbage bytes) is skipped."""
     rows = []
-    with open(Path(run_dir) / "metrics.jsonl") as f:
+    with open(Path(run_dir) / "metrics.jsonl", encoding="utf-8", errors="replace") as f:
         for line in f:
             line = line.strip()
             if not line:
@@ -38,9 +38,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 row = None
-            if isinstance(row, dict):
+            if isinstance(row, dict) and isinstance(row.get("step"), int) and not isinstance(row["step"], bool):
                 rows.append(row)
-            else:  # torn, or a JSON value that is not a row (`[1, 2]`: an AttributeError in series())
+            else:  # torn, or JSON that is not a row (`[1, 2]`, no integer step: an error in series())
                 log.warning("metrics.jsonl: skipping a malformed line")
     return rows
 

@@ -581,6 +581,14 @@ def test_plot_skips_lines_that_are_not_rows(tmp_path, capsys):
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}]
     code, out, err = run_main(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "m.png"))
     assert code == 0 and "Traceback" not in err, err
+    # garbage a crash left (bytes that are not UTF-8) and rows without an integer step were tracebacks
+    with open(tmp_path / "metrics.jsonl", "ab") as f:
+        f.write(
+            b'\n\xff\xfe\x00\x00\n{"step": 3, "loss": 0.5}\n{"loss": 1.0}\n{"resumed_from": "step-1"}\n{"step": "4"}\n'
+        )
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 0.5}]
+    code, out, err = run_main(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "m.png"))
+    assert code == 0 and "Traceback" not in err, err
 
 
 def _tb_scalars(tb_dir, tag):
