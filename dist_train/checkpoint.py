@@ -87,6 +87,23 @@ def lock_output_dir(output_dir: Path) -> int:
     return fd
 
 
+RUN_OUTPUTS = {"config.yaml": False, "metrics.jsonl": False, "model.safetensors": False, "checkpoints": True}
+
+
+def in_the_way(output_dir: Path) -> str | None:
+    """A folder where the run writes a file, or a file where it keeps its checkpoints folder: said
+    before anything is built (config.yaml failed at once, checkpoints/ at the first save, model.safetensors
+    after the last step, each with a traceback, status 1)."""
+    for name, folder in RUN_OUTPUTS.items():
+        path = output_dir / name
+        if path.exists() and path.is_dir() != folder:
+            return (
+                f"run.output_dir {output_dir}: {name} is a {'file' if folder else 'folder'}, where the run keeps its "
+                f"{'folder' if folder else 'file'} of that name; move it away or choose another run.output_dir"
+            )
+    return None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

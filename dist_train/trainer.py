@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from . import state as run_state
-from .checkpoint import lock_output_dir, write_atomic
+from .checkpoint import in_the_way, lock_output_dir, write_atomic
 from .compress import Compression
 from .config import CUDA_GRAPH_MODES, Config, dump_yaml
 from .config.checks import check_watched_metrics_fit_outputs
@@ -189,6 +189,8 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
                 refused = str(err)
             except OSError as err:
                 refused = f"run.output_dir {output_dir}: cannot write in it ({err.strerror}); choose another"
+            else:
+                refused = in_the_way(output_dir)
     refused = control.broadcast_object(refused)  # every rank stops, not only the one that saw it
     if refused:
         raise on_every_rank(UserError(refused))

@@ -427,3 +427,18 @@ def test_retention_counts_no_stray_by_a_step_name(tmp_path):
     run(tmp_path, train={"max_steps": 10}, checkpoint={"every_steps": 2, "keep_last": 2})
     names = sorted(p.name for p in root.iterdir())
     assert names == ["latest", "step-00000008", "step-00000010", "step-00000098", "step-00000099"]
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "metrics.jsonl", "model.safetensors", "checkpoints"])
+def test_a_file_or_folder_in_the_way_of_the_runs_own_is_a_clear_error(tmp_path, name):
+    """A folder named model.safetensors failed the export after the last step (checkpoints/ as a file:
+    the first save; config.yaml, metrics.jsonl: the start), each a traceback, status 1."""
+    out = tmp_path / "out"
+    if name == "checkpoints":
+        out.mkdir()
+        (out / name).write_text("")
+    else:
+        (out / name).mkdir(parents=True)
+    with pytest.raises(UserError, match=f"run.output_dir {out}: {name} is a .* move it away or choose another"):
+        run(out)
+    assert not (out / "config.yaml").is_file()  # refused before anything was written

@@ -191,6 +191,17 @@ def test_check_exits_2_on_an_invalid_config(tmp_path, capsys, argv, message):
     assert err.startswith("dist_train: error:") and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_check_exits_2_on_a_folder_in_the_way_of_a_file_the_run_writes(tmp_path, capsys):
+    """As the run refuses it (check said 'No warnings')."""
+    (tmp_path / "run" / "model.safetensors").mkdir(parents=True)
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run"))
+    code, out, err = run_main(capsys, "check", str(path))
+    assert code == 2 and err.strip().splitlines() == [
+        f"dist_train: error: run.output_dir {tmp_path / 'run'}: model.safetensors is a folder, where the run keeps "
+        "its file of that name; move it away or choose another run.output_dir"
+    ]
+
+
 def test_check_exits_2_on_an_attention_preference_this_torch_cannot_set(tmp_path, capsys, monkeypatch):
     """train.sdpa_backend=cudnn on a torch without attention priorities (< 2.6, still supported) stops
     the run with exit 2: check said 'No warnings'."""

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from .. import checkpoint as ckpt
 from ..cli import ArgParser
 from ..compress import Compression
 from ..config import Config, load_config
@@ -132,13 +133,15 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
 
 def check_output_dir(output_dir: str) -> None:
     """The run's `mkdir -p run.output_dir`, creating nothing: a file in its way (the folder itself or
-    one above it) makes the run stop with exit 2. Permissions are left alone: this machine may not be
-    the one that writes."""
+    one above it), or one in the way of the run's own files inside, makes the run stop with exit 2.
+    Permissions are left alone: this machine may not be the one that writes."""
     path = Path(output_dir).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         reason = errno.EEXIST if existing == path else errno.ENOTDIR
         raise UserError(f"run.output_dir {output_dir}: cannot create it ({os.strerror(reason)}); choose another")
+    if existing == path and (refused := ckpt.in_the_way(Path(output_dir))):  # as the run refuses it
+        raise UserError(refused)
 
 
 def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-size") -> dict:
