@@ -201,8 +201,6 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
     tokens = tokens_per_sample(data.dataset[0][0])  # token inputs: report tokens/s
 
     restored = run_state.restore(cfg, ctx, control, strategy, output_dir, data.sampler.usable_samples())
-    if ctx.is_rank_zero:  # only now: a config its checkpoints refuse leaves the folder's config.yaml alone
-        write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
     state = restored[0] if restored else run_state.TrainState()
     resumed_at = state.step if restored else None
     total_steps = cfg.train.max_steps
@@ -230,10 +228,17 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
     metrics = MetricsLogger(
         output_dir, ctx.is_rank_zero, total_steps, state.step, cfg.log.progress, cfg.log.tensorboard
     )
-    if restored:
-        metrics.write({"resumed_from": restored[1], "step": state.step})
-    else:
+    if not restored:
         metrics.text("config", "```\n" + dump_yaml(cfg) + "```")
+
+    def accepted() -> None:
+        """Once the config ran its first step (or had none to run): a config refused by its checkpoints or
+        its first batch (status 2) leaves the folder's config.yaml and metrics.jsonl as they were."""
+        if ctx.is_rank_zero:
+            write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
+        if restored:
+            metrics.write({"resumed_from": restored[1], "step": resumed_at})
+
     log.info(
         "training %s on %d rank(s), strategy %s: global batch %d, %d steps/epoch, %d steps (from %d)",
         cfg.model.name,
@@ -290,6 +295,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
                     check_watched_metrics_fit_outputs(cfg, result.output_dims)
                 except UserError as err:
                     raise on_every_rank(err) from None
+                accepted()
             first_step = False
             state.step += 1
             state.samples_in_epoch += data.global_batch
@@ -324,6 +330,8 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
                 step_times.append((time.perf_counter(), time.process_time()))
             if status == "early_stopped":
                 break
+        if first_step:  # no step to run (a finished run started again), or stopped before the first
+            accepted()
         control.disarm_watchdog()
         write_step_times(step_times, ctx.rank)
         control.finish_vote()

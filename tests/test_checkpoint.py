@@ -442,3 +442,17 @@ def test_a_file_or_folder_in_the_way_of_the_runs_own_is_a_clear_error(tmp_path, 
     with pytest.raises(UserError, match=f"run.output_dir {out}: {name} is a .* move it away or choose another"):
         run(out)
     assert not (out / "config.yaml").is_file()  # refused before anything was written
+
+
+def test_a_config_its_first_batch_refuses_leaves_the_folder_as_it_was(tmp_path, reference):
+    """Restarted with a loss the outputs cannot take (status 2 at the first step): config.yaml already
+    named the refused config, and metrics.jsonl claimed a resume that logged nothing."""
+    run_dir, _ = _checkpointed_run(tmp_path, reference)
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    with pytest.raises(UserError, match="differ in shape"):
+        run(run_dir, train={"max_steps": 8, "loss": "mse"})
+    assert {name: (run_dir / name).read_bytes() for name in before} == before
+    assert run(run_dir, train={"max_steps": 8})["status"] == "finished"
+    assert "max_steps: 8" in (run_dir / "config.yaml").read_text()
+    rows = read_rows(run_dir)[len(before["metrics.jsonl"].splitlines()) :]
+    assert rows[0] == {"resumed_from": "step-00000006", "step": 6} and rows[1]["step"] == 7
