@@ -482,3 +482,14 @@ def test_gpt2_seq_cls_learns_on_two_ranks(hf_runs):
     print(f"hf_seq_cls: loss {first:.3f} -> {last:.3f}, eval {rows[-1]}")
     assert last < 0.7 * first
     assert rows[-1]["eval_accuracy"] > 0.8
+
+
+def test_a_cache_folder_it_cannot_write_is_one_line_naming_data_cache_dir(tmp_path):
+    """The default cache sits beside the data files, often read-only: the factory's PermissionError
+    (here: a file where a folder would be) was the message, without a word on data.cache_dir."""
+    path = tmp_path / "corpus.txt"
+    path.write_text("abcdefgh" * 10)
+    (tmp_path / "cache").write_text("")
+    kwargs = {"files": {"train": str(path)}, "block_size": 8, "cache_dir": str(tmp_path / "cache" / "sub")}
+    with pytest.raises(UserError, match=r"cannot write the preprocessing cache .*; set data.cache_dir to a folder"):
+        build_dataset("hf", "train", kwargs)

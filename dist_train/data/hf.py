@@ -145,10 +145,16 @@ def _prepare(folder: Path, build) -> dict[str, torch.Tensor]:
 
 
 def _build_atomic(folder: Path, build, rank: int) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     started = time.time()
+    try:  # next to the data files by default, which are often read-only (a shared dataset)
+        folder.mkdir(parents=True, exist_ok=True)
+        scratch = tempfile.mkdtemp(prefix="scratch-", dir=folder)  # datasets' own arrow cache, dropped afterwards
+    except OSError as err:
+        raise UserError(
+            f"hf data: cannot write the preprocessing cache {folder} ({err.strerror}); "
+            "set data.cache_dir to a folder this user can write in"
+        ) from None
     log.info("hf data: preprocessing into %s", folder)
-    scratch = tempfile.mkdtemp(prefix="scratch-", dir=folder)  # datasets' own arrow cache, dropped afterwards
     try:
         tensors, meta = build(scratch)
     finally:
