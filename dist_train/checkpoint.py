@@ -282,7 +282,11 @@ def verify(folder: Path, checksums: bool = True) -> dict:
             raise ValueError(
                 f"{folder.name}: file {name} has {path.stat().st_size} bytes, manifest says {entry['size']}"
             )
-        if checksums and sha256_file(path) != entry["sha256"]:
+        try:
+            intact = not checksums or sha256_file(path) == entry["sha256"]
+        except OSError as err:  # another user's file this one may not read, an I/O error
+            raise ValueError(f"{folder.name}: file {name} cannot be read ({err.strerror})") from None
+        if not intact:
             raise ValueError(f"{folder.name}: file {name} fails its checksum (corrupted)")
     return manifest
 

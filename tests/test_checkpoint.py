@@ -456,3 +456,15 @@ def test_a_config_its_first_batch_refuses_leaves_the_folder_as_it_was(tmp_path, 
     assert "max_steps: 8" in (run_dir / "config.yaml").read_text()
     rows = read_rows(run_dir)[len(before["metrics.jsonl"].splitlines()) :]
     assert rows[0] == {"resumed_from": "step-00000006", "step": 6} and rows[1]["step"] == 7
+
+
+def test_a_checkpoint_file_it_cannot_read_is_one_line(tmp_path, reference):
+    """A checkpoint named by path whose file this user may not read (another user's run, umask 077):
+    verifying its checksum raised PermissionError (a traceback, status 1)."""
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    (root / "step-00000006" / "optimizer.pt").chmod(0)
+    config = write_config(tmp_path / "c.yaml", mlp_raw(tmp_path / "new", checkpoint={"resume": str(run_dir)}))
+    proc = run_cli([*_as_plain_user(), PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "dist_train: error: checkpoint.resume: step-00000006: file optimizer.pt cannot be read (Permission denied)"
+    ], proc.stderr[-2000:]
