@@ -229,6 +229,11 @@ def read_latest(root: Path) -> str | None:
             f"{root / 'latest'} is a folder or a link to one, not the text file dist_train keeps there: "
             "remove it (a resume finds the newest intact checkpoint without it)"
         ) from None
+    except PermissionError as err:  # another user's run folder
+        raise UserError(
+            f"{root / 'latest'} cannot be read ({err.strerror}): get read access to the run folder, or name one of "
+            "its step-XXXXXXXX folders"
+        ) from None
 
 
 MANIFEST_FIELDS = {"step": int, "world_size": int, "strategy": str, "trainer": dict, "files": dict}

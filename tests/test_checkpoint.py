@@ -468,3 +468,16 @@ def test_a_checkpoint_file_it_cannot_read_is_one_line(tmp_path, reference):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "dist_train: error: checkpoint.resume: step-00000006: file optimizer.pt cannot be read (Permission denied)"
     ], proc.stderr[-2000:]
+
+
+def test_a_latest_it_cannot_read_is_one_line(tmp_path, reference):
+    """checkpoint.resume names another user's run whose `latest` this user may not read: reading it
+    raised PermissionError (a traceback, status 1)."""
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    (root / "latest").chmod(0)
+    config = write_config(tmp_path / "c.yaml", mlp_raw(tmp_path / "new", checkpoint={"resume": str(run_dir)}))
+    proc = run_cli([*_as_plain_user(), PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"dist_train: error: {root / 'latest'} cannot be read (Permission denied): get read access to the run "
+        "folder, or name one of its step-XXXXXXXX folders"
+    ], proc.stderr[-2000:]
