@@ -450,3 +450,13 @@ def test_an_iterable_dataset_is_one_line_before_the_first_step():
 
     with pytest.raises(UserError, match="split 'train' is an IterableDataset: give a map-style Dataset"):
         build_dataset("userpkg.broken:data_iterable", "train", {})
+
+
+def test_a_home_folder_tilde_in_the_runs_paths_is_expanded(tmp_path, monkeypatch):
+    """No shell expands `~` in a YAML file (or in `run.output_dir=~/...`): the run wrote into a folder
+    named `~` under the working directory, while data.files took `~` as the home folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = write_config(tmp_path / "c.yaml", {**BASE, "run": {"output_dir": "~/runs/a"}})
+    cfg = load_config(path, ["checkpoint.resume=~/runs/b"])
+    assert (cfg.run.output_dir, cfg.checkpoint.resume) == (f"{tmp_path}/home/runs/a", f"{tmp_path}/home/runs/b")
+    assert load_config(path, ["checkpoint.resume=auto", "run.output_dir=a~b"]).run.output_dir == "a~b"

@@ -4,6 +4,7 @@ then typed sections built and checked; and writing the resolved config back out.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import types
 from pathlib import Path
@@ -118,8 +119,18 @@ def from_dict(raw: dict) -> Config:
         if name not in sections:
             raise UserError(f"unknown section `{name}`{nearest(str(name), sections)}")
     cfg = Config(**{name: _build_section(hints[name], raw.get(name), name) for name in sections})
+    _expand_home(cfg)
     validate(cfg)
     return cfg
+
+
+def _expand_home(cfg: Config) -> None:
+    """`~` at the start of the run's own paths is the home folder, as in `data.files` (no shell
+    expands it in a YAML file or in `run.output_dir=~/...`: the run wrote into a folder named `~`)."""
+    if isinstance(cfg.run.output_dir, str):
+        cfg.run.output_dir = os.path.expanduser(cfg.run.output_dir)
+    if isinstance(cfg.checkpoint.resume, str) and cfg.checkpoint.resume not in ("auto", "never"):
+        cfg.checkpoint.resume = os.path.expanduser(cfg.checkpoint.resume)
 
 
 def _yaml_error(err: yaml.YAMLError, source: str) -> UserError:
