@@ -68,7 +68,10 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     except ImportError:
         log.info("matplotlib is not installed: skipping metrics.png (pip install 'dist-train[plot]')")
         return None
-    rows = read_metrics(run_dir)
+    try:
+        rows = read_metrics(run_dir)
+    except OSError as err:  # another user's run this one may not read
+        raise UserError(f"cannot read {run_dir / 'metrics.jsonl'} ({err.strerror})") from None
     fig = Figure(figsize=FIGSIZE)
     axes = fig.subplots(2, 2)
     for ax, (title, keys) in zip(axes.flat, PANELS):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -186,3 +187,15 @@ def tiny_lm_config(output_dir: Path, **sections) -> dict:
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
     return config
+
+
+def as_plain_user() -> list[str]:
+    """A command prefix that makes file permissions apply (root ignores them; setpriv drops that)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        import pytest
+
+        pytest.skip("running as root without setpriv: file permissions cannot be made to apply")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]

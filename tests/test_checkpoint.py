@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, load_weights, max_abs_diff, read_rows, run_cli, write_config
+from helpers import PYTHON, as_plain_user, load_weights, max_abs_diff, read_rows, run_cli, write_config
 
 import dist_train.checkpoint as ckpt
 from dist_train.config import from_dict
@@ -341,18 +341,6 @@ def test_a_stop_signal_save_that_crashed_leaves_no_folder_behind(tmp_path, monke
     assert max_abs_diff(load_weights(reference), load_weights(tmp_path)) == 0.0
 
 
-def _as_plain_user() -> list[str]:
-    """A command prefix that makes file permissions apply (root ignores them; setpriv drops that)."""
-    import os
-
-    if os.geteuid() != 0:
-        return []
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("running as root without setpriv: file permissions cannot be made to apply")
-    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
-
-
 def test_a_run_output_dir_it_cannot_write_in_is_one_line(tmp_path):
     """An existing folder this user cannot write in (read-only, another owner's): the first write,
     config.yaml, raised PermissionError (a traceback, status 1) after the model and data were built."""
@@ -361,7 +349,7 @@ def test_a_run_output_dir_it_cannot_write_in_is_one_line(tmp_path):
     config = write_config(tmp_path / "c.yaml", mlp_raw(out))
     out.chmod(0o555)
     try:
-        proc = run_cli([*_as_plain_user(), PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
+        proc = run_cli([*as_plain_user(), PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
     finally:
         out.chmod(0o755)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
@@ -464,7 +452,7 @@ def test_a_checkpoint_file_it_cannot_read_is_one_line(tmp_path, reference):
     run_dir, root = _checkpointed_run(tmp_path, reference)
     (root / "step-00000006" / "optimizer.pt").chmod(0)
     config = write_config(tmp_path / "c.yaml", mlp_raw(tmp_path / "new", checkpoint={"resume": str(run_dir)}))
-    proc = run_cli([*_as_plain_user(), PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
+    proc = run_cli([*as_plain_user(), PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         "dist_train: error: checkpoint.resume: step-00000006: file optimizer.pt cannot be read (Permission denied)"
     ], proc.stderr[-2000:]
@@ -476,7 +464,7 @@ def test_a_latest_it_cannot_read_is_one_line(tmp_path, reference):
     run_dir, root = _checkpointed_run(tmp_path, reference)
     (root / "latest").chmod(0)
     config = write_config(tmp_path / "c.yaml", mlp_raw(tmp_path / "new", checkpoint={"resume": str(run_dir)}))
-    proc = run_cli([*_as_plain_user(), PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
+    proc = run_cli([*as_plain_user(), PYTHON, "-m", "dist_train", "--config", str(config)], timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"dist_train: error: {root / 'latest'} cannot be read (Permission denied): get read access to the run "
         "folder, or name one of its step-XXXXXXXX folders"

@@ -6,7 +6,18 @@ import re
 
 import pytest
 import torch
-from helpers import PYTHON, ctx_from_env, free_port, launch, read_rows, run_cli, run_ranks, tiny_lm_config, write_config
+from helpers import (
+    PYTHON,
+    as_plain_user,
+    ctx_from_env,
+    free_port,
+    launch,
+    read_rows,
+    run_cli,
+    run_ranks,
+    tiny_lm_config,
+    write_config,
+)
 
 from dist_train import checkpoint as ckpt
 from dist_train.cli import main
@@ -600,6 +611,16 @@ def test_plot_skips_lines_that_are_not_rows(tmp_path, capsys):
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 0.5}]
     code, out, err = run_main(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "m.png"))
     assert code == 0 and "Traceback" not in err, err
+
+
+def test_plot_of_a_metrics_file_it_cannot_read_is_one_line(tmp_path):
+    """Another user's run: reading metrics.jsonl raised PermissionError (a traceback, status 1)."""
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (tmp_path / "metrics.jsonl").chmod(0)
+    proc = run_cli([*as_plain_user(), PYTHON, "-m", "dist_train", "plot", str(tmp_path)], timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"dist_train: error: cannot read {tmp_path / 'metrics.jsonl'} (Permission denied)"
+    ], proc.stderr[-2000:]
 
 
 def _tb_scalars(tb_dir, tag):
