@@ -7,7 +7,8 @@ socket it binds to 127.0.0.1 itself (a TCPStore given only MASTER_ADDR=127.0.0.1
 on all interfaces), every rank connects to it as a client (TORCHELASTIC_USE_AGENT_STORE), and
 gloo binds its sockets to the loopback interface. SIGTERM/SIGUSR1 sent to this process are
 forwarded to every rank, so a preempted job checkpoints. The exit status is the first failing
-rank's (2 bad input, 75 stopped by a signal after checkpointing, 1 failure), else 0. With more
+rank's (2 bad input, 75 stopped by a signal after checkpointing, 1 failure), else 0; SIGINT
+(Ctrl-C) stops the ranks without a checkpoint, and the status is 130. With more
 than one rank and no OMP_NUM_THREADS set, each rank gets one thread, as torchrun gives them.
 """
 
@@ -19,6 +20,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 
 GRACE_S = 10.0
+INTERRUPT_WAIT_S = 2.0  # after a SIGINT, how long the ranks have to exit on their own before they are sent one
 
 
 def _rank_main(local_rank: int, nproc: int, port: int, argv: list[str]) -> None:
@@ -68,6 +71,24 @@ def loopback_store(nproc: int):
         use_libuv=False,
     )
     return store, port
+
+
+def _interrupted(processes) -> int:
+    """SIGINT (Ctrl-C) to this process: the ranks stop without a checkpoint, as `python -m dist_train`
+    does, and 130 is returned. A terminal's Ctrl-C reached the ranks too; a SIGINT sent to this process
+    alone is passed on to them (they would train on, and this process would wait for them)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C does not cut the clean-up short
+    for wait_s, action in ((INTERRUPT_WAIT_S, signal.SIGINT), (GRACE_S, signal.SIGKILL)):
+        deadline = time.monotonic() + wait_s
+        for process in processes:
+            process.join(max(0.0, deadline - time.monotonic()))
+        for process in processes:
+            if process.is_alive():
+                os.kill(process.pid, action)
+    for process in processes:
+        process.join()
+    print("dist_train: interrupted (SIGINT): the ranks stopped without a checkpoint", file=sys.stderr)
+    return 130
 
 
 class _Parser(argparse.ArgumentParser):
@@ -131,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         # reports a config mistake (local rank 0) is often not the first to exit
         while not context.join(grace_period=GRACE_S):
             pass
+    except KeyboardInterrupt:
+        return _interrupted(context.processes)
     except mp.ProcessExitedException as err:
         if err.exit_code is not None and err.exit_code < 0:  # killed: it could not say why (the OOM killer?)
             print(

@@ -1,5 +1,6 @@
 """Runtime behaviour: exact distributed eval, failing ranks, loopback-only spawn, the quickstart."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -271,6 +272,44 @@ def test_spawn_keeps_a_stop_signal_sent_during_start_up(tmp_path, sig, delay_s):
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-2000:]
     assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
+
+
+@pytest.mark.parametrize("to", ["parent", "group"])
+def test_spawn_interrupted_by_sigint_stops_its_ranks_and_exits_130(tmp_path, to):
+    """Ctrl-C (SIGINT to the process group) or a SIGINT to spawn.py alone: the ranks stop without a
+    checkpoint and spawn.py says so in one line with status 130, as `python -m dist_train` exits.
+    spawn.py printed a KeyboardInterrupt traceback, and with the SIGINT its alone it went on waiting
+    for ranks that trained on to max_steps."""
+    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 400}, checkpoint={"every_steps": 1000})
+    config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.02, "num_samples": 4096}
+    cmd = [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2"]
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(
+        [*cmd, "--config", str(write_config(tmp_path / "c.yaml", config))],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.monotonic() + 60
+    while not (metrics.exists() and '"step": 5' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.1)
+    ranks = [pid for pid in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(ranks) == 2, ranks
+    try:
+        os.killpg(proc.pid, signal.SIGINT) if to == "group" else proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=30)[1]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr.endswith("dist_train: interrupted (SIGINT): the ranks stopped without a checkpoint\n"), stderr[-2000:]
+    assert "Traceback" not in stderr and stderr.count("ERROR interrupted") == 2, stderr[-2000:]
+    assert not [pid for pid in ranks if Path(f"/proc/{pid}").exists()], "ranks outlived spawn.py"  # it reaped them
+    assert not (tmp_path / "out" / "checkpoints").exists()
 
 
 def test_one_process_stopped_during_start_up_says_it_has_nothing_to_save(tmp_path):
