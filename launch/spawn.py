@@ -98,6 +98,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGUSR1}
+SAID_WHY = {1, 2, 75, 130}  # the statuses a rank exits with after its own message (dist_train.cli)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,6 +159,11 @@ def main(argv: list[str] | None = None) -> int:
         if err.exit_code is not None and err.exit_code < 0:  # killed: it could not say why (the OOM killer?)
             print(
                 f"dist_train: rank {err.error_index} (pid {err.error_pid}) was killed by {err.signal_name}",
+                file=sys.stderr,
+            )
+        elif err.exit_code not in SAID_WHY:  # sys.exit() or os._exit() in user code, a library's exit()
+            print(
+                f"dist_train: rank {err.error_index} (pid {err.error_pid}) exited with status {err.exit_code}",
                 file=sys.stderr,
             )
         return err.exit_code if err.exit_code and err.exit_code > 0 else 1

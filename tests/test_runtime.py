@@ -106,6 +106,15 @@ def test_a_rank_lost_after_its_step_fails_the_others_naming_the_step(tmp_path):
     assert "rank 0 failed after step 3: RuntimeError: " in proc.stderr, proc.stderr[-3000:]
 
 
+def test_spawn_names_a_rank_that_exits_without_a_word(tmp_path):
+    """A rank that leaves with a status of its own (sys.exit, os._exit in user code) says nothing, and
+    its peer's error (a lost connection) names the peer: spawn.py names the rank and its status."""
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    proc = launch(faulty_config(tmp_path, "exit"), tmp_path, nproc=2, launcher="spawn", timeout=120, env=env)
+    assert proc.returncode == 9, proc.stderr[-2000:]
+    assert "dist_train: rank 1 (pid " in proc.stderr and ") exited with status 9" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_hung_rank_fails_within_the_timeout_with_stacks(tmp_path):
     start = time.monotonic()
     env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
