@@ -134,6 +134,26 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
     return dist.PrefixStore(f"dist_train/attempt-{attempt}", store)
 
 
+def check_rank_environment(env: dict[str, str] | None = None) -> None:
+    """RANK and WORLD_SIZE set by hand (no launcher) need the rendezvous address as torchrun sets it:
+    a missing one is a UserError (one line, status 2), not a KeyError traceback or a wait until timeout."""
+    from .errors import UserError
+
+    env = os.environ if env is None else env
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not env.get(name)]
+    if missing:
+        raise UserError(
+            f"RANK and WORLD_SIZE are set but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            "export MASTER_ADDR (rank 0's host) and MASTER_PORT (a free port there) on every rank, "
+            "or start the ranks with torchrun or launch/spawn.py"
+        )
+    if not env["MASTER_PORT"].isdigit() or not 0 < int(env["MASTER_PORT"]) < 65536:
+        raise UserError(f"MASTER_PORT must be a TCP port number (1-65535), got {env['MASTER_PORT']!r}")
+    rank, world_size = env["RANK"], env["WORLD_SIZE"]
+    if not (rank.isdigit() and world_size.isdigit() and int(rank) < int(world_size)):
+        raise UserError(f"RANK={rank} WORLD_SIZE={world_size}: RANK must be one of 0 to WORLD_SIZE - 1")
+
+
 def pick_backend(requested: str) -> str:
     if requested == "nccl" and not torch.cuda.is_available():
         from .errors import UserError, on_every_rank
@@ -156,6 +176,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
             torch.cuda.set_device(device)
         return DistContext(0, 0, 1, 1, device, None, launcher)
 
+    check_rank_environment()
     if launcher in ("torchrun", "spawn"):
         die_with_parent()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -177,6 +177,34 @@ def test_cli_bad_inputs_exit_2_with_one_line(tmp_path: Path):
 
 
 @pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "0", "WORLD_SIZE": "1"}, "RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT are not"),
+        ({"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h"}, "RANK and WORLD_SIZE are set but MASTER_PORT is not"),
+        ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "x"}, "MASTER_PORT must be a TCP port"),
+        ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}, "RANK=2 WORLD_SIZE=2: RANK"),
+    ],
+)
+def test_ranks_started_by_hand_without_the_rendezvous_address_are_one_line(env, expected):
+    """RANK and WORLD_SIZE exported by hand, without MASTER_ADDR/MASTER_PORT: `KeyError: 'MASTER_ADDR'`
+    with a traceback (status 1); a RANK outside WORLD_SIZE waited for dist.timeout_s, then failed."""
+    from dist_train.distributed import check_rank_environment
+
+    with pytest.raises(UserError, match=expected):
+        check_rank_environment(env)
+    check_rank_environment({**env, "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "29500"})
+
+
+def test_one_rank_started_by_hand_without_master_addr_exits_2(tmp_path):
+    config = write_config(tmp_path / "c.yaml", {**BASE, "run": {"output_dir": str(tmp_path / "out")}})
+    env = {"RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "", "MASTER_PORT": ""}
+    proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(config)], env=env, cwd=tmp_path, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith("dist_train: error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT")
+
+
+@pytest.mark.parametrize(
     ("source", "expected"),
     [
         ("def model(**kwargs)\n    return None\n", r"raised SyntaxError: .* \(at .*/{name}\.py:1\)"),
