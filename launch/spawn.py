@@ -27,7 +27,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-GRACE_S = 10.0
+# After a rank fails, the others get GRACE_S to exit by themselves, then SIGTERM, then GRACE_S more
+# before SIGKILL (torchrun's 30 s): a hung rank's watchdog (dist.timeout_s + 30 s without progress, so
+# about 30 s after a peer's collective timed out) dumps its stack and exits within that time.
+GRACE_S = 30.0
 INTERRUPT_WAIT_S = 2.0  # after a SIGINT, how long the ranks have to exit on their own before they are sent one
 
 
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         forward(signum, None)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # one that arrived meanwhile is forwarded now
     try:
-        # a rank that fails first leaves its siblings a few seconds to exit by themselves: the one that
+        # a rank that fails first leaves its siblings GRACE_S to exit by themselves: the one that
         # reports a config mistake (local rank 0) is often not the first to exit
         while not context.join(grace_period=GRACE_S):
             pass

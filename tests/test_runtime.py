@@ -115,10 +115,13 @@ def test_spawn_names_a_rank_that_exits_without_a_word(tmp_path):
     assert "dist_train: rank 1 (pid " in proc.stderr and ") exited with status 9" in proc.stderr, proc.stderr[-2000:]
 
 
-def test_a_hung_rank_fails_within_the_timeout_with_stacks(tmp_path):
+@pytest.mark.parametrize("launcher", ["torchrun", "spawn"])
+def test_a_hung_rank_fails_within_the_timeout_with_stacks(tmp_path, launcher):
+    """spawn.py killed the hung rank 20 s after its peer's collective timed out: before its watchdog
+    (dist.timeout_s + 30 s) dumped the stack, so nothing showed where it hung."""
     start = time.monotonic()
     env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
-    proc = launch(faulty_config(tmp_path, "hang"), tmp_path, nproc=2, launcher="torchrun", timeout=200, env=env)
+    proc = launch(faulty_config(tmp_path, "hang"), tmp_path, nproc=2, launcher=launcher, timeout=200, env=env)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
     assert elapsed < 20 + 30 + 15, elapsed  # timeout + 30 s, plus launcher start-up
