@@ -415,6 +415,22 @@ def test_torchrun_wrapper_survives_usr1_and_exits_75(tmp_path):
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text().strip() == f"step-{step:08d}"
 
 
+def test_dist_train_torchrun_on_a_port_in_use_is_one_line():
+    """--master_port that another process listens on (two jobs on torchrun's default 29500): the
+    agent's store raised DistNetworkError EADDRINUSE with a traceback and status 1."""
+    import socket
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        args = ["--nproc_per_node=1", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "dist_train"]
+        proc = run_cli([PYTHON, "-m", "dist_train", "torchrun", *args], timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].startswith(f"dist_train: error: dist-train torchrun: port {port} is in use"), lines[0]
+
+
 def test_dist_train_torchrun_with_a_bad_command_line_is_one_line():
     """torchrun's own argument errors: its argparse usage block, or a traceback with status 1
     (`--nproc_per_node=x`, `--max-restarts=-1`); no rank starts."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import sys
 import threading
@@ -140,6 +141,12 @@ def torchrun_main(argv: list[str]) -> int:
     try:
         run(args)
     except (ValueError, RuntimeError, AssertionError) as err:
+        if "EADDRINUSE" in str(err):  # the agent's rendezvous store: another job listens on that port
+            port = re.search(r"port: (\d+)", str(err))
+            raise UserError(
+                f"dist-train torchrun: port {port.group(1) if port else '?'} is in use on this machine "
+                "(another torchrun?): give a free --master_port (or --rdzv_endpoint HOST:PORT), or --standalone"
+            ) from None
         if not _raised_by_torchrun_arguments(err):
             raise
         raise UserError(f"dist-train torchrun: {err} (see `dist-train torchrun --help`)") from None
