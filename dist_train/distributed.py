@@ -177,7 +177,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
         return DistContext(0, 0, 1, 1, device, None, launcher)
 
     check_rank_environment()
-    if launcher in ("torchrun", "spawn"):
+    # torchrun's and spawn.py's ranks die with their launcher; a rank started by hand (RANK... exported,
+    # `nohup python -m dist_train &`) has a shell for a parent, and outlives it as one process does
+    if launcher == "spawn" or "TORCHELASTIC_RUN_ID" in os.environ:
         die_with_parent()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -324,6 +324,41 @@ def test_spawn_interrupted_by_sigint_stops_its_ranks_and_exits_130(tmp_path, to)
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_rank_started_by_hand_outlives_the_shell_that_started_it(tmp_path):
+    """RANK/WORLD_SIZE/MASTER_* exported by hand, `nohup python -m dist_train ... &`, and the shell
+    exits: the rank trains on, as one process does. It took the parent-death SIGKILL meant for ranks
+    of torchrun and spawn.py, and died without a word."""
+    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 40})
+    config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.01}
+    path = write_config(tmp_path / "c.yaml", config)
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    env.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    script = f'"$0" -m dist_train --config {path} >/dev/null 2>&1 & echo $!; wait'
+    shell = subprocess.Popen(["bash", "-c", script, PYTHON], env=env, stdout=subprocess.PIPE, text=True)
+    rank = int(shell.stdout.readline())
+    try:
+        metrics, deadline = tmp_path / "out" / "metrics.jsonl", time.monotonic() + 60
+        while not (metrics.exists() and '"step": 2' in metrics.read_text()):
+            assert shell.poll() is None and time.monotonic() < deadline, "the rank did not start training"
+            time.sleep(0.1)
+        shell.kill()  # the shell goes; its background job stays
+        shell.wait()
+        while _running(rank) and time.monotonic() < deadline + 60:
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank, signal.SIGKILL)
+    assert (tmp_path / "out" / "model.safetensors").exists(), "the rank died with its shell"
+    assert read_rows(tmp_path / "out")[-1]["step"] == 40
+
+
 def test_one_process_stopped_during_start_up_says_it_has_nothing_to_save(tmp_path):
     """A one-process run takes a start-up signal before its first step: status 75 (a requeue starts
     it again), no checkpoint, and a log line that says so instead of announcing a checkpoint."""
