@@ -179,4 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C while starting up (importing torch): no rank trained yet
+        print("dist_train: interrupted (SIGINT): the ranks stopped without a checkpoint", file=sys.stderr)
+        sys.exit(130)

@@ -324,6 +324,19 @@ def test_spawn_interrupted_by_sigint_stops_its_ranks_and_exits_130(tmp_path, to)
     assert not (tmp_path / "out" / "checkpoints").exists()
 
 
+def test_spawn_interrupted_while_it_starts_is_one_line(tmp_path):
+    """SIGINT while spawn.py imports torch: a KeyboardInterrupt traceback (and status -2)."""
+    config = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "out"))
+    cmd = [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stderr = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 130, stderr[-2000:]
+    assert stderr == "dist_train: interrupted (SIGINT): the ranks stopped without a checkpoint\n", stderr[-2000:]
+
+
 def _running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
