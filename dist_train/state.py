@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -232,3 +234,27 @@ def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int, 
     if ctx.is_rank_zero and tensors is not None:
         save_file(tensors, path, metadata={"format": "pt", "step": str(step)})
         log.info("wrote %s (%d tensors)", path, len(tensors))
+
+
+def claim_output_dir(output_dir: Path, ctx: DistContext, control: Control, held: contextlib.ExitStack) -> None:
+    """Rank 0 creates the run's folder and locks it for this run (the lock closes with `held`); a folder
+    it cannot create or write in, one in use by another run, or one with a file in the way of the run's
+    own is refused on every rank alike."""
+    refused = None
+    if ctx.is_rank_zero:
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            refused = f"run.output_dir {output_dir}: cannot create it ({err.strerror}); choose another"
+        else:  # one run at a time per folder; a folder this user cannot write in (read-only, another owner's)
+            try:
+                held.callback(os.close, ckpt.lock_output_dir(output_dir))
+            except UserError as err:
+                refused = str(err)
+            except OSError as err:
+                refused = f"run.output_dir {output_dir}: cannot write in it ({err.strerror}); choose another"
+            else:
+                refused = ckpt.in_the_way(output_dir)
+    refused = control.broadcast_object(refused)  # every rank stops, not only the one that saw it
+    if refused:
+        raise on_every_rank(UserError(refused))

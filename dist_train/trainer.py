@@ -9,28 +9,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from . import state as run_state
-from .checkpoint import in_the_way, lock_output_dir, write_atomic
-from .compress import Compression
+from .build import build_run
+from .checkpoint import write_atomic
 from .config import CUDA_GRAPH_MODES, Config, dump_yaml
 from .config.checks import check_watched_metrics_fit_outputs
 from .control import Control
-from .data import EvalData, TrainData, build_eval_data, build_train_data, same_counts
 from .distributed import DistContext
 from .errors import UserError, on_every_rank
 from .evaluation import evaluate
 from .flops import mfu_per_token
 from .host_memory import retain_freed_heap
-from .losses import Loss, build_loss
+from .losses import Loss
 from .metrics import (
     LossWindow,
     MetricsLogger,
@@ -41,12 +38,9 @@ from .metrics import (
     write_step_times,
 )
 from .misfit import FORWARD_ERRORS, ForwardError
-from .models import build_model
-from .models.weight_init import init_weights
-from .rng import seed_everything
 from .schedules import LRSchedule
-from .strategies import Strategy, build_strategy
-from .transforms import apply_transforms, preferred_attention
+from .strategies import Strategy
+from .transforms import preferred_attention
 
 log = logging.getLogger("dist_train")
 
@@ -128,44 +122,6 @@ def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data,
     metrics.emit(row)
 
 
-class _Built(NamedTuple):
-    """What a run builds before its first step, alike on every rank."""
-
-    strategy: Strategy
-    compression: Compression
-    data: TrainData
-    eval_data: EvalData | None
-    loss_fn: Loss  # evaluation's
-    train_loss: Loss  # the same loss, its normaliser static when no target is ignored
-
-
-def _build(cfg: Config, ctx: DistContext) -> _Built:
-    """Model, transforms, strategy, data and loss, in an order whose seeds make every rank alike."""
-    seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
-    model = build_model(cfg.model.name, cfg.model.kwargs)
-    init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
-    compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
-    model = apply_transforms(model, cfg, ctx)
-    strategy = build_strategy(cfg, ctx)
-    strategy.setup(model)
-    seed_everything(cfg.run.seed + 104_729)  # dataset factories: the same draws on every rank, at any world size
-    data = build_train_data(cfg, ctx)
-    eval_data = build_eval_data(cfg, ctx)
-    compression.probe(data.dataset[0][0])  # QAT: an op without an int8 kernel is refused now, not after training
-    seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
-    loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
-    if cfg.train.compile:
-        loss_fn = loss_fn.compiled(cfg.train.compile_mode)
-    train_loss = loss_fn  # a TensorDataset with no IGNORE_INDEX: static normaliser, no all-reduce per step
-    if same_counts(data.dataset, loss_fn.ignores_targets):
-        train_loss = replace(loss_fn, ignores_targets=False, same_count=True)
-    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
-        raise UserError(
-            f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
-        )
-    return _Built(strategy, compression, data, eval_data, loss_fn, train_loss)
-
-
 def train(cfg: Config, ctx: DistContext) -> dict:
     """Run (or resume) training as configured. Returns a summary with `status` and `step`."""
     with preferred_attention(cfg.train.sdpa_backend), contextlib.ExitStack() as held:  # attention: before torch.compile
@@ -176,26 +132,9 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
     step_times = step_times_hook()  # benchmarks only (DIST_TRAIN_STEP_TIMES); None otherwise
     output_dir = Path(cfg.run.output_dir)
     control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)
-    refused = None
-    if ctx.is_rank_zero:
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            refused = f"run.output_dir {output_dir}: cannot create it ({err.strerror}); choose another"
-        else:  # one run at a time per folder; a folder this user cannot write in (read-only, another owner's)
-            try:
-                held.callback(os.close, lock_output_dir(output_dir))
-            except UserError as err:
-                refused = str(err)
-            except OSError as err:
-                refused = f"run.output_dir {output_dir}: cannot write in it ({err.strerror}); choose another"
-            else:
-                refused = in_the_way(output_dir)
-    refused = control.broadcast_object(refused)  # every rank stops, not only the one that saw it
-    if refused:
-        raise on_every_rank(UserError(refused))
+    run_state.claim_output_dir(output_dir, ctx, control, held)
     try:  # a mistake found while building is the config's, met by every rank alike: said once per node
-        strategy, compression, data, eval_data, loss_fn, train_loss = _build(cfg, ctx)
+        strategy, compression, data, eval_data, loss_fn, train_loss = build_run(cfg, ctx)
     except UserError as err:
         raise on_every_rank(err) from None
     tokens = tokens_per_sample(data.dataset[0][0])  # token inputs: report tokens/s

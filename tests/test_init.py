@@ -10,8 +10,8 @@ from helpers import ctx_from_env, run_ranks
 from dist_train.config import from_dict, to_dict
 from dist_train.models import build_model
 from dist_train.models.weight_init import init_weights
+from dist_train.rng import seed_everything
 from dist_train.strategies import REGISTRY
-from dist_train.trainer import seed_everything
 
 WIDTH = 512
 
@@ -89,14 +89,14 @@ SEED = 11
 def _weights_after_setup(rank, world, output_dir, strategy):
     """Each rank's view right after the strategy wrapped the model: rank 0's consolidated weights and
     every rank's forward output on a fixed batch. Training stops there."""
-    import dist_train.trainer as trainer
+    import dist_train.build as building
     from dist_train.trainer import train
 
     class Stop(Exception):
         pass
 
     captured = {}
-    build = trainer.build_strategy
+    build = building.build_strategy
 
     def capture(cfg, ctx):
         strategy_obj = build(cfg, ctx)
@@ -114,7 +114,7 @@ def _weights_after_setup(rank, world, output_dir, strategy):
         strategy_obj.setup = setup_then_stop
         return strategy_obj
 
-    trainer.build_strategy = capture
+    building.build_strategy = capture
     raw = {
         "run": {"output_dir": output_dir, "seed": SEED},
         "model": MODEL,
@@ -128,7 +128,7 @@ def _weights_after_setup(rank, world, output_dir, strategy):
     except Stop:
         pass
     finally:
-        trainer.build_strategy = build
+        building.build_strategy = build
     return captured
 
 

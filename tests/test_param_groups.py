@@ -12,9 +12,10 @@ from dist_train.distributed import DistContext
 from dist_train.errors import UserError
 from dist_train.models import build_model
 from dist_train.optim import resolve_param_groups
+from dist_train.rng import seed_everything
 from dist_train.schedules import lr_at
 from dist_train.strategies import REGISTRY
-from dist_train.trainer import seed_everything, train
+from dist_train.trainer import train
 
 SINGLE = DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
 RULES = [
@@ -110,20 +111,20 @@ def test_numeric_spellings_are_accepted():
 
 def _run_and_read_groups(rank, world, output_dir, strategy):
     """Train a few steps; return the (lr, lr_scale, weight_decay) of every group the optimizer holds."""
-    import dist_train.trainer as trainer
+    import dist_train.build as building
 
     captured = {}
-    build = trainer.build_strategy
+    build = building.build_strategy
 
     def capture(cfg, ctx):
         captured["strategy"] = build(cfg, ctx)
         return captured["strategy"]
 
-    trainer.build_strategy = capture
+    building.build_strategy = capture
     try:
         train(from_dict(raw_config(output_dir, strategy)), ctx_from_env() if world > 1 else SINGLE)
     finally:
-        trainer.build_strategy = build
+        building.build_strategy = build
     groups = captured["strategy"].optimizer.param_groups
     return [value for g in groups for value in (g["lr"], g.get("lr_scale", 1.0), g["weight_decay"])]
 

@@ -326,8 +326,9 @@ def _after_one_real_step(raw: dict, keep_grads: bool = False):
     from dist_train.data import build_train_data
     from dist_train.losses import build_loss
     from dist_train.models import build_model
+    from dist_train.rng import seed_everything
     from dist_train.strategies import build_strategy
-    from dist_train.trainer import seed_everything, train_step
+    from dist_train.trainer import train_step
     from dist_train.transforms import apply_transforms
 
     cfg, ctx = from_dict(raw), ctx_from_env()

@@ -1,0 +1,57 @@
+"""What a run builds before its first step: model, transforms, strategy, data and loss, in an order
+whose seeds make every rank alike."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import NamedTuple
+
+from .compress import Compression
+from .config import Config
+from .data import EvalData, TrainData, build_eval_data, build_train_data, same_counts
+from .distributed import DistContext
+from .errors import UserError
+from .losses import Loss, build_loss
+from .models import build_model
+from .models.weight_init import init_weights
+from .rng import seed_everything
+from .strategies import Strategy, build_strategy
+from .transforms import apply_transforms
+
+
+class Built(NamedTuple):
+    """What a run builds before its first step, alike on every rank."""
+
+    strategy: Strategy
+    compression: Compression
+    data: TrainData
+    eval_data: EvalData | None
+    loss_fn: Loss  # evaluation's
+    train_loss: Loss  # the same loss, its normaliser static when no target is ignored
+
+
+def build_run(cfg: Config, ctx: DistContext) -> Built:
+    """Model, transforms, strategy, data and loss, in an order whose seeds make every rank alike."""
+    seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
+    model = build_model(cfg.model.name, cfg.model.kwargs)
+    init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
+    compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
+    model = apply_transforms(model, cfg, ctx)
+    strategy = build_strategy(cfg, ctx)
+    strategy.setup(model)
+    seed_everything(cfg.run.seed + 104_729)  # dataset factories: the same draws on every rank, at any world size
+    data = build_train_data(cfg, ctx)
+    eval_data = build_eval_data(cfg, ctx)
+    compression.probe(data.dataset[0][0])  # QAT: an op without an int8 kernel is refused now, not after training
+    seed_everything(cfg.run.seed + 7919 * (ctx.rank + 1))  # per-rank stream for dropout and friends
+    loss_fn = build_loss(cfg.train.loss, **cfg.train.loss_kwargs)
+    if cfg.train.compile:
+        loss_fn = loss_fn.compiled(cfg.train.compile_mode)
+    train_loss = loss_fn  # a TensorDataset with no IGNORE_INDEX: static normaliser, no all-reduce per step
+    if same_counts(data.dataset, loss_fn.ignores_targets):
+        train_loss = replace(loss_fn, ignores_targets=False, same_count=True)
+    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
+        raise UserError(
+            f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
+        )
+    return Built(strategy, compression, data, eval_data, loss_fn, train_loss)
