@@ -3,7 +3,8 @@
     torchrun --nproc_per_node=2 -m bench.hand_fsdp --spec '{...}'
 
 `fully_shard` on every repeated block, then the root (as dist_train does), with bf16 parameters
-for compute and fp32 gradient reduction when the spec asks for bf16, after `model.compile()` when it
+for compute, fp32 gradient reduction and the forward under bf16 autocast (as dist_train) when the
+spec asks for bf16, after `model.compile()` when it
 asks for compile; fused AdamW on the sharded parameters with the same groups; no gradient
 reduce-scatter on accumulation micro-steps (`set_requires_gradient_sync(False)`); clipping of the
 global norm.
@@ -60,7 +61,9 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
             inputs, targets = next(data)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             model.set_requires_gradient_sync(micro == accum - 1)
-            loss = loss_fn(model(inputs), targets) / accum
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                outputs = model(inputs)
+            loss = loss_fn(outputs, targets) / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip_norm"], foreach=True)
         optimizer.step()

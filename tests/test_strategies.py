@@ -277,6 +277,25 @@ def test_fsdp_trains_batchnorm_in_bf16_like_ddp():
     assert fsdp[3] == ddp[3] and {str(d) for d in fsdp[3].values()} <= {"torch.float32", "torch.int64"}
 
 
+def test_fsdp_trains_a_model_with_an_fp32_buffer_in_bf16_like_ddp(tmp_path):
+    """FSDP2's bf16 policy casts parameters and unit inputs, not buffers: an activation times an fp32
+    buffer came out fp32 and the next Linear refused it ("mat1 and mat2 must have the same dtype",
+    reported as a model/data misfit, status 2). The forward runs under autocast as on the DDP path."""
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    raw = {
+        "model": {"name": "userpkg.buffers:scaled"},
+        "data": {"name": "synthetic_vectors", "num_samples": 64},
+        "train": {"max_steps": 3, "micro_batch_size": 8, "precision": "bf16"},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    for name in ("ddp", "fsdp"):
+        config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
+        proc = launch(config, tmp_path, VARIANTS[name], launcher="single", env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "fsdp")) <= 1e-6
+
+
 def test_deepspeed_skips_a_non_finite_step_like_ddp(tmp_path):
     """Stage 0 steps our torch optimizer without DeepSpeed's norm or skip: ours stand in. ZeRO-3
     (fp32 too) skips the step itself."""

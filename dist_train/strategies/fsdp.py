@@ -97,7 +97,10 @@ class FSDPStrategy(Strategy):
         return self._module
 
     def autocast(self) -> ContextManager:
-        return contextlib.nullcontext()  # the mixed-precision policy casts parameters and inputs
+        # The mixed-precision policy casts parameters and each unit's inputs; autocast also casts what
+        # meets them inside a unit (an fp32 buffer times an activation is fp32: the next Linear would
+        # refuse the mix with its bf16 weight), as on the DDP path
+        return super().autocast()
 
     @contextlib.contextmanager
     def no_sync(self):
