@@ -200,11 +200,21 @@ def test_deepspeed_passthrough_conflicts_are_errors(tmp_path):
         ({"torch_autocast": {"enabled": True}}, "torch_autocast.enabled=True but our config gives False"),
         (str(listed), f"{listed} must hold a JSON object of DeepSpeed settings, got a list"),
         (str(listed.parent), f"cannot read {listed.parent} (Is a directory)"),
+        (
+            {"zero_optimization": {"offload_param": {"device": "cpu"}}},
+            "offload_param, which needs strategy.zero_stage=3",
+        ),
     ):
         cfg.strategy.deepspeed_config = bad
         with pytest.raises(UserError, match=re.escape(message)):
             deepspeed_config(cfg, world_size=4)
-    cfg.strategy.deepspeed_config, cfg.strategy.zero_stage, cfg.strategy.offload_optimizer = None, 0, True
+    cfg.strategy.deepspeed_config = {"zero_optimization": {"offload_optimizer": {"device": "none"}}}
+    assert deepspeed_config(cfg, world_size=4)["zero_optimization"]["offload_optimizer"] == {"device": "none"}
+    cfg.strategy.zero_stage = 0  # a passed offload DeepSpeed would ignore at this stage: as our own key, an error
+    cfg.strategy.deepspeed_config = {"zero_optimization": {"offload_optimizer": {"device": "cpu"}}}
+    with pytest.raises(UserError, match=re.escape("offload_optimizer, which needs strategy.zero_stage >= 1")):
+        deepspeed_config(cfg, world_size=4)
+    cfg.strategy.deepspeed_config, cfg.strategy.offload_optimizer = None, True
     with pytest.raises(UserError, match=re.escape("offload_optimizer needs strategy.zero_stage >= 1")):
         deepspeed_config(cfg, world_size=4)
 

@@ -130,6 +130,17 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     for key in ("optimizer", "scheduler"):
         if key in extra:
             raise UserError(f"strategy.deepspeed_config must not set `{key}`: it comes from our {OWNED[key]} keys")
+    passed = extra.get("zero_optimization")
+    for key, works, needs in (  # as our offload keys: DeepSpeed would ignore it at the other stages, silently
+        ("offload_optimizer", s.zero_stage >= 1, "strategy.zero_stage >= 1 (stage 0 has no ZeRO optimizer to offload)"),
+        ("offload_param", s.zero_stage == 3, "strategy.zero_stage=3 (parameters are only partitioned there)"),
+    ):
+        offload = passed.get(key) if isinstance(passed, dict) else None
+        if not works and isinstance(offload, dict) and offload.get("device", "none") not in ("none", None):
+            raise UserError(
+                f"strategy.deepspeed_config sets zero_optimization.{key}, which needs {needs}; "
+                f"strategy.zero_stage is {s.zero_stage}"
+            )
     return _merge(ours, extra)
 
 
