@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from pathlib import Path
@@ -187,6 +188,28 @@ def tiny_lm_config(output_dir: Path, **sections) -> dict:
     for section, values in sections.items():
         config.setdefault(section, {}).update(values)
     return config
+
+
+def slow_lm_config(output_dir: Path, delay: float, **sections) -> dict:
+    """`tiny_lm_config` for a long run (400 steps, no periodic checkpoint) whose items take `delay`
+    seconds each: a run to signal, stop or kill while it trains."""
+    config = tiny_lm_config(output_dir, train={"max_steps": 400}, checkpoint={"every_steps": 1000}, **sections)
+    config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": delay, "num_samples": 4096}
+    return config
+
+
+def start(cmd: list[str], **popen_kwargs) -> subprocess.Popen:
+    """Start a launcher in the background (tests/ importable, one thread per rank); stderr is piped."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen_kwargs)
+
+
+def wait_for_step(proc: subprocess.Popen, output_dir: Path, step: int, timeout: float = 60) -> None:
+    """Until `output_dir`'s metrics.jsonl has a row of `step` (the run must still be going)."""
+    metrics, deadline = output_dir / "metrics.jsonl", time.monotonic() + timeout
+    while not (metrics.exists() and f'"step": {step},' in metrics.read_text()):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.1)
 
 
 def as_plain_user() -> list[str]:

@@ -18,7 +18,10 @@ from helpers import (
     read_rows,
     run_cli,
     run_ranks,
+    slow_lm_config,
+    start,
     tiny_lm_config,
+    wait_for_step,
     write_config,
 )
 
@@ -269,17 +272,8 @@ def test_spawn_keeps_a_stop_signal_sent_during_start_up(tmp_path, sig, delay_s):
     """SIGUSR1 while spawn.py (0.3 s) or its ranks (1.5 s) import torch, SIGTERM while the ranks do:
     blocked until the forwarder and the ranks' handlers are in place, then a checkpoint and status 75,
     as during training (multiprocessing's resource tracker unblocked SIGTERM before the ranks began)."""
-    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 400}, checkpoint={"every_steps": 1000})
-    config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.002, "num_samples": 4096}
-    cmd = [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [*cmd, "--config", str(write_config(tmp_path / "c.yaml", config))],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    config = write_config(tmp_path / "c.yaml", slow_lm_config(tmp_path / "out", 0.002))
+    proc = start([PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2", "--config", str(config)])
     time.sleep(delay_s)
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-2000:]
@@ -292,23 +286,10 @@ def test_spawn_interrupted_by_sigint_stops_its_ranks_and_exits_130(tmp_path, to)
     checkpoint and spawn.py says so in one line with status 130, as `python -m dist_train` exits.
     spawn.py printed a KeyboardInterrupt traceback, and with the SIGINT its alone it went on waiting
     for ranks that trained on to max_steps."""
-    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 400}, checkpoint={"every_steps": 1000})
-    config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.02, "num_samples": 4096}
-    cmd = [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2"]
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [*cmd, "--config", str(write_config(tmp_path / "c.yaml", config))],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
-    metrics = tmp_path / "out" / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while not (metrics.exists() and '"step": 5' in metrics.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.1)
+    config = write_config(tmp_path / "c.yaml", slow_lm_config(tmp_path / "out", 0.02))
+    cmd = [PYTHON, str(REPO_ROOT / "launch/spawn.py"), "--nproc_per_node", "2", "--config", str(config)]
+    proc = start(cmd, start_new_session=True)
+    wait_for_step(proc, tmp_path / "out", 5)
     ranks = [pid for pid in _children(proc.pid) if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
     assert len(ranks) == 2, ranks
     try:
@@ -407,20 +388,13 @@ def test_dist_train_torchrun_passes_stop_signals_to_the_ranks(tmp_path, sig, whe
     sessions of their own); one during start-up waits for the stop handler instead of killing a
     rank. The ranks checkpoint and the agent exits 75, as every other launcher does, with
     --max-restarts too (its agent restarted the stopped ranks, which resumed and trained on)."""
-    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 400}, checkpoint={"every_steps": 1000})
-    config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.002, "num_samples": 4096}
-    path = write_config(tmp_path / "c.yaml", config)
+    path = write_config(tmp_path / "c.yaml", slow_lm_config(tmp_path / "out", 0.002))
     torchrun = ["--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(free_port())]
     torchrun.append(f"--max-restarts={restarts}")
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    metrics = tmp_path / "out" / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while when == "training" and not (metrics.exists() and '"step": 20' in metrics.read_text()):
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.1)
-    if when == "start-up":
+    proc = start([PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)])
+    if when == "training":
+        wait_for_step(proc, tmp_path / "out", 20)
+    else:
         time.sleep(1.0)  # the ranks are importing torch
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == 75, proc.stderr.read()[-3000:]

@@ -598,11 +598,10 @@ def test_an_fsdp_save_waits_for_a_slow_rank_up_to_the_save_timeout(tmp_path):
     (DCP's collectives and the closing barrier ran on the default group: 'rank 1 failed to save the
     checkpoint of step 4: ... Timed out waiting 6000ms')."""
     import signal
-    import subprocess
     import time
     from pathlib import Path
 
-    from helpers import free_port
+    from helpers import free_port, start
 
     from dist_train.slurm.job import _children
 
@@ -611,14 +610,7 @@ def test_an_fsdp_save_waits_for_a_slow_rank_up_to_the_save_timeout(tmp_path):
     config["checkpoint"]["save_timeout_s"] = 120
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
     cmd = [PYTHON, *torchrun, "--master_port", str(free_port()), "-m", "dist_train"]
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [*cmd, "--config", str(write_config(tmp_path / "c.yaml", config))],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start([*cmd, "--config", str(write_config(tmp_path / "c.yaml", config))])
     shards, deadline = tmp_path / "out" / "checkpoints" / ".tmp-step-00000004" / "dcp", time.monotonic() + 120
     while not shards.exists():  # the ranks are inside the save of step 4
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
