@@ -287,11 +287,19 @@ def test_fsdp_trains_batchnorm_in_bf16_like_ddp():
     assert fsdp[3] == ddp[3] and {str(d) for d in fsdp[3].values()} <= {"torch.float32", "torch.int64"}
 
 
+def run_variants(tmp_path, raw: dict, names) -> None:
+    """`raw` (no run section) once per strategy variant, each in one process, into tmp_path / name."""
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    for name in names:
+        config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
+        proc = launch(config, tmp_path, VARIANTS[name], launcher="single", env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+
+
 def test_fsdp_trains_a_model_with_an_fp32_buffer_in_bf16_like_ddp(tmp_path):
     """FSDP2's bf16 policy casts parameters and unit inputs, not buffers: an activation times an fp32
     buffer came out fp32 and the next Linear refused it ("mat1 and mat2 must have the same dtype",
     reported as a model/data misfit, status 2). The forward runs under autocast as on the DDP path."""
-    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
     raw = {
         "model": {"name": "userpkg.buffers:scaled"},
         "data": {"name": "synthetic_vectors", "num_samples": 64},
@@ -299,17 +307,13 @@ def test_fsdp_trains_a_model_with_an_fp32_buffer_in_bf16_like_ddp(tmp_path):
         "checkpoint": {"every_steps": None},
         "log": {"every_steps": 1, "plot": False},
     }
-    for name in ("ddp", "fsdp"):
-        config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
-        proc = launch(config, tmp_path, VARIANTS[name], launcher="single", env=env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    run_variants(tmp_path, raw, ("ddp", "fsdp"))
     assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "fsdp")) <= 1e-6
 
 
 def test_deepspeed_skips_a_non_finite_step_like_ddp(tmp_path):
     """Stage 0 steps our torch optimizer without DeepSpeed's norm or skip: ours stand in. ZeRO-3
     (fp32 too) skips the step itself."""
-    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
     raw = {
         "model": {"name": "userpkg.nan:nan_model", "nan_calls": [3]},
         "data": {"name": "synthetic_vectors", "num_samples": 256},
@@ -318,10 +322,7 @@ def test_deepspeed_skips_a_non_finite_step_like_ddp(tmp_path):
         "log": {"every_steps": 1, "plot": False},
     }
     names = ("ddp", "zero0", "zero3")
-    for name in names:
-        config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
-        proc = launch(config, tmp_path, VARIANTS[name], launcher="single", env=env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+    run_variants(tmp_path, raw, names)
     rows = {name: [r for r in read_rows(tmp_path / name) if "loss" in r] for name in names}
     for name in names[1:]:
         assert [r["skipped_steps"] for r in rows[name]] == [0, 0, 1, 1, 1, 1], name
@@ -335,7 +336,6 @@ def test_fsdp_fp16_skips_a_non_finite_step_like_ddp(tmp_path):
     """FSDP2's ShardedGradScaler defaulted to device cuda, which disabled it on a CPU: the NaN step was
     applied and the run finished with NaN weights. Enabled, it could not step fused AdamW (its found_inf
     has shape [1]): FSDP2 now scales fp16 on the run's device with an unfused optimizer, as DDP skips."""
-    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
     raw = {
         "model": {"name": "userpkg.nan:nan_model", "nan_calls": [3]},
         "data": {"name": "synthetic_vectors", "num_samples": 256},
@@ -343,10 +343,8 @@ def test_fsdp_fp16_skips_a_non_finite_step_like_ddp(tmp_path):
         "checkpoint": {"every_steps": None},
         "log": {"every_steps": 1, "plot": False},
     }
+    run_variants(tmp_path, raw, ("ddp", "fsdp"))
     for name in ("ddp", "fsdp"):
-        config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
-        proc = launch(config, tmp_path, VARIANTS[name], launcher="single", env=env)
-        assert proc.returncode == 0, proc.stderr[-2000:]
         rows = [r for r in read_rows(tmp_path / name) if "loss" in r]
         assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 1, 1, 1], name
     weights = load_weights(tmp_path / "fsdp")
