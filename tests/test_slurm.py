@@ -107,12 +107,15 @@ def recorded_env(env_dir: Path) -> list[dict]:
 
 
 def test_cpu_template_trains_two_ranks_in_a_folder_per_job(tmp_path, slurm_env, jobs):
-    config = write_config(tmp_path / "tiny.yaml", lm_config(tmp_path / "runs", env_dir=tmp_path / "env"))
+    # a folder name YAML would cut or misread unquoted: the template passed `run.output_dir=.../runs #1 'x'/ID`
+    # on, which the ranks read as `.../runs` (every job trained in, and resumed, that one folder)
+    runs = tmp_path / "runs #1 'x'"
+    config = write_config(tmp_path / "tiny.yaml", lm_config(runs, env_dir=tmp_path / "env"))
     job = sbatch(slurm_env, jobs, f"--output={tmp_path}/job-%j.out", "slurm/cpu.sbatch", str(config))
     log = tmp_path / f"job-{job}.out"
     text = assert_completed(wait_for(job, slurm_env, log), log)
 
-    run_dir = tmp_path / "runs" / job  # no run.output_dir override: <config's output_dir>/<job id>
+    run_dir = runs / job  # no run.output_dir override: <config's output_dir>/<job id>
     assert (run_dir / "model.safetensors").is_file(), text
     rows = [row for row in read_rows(run_dir) if "loss" in row]
     assert [row["step"] for row in rows] == list(range(1, 11))
@@ -122,12 +125,12 @@ def test_cpu_template_trains_two_ranks_in_a_folder_per_job(tmp_path, slurm_env, 
 
 
 def test_direct_srun_one_task_per_rank(tmp_path, slurm_env, jobs):
-    run_dir = tmp_path / "given"
+    run_dir = tmp_path / "given: #2"  # quoted on the command line, as YAML needs it: the template kept it quoted
     config = write_config(tmp_path / "tiny.yaml", lm_config(tmp_path / "runs", env_dir=tmp_path / "env"))
     submit = subprocess.run(
         [sys.executable, "-m", "dist_train", "slurm", "submit", "--launcher", "srun", "--nproc-per-node", "2"]
         + ["--time", "10", "--signal-grace", "60", f"--sbatch-arg=--output={tmp_path}/job-%j.out"]
-        + [str(config), f"run.output_dir={run_dir}"],
+        + [str(config), f"run.output_dir='{run_dir}'"],
         env=slurm_env,
         cwd=REPO_ROOT,
         capture_output=True,
