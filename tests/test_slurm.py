@@ -126,7 +126,8 @@ def test_cpu_template_trains_two_ranks_in_a_folder_per_job(tmp_path, slurm_env, 
 
 def test_direct_srun_one_task_per_rank(tmp_path, slurm_env, jobs):
     run_dir = tmp_path / "given: #2"  # quoted on the command line, as YAML needs it: the template kept it quoted
-    config = write_config(tmp_path / "tiny.yaml", lm_config(tmp_path / "runs", env_dir=tmp_path / "env"))
+    # the job is named after the config file: a space in it is quoted in the #SBATCH line (sbatch refused it)
+    config = write_config(tmp_path / "tiny run.yaml", lm_config(tmp_path / "runs", env_dir=tmp_path / "env"))
     submit = subprocess.run(
         [sys.executable, "-m", "dist_train", "slurm", "submit", "--launcher", "srun", "--nproc-per-node", "2"]
         + ["--time", "10", "--signal-grace", "60", f"--sbatch-arg=--output={tmp_path}/job-%j.out"]
@@ -141,6 +142,8 @@ def test_direct_srun_one_task_per_rank(tmp_path, slurm_env, jobs):
     jobs.append(job)
     log = tmp_path / f"job-{job}.out"
     text = assert_completed(wait_for(job, slurm_env, log), log)
+    shown = subprocess.run(["scontrol", "show", "job", job], env=slurm_env, capture_output=True, text=True).stdout
+    assert f"JobId={job} JobName=tiny run\n" in shown, shown
 
     assert (run_dir / "model.safetensors").is_file(), text  # run.output_dir given: used as is
     assert not (tmp_path / "runs").exists()

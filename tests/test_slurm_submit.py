@@ -195,6 +195,15 @@ def test_submit_hands_the_rendered_script_to_sbatch(config, tmp_path):
     assert (tmp_path / "submitted.sbatch").read_text() == submit(
         "--dry-run", "--nproc-per-node", "2", str(config)
     ).stdout
+    # values with a space or a `#` are quoted: sbatch splits #SBATCH lines as a shell does (it refused
+    # `--job-name=my exp`: "Invalid directive found in batch script: exp"), and the log named is unquoted
+    spaced = config.rename(tmp_path / "my exp #1.yaml")
+    proc = submit("--sbatch-arg=--output=logs dir/%x-%j.out", str(spaced), env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith(", log logs dir/my exp #1-4242.out\n"), proc.stdout
+    script = (tmp_path / "submitted.sbatch").read_text()
+    assert "#SBATCH --job-name='my exp #1'\n" in script and "#SBATCH --output='logs dir/%x-%j.out'\n" in script
+    config = spaced.rename(config)
 
     fake.write_text('#!/bin/sh\necho "sbatch: error: invalid partition specified: nope" >&2\nexit 1\n')
     proc = submit("--partition", "nope", str(config), env=env)

@@ -76,7 +76,15 @@ def pick_template(nodes: int, gpus_per_node: int, launcher: str) -> str:
 
 
 def _sbatch_line(key: str, value: str) -> str:
-    return f"#SBATCH {key}={value}" if value else f"#SBATCH {key}"
+    """sbatch reads an #SBATCH line's words as a shell does (quotes, `#` starts a comment): a value
+    with a space or a `#` (a config named `my exp.yaml`) is quoted, or sbatch refuses the script."""
+    return f"#SBATCH {key}={shlex.quote(value)}" if value else f"#SBATCH {key}"
+
+
+def _sbatch_options(script: str) -> dict[str, str]:
+    """The `#SBATCH --KEY=VALUE` lines of a job script, values unquoted."""
+    lines = re.findall(r"^#SBATCH (--[\w-]+=.*)$", script, re.MULTILINE)
+    return dict(shlex.split(line, comments=True)[0].split("=", 1) for line in lines)
 
 
 def render(template: str, options: dict[str, str | None], prologue: list[str]) -> str:
@@ -183,7 +191,7 @@ def main(argv: list[str]) -> int:
         message = (proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
         raise UserError(f"sbatch refused the job ({name}.sbatch): {message}")
     job_id = proc.stdout.strip().split(";")[0]
-    options = dict(re.findall(r"^#SBATCH (--[\w-]+)=(\S+)", script, re.MULTILINE))
+    options = _sbatch_options(script)
     log = options.get("--output", "slurm-%j.out").replace("%x", options.get("--job-name", "")).replace("%j", job_id)
     run_dir = output_dir_for_job(output_dir, args.overrides, job_id)
     print(f"Submitted batch job {job_id} ({name}.sbatch): run folder {run_dir}, log {log}")
