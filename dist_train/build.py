@@ -34,6 +34,8 @@ def build_run(cfg: Config, ctx: DistContext) -> Built:
     """Model, transforms, strategy, data and loss, in an order whose seeds make every rank alike."""
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
     model = build_model(cfg.model.name, cfg.model.kwargs)
+    # train mode throughout, as after an evaluation: transformers' from_pretrained returns eval mode (no dropout)
+    model.train()
     init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
     compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
     model = apply_transforms(model, cfg, ctx)

@@ -101,6 +101,22 @@ def test_a_finished_run_started_again_evaluates_nothing_twice(tmp_path):
     assert read_rows(tmp_path) == [*rows, {"resumed_from": "step-00000004", "step": 4}]
 
 
+def test_a_model_built_in_eval_mode_trains_in_train_mode_evaluated_or_not(tmp_path):
+    """from_pretrained returns an hf model in eval mode: it trained without dropout until the first
+    evaluation put it in train mode, so the weights depended on eval.every_steps (and a resumed run,
+    in eval mode again until its first evaluation, left the uninterrupted run's trajectory)."""
+
+    def run_eval_mode_model(name, dropout=0.5, **sections):
+        raw = config(tmp_path / name, train={"max_steps": 4}, **sections)
+        raw["model"] = {"name": "userpkg.edges:eval_mode_mlp", "dropout": dropout}
+        train(from_dict(raw), SINGLE)
+        return load_weights(tmp_path / name)
+
+    plain = run_eval_mode_model("plain")
+    assert max_abs_diff(plain, run_eval_mode_model("evaluated", eval={"every_steps": 1})) == 0.0
+    assert max_abs_diff(plain, run_eval_mode_model("no_dropout", dropout=0.0)) > 0  # dropout on from step 1
+
+
 def test_eval_metric_is_read_only_for_early_stopping(tmp_path):
     """mse reports no eval_accuracy; with no early stopping nothing reads eval.metric."""
     model = {"name": "mlp", "input_dim": 8, "hidden_dim": 16, "num_classes": 4}

@@ -104,3 +104,12 @@ def tags(split: str, n: int = 64, columns: int = 3):
     x = torch.randn(n, 6, 4, generator=torch.Generator().manual_seed(0 if split == "train" else 1))
     y = (x[..., : max(columns, 1)] > 0).float()
     return TensorDataset(x, y if columns else y.squeeze(-1))
+
+
+def eval_mode_mlp(dropout: float = 0.5):
+    """A model with dropout whose inner module comes in eval mode: dist_train's hf models wrap what
+    transformers' from_pretrained returns, in eval mode."""
+    inner = torch.nn.Sequential(
+        torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Dropout(dropout), torch.nn.Linear(16, 2)
+    )
+    return torch.nn.Sequential(inner.eval())
