@@ -49,6 +49,13 @@ class TrainState:
         left = max(0, epoch_samples - self.samples_in_epoch) // global_batch  # of the current epoch
         return self.step + left + (epochs - self.epoch - 1) * steps_per_epoch
 
+    def still_early_stopped(self, eval_cfg) -> bool:
+        """Whether an early stop recorded in the checkpoint stands under this config: it does for the
+        same command started again, not for a run whose early stopping is off (or has a larger patience
+        this run has not used up), resumed in its own folder or fine-tuned from it in another."""
+        patience = eval_cfg.early_stopping_patience
+        return self.early_stopped and bool(patience) and self.evals_without_improvement >= patience
+
     def evals_without_improvement_after(self, eval_cfg, metrics: dict) -> int:
         """Count this evaluation toward early stopping: evaluations in a row without an improvement
         of `eval_cfg.metric`, this one included."""

@@ -64,6 +64,24 @@ def test_an_early_stopped_run_started_again_stays_stopped(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in load_weights(tmp_path).items())
 
 
+def test_an_early_stop_binds_only_a_config_that_stops_there(tmp_path):
+    """A run started from an early-stopped checkpoint with early stopping off (in its own folder, or
+    fine-tuning it in another) or with a patience left to use trains on: it trained nothing and
+    reported status early_stopped, whatever its config."""
+    stopping = {"every_steps": 2, "early_stopping_patience": 3, "min_delta": 100.0}
+    checkpoint = {"every_steps": None, "at_end": True}
+    assert train(raw(tmp_path / "a", eval=stopping, checkpoint=checkpoint), SINGLE)["step"] == 8
+    fine_tune = {**checkpoint, "resume": str(tmp_path / "a")}
+    plain = {"every_steps": 2}
+    assert train(raw(tmp_path / "b", eval=plain, checkpoint=fine_tune), SINGLE) == {"status": "finished", "step": 40}
+    assert [r["step"] for r in read_rows(tmp_path / "b") if "eval_loss" in r][:2] == [10, 12]
+    patient = {**stopping, "early_stopping_patience": 5}  # 3 of 5 used: 2 more evaluations
+    assert train(raw(tmp_path / "a", eval=patient, checkpoint=checkpoint), SINGLE) == {
+        "status": "early_stopped",
+        "step": 12,
+    }
+
+
 def test_early_stopping_on_a_max_metric_follows_the_patience_rule(tmp_path):
     cfg = raw(
         tmp_path,

@@ -183,7 +183,8 @@ class EvalConfig:
     early_stopping_patience: Union[int, None] = _f(
         None,
         "stop after this many evaluations without improvement (the `eval.every_steps` ones: it needs "
-        "`eval.every_steps`; the at-end evaluation is not counted)",
+        "`eval.every_steps`; the at-end evaluation is not counted); a run started from an early-stopped "
+        "checkpoint stays stopped unless this is null or larger than the evaluations it already counted",
     )
     min_delta: float = _f(0.0, "smallest change of `metric` that counts as an improvement")
 
