@@ -336,6 +336,7 @@ def test_numbers_in_lists_and_factory_arguments_load_as_numbers(tmp_path):
         ("optim.name=null", "`optim.name` must be one of"),
         ("optim.eps=-1", "`optim.eps` must be >= 0"),
         ("optim.name=sgd optim.momentum=-1", "`optim.momentum` must be >= 0"),
+        ("eval.min_delta=-0.01", "`eval.min_delta` must be >= 0"),
         ("optim.name=sgd optim.momentum=0 optim.nesterov=true", "`optim.nesterov=true` needs `optim.momentum` > 0"),
         ("schedule.name=step schedule.gamma=-1", "`schedule.gamma` must be > 0"),
         ("strategy.name=deepspeed train.grad_clip_value=1", "grad_clip_value is not supported with strategy.name=deep"),

@@ -142,6 +142,7 @@ def validate(cfg: Config) -> None:
     _positive(cfg.eval.every_steps, "eval.every_steps", allow_none=True)
     _positive(cfg.eval.micro_batch_size, "eval.micro_batch_size", allow_none=True)
     _positive(cfg.eval.early_stopping_patience, "eval.early_stopping_patience", allow_none=True)
+    _positive(cfg.eval.min_delta, "eval.min_delta", allow_zero=True)  # < 0: a worse metric would count as better
     if cfg.eval.early_stopping_patience and not cfg.eval.every_steps:  # the at-end evaluation is not counted
         raise UserError(
             "eval.early_stopping_patience counts the evaluations every eval.every_steps steps: set eval.every_steps"
