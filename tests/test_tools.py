@@ -283,6 +283,27 @@ def test_check_warns_about_a_checkpoint_from_another_run(tmp_path, capsys):
         assert code == 2 and out == "" and message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.parametrize("manifest", ["[1]", '{"step": "x", "trainer": 5}', "{"])
+def test_check_warns_of_a_damaged_checkpoint_the_run_skips_and_of_the_one_it_falls_back_to(tmp_path, capsys, manifest):
+    """A manifest in `latest` that is JSON but no dist_train manifest (edited, foreign): the run skips it and
+    resumes the older one; check raised AttributeError/TypeError (a traceback, status 1)."""
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run"))
+    _fake_checkpoint(tmp_path / "run", 2, world_size=4, strategy="ddp", config_hash="0123456789abcdef")
+    _fake_checkpoint(tmp_path / "run", 4, world_size=2, strategy="ddp", config_hash="0123456789abcdef")
+    damaged = tmp_path / "run" / "checkpoints" / "step-00000004"
+    (damaged / ckpt.MANIFEST).write_text(manifest)
+    warnings = check_json(capsys, path, "--world-size", "2")["warnings"]
+    assert len(warnings) == 3, warnings
+    assert warnings[0].startswith(f"the run will skip the damaged checkpoint {damaged} (")
+    assert "step-00000002, written at world size 4" in warnings[1] and "config hash differs" in warnings[2]
+    (tmp_path / "run" / "checkpoints" / "step-00000002" / "model.pt").write_bytes(b"trunc")
+    warnings = check_json(capsys, path, "--world-size", "2")["warnings"]
+    assert len(warnings) == 3 and "model.pt has 5 bytes" in warnings[1], warnings
+    assert (
+        warnings[2] == f"no intact checkpoint left in {tmp_path / 'run' / 'checkpoints'}: the run starts from scratch"
+    )
+
+
 def test_check_deepspeed_section(tmp_path):
     from dist_train.tools.check import deepspeed_json
 

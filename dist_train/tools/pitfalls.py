@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 import shutil
 from pathlib import Path
 
@@ -50,32 +49,35 @@ def _model_pitfalls(cfg: Config, model: nn.Module, world_size: int) -> list[str]
     return warnings
 
 
-def _resume_folder(cfg: Config) -> Path | None:
-    """The checkpoint folder `checkpoint.resume` points at (manifests and file sizes are read, not
-    checksummed). A path the run would refuse (not a checkpoint, incomplete, truncated) is its
-    UserError here too, unless this run started from it and resumes its own checkpoints by now."""
+def _resume_checkpoint(cfg: Config) -> tuple[Path | None, dict | None, list[str]]:
+    """The checkpoint folder `checkpoint.resume` points at, its manifest, and a warning for each damaged
+    candidate the run would skip (manifests and file sizes are read, not checksummed). A path the run
+    would refuse (not a checkpoint, incomplete, truncated) is its UserError here too, unless this run
+    started from it and resumes its own checkpoints by now."""
     resume, output_dir = cfg.checkpoint.resume, Path(cfg.run.output_dir)
     if resume == "never":
-        return None
+        return None, None, []
     if resume != "auto" and not ckpt._started_from(resume, output_dir):
         folder = ckpt.resume_path(resume)
         try:
-            ckpt.verify(folder, checksums=False)
+            return folder, ckpt.verify(folder, checksums=False), []
         except ValueError as err:
             raise UserError(f"checkpoint.resume: {err}") from None
-        return folder
-    root = output_dir / "checkpoints"
+    root, skipped = output_dir / "checkpoints", []
     latest = ckpt.read_latest(root)
-    if latest and (root / latest).is_dir():
-        return root / latest
-    steps = sorted(p for p in root.glob("step-*") if ckpt.STEP_DIR.match(p.name)) if root.is_dir() else []
-    return steps[-1] if steps else None
+    steps = [p for p in root.glob("step-*") if ckpt.STEP_DIR.match(p.name) and p.is_dir()] if root.is_dir() else []
+    for folder in sorted(sorted(steps, reverse=True), key=lambda p: p.name != latest):  # as the run: `latest` first
+        try:
+            return folder, ckpt.verify(folder, checksums=False), skipped
+        except ValueError as err:  # the run skips it with a warning and falls back to an older one
+            skipped.append(f"the run will skip the damaged checkpoint {folder} ({err}) and fall back to an older one")
+    return None, None, skipped
 
 
 def _checkpoint_pitfalls(
     cfg: Config, world_size: int, total_steps: int, epoch_samples: int, global_batch: int
 ) -> list[str]:
-    folder = _resume_folder(cfg)
+    folder, manifest, warnings = _resume_checkpoint(cfg)
     if folder is None:
         existing = Path(cfg.run.output_dir) / "checkpoints"
         if cfg.checkpoint.resume == "never" and ckpt.read_latest(existing):
@@ -83,12 +85,9 @@ def _checkpoint_pitfalls(
                 f"checkpoint.resume=never but {existing} already holds checkpoints: this run starts from "
                 "scratch and its checkpoints mix with theirs; use a new run.output_dir"
             ]
-        return []
-    try:
-        manifest = json.loads((folder / ckpt.MANIFEST).read_text())
-    except (OSError, ValueError) as err:
-        return [f"the run will resume from {folder}, whose manifest cannot be read ({err}); it may fall back"]
-    warnings = []
+        if warnings:  # every candidate damaged
+            warnings.append(f"no intact checkpoint left in {existing}: the run starts from scratch")
+        return warnings
     if manifest.get("strategy", "ddp") != cfg.strategy.name:
         warnings.append(
             f"the run will resume {folder}, written by strategy {manifest.get('strategy')!r}; this config uses "
