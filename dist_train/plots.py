@@ -90,7 +90,7 @@ def plot_metrics(run_dir: str | Path, out: str | Path | None = None) -> Path | N
     fig.tight_layout()
     out = Path(out) if out else run_dir / "metrics.png"
     try:
-        fig.savefig(out, dpi=DPI)
+        fig.savefig(out, dpi=DPI, format=None if out.suffix else "png")  # matplotlib would write FILE.png
     except (OSError, ValueError) as err:  # a folder that is not there, an image type matplotlib does not write
         raise UserError(f"cannot write the plot to {out}: {err}") from None
     return out

@@ -601,6 +601,13 @@ def test_run_writes_metrics_png_and_plot_command_redraws_it(logged_run, tmp_path
     assert code == 2 and "has no metrics.jsonl" in err
     code, _, err = run_main(capsys, "plot", str(logged_run), "--out", str(tmp_path / "no" / "such" / "m.png"))
     assert code == 2 and err.startswith("dist_train: error: cannot write the plot to") and "Traceback" not in err
+    # a FILE without a suffix is that file (a PNG), not FILE.png beside the path printed; a folder is refused
+    code, out, err = run_main(capsys, "plot", str(logged_run), "--out", str(tmp_path / "plot"))
+    assert code == 0 and out.strip() == str(tmp_path / "plot") and not (tmp_path / "plot.png").exists(), err
+    _assert_is_a_drawn_plot(tmp_path / "plot")
+    code, out, err = run_main(capsys, "plot", str(logged_run), "--out", str(tmp_path))
+    assert code == 2 and err.startswith(f"dist_train: error: cannot write the plot to {tmp_path}: "), err
+    assert not tmp_path.with_name(tmp_path.name + ".png").exists()
 
 
 def test_plot_series_after_a_resume_keeps_one_value_per_step():
