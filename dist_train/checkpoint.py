@@ -104,6 +104,21 @@ def in_the_way(output_dir: Path) -> str | None:
     return None
 
 
+def in_a_checkpoint(output_dir: Path) -> str | None:
+    """A run.output_dir that is a checkpoint folder or lies inside one (a step folder named where a
+    resume path belonged): the run's files, its lock file first, would make that checkpoint fail its
+    verification (files the manifest does not list), so every later resume skipped or refused it."""
+    path = Path(output_dir).resolve()
+    for folder in (path, *path.parents):
+        if STEP_DIR.match(folder.name) and os.path.isfile(folder / MANIFEST):  # False where it may not look
+            where = "is" if folder == path else "lies inside"
+            return (
+                f"run.output_dir {output_dir} {where} the checkpoint folder {folder}: the run's files would damage "
+                f"that checkpoint; choose another run.output_dir (checkpoint.resume={folder} starts from it)"
+            )
+    return None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:

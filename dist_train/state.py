@@ -245,10 +245,10 @@ def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int, 
 
 def claim_output_dir(output_dir: Path, ctx: DistContext, control: Control, held: contextlib.ExitStack) -> None:
     """Rank 0 creates the run's folder and locks it for this run (the lock closes with `held`); a folder
-    it cannot create or write in, one in use by another run, or one with a file in the way of the run's
-    own is refused on every rank alike."""
+    it cannot create or write in, one in use by another run, one with a file in the way of the run's
+    own, or one in a checkpoint folder is refused on every rank alike."""
     refused = None
-    if ctx.is_rank_zero:
+    if ctx.is_rank_zero and (refused := ckpt.in_a_checkpoint(output_dir)) is None:  # before the lock file is written
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as err:

@@ -432,6 +432,21 @@ def test_a_file_or_folder_in_the_way_of_the_runs_own_is_a_clear_error(tmp_path, 
     assert not (out / "config.yaml").is_file()  # refused before anything was written
 
 
+def test_an_output_dir_in_a_checkpoint_folder_is_refused_before_it_damages_it(tmp_path, reference):
+    """A step folder given as run.output_dir (where checkpoint.resume belonged): the run trained and wrote
+    its lock file, config.yaml, checkpoints/... into it, and the checkpoint then failed verification
+    (files its manifest does not list): a resume by path refused it, auto skipped it."""
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    step = root / "step-00000004"
+    for out in (step, step / "new" / "sub"):
+        with pytest.raises(UserError) as refused:
+            run(out)
+        where = "is" if out == step else "lies inside"
+        assert str(refused.value).startswith(f"run.output_dir {out} {where} the checkpoint folder {step}: the run's")
+        assert not (step / "new").exists()
+        ckpt.verify(step)  # untouched
+
+
 def test_a_config_its_first_batch_refuses_leaves_the_folder_as_it_was(tmp_path, reference):
     """Restarted with a loss the outputs cannot take (status 2 at the first step): config.yaml already
     named the refused config, and metrics.jsonl claimed a resume that logged nothing."""

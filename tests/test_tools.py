@@ -213,6 +213,21 @@ def test_check_exits_2_on_a_folder_in_the_way_of_a_file_the_run_writes(tmp_path,
     ]
 
 
+def test_check_exits_2_on_an_output_dir_inside_a_checkpoint_folder(tmp_path, capsys):
+    """As the run refuses it: its files would damage that checkpoint (check said 'No warnings')."""
+    step = tmp_path / "old" / "checkpoints" / "step-00000004"
+    (step / "deepspeed").mkdir(parents=True)
+    (step / ckpt.MANIFEST).write_text("{}")
+    for out in (step, step / "deepspeed", step / "new"):
+        path = write_config(tmp_path / "c.yaml", tiny_lm_config(out))
+        code, _, err = run_main(capsys, "check", str(path))
+        where = "is" if out == step else "lies inside"
+        assert code == 2 and err.startswith(
+            f"dist_train: error: run.output_dir {out} {where} the checkpoint folder {step}:"
+        )
+    assert not (step / "new").exists()
+
+
 def test_check_exits_2_on_an_attention_preference_this_torch_cannot_set(tmp_path, capsys, monkeypatch):
     """train.sdpa_backend=cudnn on a torch without attention priorities (< 2.6, still supported) stops
     the run with exit 2: check said 'No warnings'."""

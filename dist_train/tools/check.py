@@ -135,6 +135,8 @@ def check_output_dir(output_dir: str) -> None:
     """The run's `mkdir -p run.output_dir`, creating nothing: a file in its way (the folder itself or
     one above it), or one in the way of the run's own files inside, makes the run stop with exit 2.
     Permissions are left alone: this machine may not be the one that writes."""
+    if refused := ckpt.in_a_checkpoint(Path(output_dir)):
+        raise UserError(refused)
     path = Path(output_dir).absolute()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
