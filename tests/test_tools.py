@@ -733,3 +733,21 @@ def test_check_runs_the_first_batch_and_refuses_a_model_that_does_not_fit_the_da
     resnet = write_config(tmp_path / "r.yaml", resnet_config(tmp_path / "run2", model={"num_classes": 3}))
     code, _, err = run_main(capsys, "check", str(resnet))
     assert code == 2 and "Target " in err and "model outputs (4, 3)" in err
+
+
+def test_check_json_stays_json_and_warns_when_the_first_loss_is_not_finite(tmp_path, capsys):
+    """A model whose first forward gives NaN: --json printed `"loss": NaN` (not JSON: jq and strict parsers
+    refuse it) and the report said 'No warnings' for a run that stops after its non-finite steps (status 1)."""
+    raw = {
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"name": "userpkg.nan:nan_model", "nan_from": 1},
+        "data": {"name": "synthetic_vectors", "num_samples": 64},
+        "train": {"micro_batch_size": 4, "max_steps": 20},
+    }
+    code, out, err = run_main(capsys, "check", str(write_config(tmp_path / "c.yaml", raw)), "--json")
+    assert code == 0, err
+    report = json.loads(out, parse_constant=lambda name: pytest.fail(f"{name} in --json output"))
+    assert report["first_batch"]["loss"] == "nan"
+    assert [w for w in report["warnings"] if w.startswith("the loss of rank 0's first micro-batch is nan")]
+    code, out, err = run_main(capsys, "check", str(tmp_path / "c.yaml"))
+    assert code == 0 and "loss nan" in out and "No warnings" not in out, err

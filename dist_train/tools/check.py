@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import itertools
 import json
+import math
 import os
 from pathlib import Path
 
@@ -128,7 +129,8 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
         ) from None
     shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
     check_watched_metrics_fit_outputs(cfg, len(shape) if isinstance(shape, tuple) else 0)
-    return {"checked": True, "samples": count, "outputs": shape, "loss": float(value)}
+    value = float(value)  # not finite: a string, as metrics.jsonl writes it (JSON has no NaN/inf)
+    return {"checked": True, "samples": count, "outputs": shape, "loss": value if math.isfinite(value) else str(value)}
 
 
 def check_output_dir(output_dir: str) -> None:
@@ -236,9 +238,10 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
 def first_batch_line(probe: dict) -> str:
     if not probe["checked"]:
         return probe["note"]
+    loss = f"{probe['loss']:.4g}" if isinstance(probe["loss"], float) else probe["loss"]  # "nan", "inf"
     return (
         f"forward and loss ran on {probe['samples']} samples of rank 0's first micro-batch "
-        f"(CPU, fp32): outputs {probe['outputs']}, loss {probe['loss']:.4g}"
+        f"(CPU, fp32): outputs {probe['outputs']}, loss {loss}"
     )
 
 

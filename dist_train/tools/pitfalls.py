@@ -131,6 +131,12 @@ def find_pitfalls(cfg: Config, model: nn.Module, report: dict) -> list[str]:
     """Warnings for `report` (as built by check.inspect_config)."""
     world_size, steps = report["world_size"], report["steps"]
     warnings = _model_pitfalls(cfg, model, world_size)
+    if isinstance(report["first_batch"].get("loss"), str):
+        warnings.append(
+            f"the loss of rank 0's first micro-batch is {report['first_batch']['loss']} (fp32, eval mode): the run "
+            f"skips steps whose loss is not finite and stops after train.max_nonfinite_steps "
+            f"({cfg.train.max_nonfinite_steps}) in a row; check the model's initialisation and the data"
+        )
     dropped = steps["dropped_per_epoch"]
     if dropped:
         warnings.append(
