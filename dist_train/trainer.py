@@ -148,6 +148,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
         total_steps = min(
             total_steps, state.end_of_epochs(cfg.train.epochs, data.sampler.usable_samples(), data.global_batch)
         )
+        compression.check_run_length(total_steps)  # QAT's start, the pruning ramp's end: before the epochs end it
     if state.early_stopped:
         total_steps = state.step  # the same command after early stopping: nothing left to train
     elif state.step > total_steps:

@@ -13,6 +13,7 @@ from dist_train.distributed import DistContext
 from dist_train.errors import UserError
 from dist_train.models import build_model
 from dist_train.strategies import REGISTRY
+from dist_train.tools.check import inspect_config
 from dist_train.trainer import train
 
 SINGLE = DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
@@ -236,6 +237,27 @@ def test_two_ranks_and_one_rank_reach_the_same_masks(tmp_path, strategy):
 def test_schedules_that_cannot_happen_within_max_steps_are_refused(compress):
     with pytest.raises(UserError, match="train.max_steps \\(14\\)"):
         from_dict(raw_config("x", compress=compress))
+
+
+@pytest.mark.parametrize(
+    "compress, late",
+    [
+        ({"prune_end_step": 40}, "the pruning ramp's end \\(step 40\\)"),
+        ({"prune": "none", "qat": True, "qat_start_step": 32}, "compress.qat_start_step \\(32\\)"),
+    ],
+    ids=["ramp", "qat"],
+)
+def test_train_epochs_that_end_the_run_before_the_schedule_are_refused(tmp_path, compress, late):
+    # 512 samples, global batch 16: train.epochs=1 ends the run at step 32, before train.max_steps. The ramp
+    # stopped short of the target sparsity without a word; QAT trained to the end, then its int8 export
+    # failed on observers that never ran (an AssertionError traceback, status 1, again on every restart)
+    raw = raw_config(tmp_path, train={"max_steps": 100, "epochs": 1}, compress=compress)
+    message = f"train.epochs=1 ends the run at step 32, before {late}"
+    with pytest.raises(UserError, match=message):
+        inspect_config(from_dict(raw), 1)  # dist-train check
+    with pytest.raises(UserError, match=message):
+        train(from_dict(raw), SINGLE)
+    assert not (tmp_path / "metrics.jsonl").exists() and not (tmp_path / "checkpoints").exists()
 
 
 def test_a_weight_its_parent_reads_directly_is_masked(tmp_path):

@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..config import Config
 from ..distributed import DistContext
-from ..errors import UserError
+from ..errors import UserError, on_every_rank
 from . import qat
 from .pruning import Pruner, fold_pruning
 from .qat import QAT, load_quantized
@@ -44,6 +44,24 @@ class Compression:
             self.qat.on_step(step)
         if self.pruner is not None:
             self.pruner.on_step(step)
+
+    def check_run_length(self, total_steps: int) -> None:
+        """train.epochs ends the run at `total_steps`, before train.max_steps: QAT must start and the pruning
+        ramp end within it too (the config checks hold them below train.max_steps)."""
+        late, keys = [], []
+        if self.qat is not None and self.qat.start >= total_steps:
+            late.append(f"compress.qat_start_step ({self.qat.start}): its observers would never see a batch")
+            keys.append("compress.qat_start_step")
+        if self.pruner is not None and self.pruner.end >= total_steps:
+            late.append(f"the pruning ramp's end (step {self.pruner.end}): its target sparsity would never be reached")
+            keys.append("compress.prune_end_step")
+        if late:
+            raise on_every_rank(
+                UserError(
+                    f"train.epochs={self.cfg.train.epochs} ends the run at step {total_steps}, before "
+                    f"{'; and before '.join(late)}: set {' and '.join(keys)} below {total_steps} or raise train.epochs"
+                )
+            )
 
     def probe(self, sample: torch.Tensor) -> None:
         """QAT: convert a fresh copy of the model to int8 and run it on one training input now, so that a

@@ -178,7 +178,10 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
     model, where = memory.build_for_inspection(cfg)
-    Compression(cfg, model).probe(sample)  # as the run builds it: what compress.* cannot use is refused
+    compression = Compression(cfg, model)
+    compression.probe(sample)  # as the run builds it: what compress.* cannot use is refused
+    if cfg.train.epochs:
+        compression.check_run_length(total_steps)  # train.epochs ending the run before QAT or the ramp
     numel, trainable = memory.count_parameters(model)
     with preferred_attention(cfg.train.sdpa_backend):  # as the run's forwards (torch >= 2.6 for a preference)
         first_batch = probe_first_batch(cfg, data, model, where, numel)
