@@ -173,6 +173,17 @@ def test_pruning_and_qat_together_export_sparse_int8_weights(tmp_path):
         assert not block[0].weight().dequantize()[pruned].any()  # the masks survived quantization
 
 
+def test_early_stopping_before_qat_starts_leaves_no_int8_model(tmp_path):
+    # early stopping at step 4, before compress.qat_start_step: the int8 export of observers that never ran
+    # failed (an AssertionError traceback, status 1), and so did every restart of the early-stopped run
+    never = {"every_steps": 2, "early_stopping_patience": 1, "min_delta": 100.0}  # no evaluation improves
+    raw = raw_config(tmp_path, MLP, VECTORS, 40, {"qat": True, "qat_start_step": 30}, eval=never)
+    for _ in range(2):  # the run, then the same command again
+        assert train(from_dict(raw), SINGLE) == {"status": "early_stopped", "step": 4}
+    assert (tmp_path / "model.safetensors").exists() and not (tmp_path / "model_int8.pt").exists()
+    assert not any(key.endswith("int8") for row in read_rows(tmp_path) for key in row)
+
+
 def _qat_two_ranks(rank, world, output_dir):
     from helpers import ctx_from_env
 

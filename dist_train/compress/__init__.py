@@ -105,7 +105,15 @@ class Compression:
     def export(self, module: nn.Module, ctx: DistContext, output_dir: Path, loss_fn, eval_data, log_row) -> None:
         """Quantize and evaluate the int8 models (collective), `log_row` their metrics, then write them
         (rank 0): the files exist only once their row is logged (`exported` then means complete)."""
-        if not self.kinds:
+        kinds = self.kinds
+        if self.qat is not None and not qat.observed(module):
+            log.warning(
+                "compress.qat: the run ended (early stopping) before compress.qat_start_step (%d): its observers "
+                "never saw a batch, so there is no int8 model to export (model_int8.pt)",
+                self.qat.start,
+            )
+            kinds = [kind for kind in kinds if kind != "qat"]
+        if not kinds:
             return
         cfg = self.cfg
         if ctx.world_size > 1:  # observers (and unsynced BatchNorm stats) last saw each rank's own batch:
@@ -121,7 +129,7 @@ class Compression:
             state = fold_pruning(state)
         row: dict = {}
         models = {}
-        for kind in self.kinds:
+        for kind in kinds:
             skeleton = qat.build_skeleton(cfg.model.name, cfg.model.kwargs, kind, cfg.compress.qat_backend)
             skeleton.load_state_dict(state)
             models[kind] = qat.quantize(skeleton, kind)

@@ -159,6 +159,11 @@ class QAT:
             log.info("step %d: fake quantization and observers on", step)
 
 
+def observed(model: nn.Module) -> bool:
+    """Whether the fake-quant observers were switched on (the run reached compress.qat_start_step)."""
+    return any(bool(m.observer_enabled.any()) for m in model.modules() if isinstance(m, _ao().FakeQuantizeBase))
+
+
 def build_skeleton(name: str, kwargs: dict, kind: str, backend: str) -> nn.Module:
     """A float model in the structure a quantized state_dict comes from (eval mode; weights to be loaded)."""
     from ..models import build_model
