@@ -90,6 +90,8 @@ def test_fold_keeps_a_weight_orig_that_has_no_mask():
         ({"strategy": {"name": "deepspeed", "zero_stage": 3}}, "zero_stage=3 shards them"),
         ({"compress": {"prune_sparsity": 1.0}}, "prune_sparsity"),
         ({"compress": {"prune_end_step": 1}}, "prune_end_step"),
+        # the default end, max_steps // 2 = 7, before the start: the masks went from 0 to the target at step 8
+        ({"compress": {"prune_start_step": 8, "prune_end_step": None}}, "past the default prune_end_step.*\\(7\\)"),
         ({"compress": {"prune_exclude": ["re:("]}}, "bad regular expression"),
     ],
 )

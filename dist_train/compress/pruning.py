@@ -55,7 +55,6 @@ class Pruner:
         self.target, self.ramp, self.norm, self.dim = c.prune_sparsity, c.prune_ramp, c.prune_norm, c.prune_dim
         self.start, self.every = c.prune_start_step, c.prune_every_steps
         self.end = c.prune_end_step if c.prune_end_step is not None else cfg.train.max_steps // 2
-        self.end = max(self.end, self.start)
         types = _module_types(c.prune_modules)
         excluded = [compile_pattern(p, f"compress.prune_exclude[{i}]") for i, p in enumerate(c.prune_exclude)]
         seen: dict[int, int] = {}

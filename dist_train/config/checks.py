@@ -277,6 +277,11 @@ def _validate_compress(cfg: Config) -> None:
             f"train.max_steps ({max_steps}): masks change as a step starts (steps count from 0), so the target "
             "sparsity would never be reached"
         )
+    if c.prune != "none" and c.prune_end_step is None and c.prune_start_step > max_steps // 2:
+        raise UserError(
+            f"compress.prune_start_step ({c.prune_start_step}) is past the default prune_end_step, train.max_steps "
+            f"// 2 ({max_steps // 2}): set compress.prune_end_step (>= {c.prune_start_step}, below {max_steps})"
+        )
     if c.qat and c.qat_start_step >= max_steps:
         raise UserError(
             f"compress.qat_start_step ({c.qat_start_step}) must be below train.max_steps ({max_steps}): "

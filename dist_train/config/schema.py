@@ -141,7 +141,9 @@ class CompressConfig:
     prune_exclude: list = _f([], "module names (globs or `re:<regex>`) left unpruned, e.g. `[head]`")
     prune_start_step: int = _f(0, "first step of the sparsity ramp")
     prune_end_step: Union[int, None] = _f(
-        None, "step (from 0, below train.max_steps) where the target sparsity is reached (null: train.max_steps // 2)"
+        None,
+        "step (from 0, below train.max_steps) where the target sparsity is reached "
+        "(null: train.max_steps // 2, not before prune_start_step)",
     )
     prune_every_steps: int = _f(100, "update the masks every this many steps between start and end")
     prune_ramp: Literal["cubic", "linear"] = _f("cubic", "sparsity ramp: `cubic` (Zhu & Gupta 2017) or `linear`")
