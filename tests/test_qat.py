@@ -184,6 +184,22 @@ def test_early_stopping_before_qat_starts_leaves_no_int8_model(tmp_path):
     assert not any(key.endswith("int8") for row in read_rows(tmp_path) for key in row)
 
 
+def test_pruning_a_batchnorm_that_qat_fuses_is_refused_and_excluded_by_its_own_name(tmp_path):
+    # a pruned BatchNorm scale of 0 made torch's fused ConvBn divide its conv's output by zero: NaN after the
+    # first mask update, then "zero_point must be between quant_min and quant_max" (status 1); and
+    # prune_exclude matched only the fused name (blocks.0.conv.bn), not the one model.safetensors has
+    compress = {"qat": True, "prune": "unstructured", "prune_end_step": 4, "prune_every_steps": 2}
+    compress["prune_modules"] = ["Conv2d", "BatchNorm2d"]
+    cnn = {**CNN, "channels": [8]}
+    with pytest.raises(UserError, match="mask the BatchNorm blocks.0.norm.weight, which compress.qat fuses"):
+        train(from_dict(raw_config(tmp_path / "refused", cnn, IMAGES, 8, compress)), SINGLE)
+    compress["prune_exclude"] = ["blocks.*.norm"]
+    train(from_dict(raw_config(tmp_path / "excluded", cnn, IMAGES, 8, compress)), SINGLE)
+    weights = load_weights(tmp_path / "excluded")
+    assert (weights["blocks.0.conv.weight"] == 0).sum().item() == round(0.5 * weights["blocks.0.conv.weight"].numel())
+    assert not (weights["blocks.0.norm.weight"] == 0).any()
+
+
 def _qat_two_ranks(rank, world, output_dir):
     from helpers import ctx_from_env
 

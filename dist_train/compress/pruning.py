@@ -29,7 +29,7 @@ from torch.nn.utils import prune
 
 from ..config import Config
 from ..errors import UserError
-from ..patterns import compile_pattern
+from ..patterns import FUSED_NAMES, compile_pattern
 
 log = logging.getLogger("dist_train")
 
@@ -62,12 +62,20 @@ class Pruner:
             seen[id(param)] = seen.get(id(param), 0) + 1
         self.modules: list[tuple[str, nn.Module]] = []
         self.hooks: list[tuple[nn.Module, prune.BasePruningMethod]] = []
+        fused = getattr(model, FUSED_NAMES, {})  # compress.qat: {"<conv>.bn.": "<the BatchNorm's own name>."}
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
             if not isinstance(module, types) or not isinstance(weight, nn.Parameter):
                 continue
-            if any(matches(name) for matches in excluded):
+            own = fused.get(f"{name}.", f"{name}.")[:-1]  # a fused BatchNorm by its own name, as exported
+            if any(matches(name) or matches(own) for matches in excluded):
                 continue
+            if own != name:
+                raise UserError(
+                    f"compress.prune would mask the BatchNorm {own}.weight, which compress.qat fuses into the conv "
+                    "before it (a zero there divides that conv's output by zero): leave BatchNorm out of "
+                    "compress.prune_modules (or exclude it), or set compress.qat=false"
+                )
             if seen[id(weight)] > 1:  # a tied weight (e.g. LM head = embedding): masking one alias breaks the tie
                 log.info("compress.prune: %s.weight is tied to another module; left unpruned", name)
                 continue
