@@ -91,6 +91,31 @@ def test_malformed_yaml_reports_line_and_column(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("!!int 1e5", r"line 5, column 7: cannot read '1e5' as !!int"),
+        ("!!float 3e-4x", r"line 5, column 7: cannot read '3e-4x' as !!float"),
+        ('!!int ""', r"line 5, column 7: cannot read '' as !!int"),
+        ("!!bool maybe", r"line 5, column 7: cannot read 'maybe' as !!bool"),
+        ("!!set [1]", r"line 5, column 7: expected a mapping node, but found sequence"),
+    ],
+)
+def test_an_explicit_tag_its_value_does_not_fit_is_malformed_yaml(tmp_path, value, expected):
+    """`max_steps: !!int 1e5`: the tag's constructor raised ValueError/IndexError/KeyError/TypeError, a
+    traceback with status 1 (from the file and from an override alike)."""
+    path = tmp_path / "tagged.yaml"
+    path.write_text(
+        f"run: {{output_dir: /tmp/x}}\nmodel: {{name: mlp}}\ndata: {{name: synthetic_vectors}}\ntrain:\n  lr: {value}\n"
+    )
+    with pytest.raises(UserError, match=f"malformed YAML at {expected}"):
+        load_config(path)
+    with pytest.raises(UserError, match=r"override 'train.lr=.*': malformed YAML at line 1, column 1: "):
+        load_config(write_config(tmp_path / "c.yaml", BASE), [f"train.lr={value}"])
+    path.write_text(path.read_text().replace(value, "!!float 3e-4"))
+    assert load_config(path).train.lr == 3e-4
+
+
 def test_a_key_given_twice_is_an_error_not_the_last_one_silently(tmp_path):
     """YAML keys are unique: PyYAML kept the last, so a second `train:` section dropped the first one's keys."""
     path = tmp_path / "twice.yaml"

@@ -31,7 +31,22 @@ class ConfigLoader(yaml.SafeLoader):
     last silently, so a second `train:` section would drop the first one's keys).
     """
 
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, KeyError, IndexError) as err:  # a tag's constructor refused the value
+            raise yaml.constructor.ConstructorError(  # (`!!float abc`, `!!int 1e5`): line and column, one line
+                None,
+                None,
+                f"cannot read {node.value!r} as {node.tag.replace('tag:yaml.org,2002:', '!!')} ({err})",
+                node.start_mark,
+            ) from None
+
     def construct_mapping(self, node, deep=False):
+        if not isinstance(node, yaml.MappingNode):  # `!!map [1]`, `!!set [1]`: PyYAML's own error says so
+            return super().construct_mapping(node, deep=deep)
         seen = set()
         for key_node, _ in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
