@@ -77,11 +77,12 @@ class TrainState:
 
 
 def training_config(cfg: Config) -> dict:
-    """The part of the config that defines the optimisation trajectory (hashed into manifests)."""
+    """The part of the config that defines the optimisation trajectory (hashed into manifests): the data
+    order too (`loader.shuffle` flipped on resume reads the rest of the epoch in another order)."""
     full = to_dict(cfg)
     train = {k: v for k, v in full["train"].items() if k not in ("max_steps", "epochs")}
     sections = ("model", "data", "optim", "schedule", "compress")
-    return {k: full[k] for k in sections} | {"train": train, "seed": cfg.run.seed}
+    return {k: full[k] for k in sections} | {"train": train, "seed": cfg.run.seed, "shuffle": cfg.loader.shuffle}
 
 
 def save(

@@ -319,6 +319,21 @@ def test_check_warns_of_a_damaged_checkpoint_the_run_skips_and_of_the_one_it_fal
     )
 
 
+def test_a_resume_with_loader_shuffle_flipped_is_another_training_config(tmp_path, capsys):
+    """loader.shuffle was not in the config hash: a run resumed mid-epoch with it flipped read the rest of
+    the epoch in another order (37 distinct samples of 48, some twice) without a warning, in the run or
+    here. Loader settings that keep the order (workers) keep the hash."""
+    raw = tiny_lm_config(tmp_path / "run")
+    path = write_config(tmp_path / "c.yaml", raw)
+    _fake_checkpoint(
+        tmp_path / "run", 4, world_size=1, strategy="ddp", config_hash=ckpt.config_hash(training_config(from_dict(raw)))
+    )
+    assert check_json(capsys, path)["warnings"] == []
+    assert check_json(capsys, path, "loader.num_workers=2")["warnings"] == []
+    warnings = check_json(capsys, path, "loader.shuffle=false")["warnings"]
+    assert len(warnings) == 1 and "config hash differs" in warnings[0]
+
+
 def test_check_deepspeed_section(tmp_path):
     from dist_train.tools.check import deepspeed_json
 

@@ -106,7 +106,7 @@ def _checkpoint_pitfalls(
         )
     if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):
         warnings.append(
-            f"the run will resume {folder}, written for another model/data/optimizer/schedule/batch config "
+            f"the run will resume {folder}, written for another model/data/data order/optimizer/schedule/batch config "
             "(config hash differs); use a new run.output_dir or checkpoint.resume=never to start fresh"
         )
     if cfg.train.epochs:  # counted on from where the checkpoint left the data, as the run counts them
