@@ -766,3 +766,15 @@ def test_check_json_stays_json_and_warns_when_the_first_loss_is_not_finite(tmp_p
     assert [w for w in report["warnings"] if w.startswith("the loss of rank 0's first micro-batch is nan")]
     code, out, err = run_main(capsys, "check", str(tmp_path / "c.yaml"))
     assert code == 0 and "loss nan" in out and "No warnings" not in out, err
+
+
+def test_check_refuses_a_first_micro_batch_that_cannot_be_loaded(tmp_path, capsys):
+    """Items of other lengths (no padding) cannot be stacked into a batch: the run fails at its first step;
+    check printed torch's collate traceback (status 1) instead of the usual one line."""
+    raw = tiny_lm_config(tmp_path / "run")
+    raw["data"] = {"name": "userpkg.edges:varying_series", "n": 64}
+    code, out, err = run_main(capsys, "check", str(write_config(tmp_path / "c.yaml", raw)))
+    assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("dist_train: error: loading rank 0's first micro-batch (4 samples, dist-train check) raised ")
+    assert "RuntimeError: stack expects each tensor to be equal size" in err
+    assert err.rstrip().endswith("the run would fail at its first step")

@@ -27,6 +27,7 @@ from ..config.checks import check_watched_metrics_fit_outputs
 from ..data import build_dataset, build_train_data
 from ..distributed import DistContext
 from ..errors import UserError
+from ..imports import raised
 from ..losses import build_loss
 from ..metrics import tokens_per_sample
 from ..misfit import FORWARD_ERRORS, ForwardError
@@ -112,9 +113,12 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
     data.sampler.set_epoch(0)
     data.sampler.set_start(0)
     indices = list(itertools.islice(iter(data.sampler), count))
-    inputs, targets = data.loader.collate_fn([data.dataset[i] for i in indices])
-    loss, outputs = build_loss(cfg.train.loss, **cfg.train.loss_kwargs), None
     what = f"rank 0's first micro-batch ({count} samples, dist-train check)"
+    try:  # items of other shapes (variable-length, unpadded), an item that raises: the run's first step fails
+        inputs, targets = data.loader.collate_fn([data.dataset[i] for i in indices])
+    except Exception as err:  # noqa: BLE001 - the user's dataset: any error, said in one line
+        raise UserError(f"loading {what} raised {raised(err)}: the run would fail at its first step") from None
+    loss, outputs = build_loss(cfg.train.loss, **cfg.train.loss_kwargs), None
     model.eval()
     try:
         with torch.no_grad():
