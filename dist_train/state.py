@@ -56,6 +56,11 @@ class TrainState:
         patience = eval_cfg.early_stopping_patience
         return self.early_stopped and bool(patience) and self.evals_without_improvement >= patience
 
+    def epoch_continues(self, global_batch: int, epoch_samples: int) -> bool:
+        """Whether a run resumed from this state goes on in the current epoch (as the loop decides: an
+        epoch with no room for another global batch is over, the next starts at 0)."""
+        return self.samples_in_epoch + global_batch <= epoch_samples
+
     def evals_without_improvement_after(self, eval_cfg, metrics: dict) -> int:
         """Count this evaluation toward early stopping: evaluations in a row without an improvement
         of `eval_cfg.metric`, this one included."""
@@ -211,8 +216,7 @@ def restore(
             UserError(f"checkpoint {folder}: its trainer state does not fit this version ({err})")
         ) from None
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum_steps * ctx.world_size
-    # as the loop decides: an epoch with no room for another global batch is over, the next starts at 0
-    epoch_continues = state.samples_in_epoch + global_batch <= epoch_samples
+    epoch_continues = state.epoch_continues(global_batch, epoch_samples)
     if epoch_continues and state.samples_in_epoch % ctx.world_size:
         raise on_every_rank(
             UserError(

@@ -261,13 +261,13 @@ def test_check_warns_about_batchnorm_fp16_and_a_dropped_tail(tmp_path, capsys):
     assert not any("BatchNorm" in w or "divide" in w for w in synced["warnings"])
 
 
-def _fake_checkpoint(run_dir, step, world_size, strategy, config_hash):
+def _fake_checkpoint(run_dir, step, world_size, strategy, config_hash, trainer=None):
     folder = run_dir / "checkpoints" / ckpt.step_dir_name(step)
     folder.mkdir(parents=True)
     (folder / "model.pt").write_bytes(b"weights")
     files = {"model.pt": {"size": 7, "sha256": ckpt.sha256_file(folder / "model.pt")}}
     manifest = {"step": step, "world_size": world_size, "strategy": strategy, "config_hash": config_hash}
-    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest | {"trainer": {}, "files": files}))
+    (folder / ckpt.MANIFEST).write_text(json.dumps(manifest | {"trainer": trainer or {}, "files": files}))
     (run_dir / "checkpoints" / "latest").write_text(folder.name + "\n")
 
 
@@ -332,6 +332,21 @@ def test_a_resume_with_loader_shuffle_flipped_is_another_training_config(tmp_pat
     assert check_json(capsys, path, "loader.num_workers=2")["warnings"] == []
     warnings = check_json(capsys, path, "loader.shuffle=false")["warnings"]
     assert len(warnings) == 1 and "config hash differs" in warnings[0]
+
+
+def test_check_warns_that_a_resume_mid_epoch_at_a_world_size_that_cannot_split_it_stops(tmp_path, capsys):
+    """A checkpoint 12 samples into an epoch (1 rank x 4 x 3 steps): the run at world size 8 stops with
+    status 2; check said 'DDP continues with fresh RNG streams' and exited 0 as if it would train."""
+    raw = tiny_lm_config(tmp_path / "run", train={"micro_batch_size": 4, "grad_accum_steps": 1})
+    path = write_config(tmp_path / "c.yaml", raw)
+    same = ckpt.config_hash(training_config(from_dict(raw)))
+    trainer = {"step": 3, "epoch": 0, "samples_in_epoch": 12}
+    _fake_checkpoint(tmp_path / "run", 3, world_size=1, strategy="ddp", config_hash=same, trainer=trainer)
+    (warning,) = check_json(capsys, path, "--world-size", "8")["warnings"]
+    assert "12 samples into an epoch, which world size 8 cannot split evenly, so it will stop with an error" in warning
+    assert "resume at world size 1" in warning
+    (warning,) = check_json(capsys, path, "--world-size", "2")["warnings"]  # 12 splits in 2: the run goes on
+    assert "written at world size 1, at world size 2: DDP continues" in warning
 
 
 def test_check_deepspeed_section(tmp_path):

@@ -98,7 +98,17 @@ def _checkpoint_pitfalls(
             f"the run will resume {folder}, written with ZeRO stage {manifest.get('zero_stage')}; this config uses "
             f"stage {cfg.strategy.zero_stage}"
         )
-    if manifest.get("world_size") != world_size:
+    try:
+        state = TrainState(**manifest["trainer"])
+    except (KeyError, TypeError):
+        state = None  # a manifest of another version: the run itself says what it makes of it
+    if state and state.epoch_continues(global_batch, epoch_samples) and state.samples_in_epoch % world_size:
+        warnings.append(
+            f"the run will resume {folder} {state.samples_in_epoch} samples into an epoch, which world size "
+            f"{world_size} cannot split evenly, so it will stop with an error (resume at world size "
+            f"{manifest.get('world_size')})"
+        )
+    elif manifest.get("world_size") != world_size:
         warnings.append(
             f"the run will resume {folder}, written at world size {manifest.get('world_size')}, at world size "
             f"{world_size}: DDP continues with fresh RNG streams (not bit-exact); sharded strategies that cannot "
@@ -109,12 +119,8 @@ def _checkpoint_pitfalls(
             f"the run will resume {folder}, written for another model/data/data order/optimizer/schedule/batch config "
             "(config hash differs); use a new run.output_dir or checkpoint.resume=never to start fresh"
         )
-    if cfg.train.epochs:  # counted on from where the checkpoint left the data, as the run counts them
-        try:
-            state = TrainState(**manifest["trainer"])
-            total_steps = min(cfg.train.max_steps, state.end_of_epochs(cfg.train.epochs, epoch_samples, global_batch))
-        except (KeyError, TypeError):
-            pass  # a manifest of another version: the run itself says what it makes of it
+    if cfg.train.epochs and state:  # counted on from where the checkpoint left the data, as the run counts them
+        total_steps = min(cfg.train.max_steps, state.end_of_epochs(cfg.train.epochs, epoch_samples, global_batch))
     if manifest.get("step", 0) >= total_steps:
         warnings.append(f"{folder} is at step {manifest.get('step')} >= {total_steps}: the run has nothing left to do")
     return warnings
