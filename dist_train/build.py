@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import NamedTuple
 
+import torch.nn as nn
+
 from .compress import Compression
 from .config import Config
 from .data import EvalData, TrainData, build_eval_data, build_train_data, same_counts
@@ -30,18 +32,27 @@ class Built(NamedTuple):
     train_loss: Loss  # the same loss, its normaliser static when no target is ignored
 
 
-def build_run(cfg: Config, ctx: DistContext) -> Built:
-    """Model, transforms, strategy, data and loss, in an order whose seeds make every rank alike."""
+DATA_SEED_OFFSET = 104_729  # dataset factories run under run.seed + this (the run and dist-train check)
+
+
+def initial_model(cfg: Config) -> nn.Module:
+    """The model every rank starts from: the factory, then model.init, under the run seed."""
     seed_everything(cfg.run.seed)  # same seed on every rank: identical initial weights
     model = build_model(cfg.model.name, cfg.model.kwargs)
     # train mode throughout, as after an evaluation: transformers' from_pretrained returns eval mode (no dropout)
     model.train()
     init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
+    return model
+
+
+def build_run(cfg: Config, ctx: DistContext) -> Built:
+    """Model, transforms, strategy, data and loss, in an order whose seeds make every rank alike."""
+    model = initial_model(cfg)
     compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
     model = apply_transforms(model, cfg, ctx)
     strategy = build_strategy(cfg, ctx)
     strategy.setup(model)
-    seed_everything(cfg.run.seed + 104_729)  # dataset factories: the same draws on every rank, at any world size
+    seed_everything(cfg.run.seed + DATA_SEED_OFFSET)  # factories: the same draws on every rank, at any world size
     data = build_train_data(cfg, ctx)
     eval_data = build_eval_data(cfg, ctx)
     compression.probe(data.dataset[0][0])  # QAT: an op without an int8 kernel is refused now, not after training

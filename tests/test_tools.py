@@ -8,6 +8,7 @@ import pytest
 import torch
 from helpers import (
     PYTHON,
+    REPO_ROOT,
     as_plain_user,
     ctx_from_env,
     free_port,
@@ -793,3 +794,20 @@ def test_check_refuses_a_first_micro_batch_that_cannot_be_loaded(tmp_path, capsy
     assert err.startswith("dist_train: error: loading rank 0's first micro-batch (4 samples, dist-train check) raised ")
     assert "RuntimeError: stack expects each tensor to be equal size" in err
     assert err.rstrip().endswith("the run would fail at its first step")
+
+
+def test_check_probes_the_first_batch_the_run_trains_on(tmp_path, capsys):
+    """check built the data without the run's data seed and the model without `model.init`: for a dataset
+    factory that draws from torch's RNG (or model.init=normal) its first-batch loss was another batch's
+    or another model's (0.7113 and 0.6958 where the run's first step logged 0.6732 and 0.6935)."""
+    raw = {
+        "run": {"output_dir": str(tmp_path / "run"), "seed": 3},
+        "model": {"name": "mlp", "num_classes": 2, "init": "normal"},
+        "data": {"name": "userpkg.edges:global_rng_vectors", "n": 64},
+        "train": {"max_steps": 1, "micro_batch_size": 4},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    probe = check_json(capsys, write_config(tmp_path / "c.yaml", raw))["first_batch"]
+    proc = launch(raw, tmp_path, launcher="single", env={"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"})
+    assert proc.returncode == 0, proc.stderr
+    assert probe["loss"] == pytest.approx(read_rows(tmp_path / "run")[0]["loss"], rel=1e-6)

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
+from ..build import DATA_SEED_OFFSET, initial_model
 from ..cli import ArgParser
 from ..compress import Compression
 from ..config import Config, load_config
@@ -32,8 +33,8 @@ from ..losses import build_loss
 from ..metrics import tokens_per_sample
 from ..misfit import FORWARD_ERRORS, ForwardError
 from ..misfit import where as where_raised
-from ..models import build_model
 from ..optim import lr_at
+from ..rng import seed_everything
 from ..transforms import preferred_attention
 from . import memory
 from .pitfalls import checkpoint_size, find_pitfalls
@@ -107,8 +108,7 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
     if where != "cpu":
         if numel > PROBE_MAX_PARAMETERS:
             return {"checked": False, "note": f"not run: {numel:,} parameters; the run's first step checks it"}
-        torch.manual_seed(cfg.run.seed)
-        model = build_model(cfg.model.name, cfg.model.kwargs)
+        model = initial_model(cfg)  # the run's first weights (model.init included)
     count = min(cfg.train.micro_batch_size, 4)
     data.sampler.set_epoch(0)
     data.sampler.set_start(0)
@@ -158,6 +158,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         raise UserError(f"--world-size must be >= 1, got {world_size}")
     check_output_dir(cfg.run.output_dir)
     ctx = DistContext(0, 0, world_size, world_size, torch.device("cpu"), None, "single")
+    seed_everything(cfg.run.seed + DATA_SEED_OFFSET)  # the run's data, from factories that draw from torch's RNG
     data = build_train_data(cfg, ctx)  # the same checks as the run: batch vs split size, drop_last
     train_len = len(data.dataset)
     eval_set = build_dataset(cfg.data.name, "eval", cfg.data.kwargs)

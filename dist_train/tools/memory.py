@@ -114,7 +114,9 @@ def build_for_inspection(cfg: Config) -> tuple[nn.Module, str]:
     except UserError:
         raise
     except Exception:  # noqa: BLE001 - a factory that needs real tensors (e.g. loads weights): build it for real
-        return build_model(cfg.model.name, cfg.model.kwargs), "cpu"
+        from ..build import initial_model
+
+        return initial_model(cfg), "cpu"  # the run's first weights: check's first-batch probe runs this model
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
