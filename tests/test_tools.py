@@ -299,6 +299,24 @@ def test_check_warns_about_a_checkpoint_from_another_run(tmp_path, capsys):
         assert code == 2 and out == "" and message in err and len(err.splitlines()) == 1, err
 
 
+def test_check_says_where_train_epochs_ends_a_run_resumed_at_another_global_batch(tmp_path, capsys):
+    """40 samples, 5 steps at global batch 4 (20 samples into epoch 0), resumed at global batch 8 with
+    train.epochs=2: the run trains to step 5 + 2 + 5 = 12; check's step count (10, from scratch) said
+    nothing of it."""
+    raw = tiny_lm_config(tmp_path / "run", train={"epochs": 2, "max_steps": 100, "grad_accum_steps": 1})
+    raw["data"]["num_samples"] = 40
+    path = write_config(tmp_path / "c.yaml", raw)
+    same_hash = ckpt.config_hash(training_config(from_dict(raw)))
+    trainer = {"step": 5, "epoch": 0, "samples_in_epoch": 20}
+    _fake_checkpoint(tmp_path / "run", 5, world_size=1, strategy="ddp", config_hash=same_hash, trainer=trainer)
+    report = check_json(capsys, path, "--world-size", "2")
+    assert report["steps"]["total"] == 10
+    assert [
+        w for w in report["warnings"] if "counted on from where it left the data ends the run at step 12, not 10" in w
+    ]
+    assert not [w for w in check_json(capsys, path)["warnings"] if "counted on" in w]  # 5 + 5 + 10 = 20 either way
+
+
 @pytest.mark.parametrize("manifest", ["[1]", '{"step": "x", "trainer": 5}', "{"])
 def test_check_warns_of_a_damaged_checkpoint_the_run_skips_and_of_the_one_it_falls_back_to(tmp_path, capsys, manifest):
     """A manifest in `latest` that is JSON but no dist_train manifest (edited, foreign): the run skips it and

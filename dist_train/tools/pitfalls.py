@@ -120,7 +120,13 @@ def _checkpoint_pitfalls(
             "(config hash differs); use a new run.output_dir or checkpoint.resume=never to start fresh"
         )
     if cfg.train.epochs and state:  # counted on from where the checkpoint left the data, as the run counts them
-        total_steps = min(cfg.train.max_steps, state.end_of_epochs(cfg.train.epochs, epoch_samples, global_batch))
+        resumed_total = min(cfg.train.max_steps, state.end_of_epochs(cfg.train.epochs, epoch_samples, global_batch))
+        if state.step < resumed_total != total_steps:
+            warnings.append(
+                f"the run will resume {folder} at step {state.step}, and train.epochs={cfg.train.epochs} counted on "
+                f"from where it left the data ends the run at step {resumed_total}, not {total_steps} as from scratch"
+            )
+        total_steps = resumed_total
     if manifest.get("step", 0) >= total_steps:
         warnings.append(f"{folder} is at step {manifest.get('step')} >= {total_steps}: the run has nothing left to do")
     return warnings
