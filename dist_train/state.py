@@ -191,7 +191,7 @@ def restore(
         raise on_every_rank(
             UserError(
                 f"checkpoint {folder} does not fit this model or optimizer ({_load_error_summary(err)}): resume with "
-                "the model and optim.param_groups it was written with, or start this one in a new run.output_dir"
+                "the model, optim.name and optim.param_groups it was written with, or start this one in a new run.output_dir"
             )
         ) from None
     if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):

@@ -235,6 +235,14 @@ def test_trainer_state_of_another_version_is_a_clear_error(tmp_path, reference):
         run(run_dir, train={"max_steps": 8})
 
 
+def test_a_checkpoint_of_another_optimizer_names_optim_name(tmp_path):
+    """SGD's checkpoint resumed by AdamW: the error said to resume "with the model and optim.param_groups
+    it was written with", not naming optim.name, the setting that differed."""
+    assert run(tmp_path, optim={"name": "sgd"}, train={"max_steps": 2})["status"] == "finished"
+    with pytest.raises(UserError, match=r"does not fit this model or optimizer .*optim\.name"):
+        run(tmp_path, train={"max_steps": 4})
+
+
 def test_checkpoint_for_another_model_shape_is_a_clear_error(tmp_path, reference):
     run_dir, _ = _checkpointed_run(tmp_path, reference)
     with pytest.raises(UserError, match="does not fit this model"):
