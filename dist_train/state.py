@@ -211,6 +211,7 @@ def restore(
     try:
         state = TrainState(**manifest["trainer"])
         state.started_from = origin or state.started_from
+        state.early_stopped = state.still_early_stopped(cfg.eval)
     except TypeError as err:  # fields this version does not know (or lacks): another dist_train wrote it
         raise on_every_rank(
             UserError(f"checkpoint {folder}: its trainer state does not fit this version ({err})")

@@ -141,7 +141,6 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
 
     restored = run_state.restore(cfg, ctx, control, strategy, output_dir, data.sampler.usable_samples())
     state = restored[0] if restored else run_state.TrainState()
-    state.early_stopped = state.still_early_stopped(cfg.eval)
     resumed_at = state.step if restored else None
     total_steps = cfg.train.max_steps
     if cfg.train.epochs:
