@@ -35,6 +35,7 @@ class TrainState:
     nonfinite_streak: list = field(default_factory=lambda: [0, 0])  # [in a row now, most in a row] since the last log
     best_metric: float | None = None
     evals_without_improvement: int = 0
+    best_of: str | None = None  # "eval.metric eval.mode" that best_metric and the count above belong to
     window_count: float = 0.0  # counted elements in the open logging window (sums are per rank)
     lr_schedule: dict = field(default_factory=dict)  # schedules.LRSchedule state (plateau), JSON
     last_eval_step: int = -1  # a run restarted after its last evaluation does not repeat it
@@ -54,7 +55,9 @@ class TrainState:
         same command started again, not for a run whose early stopping is off (or has a larger patience
         this run has not used up), resumed in its own folder or fine-tuned from it in another."""
         patience = eval_cfg.early_stopping_patience
-        return self.early_stopped and bool(patience) and self.evals_without_improvement >= patience
+        if not (self.early_stopped and patience) or self.best_of not in (None, _watched(eval_cfg)):
+            return False
+        return self.evals_without_improvement >= patience
 
     def epoch_continues(self, global_batch: int, epoch_samples: int) -> bool:
         """Whether a run resumed from this state goes on in the current epoch (as the loop decides: an
@@ -67,6 +70,9 @@ class TrainState:
         value = metrics.get(eval_cfg.metric)
         if value is None:
             raise UserError(f"eval.metric {eval_cfg.metric!r} is not among the eval metrics ({', '.join(metrics)})")
+        if self.best_of not in (None, _watched(eval_cfg)):  # the checkpoint's best is another metric's (or mode's)
+            self.best_metric, self.evals_without_improvement = None, 0
+        self.best_of = _watched(eval_cfg)
         best = self.best_metric
         if best is None:  # as from best = inf (min) or -inf (max): a NaN first evaluation is no improvement
             best = math.inf if eval_cfg.mode == "min" else -math.inf
@@ -79,6 +85,10 @@ class TrainState:
         else:
             self.evals_without_improvement += 1
         return self.evals_without_improvement
+
+
+def _watched(eval_cfg) -> str:
+    return f"{eval_cfg.metric} {eval_cfg.mode}"
 
 
 def training_config(cfg: Config) -> dict:

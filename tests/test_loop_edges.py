@@ -117,6 +117,19 @@ def test_a_model_built_in_eval_mode_trains_in_train_mode_evaluated_or_not(tmp_pa
     assert max_abs_diff(plain, run_eval_mode_model("no_dropout", dropout=0.0)) > 0  # dropout on from step 1
 
 
+def test_early_stopping_on_another_metric_after_a_resume_counts_afresh(tmp_path):
+    """A run resumed watching eval_accuracy (max) from a checkpoint whose best was an eval_loss of 0.69
+    compared its accuracies with that loss: no improvement, stopped at step 6 while the accuracy rose
+    at each evaluation (the run watching eval_accuracy from the start stops at step 10)."""
+    accuracy = {"every_steps": 2, "early_stopping_patience": 2, "metric": "eval_accuracy", "mode": "max"}
+    sections = {"train": {"max_steps": 30, "lr": 3e-3}, "checkpoint": {"every_steps": None, "at_end": True}}
+    whole = run(tmp_path / "whole", eval=accuracy, **sections)
+    assert whole == {"status": "early_stopped", "step": 10}
+    loss = {"every_steps": 2, "early_stopping_patience": 100}
+    run(tmp_path / "parts", eval=loss, train={"max_steps": 2, "lr": 3e-3}, checkpoint=sections["checkpoint"])
+    assert run(tmp_path / "parts", eval=accuracy, **sections) == whole
+
+
 def test_eval_metric_is_read_only_for_early_stopping(tmp_path):
     """mse reports no eval_accuracy; with no early stopping nothing reads eval.metric."""
     model = {"name": "mlp", "input_dim": 8, "hidden_dim": 16, "num_classes": 4}

@@ -186,7 +186,8 @@ class EvalConfig:
         None,
         "stop after this many evaluations without improvement (the `eval.every_steps` ones: it needs "
         "`eval.every_steps`; the at-end evaluation is not counted); a run started from an early-stopped "
-        "checkpoint stays stopped unless this is null or larger than the evaluations it already counted",
+        "checkpoint stays stopped unless this is null or larger than the evaluations it already counted; "
+        "one watching another eval.metric or eval.mode than its checkpoint counts afresh",
     )
     min_delta: float = _f(0.0, "smallest change of `metric` that counts as an improvement")
 
