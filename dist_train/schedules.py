@@ -48,6 +48,7 @@ class PlateauState:
     bad_evals: int = 0  # evaluations in a row without improvement
     cooldown_left: int = 0
     reductions: int = 0
+    watched: str | None = None  # "metric mode" that best and bad_evals belong to
 
 
 class LRSchedule:
@@ -84,6 +85,10 @@ class LRSchedule:
                 f"schedule.plateau_metric {self.metric!r} is not among the eval metrics ({', '.join(metrics)})"
             )
         value, st, s = float(metrics[self.metric]), self.state, self.cfg.schedule
+        watched = f"{self.metric} {self.mode}"
+        if st.watched not in (None, watched):  # the checkpoint's best is another metric's (or mode's): count afresh
+            st.best, st.bad_evals = None, 0
+        st.watched = watched
         if self._better(value, st.best):
             st.best, st.bad_evals = value, 0
         else:

@@ -117,6 +117,17 @@ def test_plateau_a_nan_first_evaluation_is_no_improvement_as_in_torch():
         assert ours.lr_at(step + 1) == optimizer.param_groups[0]["lr"] == cfg.train.lr, step  # was halved at 2
 
 
+def test_plateau_resumed_watching_another_metric_counts_afresh():
+    """A plateau checkpoint whose best is an eval_loss of 0.686, resumed watching eval_accuracy (max):
+    accuracies 0.59, 0.62, 0.65 were each compared with that loss, and the LR was cut at the second."""
+    state = LRSchedule(cfg_with({"name": "plateau"})).observe({"eval_loss": 0.686, "eval_accuracy": 0.5}, 2)
+    accuracy = {"name": "plateau", "plateau_patience": 1, "plateau_metric": "eval_accuracy", "plateau_mode": "max"}
+    resumed = LRSchedule(cfg_with(accuracy, loss="cross_entropy"), state)
+    for step, value in ((4, 0.59), (6, 0.62), (8, 0.65)):
+        assert resumed.observe({"eval_loss": 0.6, "eval_accuracy": value}, step)["bad_evals"] == 0
+    assert resumed.lr_at(9) == 0.1 and resumed.state.best == 0.65
+
+
 def test_plateau_warmup_still_ramps():
     cfg = cfg_with({"name": "plateau", "warmup_steps": 4})
     schedule = LRSchedule(cfg, {"scale": 0.5})
