@@ -589,13 +589,14 @@ def test_verify_keeps_the_evaluations_a_plateau_schedule_reads(tmp_path):
 def test_verify_fails_with_dropout_and_explains_why(tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "unused"))
     cmd = [PYTHON, "-m", "dist_train", "verify", str(path), "model.dropout=0.2", "--steps", "4"]
-    proc = run_cli([*cmd, "--checks", "ranks,resume", "--work-dir", str(tmp_path / "work")], timeout=300)
+    work = tmp_path / "work #1"  # the runs' overrides are YAML: the folder was cut at the `#` (a traceback)
+    proc = run_cli([*cmd, "--checks", "ranks,resume", "--work-dir", str(work)], timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
     ranks = re.search(r"^\s+2 ranks vs 1 rank .*?\s([\d.e+-]+)\s+1e-05\s+FAIL$", proc.stdout, re.M)
     assert ranks and float(ranks.group(1)) > 1e-4, proc.stdout
     assert re.search(r"^\s+resume vs uninterrupted .*\s0\s+0 \(exact\)\s+pass$", proc.stdout, re.M), proc.stdout
     assert "the model uses dropout (p=0.2)" in proc.stdout and "model.dropout=0" in proc.stdout
-    assert read_rows(tmp_path / "work" / "resumed")[0] == {"resumed_from": "step-00000002", "step": 2}
+    assert read_rows(work / "resumed")[0] == {"resumed_from": "step-00000002", "step": 2}
 
 
 def test_verify_names_qat_observers_as_the_cause_of_a_parity_failure(tmp_path):

@@ -92,16 +92,21 @@ def plan_runs(cfg: Config, world_size: int, steps: int, work: Path) -> dict[str,
         "ranks": Run("ranks", n, b, a, [f"checkpoint.every_steps={half}", f"checkpoint.keep_last={steps}"]),
         "accum": Run("accum", 1, b, n * a),
         "resumed": Run(
-            "resumed", n, b, a, [f"checkpoint.resume={work / 'ranks' / 'checkpoints' / f'step-{half:08d}'}"]
+            "resumed", n, b, a, [f"checkpoint.resume={_quoted(work / 'ranks' / 'checkpoints' / f'step-{half:08d}')}"]
         ),
     }
+
+
+def _quoted(path: Path) -> str:
+    """A path as a YAML single-quoted scalar: overrides are read as YAML, which cuts `work #1` at the `#`."""
+    return "'" + str(path).replace("'", "''") + "'"
 
 
 def _common_overrides(run: Run, work: Path, steps: int, evaluate: bool) -> list[str]:
     """Short, quiet runs whose trajectory is the config's: no eval (unless the LR depends on it: the
     plateau schedule), no plots, nothing resumed by accident."""
     return [
-        f"run.output_dir={work / run.name}",
+        f"run.output_dir={_quoted(work / run.name)}",
         f"train.max_steps={steps}",
         "train.epochs=null",
         f"train.micro_batch_size={run.micro_batch_size}",
