@@ -830,3 +830,20 @@ def test_check_probes_the_first_batch_the_run_trains_on(tmp_path, capsys):
     proc = launch(raw, tmp_path, launcher="single", env={"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"})
     assert proc.returncode == 0, proc.stderr
     assert probe["loss"] == pytest.approx(read_rows(tmp_path / "run")[0]["loss"], rel=1e-6)
+
+
+def test_check_refuses_a_forward_that_returns_no_tensor_as_the_run_does(tmp_path, capsys):
+    """A forward returning a dict (a Hugging Face-style output): the run stops at its first step with one
+    line, status 2; check raised AttributeError ('dict' object has no attribute 'dim'): a traceback, status 1."""
+    raw = frozen_body_config(tmp_path / "run")
+    raw["model"] = {"name": "userpkg.broken:model_dict_outputs"}
+    code, out, err = run_main(capsys, "check", str(write_config(tmp_path / "c.yaml", raw)))
+    assert (
+        code == 2
+        and out == ""
+        and err
+        == (
+            "dist_train: error: the model's forward returned a dict, not a tensor: return the outputs the loss takes "
+            "(the logits or predictions, e.g. `return out['logits']`)\n"
+        )
+    )

@@ -123,6 +123,11 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
     try:
         with torch.no_grad():
             outputs = model(inputs)
+            if not isinstance(outputs, torch.Tensor):  # as the run's first step refuses it
+                raise UserError(
+                    f"the model's forward returned a {type(outputs).__name__}, not a tensor: return the "
+                    "outputs the loss takes (the logits or predictions, e.g. `return out['logits']`)"
+                )
             value = loss.sum(outputs, targets) / max(1, loss.count(targets))
     except FORWARD_ERRORS as err:
         error = ForwardError(err, inputs, targets, outputs)
@@ -131,8 +136,8 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
         raise UserError(
             f"the model's forward or loss raised {error}{where_raised(err)} on {what}: the run would fail at its first step"
         ) from None
-    shape = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
-    check_watched_metrics_fit_outputs(cfg, len(shape) if isinstance(shape, tuple) else 0)
+    shape = tuple(outputs.shape)
+    check_watched_metrics_fit_outputs(cfg, len(shape))
     value = float(value)  # not finite: a string, as metrics.jsonl writes it (JSON has no NaN/inf)
     return {"checked": True, "samples": count, "outputs": shape, "loss": value if math.isfinite(value) else str(value)}
 
