@@ -847,3 +847,17 @@ def test_check_refuses_a_forward_that_returns_no_tensor_as_the_run_does(tmp_path
             "(the logits or predictions, e.g. `return out['logits']`)\n"
         )
     )
+
+
+@pytest.mark.parametrize(
+    "mode, raised", [("assert", "AssertionError: injected assertion"), ("raise", "RuntimeError: injected failure")]
+)
+def test_check_says_in_one_line_that_the_models_own_code_raised(tmp_path, capsys, mode, raised):
+    """An assert in the model's forward: check's probe caught only IndexError/ValueError/TypeError/
+    RuntimeError, so an AssertionError (KeyError, AttributeError) was a traceback, status 1."""
+    raw = frozen_body_config(tmp_path / "run")
+    raw["model"] = {"name": "userpkg.faulty:faulty", "fail_rank": 0, "fail_call": 1, "mode": mode}
+    code, out, err = run_main(capsys, "check", str(write_config(tmp_path / "c.yaml", raw)))
+    assert code == 2 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith(f"dist_train: error: the model's forward or loss raised {raised} (at ")
+    assert "faulty.py:" in err and err.endswith("(4 samples, dist-train check): the run would fail at its first step\n")

@@ -129,12 +129,16 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
                     "outputs the loss takes (the logits or predictions, e.g. `return out['logits']`)"
                 )
             value = loss.sum(outputs, targets) / max(1, loss.count(targets))
-    except FORWARD_ERRORS as err:
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the model's own raise too (an assert, a KeyError): one line
         error = ForwardError(err, inputs, targets, outputs)
-        if error.is_misfit():
+        if isinstance(err, FORWARD_ERRORS) and error.is_misfit():
             raise error.as_user_error(what) from None
+        message = (str(err).strip().splitlines() or [""])[0]
         raise UserError(
-            f"the model's forward or loss raised {error}{where_raised(err)} on {what}: the run would fail at its first step"
+            f"the model's forward or loss raised {type(err).__name__}: {message}{where_raised(err)} on {what}: the run "
+            "would fail at its first step"
         ) from None
     shape = tuple(outputs.shape)
     check_watched_metrics_fit_outputs(cfg, len(shape))

@@ -21,6 +21,8 @@ class Faulty(nn.Module):
         if int(os.environ.get("RANK", "0")) == self.fail_rank and self.calls == self.fail_call:
             if self.mode == "raise":
                 raise RuntimeError("injected failure")
+            if self.mode == "assert":  # the model's own check, not an error torch raises
+                raise AssertionError("injected assertion\nsecond line")
             if self.mode == "hang":
                 while True:
                     time.sleep(1)
