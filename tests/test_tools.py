@@ -520,6 +520,31 @@ def test_check_checkpoint_bytes_match_a_real_zero2_checkpoint(tmp_path, capsys):
     assert estimate["checkpoint_bytes"] == pytest.approx(written, rel=0.1)
 
 
+@pytest.mark.slow
+def test_check_checkpoint_bytes_count_the_frozen_weights_a_zero3_checkpoint_holds(tmp_path, capsys):
+    """ZeRO-3 saves frozen parameters as frozen_param_fragments beside the trainable ones' fp32 master
+    partitions: check counted no weights at all at stage 3 (a frozen backbone's checkpoints: far too small)."""
+    pytest.importorskip("deepspeed")
+    capsys.readouterr()  # DeepSpeed's import warning (stdout) is not check's output
+    raw = frozen_body_config(tmp_path / "run") | {"strategy": {"name": "deepspeed", "zero_stage": 3}}
+    raw["train"] |= {"max_steps": 1}
+    proc = launch(raw, tmp_path, nproc=2, env={"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tmp_path / "run" / "checkpoints" / ckpt.step_dir_name(1) / "deepspeed"
+    saved = 0
+    for path in folder.glob("*.pt"):  # the tensors' bytes (each tiny file carries kilobytes of pickle)
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        saved += sum(t.nbytes for t in payload.get("frozen_param_fragments", {}).values())
+        for group in payload.get("optimizer_state_dict", {}).get("fp32_flat_groups", []):
+            saved += group.nbytes
+        for state in payload.get("optimizer_state_dict", {}).get("optimizer_state_dict", {}).get("state", {}).values():
+            saved += sum(t.nbytes for t in state.values() if torch.is_tensor(t) and t.dim())
+    estimate = check_json(capsys, write_config(tmp_path / "c.yaml", raw), "--world-size", "2")
+    frozen = estimate["model"]["parameters"] - estimate["model"]["trainable_parameters"]
+    assert estimate["checkpoint_bytes"] == 4 * frozen + 12 * estimate["model"]["trainable_parameters"]
+    assert estimate["checkpoint_bytes"] == pytest.approx(saved, rel=0.05)
+
+
 # --- doctor -----------------------------------------------------------------------------------------------
 
 

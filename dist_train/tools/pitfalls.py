@@ -19,12 +19,13 @@ from .report import human_bytes
 
 def checkpoint_size(trainable: int, numel: int, cfg: Config) -> int:
     """Approximate bytes of one checkpoint: fp32 weights plus fp32 optimizer state. DeepSpeed ZeRO
-    also saves its fp32 master partitions (4 bytes per parameter), and at stage 3 those are the only
-    copy of the weights (its model-state files hold none)."""
+    also saves its fp32 master partitions (4 bytes per trainable parameter), and at stage 3 those are
+    the only copy of the trainable weights: its model-state files hold the frozen ones only."""
     weights, states = 4 * numel, 4 * optimizer_states_per_param(cfg) * trainable
     if cfg.strategy.name == "deepspeed" and cfg.strategy.zero_stage:
         states += 4 * trainable
-        weights = 0 if cfg.strategy.zero_stage == 3 else (2 if cfg.train.precision == "fp16" else 4) * numel
+        held = numel - trainable if cfg.strategy.zero_stage == 3 else numel  # ZeRO-3: frozen_param_fragments
+        weights = (2 if cfg.train.precision == "fp16" else 4) * held
     return weights + states
 
 
