@@ -229,6 +229,28 @@ def test_check_exits_2_on_an_output_dir_inside_a_checkpoint_folder(tmp_path, cap
     assert not (step / "new").exists()
 
 
+def test_check_and_doctor_on_an_output_dir_this_user_may_not_enter(tmp_path):
+    """run.output_dir inside (or being) another user's folder (mode 700): the run says one line, status 2;
+    check and doctor's disk line raised PermissionError from Path.exists (a traceback, status 1)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(locked / "run"))
+    locked.chmod(0)
+    try:
+        for out, what in ((locked / "run", "create"), (locked, "write in")):
+            cmd = [*as_plain_user(), PYTHON, "-m", "dist_train", "check", str(path), f"run.output_dir={out}"]
+            proc = run_cli(cmd, timeout=120)
+            assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+                f"dist_train: error: run.output_dir {out}: cannot {what} it (Permission denied); choose another"
+            ], proc.stderr[-2000:]
+        cmd = [*as_plain_user(), PYTHON, "-m", "dist_train", "doctor", "--output-dir", str(locked / "run"), "--json"]
+        proc = run_cli(cmd, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert json.loads(proc.stdout)["disk"]["measured_at"] == str(locked)
+    finally:
+        locked.chmod(0o755)
+
+
 def test_check_exits_2_on_an_attention_preference_this_torch_cannot_set(tmp_path, capsys, monkeypatch):
     """train.sdpa_backend=cudnn on a torch without attention priorities (< 2.6, still supported) stops
     the run with exit 2: check said 'No warnings'."""

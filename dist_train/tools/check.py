@@ -149,15 +149,23 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
 def check_output_dir(output_dir: str) -> None:
     """The run's `mkdir -p run.output_dir`, creating nothing: a file in its way (the folder itself or
     one above it), or one in the way of the run's own files inside, makes the run stop with exit 2.
-    Permissions are left alone: this machine may not be the one that writes."""
+    Permissions are left alone (this machine may not be the one that writes), except a folder this
+    user may not enter at all: the run would refuse it, and nothing past it can be checked."""
     if refused := ckpt.in_a_checkpoint(Path(output_dir)):
         raise UserError(refused)
     path = Path(output_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    try:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+    except PermissionError as err:  # a folder above it this user may not enter: the run's mkdir fails alike
+        raise UserError(f"run.output_dir {output_dir}: cannot create it ({err.strerror}); choose another") from None
     if not existing.is_dir():
         reason = errno.EEXIST if existing == path else errno.ENOTDIR
         raise UserError(f"run.output_dir {output_dir}: cannot create it ({os.strerror(reason)}); choose another")
-    if existing == path and (refused := ckpt.in_the_way(Path(output_dir))):  # as the run refuses it
+    try:
+        refused = ckpt.in_the_way(Path(output_dir)) if existing == path else None
+    except PermissionError as err:  # a folder this user may not even look into (another user's, mode 700)
+        raise UserError(f"run.output_dir {output_dir}: cannot write in it ({err.strerror}); choose another") from None
+    if refused:  # as the run refuses it
         raise UserError(refused)
 
 

@@ -117,10 +117,17 @@ def launcher_env() -> dict:
     }
 
 
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except PermissionError:  # inside a folder this user may not enter: measured at that folder
+        return False
+
+
 def disk(output_dir: str) -> dict:
     """Free space where the output folder is (or would be created: its nearest existing parent)."""
     path = Path(output_dir).absolute()
-    existing = next(p for p in (path, *path.parents) if p.exists())
+    existing = next(p for p in (path, *path.parents) if _exists(p))
     usage = shutil.disk_usage(existing)
     return {
         "path": str(path),
