@@ -344,12 +344,20 @@ def resume_path(resume: str) -> Path:
     """The checkpoint folder a `checkpoint.resume` path names (a checkpoint folder, or a run folder's
     `latest`), not verified yet; UserError when it names none."""
     path = Path(resume)
-    if not path.exists():
+    try:
+        exists = path.exists()
+        named = exists and (path / MANIFEST).exists()
+        root = path / "checkpoints" if exists and not named and (path / "checkpoints").is_dir() else path
+    except PermissionError as err:  # in (or being) a folder this user may not enter: another user's run
+        raise UserError(
+            f"checkpoint.resume: {path} cannot be read ({err.strerror}): get read access to the run folder, or "
+            "name a checkpoint you can read"
+        ) from None
+    if not exists:
         raise UserError(
             f"checkpoint.resume: {path} does not exist (give a step-XXXXXXXX folder, a run folder, auto or never)"
         )
-    if not (path / MANIFEST).exists():
-        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    if not named:
         latest = read_latest(root)
         if latest is None:
             raise UserError(

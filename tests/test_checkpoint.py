@@ -481,6 +481,28 @@ def test_a_checkpoint_file_it_cannot_read_is_one_line(tmp_path, reference):
     ], proc.stderr[-2000:]
 
 
+def test_a_resume_path_in_a_folder_it_may_not_enter_is_one_line(tmp_path, reference):
+    """checkpoint.resume names a run inside, or a step folder that is, a folder this user may not enter
+    (another user's, mode 700): Path.exists raised PermissionError in the run and in dist-train check
+    (a traceback, status 1)."""
+    run_dir, root = _checkpointed_run(tmp_path / "other", reference)
+    config = write_config(tmp_path / "c.yaml", mlp_raw(tmp_path / "new"))
+    try:
+        for locked, resume in ((tmp_path / "other", run_dir), (root / "step-00000006", root / "step-00000006")):
+            locked.chmod(0)
+            for command in ([], ["check"]):
+                cmd = [*as_plain_user(), PYTHON, "-m", "dist_train", *command, "--config", str(config)]
+                proc = run_cli([*cmd, f"checkpoint.resume={resume}"], timeout=120)
+                assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+                    f"dist_train: error: checkpoint.resume: {resume} cannot be read (Permission denied): get read "
+                    "access to the run folder, or name a checkpoint you can read"
+                ], proc.stderr[-2000:]
+            locked.chmod(0o755)
+    finally:
+        (tmp_path / "other").chmod(0o755)
+        (root / "step-00000006").chmod(0o755)
+
+
 def test_a_latest_it_cannot_read_is_one_line(tmp_path, reference):
     """checkpoint.resume names another user's run whose `latest` this user may not read: reading it
     raised PermissionError (a traceback, status 1)."""
