@@ -106,7 +106,12 @@ def run_plot(argv: list[str]) -> int:
     parser.add_argument("run_dir")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    if not (Path(args.run_dir) / "metrics.jsonl").is_file():
+    metrics = Path(args.run_dir) / "metrics.jsonl"
+    try:
+        found = metrics.is_file()
+    except PermissionError as err:  # a run in a folder this user may not enter (another user's)
+        raise UserError(f"cannot read {metrics} ({err.strerror})") from None
+    if not found:
         raise UserError(f"{args.run_dir} has no metrics.jsonl: give a run's output folder")
     out = plot_metrics(args.run_dir, args.out)
     if out is None:

@@ -762,6 +762,18 @@ def test_plot_of_a_metrics_file_it_cannot_read_is_one_line(tmp_path):
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"dist_train: error: cannot read {tmp_path / 'metrics.jsonl'} (Permission denied)"
     ], proc.stderr[-2000:]
+    # a run inside a folder this user may not enter: Path.is_file raised PermissionError (a traceback, status 1)
+    run_dir = tmp_path / "locked" / "run"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    (tmp_path / "locked").chmod(0)
+    try:
+        proc = run_cli([*as_plain_user(), PYTHON, "-m", "dist_train", "plot", str(run_dir)], timeout=120)
+    finally:
+        (tmp_path / "locked").chmod(0o755)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"dist_train: error: cannot read {run_dir / 'metrics.jsonl'} (Permission denied)"
+    ], proc.stderr[-2000:]
 
 
 def _tb_scalars(tb_dir, tag):
