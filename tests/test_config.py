@@ -357,6 +357,8 @@ def test_numbers_in_lists_and_factory_arguments_load_as_numbers(tmp_path):
         ("train.lr=nan", "`train.lr` must be a finite number"),
         ("train.grad_clip_norm=.inf", "`train.grad_clip_norm` must be a finite number"),
         ("dist.timeout_s=inf", "`dist.timeout_s` must be a finite number"),
+        ("dist.timeout_s=1e12", "`dist.timeout_s` must be a number of seconds > 0 and <= 2592000"),  # time_t overflow
+        ("checkpoint.save_timeout_s=0", "`checkpoint.save_timeout_s` must be a number of seconds > 0"),
         ("strategy.name=null", "`strategy.name` must be one of ddp"),
         ("optim.name=null", "`optim.name` must be one of"),
         ("optim.eps=-1", "`optim.eps` must be >= 0"),

@@ -9,7 +9,7 @@ import types
 from typing import Any, Literal, Union, get_args, get_origin
 
 from ..errors import UserError
-from .schema import CUDA_GRAPH_MODES, MAX_SEED, REQUIRED_KEYS, Config
+from .schema import CUDA_GRAPH_MODES, MAX_SEED, MAX_TIMEOUT_S, REQUIRED_KEYS, Config
 
 
 def nearest(name: str, options: list[str], prefix: str = "") -> str:
@@ -94,6 +94,12 @@ def _positive(value: Any, path: str, allow_none: bool = False, allow_zero: bool 
         raise UserError(f"`{path}` must be {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
+def check_timeout(value: float, path: str) -> None:
+    """A timeout in seconds: positive, at most 30 days (a longer one overflows the deadlines built from it)."""
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise UserError(f"`{path}` must be a number of seconds > 0 and <= {MAX_TIMEOUT_S} (30 days), got {value!r}")
+
+
 def validate(cfg: Config) -> None:
     """Values the types allow but a run cannot use."""
     for path in REQUIRED_KEYS:
@@ -150,11 +156,11 @@ def validate(cfg: Config) -> None:
     if not 0 <= cfg.strategy.zero_stage <= 3:
         raise UserError(f"`strategy.zero_stage` must be 0, 1, 2 or 3, got {cfg.strategy.zero_stage}")
     _positive(cfg.strategy.bucket_cap_mb, "strategy.bucket_cap_mb")
-    _positive(cfg.dist.timeout_s, "dist.timeout_s")
+    check_timeout(cfg.dist.timeout_s, "dist.timeout_s")
     _positive(cfg.checkpoint.every_steps, "checkpoint.every_steps", allow_none=True)
     _positive(cfg.checkpoint.keep_last, "checkpoint.keep_last")
     _positive(cfg.checkpoint.keep_every, "checkpoint.keep_every", allow_none=True)
-    _positive(cfg.checkpoint.save_timeout_s, "checkpoint.save_timeout_s")
+    check_timeout(cfg.checkpoint.save_timeout_s, "checkpoint.save_timeout_s")
     _positive(cfg.log.every_steps, "log.every_steps")
 
 

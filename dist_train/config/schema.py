@@ -24,6 +24,7 @@ def _f(default: Any, doc: str, **kwargs: Any) -> Any:
 REQUIRED = None  # marker default for the three keys the contract makes mandatory
 REQUIRED_KEYS = ("run.output_dir", "model.name", "data.name")
 MAX_SEED = 2**32  # |run.seed| below it: the per-rank and per-epoch seeds derived from it stay in torch's range
+MAX_TIMEOUT_S = 30 * 24 * 3600  # a collective or save timeout longer than 30 days overflows deadlines (time_t)
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # train.compile_mode values that replay CUDA graphs
 
 
@@ -207,7 +208,9 @@ class StrategyConfig:
 @dataclass
 class DistConfig:
     backend: Literal["auto", "nccl", "gloo"] = _f("auto", "process-group backend (auto: nccl with CUDA, else gloo)")
-    timeout_s: float = _f(600.0, "collective timeout; a dead or hung rank fails the others after this long")
+    timeout_s: float = _f(
+        600.0, "collective timeout (s, at most 30 days); a dead or hung rank fails the others after this long"
+    )
 
 
 @dataclass
@@ -217,7 +220,9 @@ class CheckpointConfig:
     keep_every: Union[int, None] = _f(None, "also keep every checkpoint whose step is a multiple of M")
     resume: str = _f("auto", "`auto` (newest valid checkpoint, else fresh), `never`, or a checkpoint/run path")
     at_end: bool = _f(True, "write a checkpoint after the last step")
-    save_timeout_s: float = _f(1800.0, "how long ranks wait for a checkpoint save to complete before failing")
+    save_timeout_s: float = _f(
+        1800.0, "how long ranks wait for a checkpoint save to complete before failing (s, at most 30 days)"
+    )
 
 
 @dataclass

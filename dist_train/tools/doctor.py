@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import platform
 import shutil
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from ..cli import ArgParser
+from ..config.checks import check_timeout
 from ..distributed import DistContext, detect_launcher, init_distributed, teardown
 from ..errors import UserError
 from .report import human_bytes, key_values, size_label, table
@@ -334,8 +334,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.max_bytes < 1024 or args.iters < 1:
         raise UserError("--max-bytes must be >= 1024 and --iters >= 1")
-    if not 0 < args.timeout_s < math.inf:  # 0 made every rank's store connection time out: a traceback
-        raise UserError(f"--timeout-s must be a positive number of seconds, got {args.timeout_s}")
+    check_timeout(args.timeout_s, "--timeout-s")  # 0 made every rank's store connection time out: a traceback
     check_gpu_binding(args.backend)
     ctx, environment = None, launcher_env()
     try:
