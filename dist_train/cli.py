@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from . import __version__
 from .errors import UserError, on_every_rank
 
 EXIT_USAGE = 2
@@ -50,6 +51,7 @@ def _train_parser(prog: str) -> argparse.ArgumentParser:
         epilog=SUBCOMMAND_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"dist-train {__version__}")
     parser.add_argument("--config", required=True, help="YAML config file")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. train.lr=3e-4 strategy.name=ddp")
     return parser

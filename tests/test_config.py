@@ -516,3 +516,11 @@ def test_a_home_folder_tilde_in_the_runs_paths_is_expanded(tmp_path, monkeypatch
     cfg = load_config(path, ["checkpoint.resume=~/runs/b"])
     assert (cfg.run.output_dir, cfg.checkpoint.resume) == (f"{tmp_path}/home/runs/a", f"{tmp_path}/home/runs/b")
     assert load_config(path, ["checkpoint.resume=auto", "run.output_dir=a~b"]).run.output_dir == "a~b"
+
+
+def test_version_flag_prints_the_version_without_a_config():
+    """`dist-train --version` answered "the following arguments are required: --config" (status 2)."""
+    from dist_train import __version__
+
+    proc = run_cli([PYTHON, "-m", "dist_train", "--version"], timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"dist-train {__version__}", proc.stderr
