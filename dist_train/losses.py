@@ -94,21 +94,23 @@ def _same_shape(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tupl
 def _check_ranges(name: str, kwargs: dict) -> None:
     """Loss arguments torch would refuse at the first batch (or take and train nonsense with)."""
 
-    def numbers(key: str) -> list:
+    def numbers(key: str, lists: bool) -> list:
         value = kwargs[key]
-        values = value if isinstance(value, (list, tuple)) else [value]
+        values = value if lists and isinstance(value, (list, tuple)) else [value]
         if not values or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise UserError(f"train.loss_kwargs.{key} must be a number or a list of numbers, got {value!r}")
+            kind = "a number or a list of numbers" if lists else "a number"
+            raise UserError(f"train.loss_kwargs.{key} must be {kind}, got {value!r}")
         return values
 
-    bounds = {  # key: (lowest, highest, lowest allowed itself)
-        "label_smoothing": (0.0, 1.0, True),
-        "beta": (0.0, float("inf"), True),
-        "alpha": (0.0, float("inf"), True),
-        "pos_weight": (0.0, float("inf"), False),
+    bounds = {  # key: (lowest, highest, lowest allowed itself, a list of per-class/column values allowed)
+        "label_smoothing": (0.0, 1.0, True, False),
+        "beta": (0.0, float("inf"), True, False),
+        "gamma": (0.0, float("inf"), True, False),
+        "alpha": (0.0, float("inf"), True, True),
+        "pos_weight": (0.0, float("inf"), False, True),
     }
-    for key, (low, high, closed) in bounds.items():
-        if key in kwargs and not all((v >= low if closed else v > low) and v <= high for v in numbers(key)):
+    for key, (low, high, closed, lists) in bounds.items():  # NaN fails every comparison: refused too
+        if key in kwargs and not all((v >= low if closed else v > low) and v <= high for v in numbers(key, lists)):
             span = f"[{low:g}, {high:g}]" if high < float("inf") else (">= 0" if closed else "> 0")
             raise UserError(f"train.loss_kwargs.{key} for {name} must be {span}, got {kwargs[key]!r}")
 
@@ -151,8 +153,6 @@ def build_loss(name: str, **kwargs: float) -> Loss:
         )
     if name == "focal":
         gamma, alpha = float(kwargs.get("gamma", 2.0)), kwargs.get("alpha")
-        if gamma < 0:
-            raise UserError(f"train.loss_kwargs.gamma must be >= 0 for focal, got {gamma}")
 
         def focal(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             # Lin et al. 2017: -alpha_t (1 - p_t)^gamma log p_t, on softmax probabilities

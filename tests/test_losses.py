@@ -311,6 +311,13 @@ def test_compile_mode_reaches_the_model_and_the_loss_less_its_cuda_graphs(monkey
         ("smooth_l1", {"beta": -1.0}, "beta for smooth_l1 must be >= 0"),
         ("bce_with_logits", {"pos_weight": [1.0, 0.0]}, "pos_weight for bce_with_logits must be > 0"),
         ("focal", {"alpha": "high"}, "alpha must be a number or a list of numbers"),
+        # scalar options: a list, a string or null was a TypeError/ValueError traceback (status 1), and
+        # gamma NaN trained on NaN losses
+        ("cross_entropy", {"label_smoothing": [0.1]}, "label_smoothing must be a number, got [0.1]"),
+        ("smooth_l1", {"beta": None}, "beta must be a number, got None"),
+        ("focal", {"gamma": [1.0, 2.0]}, "gamma must be a number, got [1.0, 2.0]"),
+        ("focal", {"gamma": "abc"}, "gamma must be a number, got 'abc'"),
+        ("focal", {"gamma": float("nan")}, "gamma for focal must be >= 0, got nan"),
     ],
 )
 def test_loss_arguments_out_of_range_are_refused_before_any_batch(name, kwargs, message):
