@@ -110,6 +110,8 @@ def _check_ranges(name: str, kwargs: dict) -> None:
         "pos_weight": (0.0, float("inf"), False, True),
     }
     for key, (low, high, closed, lists) in bounds.items():  # NaN fails every comparison: refused too
+        if lists and kwargs.get(key) is None:  # alpha, pos_weight: null is their documented default (none)
+            continue
         if key in kwargs and not all((v >= low if closed else v > low) and v <= high for v in numbers(key, lists)):
             span = f"[{low:g}, {high:g}]" if high < float("inf") else (">= 0" if closed else "> 0")
             raise UserError(f"train.loss_kwargs.{key} for {name} must be {span}, got {kwargs[key]!r}")

@@ -323,3 +323,12 @@ def test_compile_mode_reaches_the_model_and_the_loss_less_its_cuda_graphs(monkey
 def test_loss_arguments_out_of_range_are_refused_before_any_batch(name, kwargs, message):
     with pytest.raises(UserError, match=re.escape(message)):
         build_loss(name, **kwargs)
+
+
+@pytest.mark.parametrize("name, key", [("focal", "alpha"), ("bce_with_logits", "pos_weight")])
+def test_a_null_weight_option_is_its_documented_default(tokens, name, key):
+    """README: `alpha=null`, `pos_weight=null`; written out (`train.loss_kwargs.alpha=null`) they were
+    refused as 'must be a number or a list of numbers, got None'."""
+    if name == "bce_with_logits":
+        tokens = (tokens[0], (tokens[0] > 0).float())
+    torch.testing.assert_close(mean(name, *tokens, **{key: None}), mean(name, *tokens))
