@@ -144,6 +144,18 @@ def test_transformer_classifier_masks_leading_padding_too():
     assert torch.isfinite(after).all() and not torch.allclose(before[1], after[1])
 
 
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_transformer_classifier_logits_do_not_depend_on_left_padding(pooling):
+    """Padding in front shifted the real tokens' position embeddings: a left-padded sequence's logits
+    changed with the amount of padding, though README says they do not depend on it."""
+    torch.manual_seed(0)
+    kwargs = {"vocab_size": 16, "max_len": 8, "d_model": 16, "n_heads": 2, "pooling": pooling}
+    model = build_model("transformer_classifier", kwargs).eval()
+    alone = model(torch.tensor([[5, 6, 7]]))
+    padded = model(torch.tensor([[0, 0, 0, 5, 6, 7], [0, 5, 6, 7, 0, 0], [5, 6, 7, 0, 0, 0]]))
+    torch.testing.assert_close(padded, alone.expand(3, -1))
+
+
 def test_transformer_classifier_names_sequences_longer_than_max_len():
     model = build_model("transformer_classifier", {"vocab_size": 16, "max_len": 8, "d_model": 16, "n_heads": 2})
     with pytest.raises(UserError, match=r"sequences of 9 tokens are longer than model.max_len \(8\)"):

@@ -1,7 +1,8 @@
 """Transformer encoder classifier over token sequences (pre-norm blocks, SDPA attention).
 
 Token `pad_id` (default 0) is padding wherever it occurs: padded keys are masked out of attention
-and padded positions out of the mean pooling, so a sequence's logits do not depend on its padding.
+and padded positions out of the mean pooling, and positions count real tokens only, so a sequence's
+logits do not depend on its padding (left, right or both).
 """
 
 from __future__ import annotations
@@ -70,15 +71,18 @@ class TransformerClassifier(nn.Module):
                 f"model.max_len ({self.max_len}): raise model.max_len, or shorten the data's sequences"
             )
         keep = tokens != self.pad_id  # (B, T)
+        # Positions count real tokens only, so padding in front (or inside) shifts no token's position.
+        positions = (keep.cumsum(dim=1) - 1).clamp(min=0)
         x = self.tok_emb(tokens)
         if self.cls is not None:
             x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1)
             keep = torch.cat([keep.new_ones(keep.shape[0], 1), keep], dim=1)
+            positions = torch.cat([positions.new_zeros(positions.shape[0], 1), positions + 1], dim=1)
         else:
             # A row that is all padding would give every query no key (NaN softmax): let it see position 0.
             keep = keep.clone()
             keep[:, 0] |= ~keep.any(dim=1)
-        x = self.drop(x + self.pos_emb(torch.arange(x.shape[1], device=x.device)))
+        x = self.drop(x + self.pos_emb(positions))
         attn_keep = keep[:, None, None, :]  # broadcast over heads and queries
         for block in self.blocks:
             x = block(x, attn_keep)
