@@ -221,6 +221,11 @@ def test_synthetic_series_targets():
     x, y = freq.tensors
     spectrum = torch.fft.rfft(x[:, :, 0], dim=1).abs()  # 32 steps: class c has 2 (c + 1) periods
     assert torch.equal(spectrum.argmax(dim=1), 2 * (y + 1))
+    # 10 classes over 32 steps: class 8 (18 periods) sampled 32 times is class 6 (14 periods) with
+    # another phase; the task was generated with classes no model could tell apart
+    with pytest.raises(UserError, match=r"num_classes <= seq_len / 4 .* got num_classes=10 with seq_len=32"):
+        build_dataset("synthetic_series", "train", {"task": "frequency", "num_classes": 10, "seq_len": 32})
+    assert build_dataset("synthetic_series", "train", {"task": "frequency", "num_classes": 8}) is not None
 
 
 def _run_config(output_dir: Path, model: dict, data: dict, loss: str, lr: float, steps: int = 25) -> dict:

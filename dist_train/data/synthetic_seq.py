@@ -78,6 +78,14 @@ def synthetic_series(
         raise UserError(f"synthetic_series: task must be adding or frequency, got {task!r}")
     if seq_len < 2:
         raise UserError("synthetic_series: seq_len must be >= 2")
+    if task == "frequency" and not 1 <= num_classes <= seq_len // 4:
+        # class c has 2 (c + 1) periods: past seq_len / 2 periods (Nyquist) a class's samples alias
+        # onto a lower class's frequency, and the two classes cannot be told apart
+        raise UserError(
+            f"synthetic_series: task=frequency needs 1 <= num_classes <= seq_len / 4 (the top class has "
+            f"2 num_classes periods over seq_len steps), got num_classes={num_classes} with seq_len={seq_len}: "
+            f"raise data.seq_len to >= {4 * max(num_classes, 1)} or lower data.num_classes"
+        )
     n = num_samples if split == "train" else eval_samples
     if n <= 0:
         return None
