@@ -2,6 +2,7 @@
 
 import os
 import re
+import subprocess
 
 import pytest
 import torch
@@ -350,6 +351,34 @@ def test_fsdp_fp16_skips_a_non_finite_step_like_ddp(tmp_path):
     weights = load_weights(tmp_path / "fsdp")
     assert all(torch.isfinite(w).all() for w in weights.values())
     assert max_abs_diff(load_weights(tmp_path / "ddp"), weights) <= 1e-6
+
+
+def ds_fp16(tmp_path, raw: dict, name: str) -> subprocess.CompletedProcess:
+    """`raw` under DeepSpeed's own fp16 in one CPU process (userpkg.ds_fp16: DeepSpeed's CPU accelerator
+    claims fp16 support, so the run takes the path it takes on CUDA)."""
+    config = write_config(tmp_path / f"{name}.yaml", {**raw, "run": {"output_dir": str(tmp_path / name)}})
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "DS_ACCELERATOR": "cpu"}
+    return run_cli([PYTHON, "-m", "userpkg.ds_fp16", "--config", str(config)], env=env)
+
+
+def test_deepspeed_fp16_trains_a_model_with_float_inputs(tmp_path):
+    """DeepSpeed's fp16 casts the model to fp16, not its inputs: every float batch (images, vectors)
+    met the fp16 weights as fp32 ("mat1 and mat2 must have the same dtype", reported as a model/data
+    misfit, status 2). fp16.auto_cast casts floating inputs, as FSDP2's policy does."""
+    raw = {
+        "model": {"name": "mlp", "hidden_dim": 16},
+        "data": {"name": "synthetic_vectors", "num_samples": 64},
+        "train": {"max_steps": 3, "micro_batch_size": 8, "precision": "fp16"},
+        "strategy": {"name": "deepspeed", "zero_stage": 1},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    proc = ds_fp16(tmp_path, raw, "zero1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in read_rows(tmp_path / "zero1") if "loss" in r]
+    assert len(rows) == 3 and all(isinstance(r["loss"], float) for r in rows)
+    weights = load_weights(tmp_path / "zero1")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
 def test_fsdp_resumes_across_a_precision_change_like_ddp(tmp_path):

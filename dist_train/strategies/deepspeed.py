@@ -125,7 +125,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         # parameter to be communicated in bf16 (DDP and FSDP reduce in fp32)
         ours["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     elif t.precision == "fp16":  # DeepSpeed's own fp16 with dynamic loss scaling (CUDA)
-        ours["fp16"] = {"enabled": True, "initial_scale_power": 16}
+        # auto_cast: the engine casts floating inputs to its fp16 weights (an image or vector batch met
+        # them as fp32: "mat1 and mat2 must have the same dtype" at the first step)
+        ours["fp16"] = {"enabled": True, "initial_scale_power": 16, "auto_cast": True}
     extra = _passthrough(cfg)
     for key in ("optimizer", "scheduler"):
         if key in extra:
