@@ -381,6 +381,33 @@ def test_deepspeed_fp16_trains_a_model_with_float_inputs(tmp_path):
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
+def test_deepspeed_fp16_stops_after_the_scalers_back_off_plus_the_limit(tmp_path):
+    """A ZeRO run whose loss stays NaN under DeepSpeed's fp16: its loss scaler kept the scale on the
+    first skip (hysteresis 2), reached its minimum of 1 at the 17th and raised at the 18th ("Current
+    loss scale already at minimum"), before train.max_nonfinite_steps=2 (+16) could stop the run with
+    its own message. Now each skip halves the scale, as GradScaler does, and the limit stops the run."""
+    raw = {
+        "model": {"name": "userpkg.nan:nan_model", "nan_from": 1},
+        "data": {"name": "synthetic_vectors", "num_samples": 256},
+        "train": {"max_steps": 30, "micro_batch_size": 8, "precision": "fp16", "max_nonfinite_steps": 2},
+        "strategy": {"name": "deepspeed", "zero_stage": 1},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    proc = ds_fp16(tmp_path, raw, "zero1")
+    assert proc.returncode not in (0, 2), proc.stderr[-2000:]
+    assert "not finite for 18 steps in a row (by step 18)" in proc.stderr, proc.stderr[-2000:]
+    assert "loss scale already at minimum" not in proc.stderr
+    rows = [r for r in read_rows(tmp_path / "zero1") if "loss" in r]
+    assert [r["skipped_steps"] for r in rows] == list(range(1, 18))
+    # gradients that overflow down to a scale of 2^8: 8 halvings from 2^16, 8 skipped steps (9 with hysteresis 2)
+    raw["model"] = {"name": "userpkg.nan:loud_mlp", "gain": 300.0}
+    raw["train"] = {**raw["train"], "max_steps": 12, "grad_accum_steps": 2, "lr": 1e-3, "grad_clip_norm": 1.0}
+    proc = ds_fp16(tmp_path, raw, "loud")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [r["skipped_steps"] for r in read_rows(tmp_path / "loud") if "loss" in r][7:] == [8] * 5
+
+
 def test_fsdp_resumes_across_a_precision_change_like_ddp(tmp_path):
     """An fp32 FSDP checkpoint resumed by an fp16 run was "does not fit this model or optimizer
     (Missing key in checkpoint state_dict: scaler.scale)" (status 2) where DDP starts a fresh scale."""

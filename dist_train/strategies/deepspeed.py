@@ -127,7 +127,9 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     elif t.precision == "fp16":  # DeepSpeed's own fp16 with dynamic loss scaling (CUDA)
         # auto_cast: the engine casts floating inputs to its fp16 weights (an image or vector batch met
         # them as fp32: "mat1 and mat2 must have the same dtype" at the first step)
-        ours["fp16"] = {"enabled": True, "initial_scale_power": 16, "auto_cast": True}
+        # hysteresis 1: each skipped step halves the scale, as torch's GradScaler does (DeepSpeed's
+        # default 2 keeps it on the first skip of a streak)
+        ours["fp16"] = {"enabled": True, "initial_scale_power": 16, "auto_cast": True, "hysteresis": 1}
     extra = _passthrough(cfg)
     for key in ("optimizer", "scheduler"):
         if key in extra:
@@ -213,6 +215,15 @@ class DeepSpeedStrategy(Strategy):
             raise on_every_rank(schema_error(err)) from None
         self.model = self.engine
         self._skipped = 0
+        self._scaler_at_min_skips()
+
+    def _scaler_at_min_skips(self) -> None:
+        """fp16: DeepSpeed's loss scaler raised ("Current loss scale already at minimum") at a skipped
+        step that met its minimum scale, 1: the 17th in a row. It skips that step too, and the loop's
+        train.max_nonfinite_steps (+16 under fp16) stops the run, with its own message, as under DDP."""
+        scaler = getattr(self.engine.optimizer, "loss_scaler", None)
+        if hasattr(scaler, "raise_error_at_min_scale"):
+            scaler.raise_error_at_min_scale = False
 
     @property
     def module(self) -> nn.Module:
@@ -273,6 +284,7 @@ class DeepSpeedStrategy(Strategy):
         if path is None:
             raise UserError(f"checkpoint {folder}: DeepSpeed could not load its state")
         self._skipped = self.engine.skipped_steps
+        self._scaler_at_min_skips()  # ZeRO restores its loss scaler object from the checkpoint
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """fp32 master weights (gathered across ZeRO partitions) with the bare model's names."""

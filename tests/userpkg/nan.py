@@ -20,3 +20,20 @@ class NaNAt(nn.Module):
 
 def nan_model(nan_calls: list[int] = (), nan_from: int | None = None) -> nn.Module:
     return NaNAt(list(nan_calls), nan_from)
+
+
+class Loud(nn.Module):
+    """An MLP whose outputs are `gain` times larger: its fp16 gradients overflow at a large loss scale."""
+
+    def __init__(self, gain: float):
+        super().__init__()
+        from dist_train.models.mlp import mlp
+
+        self.net, self.gain = mlp(hidden_dim=32, depth=1), gain
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x) * self.gain
+
+
+def loud_mlp(gain: float = 300.0) -> nn.Module:
+    return Loud(gain)
