@@ -408,6 +408,27 @@ def test_deepspeed_fp16_stops_after_the_scalers_back_off_plus_the_limit(tmp_path
     assert [r["skipped_steps"] for r in read_rows(tmp_path / "loud") if "loss" in r][7:] == [8] * 5
 
 
+def test_deepspeed_fp16_at_zero_stage_0_is_one_line(tmp_path):
+    """DeepSpeed's engine scales the loss for its ZeRO optimizers only; its stage-0 fp16 optimizer still
+    divided the gradients by the loss scale: the run trained on gradients 2^16 times too small (the
+    loss-scaled step never overflowed, clipping never applied) and exited 0. Now one line, status 2,
+    in the run and in dist-train check."""
+    raw = {
+        "model": {"name": "mlp", "hidden_dim": 16},
+        "data": {"name": "synthetic_vectors", "num_samples": 64},
+        "train": {"max_steps": 2, "micro_batch_size": 8, "precision": "fp16"},
+        "strategy": {"name": "deepspeed", "zero_stage": 0},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+    proc = ds_fp16(tmp_path, raw, "zero0")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("dist_train: error:")]
+    assert len(lines) == 1 and "strategy.zero_stage=0" in lines[0] and "zero_stage 1-3" in lines[0], proc.stderr
+    check = run_cli([PYTHON, "-m", "dist_train", "check", str(tmp_path / "zero0.yaml")])
+    assert check.returncode == 2 and "strategy.zero_stage=0" in check.stderr, check.stderr[-2000:]
+
+
 def test_fsdp_resumes_across_a_precision_change_like_ddp(tmp_path):
     """An fp32 FSDP checkpoint resumed by an fp16 run was "does not fit this model or optimizer
     (Missing key in checkpoint state_dict: scaler.scale)" (status 2) where DDP starts a fresh scale."""

@@ -94,6 +94,14 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
     """The DeepSpeed JSON a run passes to `deepspeed.initialize` (also shown by `dist-train check`)."""
     t, s = cfg.train, cfg.strategy
     zero: dict = {"stage": s.zero_stage}
+    if t.precision == "fp16" and s.zero_stage == 0:
+        # DeepSpeed's engine scales the loss for its ZeRO optimizers only, while its stage-0 fp16
+        # optimizer divides the gradients by the loss scale: 2^16 times too small, and never clipped
+        raise UserError(
+            "train.precision=fp16 with strategy.zero_stage=0: DeepSpeed's stage-0 fp16 optimizer divides the "
+            "gradients by its loss scale, which its engine never applied to the loss; use strategy.zero_stage "
+            "1-3, or strategy.name=ddp (torch's GradScaler)"
+        )
     if s.offload_optimizer:
         if s.zero_stage == 0:  # DeepSpeed would step our optimizer where it is, silently
             raise UserError(
