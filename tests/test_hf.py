@@ -331,6 +331,25 @@ def test_local_tokenizer_folder(tmp_path):
 
 
 @needs_hf
+def test_lm_texts_a_tokenizer_closes_with_eos_get_no_second_eos(tmp_path):
+    """A T5/ByT5-style tokenizer ends every text with </s> itself: packing added another, so the LM
+    trained on `text </s> </s> text` (and learnt eos -> eos)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, "good": 3, "bad": 4, "day": 5}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="</s>"
+    ).save_pretrained(tmp_path / "tok")
+    files = {"train": _write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in ("good day", "bad day", "good")])}
+    lm = build_dataset("hf", "train", {"files": files, "tokenizer": str(tmp_path / "tok"), "block_size": 7})
+    assert lm[0][0].tolist() == [3, 5, 2, 4, 5, 2, 3] and lm[0][1].tolist() == [5, 2, 4, 5, 2, 3, 2]
+
+
+@needs_hf
 def test_classification_truncation_keeps_the_closing_special_token(tmp_path):
     """A BERT-style tokenizer ([CLS] text [SEP]) truncates a long text itself: [SEP] stays last."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors

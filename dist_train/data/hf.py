@@ -33,9 +33,9 @@ from ..errors import UserError
 
 log = logging.getLogger("dist_train")
 
-CACHE_VERSION = (
-    4  # bump when the preprocessing changes, so old caches are not reused (4: numeric labels in numeric order)
-)
+# bump when the preprocessing changes, so old caches are not reused (4: numeric labels in numeric order;
+# 5: no second eos after a text the tokenizer already closes with one)
+CACHE_VERSION = 5
 BYTE_PAD, BYTE_EOS, BYTE_OFFSET = 0, 1, 3
 FORMATS = {
     ".json": "json",
@@ -309,8 +309,12 @@ def _label_key(value: Any) -> str:
 
 
 def _pack(ids: list[list[int]], eos: int | None, block_size: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Concatenate the texts (eos after each) and cut into block_size windows shifted by one."""
-    stream = torch.tensor([t for row in ids for t in row + ([eos] if eos is not None else [])], dtype=torch.long)
+    """Concatenate the texts (eos after each) and cut into block_size windows shifted by one.
+
+    A tokenizer that closes every text with eos itself (T5, ByT5, BART, llama's add_eos_token) gets
+    no second one."""
+    closed = [row if eos is None or row[-1:] == [eos] else row + [eos] for row in ids]
+    stream = torch.tensor([t for row in closed for t in row], dtype=torch.long)
     blocks = (len(stream) - 1) // block_size
     if blocks < 1:
         raise UserError(f"data.files.{name} has {len(stream)} tokens: too few for one block of {block_size}")
