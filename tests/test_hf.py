@@ -148,6 +148,40 @@ def test_example_seq_cls_config_starts_from_local_weights_as_documented(tmp_path
         build_model(cfg.model.name, alone)
 
 
+@needs_hf
+def test_check_runs_the_documented_local_weights_recipe(tmp_path, capsys):
+    """dist-train check builds the model on the meta device when it can: from_pretrained refuses
+    the meta device, and check turned that into 'dist_train: error: ... the factory raised
+    RuntimeError: You are using `from_pretrained` with a meta device context manager' (status 2)
+    for a config the run trains; it builds the folder's weights on the CPU instead, as the run does."""
+    from helpers import REPO_ROOT
+
+    from dist_train.cli import main
+
+    torch.manual_seed(0)
+    build_model("hf_seq_cls", {"config": GPT2}).hf.save_pretrained(tmp_path / "my-gpt2")
+    data = REPO_ROOT / "configs" / "data"
+    code = main(
+        ["check", str(REPO_ROOT / "configs" / "hf_seq_cls.yaml"), "--json", f"model.path={tmp_path / 'my-gpt2'}",
+         "model.config=null", f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}",
+         f"data.files.train={data / 'toy_sentiment_train.jsonl'}", f"data.files.eval={data / 'toy_sentiment_eval.jsonl'}"]
+    )  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["model"]["parameters"] == sum(
+        p.numel() for p in build_model("hf_seq_cls", {"config": GPT2}).parameters()
+    )
+    assert 0 < report["first_batch"]["loss"] < 10
+    from dist_train.config import load_config
+    from dist_train.tools.memory import build_for_inspection
+
+    cfg = load_config(
+        REPO_ROOT / "configs" / "hf_seq_cls.yaml", [f"model.path={tmp_path / 'my-gpt2'}", "model.config=null"]
+    )
+    assert build_for_inspection(cfg)[1] == "meta"  # the folder's architecture, its weights unread: no memory
+
+
 # ---------------------------------------------------------------- datasets
 
 

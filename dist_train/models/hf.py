@@ -110,7 +110,10 @@ def _build(
     # most config.json files); train.precision handles autocast.
     dtype_key = "dtype" if _version(transformers.__version__) >= (4, 56) else "torch_dtype"
     extra[dtype_key] = torch.float32
-    if path and any((Path(path) / name).is_file() for name in WEIGHT_FILES):
+    # on the meta device (dist-train check: shapes only, a 70B folder costs no memory) the architecture
+    # alone: from_pretrained refuses the meta device
+    weights = path and any((Path(path) / name).is_file() for name in WEIGHT_FILES)
+    if weights and torch.get_default_device().type != "meta":
         return auto.from_pretrained(path, config=hf_config, local_files_only=True, **extra)
     return auto.from_config(hf_config, **extra)
 

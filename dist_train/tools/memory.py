@@ -27,7 +27,6 @@ import torch
 import torch.nn as nn
 
 from ..config import Config
-from ..errors import UserError
 from ..models import build_model
 
 STRATEGY_ROWS = ("ddp", "zero1", "zero2", "zero3", "fsdp")
@@ -111,9 +110,9 @@ def build_for_inspection(cfg: Config) -> tuple[nn.Module, str]:
     try:
         with torch.device("meta"):
             return build_model(cfg.model.name, cfg.model.kwargs), "meta"
-    except UserError:
-        raise
     except Exception:  # noqa: BLE001 - a factory that needs real tensors (e.g. loads weights): build it for real
+        # what the factory raises comes as a UserError (call_factory): from_pretrained refuses the meta
+        # device; a config the run refuses too fails again here, with the run's own message
         from ..build import initial_model
 
         return initial_model(cfg), "cpu"  # the run's first weights: check's first-batch probe runs this model
