@@ -322,6 +322,29 @@ def test_a_cache_cut_short_is_one_line_naming_its_folder(tmp_path):
         build_dataset("hf", "train", kwargs)
 
 
+@needs_hf
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_wait_for_rank_zeros_preprocessing_that_times_out_names_dist_timeout_s(tmp_path, monkeypatch, rank):
+    """README: the barrier waits at most dist.timeout_s, raise it for corpora that take longer. A rank
+    that timed out left; rank 0 then said only 'dataset 'hf': the factory raised RuntimeError: ...
+    Connection closed by peer' (the waiting rank's words are not printed: one message per node)."""
+    import torch.distributed as dist
+
+    def barrier(**kwargs):
+        raise RuntimeError("[gloo] Timed out waiting 1000ms" if rank else "Connection closed by peer")
+
+    for name, value in {"is_initialized": True, "get_rank": rank, "get_backend": "gloo"}.items():
+        monkeypatch.setattr(dist, name, lambda *args, value=value: value)
+    monkeypatch.setattr(dist, "barrier", barrier)
+    path = tmp_path / "corpus.txt"
+    path.write_text("abcdefgh" * 10)
+    with pytest.raises(UserError, match=r"rank 0 to preprocess into .* gave up after dist.timeout_s .*raise dist"):
+        build_dataset("hf", "train", {"files": str(path), "block_size": 8})
+    if rank == 0:
+        with pytest.raises(UserError, match="too few for one block"):  # its own failure comes first
+            build_dataset("hf", "train", {"files": str(path), "block_size": 800})
+
+
 def test_two_builders_with_one_pid_each_publish_a_whole_cache(tmp_path, monkeypatch):
     """Ranks of two nodes that do not see rank 0's cache yet build into the shared folder, and may
     have the same pid (containers): both wrote `data.pt.tmp-<pid>`, and the one that renamed it

@@ -129,7 +129,18 @@ def _prepare(folder: Path, build) -> dict[str, torch.Tensor]:
     if distributed:
         # The barrier's timeout is the process group's (dist.timeout_s): raise it for big corpora.
         gpu = dist.get_backend() == "nccl"
-        dist.barrier(**({"device_ids": [torch.cuda.current_device()]} if gpu else {}))
+        try:
+            dist.barrier(**({"device_ids": [torch.cuda.current_device()]} if gpu else {}))
+        except Exception as err:  # noqa: BLE001 - a rank timed out waiting; rank 0 then sees it leave
+            if error is not None:
+                raise error from None
+            # the same words on every rank (said once per node): rank 0's "Connection closed by peer"
+            # named neither the wait nor the setting
+            raise UserError(
+                f"hf data: the ranks waiting for rank 0 to preprocess into {folder} gave up after dist.timeout_s "
+                f"({type(err).__name__} at the barrier); raise dist.timeout_s, or build the cache beforehand "
+                "with a one-process run of the same config"
+            ) from None
     if error is not None:
         raise error
     if not data_file.exists():
