@@ -182,6 +182,31 @@ def test_check_runs_the_documented_local_weights_recipe(tmp_path, capsys):
     assert build_for_inspection(cfg)[1] == "meta"  # the folder's architecture, its weights unread: no memory
 
 
+@needs_hf
+def test_check_estimates_the_activations_of_hf_models(tmp_path, capsys):
+    """transformers' mask code reads a tensor's value, which the meta device cannot give: check's
+    activation estimate was 'n/a (RuntimeError: Tensor.item() cannot be called on meta tensors)' for
+    every Hugging Face model, both example configs included; it is measured on the CPU instead."""
+    from helpers import REPO_ROOT
+
+    from dist_train.cli import main
+
+    config = REPO_ROOT / "configs" / "hf_gpt2.yaml"
+    common = [f"run.output_dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'cache'}", "train.micro_batch_size=2"]
+    estimates = []
+    for checkpointing in ("false", "true"):
+        code = main(
+            ["check", str(config), "--json", f"data.files.train={REPO_ROOT / 'README.md'}", *common,
+             f"train.grad_checkpointing={checkpointing}"]
+        )  # fmt: skip
+        out, err = capsys.readouterr()
+        assert code == 0, err
+        memory = json.loads(out)["memory"]
+        assert memory["activation_note"] == "estimated on the cpu device", memory["activation_note"]
+        estimates.append(memory["activations"])
+    assert 0 < estimates[1] < estimates[0]  # activation checkpointing keeps less
+
+
 # ---------------------------------------------------------------- datasets
 
 

@@ -146,6 +146,20 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
     return {"checked": True, "samples": count, "outputs": shape, "loss": value if math.isfinite(value) else str(value)}
 
 
+def estimate_activations(cfg: Config, model: nn.Module, sample: torch.Tensor, where: str, numel: int):
+    """(activation bytes or None, how they were had). A forward the meta device cannot run (Hugging
+    Face models: their mask code reads a tensor's value) is measured on the CPU instead, for models
+    up to PROBE_MAX_PARAMETERS as the first-batch probe (it was n/a for every Hugging Face model)."""
+    try:
+        return memory.activation_bytes(model, sample, cfg, where), f"estimated on the {where} device"
+    except UserError:  # e.g. train.grad_checkpointing on a model without blocks: the run would refuse it too
+        raise
+    except Exception as err:  # noqa: BLE001 - an estimate only: report why it is missing
+        if where == "meta" and numel <= PROBE_MAX_PARAMETERS:
+            return estimate_activations(cfg, initial_model(cfg), sample, "cpu", numel)
+        return None, f"n/a ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+
+
 def check_output_dir(output_dir: str) -> None:
     """The run's `mkdir -p run.output_dir`, creating nothing: a file in its way (the folder itself or
     one above it), or one in the way of the run's own files inside, makes the run stop with exit 2.
@@ -207,12 +221,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
     numel, trainable = memory.count_parameters(model)
     with preferred_attention(cfg.train.sdpa_backend):  # as the run's forwards (torch >= 2.6 for a preference)
         first_batch = probe_first_batch(cfg, data, model, where, numel)
-    try:
-        activations, act_note = memory.activation_bytes(model, sample, cfg, where), f"estimated on the {where} device"
-    except UserError:  # e.g. train.grad_checkpointing on a model without blocks: the run would refuse it too
-        raise
-    except Exception as err:  # noqa: BLE001 - an estimate only: report why it is missing
-        activations, act_note = None, f"n/a ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    activations, act_note = estimate_activations(cfg, model, sample, where, numel)
     states = memory.model_state_bytes(
         numel, trainable, world_size, cfg.train.precision, memory.optimizer_states_per_param(cfg)
     )
