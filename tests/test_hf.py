@@ -105,6 +105,24 @@ def test_seq_cls_pad_token_id_null_masks_the_configs_own_pad_id():
 
 
 @needs_hf
+def test_seq_cls_refuses_a_config_dict_whose_pad_token_id_or_num_labels_it_would_override():
+    """model.config {pad_token_id: 299, num_labels: 5} became pad 0 and 2 labels (model.pad_token_id's
+    and model.num_labels' defaults) without a word: the padding (299) was attended to and read as
+    each sequence's last token, so the logits depended on it."""
+    config = {**GPT2, "vocab_size": 300, "pad_token_id": 299}
+    with pytest.raises(UserError, match=r"model.config.pad_token_id=299 disagrees with model.pad_token_id=0"):
+        build_model("hf_seq_cls", {"config": config})
+    with pytest.raises(UserError, match=r"model.config.num_labels=5 disagrees with model.num_labels=2"):
+        build_model("hf_seq_cls", {"config": {**GPT2, "num_labels": 5}})
+    torch.manual_seed(0)
+    model = build_model("hf_seq_cls", {"config": config, "pad_token_id": 299, "num_labels": 5}).eval()
+    assert model.hf.config.pad_token_id == 299 and model.hf.config.num_labels == 5
+    padded = torch.full((1, 10), 299)
+    padded[0, :3] = torch.tensor([5, 6, 7])
+    assert torch.allclose(model(padded), model(padded[:, :3]), atol=1e-6)  # the padding is padding
+
+
+@needs_hf
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_seq_cls"])
 def test_example_configs_build_and_run_a_batch(name, tmp_path, monkeypatch):
     from helpers import REPO_ROOT

@@ -150,6 +150,13 @@ def hf_seq_cls(
     overrides: dict[str, Any] = {"num_labels": num_labels}
     if pad_token_id is not None:
         overrides["pad_token_id"] = pad_token_id
+    for key, value in overrides.items():  # model.config's own would be overridden without a word
+        if key in (config or {}) and config[key] != value:
+            raise UserError(
+                f"hf_seq_cls: model.config.{key}={config[key]!r} disagrees with model.{key}={value!r} (its "
+                f"default: {'0' if key == 'pad_token_id' else '2'}), which sets the model's {key}: give "
+                f"model.{key} the value and drop it from model.config"
+            )
     model = _build("AutoModelForSequenceClassification", config, path, dropout, overrides, attn_implementation)
     if model.config.pad_token_id is None:  # transformers would refuse every batch of more than one sequence
         raise UserError(
