@@ -123,6 +123,31 @@ def test_seq_cls_refuses_a_config_dict_whose_pad_token_id_or_num_labels_it_would
 
 
 @needs_hf
+def test_seq_cls_from_a_folder_keeps_its_pad_token_id_or_says_why_not(tmp_path):
+    """A RoBERTa folder pads with 1 (<s> is 0): the default model.pad_token_id=0 replaced it without a
+    word, so <s> was masked out of attention, the embeddings' padding row and every position moved,
+    and the folder's weights gave other logits than transformers' own model on the same batch."""
+    import transformers
+
+    config = transformers.RobertaConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=40, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    reference = transformers.RobertaForSequenceClassification(config).eval()
+    reference.save_pretrained(tmp_path / "roberta")
+    folder = str(tmp_path / "roberta")
+    with pytest.raises(UserError, match=r"has pad_token_id 1 and model.pad_token_id is 0 .*model.pad_token_id=1"):
+        build_model("hf_seq_cls", {"path": folder})
+    batch = torch.tensor([[0, 5, 6, 7, 2, 1, 1, 1], [0, 8, 9, 10, 11, 12, 13, 2]])  # <s> ... </s> <pad>...
+    expected = reference(input_ids=batch, attention_mask=(batch != 1).long()).logits
+    for kwargs in ({"pad_token_id": 1}, {"pad_token_id": None}):
+        assert torch.allclose(build_model("hf_seq_cls", {"path": folder, **kwargs}).eval()(batch), expected, atol=1e-6)
+    replaced = build_model("hf_seq_cls", {"path": folder, "config": {"pad_token_id": 0}})  # said twice: meant
+    assert replaced.hf.config.pad_token_id == 0
+
+
+@needs_hf
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_seq_cls"])
 def test_example_configs_build_and_run_a_batch(name, tmp_path, monkeypatch):
     from helpers import REPO_ROOT

@@ -11,6 +11,7 @@ into the bare model (`AutoModel...from_config(cfg).load_state_dict(...)`).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,14 @@ def _build(
     return auto.from_config(hf_config, **extra)
 
 
+def _folder_config(path: str) -> dict:
+    """A model folder's config.json as written (empty when it has none: `_build` says so)."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _version(text: str) -> tuple[int, int]:
     major, minor = (int("".join(c for c in part if c.isdigit()) or 0) for part in text.split(".")[:2])
     return major, minor
@@ -156,6 +165,16 @@ def hf_seq_cls(
                 f"hf_seq_cls: model.config.{key}={config[key]!r} disagrees with model.{key}={value!r} (its "
                 f"default: {'0' if key == 'pad_token_id' else '2'}), which sets the model's {key}: give "
                 f"model.{key} the value and drop it from model.config"
+            )
+    if path and pad_token_id is not None and "pad_token_id" not in (config or {}):
+        # a folder's pad id is its embeddings' padding row and (roberta) where its positions start:
+        # replaced by the default 0, RoBERTa masked out its <s> and shifted every position
+        saved = _folder_config(path).get("pad_token_id")
+        if saved is not None and saved != pad_token_id:
+            raise UserError(
+                f"hf_seq_cls: model.path {path!r} has pad_token_id {saved} and model.pad_token_id is "
+                f"{pad_token_id} (default 0): set model.pad_token_id={saved} (or null) to keep the folder's, "
+                f"or model.config.pad_token_id={pad_token_id} as well to replace it"
             )
     model = _build("AutoModelForSequenceClassification", config, path, dropout, overrides, attn_implementation)
     if model.config.pad_token_id is None:  # transformers would refuse every batch of more than one sequence
