@@ -512,6 +512,16 @@ def test_bad_data_settings_are_user_errors(tmp_path):
 
 
 @needs_hf
+@pytest.mark.parametrize("key, value", [("block_size", 0), ("block_size", -5), ("block_size", 2.5), ("max_length", 0)])
+def test_block_size_and_max_length_below_one_token_are_config_errors(tmp_path, key, value):
+    """data.max_length=0 built empty items and the run's first step failed with a traceback (status 1);
+    block_size=0 was a ZeroDivisionError, -5 'too few for one block of -5', 2.5 a TypeError."""
+    files = {"train": _write_jsonl(tmp_path / "t.jsonl", [{"text": "some words", "label": 1}] * 4)}
+    with pytest.raises(UserError, match=rf"data.{key} must be a whole number of tokens >= 1, got {value}"):
+        build_dataset("hf", "train", {"files": files, "task": "classification", key: value})
+
+
+@needs_hf
 @pytest.mark.parametrize(
     "name, content, message",
     [

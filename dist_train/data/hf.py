@@ -67,6 +67,9 @@ def hf_dataset(
         raise UserError(
             f"data.format must be one of {', '.join(sorted(set(FORMATS.values())))} or null, got {format!r}"
         )
+    for key, value in (("block_size", block_size), ("max_length", max_length)):
+        if type(value) is not int or value < 1:  # 0: empty items, the run's first step failed with a traceback
+            raise UserError(f"data.{key} must be a whole number of tokens >= 1, got {value!r}")
     paths = _paths(files if isinstance(files, dict) else {"train": files})
     if split not in paths:
         return None
