@@ -148,6 +148,15 @@ def test_seq_cls_from_a_folder_keeps_its_pad_token_id_or_says_why_not(tmp_path):
 
 
 @needs_hf
+@pytest.mark.parametrize("num_labels", [0, -1, 2.0])
+def test_seq_cls_num_labels_below_one_is_a_config_error(num_labels):
+    """num_labels 0 or -1 built a classifier of no outputs, and the run's first step failed in the loss
+    ('cannot reshape tensor of 0 elements into shape [-1, 0]') with a traceback, status 1."""
+    with pytest.raises(UserError, match=rf"model.num_labels must be a whole number >= 1 .*got {num_labels}"):
+        build_model("hf_seq_cls", {"config": GPT2, "num_labels": num_labels})
+
+
+@needs_hf
 @pytest.mark.parametrize("name", ["hf_gpt2", "hf_seq_cls"])
 def test_example_configs_build_and_run_a_batch(name, tmp_path, monkeypatch):
     from helpers import REPO_ROOT

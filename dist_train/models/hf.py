@@ -156,6 +156,8 @@ def hf_seq_cls(
     `pad_token_id` (default 0, the byte tokenizer's) is masked out of attention and tells
     decoder models (gpt2, llama, ...) where each right-padded sequence ends.
     """
+    if type(num_labels) is not int or num_labels < 1:  # 0 (or less: 0 outputs) failed the first step with a traceback
+        raise UserError(f"hf_seq_cls: model.num_labels must be a whole number >= 1 (the classes), got {num_labels!r}")
     overrides: dict[str, Any] = {"num_labels": num_labels}
     if pad_token_id is not None:
         overrides["pad_token_id"] = pad_token_id
