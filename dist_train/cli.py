@@ -78,8 +78,10 @@ def run_train(argv: list[str]) -> int:
     from .logging_setup import setup_logging
     from .trainer import TrainingError, train
 
-    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
-    world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+    # for the log lines before the process group: a malformed RANK is init_distributed's one-line error
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    world = os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1"))
+    rank, world = (int(rank), int(world)) if rank.isdigit() and world.isdigit() else (0, 1)
     log = setup_logging(rank, world)
     ctx = None
     try:
@@ -144,7 +146,8 @@ def _local_rank() -> int:
     """This process's local rank, also before direct srun's variables became torchrun's (a config
     error is raised before the process group exists): one line per node, not one per task."""
     if "LOCAL_RANK" in os.environ or "SLURM_LOCALID" not in os.environ:
-        return int(os.environ.get("LOCAL_RANK", "0"))
+        local_rank = os.environ.get("LOCAL_RANK", "0")
+        return int(local_rank) if local_rank.isdigit() else 0  # a malformed one is init_distributed's error
     from .distributed import detect_launcher
 
     return int(os.environ["SLURM_LOCALID"]) if detect_launcher() == "srun" else 0

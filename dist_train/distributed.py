@@ -152,6 +152,9 @@ def check_rank_environment(env: dict[str, str] | None = None) -> None:
     rank, world_size = env["RANK"], env["WORLD_SIZE"]
     if not (rank.isdigit() and world_size.isdigit() and int(rank) < int(world_size)):
         raise UserError(f"RANK={rank} WORLD_SIZE={world_size}: RANK must be one of 0 to WORLD_SIZE - 1")
+    for name in ("LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+        if not env.get(name, "0").isdigit():
+            raise UserError(f"{name} must be a non-negative integer, got {env[name]!r}")
 
 
 def pick_backend(requested: str) -> str:

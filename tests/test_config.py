@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, REPO_ROOT, run_cli, write_config
+from helpers import PYTHON, REPO_ROOT, free_port, run_cli, write_config
 
 from dist_train.config import config_reference, from_dict, load_config, to_dict
 from dist_train.errors import UserError
@@ -227,6 +227,25 @@ def test_one_rank_started_by_hand_without_master_addr_exits_2(tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
     assert lines[0].startswith("dist_train: error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "abc", "WORLD_SIZE": "2"}, "RANK=abc WORLD_SIZE=2: RANK must be one of 0 to WORLD_SIZE - 1"),
+        ({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "x"}, "LOCAL_RANK must be a non-negative integer, got 'x'"),
+    ],
+)
+def test_malformed_rank_variables_set_by_hand_exit_2(tmp_path, env, expected):
+    """README: a RANK outside WORLD_SIZE stops the rank with one line, status 2. A RANK that is no number
+    (`RANK=abc`) raised ValueError from cli.py's int(RANK) before that check ran, and a LOCAL_RANK that is
+    none from init_distributed: a traceback, status 1."""
+    config = write_config(tmp_path / "c.yaml", {**BASE, "run": {"output_dir": str(tmp_path / "out")}})
+    env = {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
+    proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(config)], env=env, cwd=tmp_path, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0] == f"dist_train: error: {expected}"
 
 
 @pytest.mark.parametrize(
