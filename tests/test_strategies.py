@@ -361,19 +361,23 @@ def ds_fp16(tmp_path, raw: dict, name: str) -> subprocess.CompletedProcess:
     return run_cli([PYTHON, "-m", "userpkg.ds_fp16", "--config", str(config)], env=env)
 
 
+def ds_fp16_mlp(zero_stage: int, **train) -> dict:
+    """A small mlp on synthetic vectors under DeepSpeed fp16 at `zero_stage`; `train` adds train keys."""
+    return {
+        "model": {"name": "mlp", "hidden_dim": 16},
+        "data": {"name": "synthetic_vectors", "num_samples": 64},
+        "train": {"micro_batch_size": 8, "precision": "fp16", **train},
+        "strategy": {"name": "deepspeed", "zero_stage": zero_stage},
+        "checkpoint": {"every_steps": None},
+        "log": {"every_steps": 1, "plot": False},
+    }
+
+
 def test_deepspeed_fp16_trains_a_model_with_float_inputs(tmp_path):
     """DeepSpeed's fp16 casts the model to fp16, not its inputs: every float batch (images, vectors)
     met the fp16 weights as fp32 ("mat1 and mat2 must have the same dtype", reported as a model/data
     misfit, status 2). fp16.auto_cast casts floating inputs, as FSDP2's policy does."""
-    raw = {
-        "model": {"name": "mlp", "hidden_dim": 16},
-        "data": {"name": "synthetic_vectors", "num_samples": 64},
-        "train": {"max_steps": 3, "micro_batch_size": 8, "precision": "fp16"},
-        "strategy": {"name": "deepspeed", "zero_stage": 1},
-        "checkpoint": {"every_steps": None},
-        "log": {"every_steps": 1, "plot": False},
-    }
-    proc = ds_fp16(tmp_path, raw, "zero1")
+    proc = ds_fp16(tmp_path, ds_fp16_mlp(1, max_steps=3), "zero1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [r for r in read_rows(tmp_path / "zero1") if "loss" in r]
     assert len(rows) == 3 and all(isinstance(r["loss"], float) for r in rows)
@@ -386,14 +390,9 @@ def test_deepspeed_fp16_stops_after_the_scalers_back_off_plus_the_limit(tmp_path
     first skip (hysteresis 2), reached its minimum of 1 at the 17th and raised at the 18th ("Current
     loss scale already at minimum"), before train.max_nonfinite_steps=2 (+16) could stop the run with
     its own message. Now each skip halves the scale, as GradScaler does, and the limit stops the run."""
-    raw = {
-        "model": {"name": "userpkg.nan:nan_model", "nan_from": 1},
-        "data": {"name": "synthetic_vectors", "num_samples": 256},
-        "train": {"max_steps": 30, "micro_batch_size": 8, "precision": "fp16", "max_nonfinite_steps": 2},
-        "strategy": {"name": "deepspeed", "zero_stage": 1},
-        "checkpoint": {"every_steps": None},
-        "log": {"every_steps": 1, "plot": False},
-    }
+    raw = ds_fp16_mlp(1, max_steps=30, max_nonfinite_steps=2)
+    raw["model"] = {"name": "userpkg.nan:nan_model", "nan_from": 1}
+    raw["data"]["num_samples"] = 256
     proc = ds_fp16(tmp_path, raw, "zero1")
     assert proc.returncode not in (0, 2), proc.stderr[-2000:]
     assert "not finite for 18 steps in a row (by step 18)" in proc.stderr, proc.stderr[-2000:]
@@ -413,15 +412,7 @@ def test_deepspeed_fp16_at_zero_stage_0_is_one_line(tmp_path):
     divided the gradients by the loss scale: the run trained on gradients 2^16 times too small (the
     loss-scaled step never overflowed, clipping never applied) and exited 0. Now one line, status 2,
     in the run and in dist-train check."""
-    raw = {
-        "model": {"name": "mlp", "hidden_dim": 16},
-        "data": {"name": "synthetic_vectors", "num_samples": 64},
-        "train": {"max_steps": 2, "micro_batch_size": 8, "precision": "fp16"},
-        "strategy": {"name": "deepspeed", "zero_stage": 0},
-        "checkpoint": {"every_steps": None},
-        "log": {"every_steps": 1, "plot": False},
-    }
-    proc = ds_fp16(tmp_path, raw, "zero0")
+    proc = ds_fp16(tmp_path, ds_fp16_mlp(0, max_steps=2), "zero0")
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("dist_train: error:")]
     assert len(lines) == 1 and "strategy.zero_stage=0" in lines[0] and "zero_stage 1-3" in lines[0], proc.stderr
