@@ -34,7 +34,7 @@ from .errors import UserError
 
 log = logging.getLogger("dist_train")
 
-STEP_DIR = re.compile(r"^step-(\d{8})$")
+STEP_DIR = re.compile(r"^step-(\d{8,})$")  # 9 digits and more from step 100,000,000 on
 MANIFEST = "manifest.json"
 LOCK_FILE = ".dist_train.lock"
 FORMAT_VERSION = 1
@@ -42,6 +42,11 @@ FORMAT_VERSION = 1
 
 def step_dir_name(step: int) -> str:
     return f"step-{step:08d}"
+
+
+def folder_step(folder: Path) -> int:
+    """The step of a `step-N` folder: checkpoints sort by it (names sort wrong past 8 digits)."""
+    return int(STEP_DIR.match(folder.name).group(1))
 
 
 def fsync_path(path: Path) -> None:
@@ -393,7 +398,9 @@ def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return None
-    candidates = sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), reverse=True)
+    candidates = sorted(
+        (p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=folder_step, reverse=True
+    )
     latest = read_latest(root)
     if latest and (not STEP_DIR.match(latest) or not (root / latest).is_dir()):
         log.warning(

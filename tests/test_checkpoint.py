@@ -514,3 +514,19 @@ def test_a_latest_it_cannot_read_is_one_line(tmp_path, reference):
         f"dist_train: error: {root / 'latest'} cannot be read (Permission denied): get read access to the run "
         "folder, or name one of its step-XXXXXXXX folders"
     ], proc.stderr[-2000:]
+
+
+def test_steps_past_eight_digits_are_checkpoints_too(tmp_path):
+    """From step 100,000,000 on (a tiny model's run of a few days) folder names have 9 digits: the
+    8-digit pattern did not match them, so retention deleted none (the disk filled up) and a resume
+    ignored them and `latest`, going back to the last 8-digit checkpoint."""
+    root = tmp_path / "checkpoints"
+    meta = {"world_size": 1, "strategy": "ddp", "trainer": {}}
+    for step in (99_999_998, 99_999_999, 100_000_000, 100_000_001):
+        tmp = ckpt.begin_save(root, step)
+        (tmp / "model.pt").write_bytes(b"weights")
+        ckpt.commit_save(root, tmp, step, meta, ["model.pt"], keep_last=3, keep_every=None)
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-100000000", "step-100000001", "step-99999999"]
+    assert ckpt.find_resume_checkpoint("auto", tmp_path).folder.name == "step-100000001"
+    (root / "latest").unlink()  # the newest by step, not by name
+    assert ckpt.find_resume_checkpoint("auto", tmp_path).folder.name == "step-100000001"
