@@ -74,7 +74,7 @@ def run_train(argv: list[str]) -> int:
     from .control import EXIT_PREEMPTED, catch_stop_signals_early
 
     catch_stop_signals_early()
-    from .distributed import init_distributed, teardown
+    from .distributed import JoinError, init_distributed, teardown
     from .logging_setup import setup_logging
     from .trainer import TrainingError, train
 
@@ -91,6 +91,9 @@ def run_train(argv: list[str]) -> int:
         return EXIT_PREEMPTED if result["status"] == "preempted" else 0
     except TrainingError as err:
         log.error("%s", err, exc_info=err.__cause__ is not None)
+        return 1
+    except JoinError as err:
+        log.error("%s", err)
         return 1
     except (UserError, KeyboardInterrupt):
         raise

@@ -27,6 +27,10 @@ import torch.distributed as dist
 log = logging.getLogger("dist_train")
 
 
+class JoinError(RuntimeError):
+    """The ranks did not all join the process group in time: a failure (status 1), said in one line."""
+
+
 @dataclass(frozen=True)
 class DistContext:
     rank: int
@@ -196,10 +200,17 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
         device = torch.device("cpu")
     timeout = datetime.timedelta(seconds=timeout_s)
     init_kwargs = {"backend": backend, "timeout": timeout, "rank": rank, "world_size": world_size}
-    init_kwargs["store"] = rendezvous_store(rank, world_size, timeout)
     if device.type == "cuda":
         init_kwargs["device_id"] = device  # eager NCCL init: bind this rank to its GPU up front
-    dist.init_process_group(**init_kwargs)
+    try:
+        init_kwargs["store"] = rendezvous_store(rank, world_size, timeout)
+        dist.init_process_group(**init_kwargs)
+    except dist.DistStoreError as err:  # a rank (another node's, say) failed before joining: said plainly
+        raise JoinError(
+            f"rank {rank} of {world_size}: not every rank joined the process group within dist.timeout_s="
+            f"{timeout_s:g} s ({str(err).strip().splitlines()[0]}): a rank on this or another node failed "
+            "before joining, or never started; look at the other ranks' and nodes' output"
+        ) from None
     return DistContext(rank, local_rank, world_size, local_world_size, device, backend, launcher)
 
 

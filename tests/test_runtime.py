@@ -401,3 +401,16 @@ def test_dist_train_torchrun_passes_stop_signals_to_the_ranks(tmp_path, sig, whe
     latest = (tmp_path / "out" / "checkpoints" / "latest").read_text().strip()
     assert latest < "step-00000400" and (latest >= "step-00000020" or when == "start-up"), latest
     assert not [row for row in read_rows(tmp_path / "out") if "resumed_from" in row]  # stopped, not restarted
+
+
+def test_a_rank_whose_peers_never_join_fails_in_one_line_naming_the_timeout(tmp_path):
+    """Rank 0 of 2 started alone (its peer's node failed before joining, or never started): after
+    dist.timeout_s it failed with torch's DistStoreError traceback, which said neither what happened
+    nor which setting bounds the wait."""
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "out", dist={"timeout_s": 2}))
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(path)], env={**env, "MASTER_PORT": str(free_port())})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert "rank 0 of 2: not every rank joined the process group within dist.timeout_s=2 s" in line
+    assert "failed before joining, or never started" in line
