@@ -186,14 +186,42 @@ class SyncBatchNorm(_BatchNorm):
         self.running_var.mul_(1 - factor).add_(unbiased_var.to(self.running_var.dtype), alpha=factor)
 
 
+_BATCHNORM_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+
+
+def _check_convertible(module: nn.Module) -> None:
+    """Refuse a BatchNorm subclass whose own forward or state the conversion would drop (the converted
+    layer is a plain SyncBatchNorm: a `scale` buffer gone from the weights, an overridden forward not run)."""
+    from .errors import UserError
+
+    for name, bn in module.named_modules():
+        if not isinstance(bn, _BATCHNORM_TYPES) or type(bn) in _BATCHNORM_TYPES:
+            continue
+        dropped = ["its forward"] if type(bn).forward is not _BatchNorm.forward else []
+        dropped += [f"`{key}`" for key in sorted({*bn._parameters, *bn._buffers} - _BATCHNORM_STATE)]
+        if dropped:
+            base = next(cls for cls in _BATCHNORM_TYPES if isinstance(bn, cls)).__name__
+            raise UserError(
+                f"train.sync_batchnorm replaces {name or 'the model'} ({type(bn).__name__}, a subclass of {base}) "
+                f"with a plain synchronised BatchNorm, which would drop {' and '.join(dropped)}: make it a "
+                f"torch.nn.{base} or set train.sync_batchnorm=false"
+            )
+
+
 def convert_sync_batchnorm(module: nn.Module, device_type: str, process_group: Any | None = None) -> nn.Module:
     """Replace every BatchNorm1d/2d/3d in `module`: torch's SyncBatchNorm on CUDA, ours elsewhere.
 
     Parameters and buffers are moved over as the same tensors (as torch's converter does), so values,
-    requires_grad flags and any optimizer references stay intact; training mode is kept.
+    requires_grad flags and any optimizer references stay intact; training mode is kept. A subclass
+    with its own forward, parameters or buffers is refused (UserError): the conversion would drop them.
     """
+    _check_convertible(module)
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+    return _convert(module, process_group)
+
+
+def _convert(module: nn.Module, process_group: Any | None) -> nn.Module:
     converted = module
     if isinstance(module, _BATCHNORM_TYPES):
         converted = SyncBatchNorm(
@@ -211,5 +239,5 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str, process_group: A
         converted.num_batches_tracked = module.num_batches_tracked
         converted.train(module.training)
     for name, child in module.named_children():
-        converted.add_module(name, convert_sync_batchnorm(child, device_type, process_group))
+        converted.add_module(name, _convert(child, process_group))
     return converted

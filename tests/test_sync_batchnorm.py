@@ -321,3 +321,37 @@ def test_convert_sync_batchnorm_replaces_and_keeps_state() -> None:
         assert after[name].requires_grad == requires_grad, name
     assert converted[3]["deep"][1].bias is None
     assert isinstance(convert_sync_batchnorm(nn.BatchNorm2d(3), "cpu"), SyncBatchNorm)
+
+
+class _ScaledBatchNorm(nn.BatchNorm2d):
+    """A BatchNorm subclass with its own buffer and forward."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features)
+        self.register_buffer("scale", torch.full((num_features,), 2.0))
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input) * self.scale.view(1, -1, 1, 1)
+
+
+class _DefaultsBatchNorm(nn.BatchNorm1d):
+    """A subclass that only changes defaults: nothing for the conversion to drop."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__(num_features, eps=1e-3)
+
+
+def test_convert_refuses_a_subclass_whose_forward_or_state_it_would_drop() -> None:
+    """Converted to a plain SyncBatchNorm, the subclass lost its `scale` buffer (gone from
+    model.safetensors) and its forward (outputs halved), without a word."""
+    from dist_train.errors import UserError
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.Sequential(_ScaledBatchNorm(4)))
+    for device_type in ("cpu", "cuda"):  # torch's converter drops them as well
+        with pytest.raises(
+            UserError,
+            match=r"replaces 1\.0 \(_ScaledBatchNorm, a subclass of BatchNorm2d\).*drop its forward and `scale`",
+        ):
+            convert_sync_batchnorm(model, device_type)
+    converted = convert_sync_batchnorm(nn.Sequential(_DefaultsBatchNorm(4)), "cpu")
+    assert isinstance(converted[0], SyncBatchNorm) and converted[0].eps == 1e-3
