@@ -42,16 +42,18 @@ def _checkpointed_forward(original, *args, **kwargs):
     # Non-reentrant checkpointing: works with kwargs, DDP/FSDP hooks and inputs that need no grad.
     if not torch.is_grad_enabled():
         return original(*args, **kwargs)
+    # The recompute in backward runs the block in train mode again: keep BatchNorm's running
+    # statistics (and num_batches_tracked) as the forward left them, or they move twice a step.
+    module = original.__self__
+    buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()]
+    if not buffers:  # nothing to keep: no bookkeeping, whose side effect torch.compile could not trace
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
     calls = []
 
     def run(*a, **k):
         if not calls:  # the forward pass
             calls.append(1)
             return original(*a, **k)
-        # The recompute in backward runs the block in train mode again: keep BatchNorm's running
-        # statistics (and num_batches_tracked) as the forward left them, or they move twice a step.
-        module = original.__self__
-        buffers = [b for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()]
         saved = [b.clone() for b in buffers]
         try:
             return original(*a, **k)
