@@ -209,7 +209,8 @@ def _check_convertible(module: nn.Module) -> None:
 
 
 def convert_sync_batchnorm(module: nn.Module, device_type: str, process_group: Any | None = None) -> nn.Module:
-    """Replace every BatchNorm1d/2d/3d in `module`: torch's SyncBatchNorm on CUDA, ours elsewhere.
+    """Replace every BatchNorm1d/2d/3d in `module`: torch's SyncBatchNorm on CUDA, ours elsewhere (where
+    a torch SyncBatchNorm the model holds, which DDP refuses off CUDA, becomes ours too, in its group).
 
     Parameters and buffers are moved over as the same tensors (as torch's converter does), so values,
     requires_grad flags and any optimizer references stay intact; training mode is kept. A subclass
@@ -223,14 +224,15 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str, process_group: A
 
 def _convert(module: nn.Module, process_group: Any | None) -> nn.Module:
     converted = module
-    if isinstance(module, _BATCHNORM_TYPES):
+    if isinstance(module, (*_BATCHNORM_TYPES, nn.SyncBatchNorm)):  # torch's own refuses CPU tensors: ours too
+        group = getattr(module, "process_group", None)
         converted = SyncBatchNorm(
             module.num_features,
             module.eps,
             module.momentum,
             module.affine,
             module.track_running_stats,
-            process_group,
+            process_group if group is None else group,
             bias=module.bias is not None,
         )
         # Fresh tensors from __init__ are dropped; the original ones carry values, dtype, device and flags.

@@ -355,3 +355,17 @@ def test_convert_refuses_a_subclass_whose_forward_or_state_it_would_drop() -> No
             convert_sync_batchnorm(model, device_type)
     converted = convert_sync_batchnorm(nn.Sequential(_DefaultsBatchNorm(4)), "cpu")
     assert isinstance(converted[0], SyncBatchNorm) and converted[0].eps == 1e-3
+
+
+def test_convert_replaces_torchs_sync_batchnorm_off_cuda() -> None:
+    """A model that holds torch's SyncBatchNorm kept it: DDP on CPU refused it at setup (ValueError:
+    SyncBatchNorm layers only work with GPU modules, a traceback and status 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.SyncBatchNorm(4, momentum=None))
+    model[1].running_mean.uniform_(-1, 1)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    converted = convert_sync_batchnorm(model, "cpu")
+    assert isinstance(converted[1], SyncBatchNorm) and converted[1].momentum is None
+    after = converted.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert type(convert_sync_batchnorm(nn.SyncBatchNorm(4), "cuda")) is nn.SyncBatchNorm
