@@ -292,6 +292,15 @@ def test_a_model_with_nothing_to_train_is_one_line():
         assert err.value.same_on_every_rank
 
 
+def test_a_model_with_uninitialized_lazy_modules_is_one_line():
+    """LazyLinear/LazyBatchNorm: DDP refused the uninitialized parameters with a traceback (status 1),
+    on every strategy and at one rank too."""
+    from dist_train.models import build_model
+
+    with pytest.raises(UserError, match=r"lazy modules whose parameters are not initialized yet \(0\.weight, 0\.bias,"):
+        build_model("userpkg.broken:model_lazy", {})
+
+
 @pytest.mark.parametrize(
     ("factory", "expected"),
     [("data_splits", "raised KeyError: 0 (at "), ("data_no_length", "raised NotImplementedError: length unknown")],

@@ -36,4 +36,13 @@ def build_model(name: str, kwargs: dict) -> nn.Module:
                 "(none, or all with requires_grad=False): nothing to train"
             )
         )
+    lazy = [n for n, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:  # DDP, FSDP2, ZeRO and the optimizer all need the shapes before the first batch
+        raise on_every_rank(
+            UserError(
+                f"model factory {name!r} returned lazy modules whose parameters are not initialized yet "
+                f"({', '.join(lazy[:3])}{', ...' if len(lazy) > 3 else ''}): give them their sizes (nn.Linear, "
+                "nn.BatchNorm2d) or run one forward pass on an example input in the factory before returning"
+            )
+        )
     return model

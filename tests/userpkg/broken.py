@@ -120,3 +120,8 @@ def model_half_frozen(**kwargs):
 
 def model_without_parameters(**kwargs):
     return torch.nn.Flatten()
+
+
+def model_lazy():
+    """Lazy modules: their parameters get shapes at the first forward, after DDP/FSDP/ZeRO have set up."""
+    return torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.LazyBatchNorm1d(), torch.nn.Linear(8, 2))
