@@ -374,6 +374,17 @@ def resume_path(resume: str) -> Path:
     return path
 
 
+def resume_candidates(root: Path, latest: str | None) -> list[Path]:
+    """The `step-N` folders under `root` in the order `checkpoint.resume: auto` tries them: the one
+    `latest` names first (it is only ever replaced after a complete save), then the newest step first."""
+    if not root.is_dir():
+        return []
+    candidates = sorted(
+        (p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=folder_step, reverse=True
+    )
+    return sorted(candidates, key=lambda p: p.name != latest)  # stable: the rest stay newest first
+
+
 def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
     """Resolve `checkpoint.resume` to a verified checkpoint (rank 0 only: it reads every byte).
 
@@ -398,18 +409,13 @@ def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
     root = output_dir / "checkpoints"
     if not root.is_dir():
         return None
-    candidates = sorted(
-        (p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=folder_step, reverse=True
-    )
     latest = read_latest(root)
     if latest and (not STEP_DIR.match(latest) or not (root / latest).is_dir()):
         log.warning(
             "checkpoints/latest names %r, which is not a checkpoint folder; looking for the newest intact checkpoint",
             latest,
         )
-    elif latest:  # trust `latest` first: it is only ever replaced after a complete save
-        candidates.sort(key=lambda p: p.name != latest)
-    for folder in candidates:
+    for folder in resume_candidates(root, latest):
         try:
             return Found(folder, verify(folder))
         except ValueError as err:

@@ -65,11 +65,7 @@ def _resume_checkpoint(cfg: Config) -> tuple[Path | None, dict | None, list[str]
         except ValueError as err:
             raise UserError(f"checkpoint.resume: {err}") from None
     root, skipped = output_dir / "checkpoints", []
-    latest = ckpt.read_latest(root)
-    steps = [p for p in root.glob("step-*") if ckpt.STEP_DIR.match(p.name) and p.is_dir()] if root.is_dir() else []
-    for folder in sorted(
-        sorted(steps, key=ckpt.folder_step, reverse=True), key=lambda p: p.name != latest
-    ):  # as the run: `latest` first
+    for folder in ckpt.resume_candidates(root, ckpt.read_latest(root)):  # in the run's order
         try:
             return folder, ckpt.verify(folder, checksums=False), skipped
         except ValueError as err:  # the run skips it with a warning and falls back to an older one
