@@ -31,7 +31,7 @@ train: setup
 		-m dist_train --config $(CONFIG)
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=20 $(PYTEST_ARGS)
 
 test-fast: setup
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
