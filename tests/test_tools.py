@@ -75,7 +75,8 @@ def test_check_reports_batch_steps_schedule_and_model_state_formulas(tmp_path, c
     assert [mem["ddp"][k] for k in ("params", "grads", "optimizer")] == [4 * psi, 4 * psi, 8 * psi]
     assert mem["zero1"]["total"] == 8 * psi + 6 * psi  # ZeRO adds its fp32 master copy: 12 bytes / N
     assert mem["zero2"]["total"] == 4 * psi + 8 * psi
-    assert mem["zero3"]["total"] == 10 * psi and mem["fsdp"]["total"] == 8 * psi
+    # ZeRO-3 also keeps each parameter of at most 1e5 elements whole on every rank: all of the tiny LM's
+    assert mem["zero3"]["total"] == 10 * psi + 4 * psi and mem["fsdp"]["total"] == 8 * psi
     assert report["memory"]["configured"] == "ddp" and report["memory"]["activations"] > 0
     assert report["deepspeed_config"] is None and report["warnings"] == []
 
@@ -116,6 +117,30 @@ def test_check_multistep_points_are_at_the_milestones(tmp_path, capsys):
     assert max(points) == 10  # a milestone past the last step adds nothing
 
 
+def test_check_zero3_row_counts_the_parameters_deepspeed_keeps_whole_on_every_rank(tmp_path, capsys):
+    """DeepSpeed's ZeRO-3 gathers each parameter of at most stage3_param_persistence_threshold (1e5)
+    elements once and never releases it: check showed 4 bytes / N for all of them (a 1.67 MiB model's
+    ZeRO-3 parameters at 214 KiB per rank on 8 ranks, where DeepSpeed holds 1.61 MiB)."""
+    raw = tiny_lm_config(tmp_path / "run")
+    raw["model"] |= {"vocab_size": 4096}  # the tied embedding: 4096 x 32 = 131,072 elements, partitioned
+    raw["data"] |= {"vocab_size": 4096}
+    path = write_config(tmp_path / "c.yaml", raw)
+    report = check_json(capsys, path, "--world-size", "4")
+    from dist_train.models import build_model
+
+    kwargs = {k: v for k, v in raw["model"].items() if k != "name"}
+    sizes = [p.numel() for p in build_model("transformer_lm", kwargs).parameters()]
+    psi = report["model"]["parameters"]
+    assert sum(sizes) == psi and max(sizes) == 4096 * 32
+    assert report["memory"]["per_rank"]["zero3"]["params"] == psi + 4 * (psi - 4096 * 32)
+    for passed in (0, 32, 10**6):  # strategy.deepspeed_config's threshold: none whole, the norms only, all
+        zero = {"zero_optimization": {"stage3_param_persistence_threshold": passed}}
+        args = ("strategy.name=deepspeed", "strategy.zero_stage=3", f"strategy.deepspeed_config={json.dumps(zero)}")
+        mem = check_json(capsys, path, "--world-size", "4", *args)["memory"]["per_rank"]["zero3"]
+        assert mem["params"] == psi + 4 * sum(n for n in sizes if n <= passed), passed
+    assert 0 < sum(n for n in sizes if n <= 32) < psi - 4096 * 32
+
+
 def test_check_mixed_precision_uses_the_zero_paper_split(tmp_path, capsys):
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", train={"precision": "fp16"}))
     report = check_json(capsys, path, "--world-size", "4")
@@ -125,7 +150,7 @@ def test_check_mixed_precision_uses_the_zero_paper_split(tmp_path, capsys):
     assert mem["zero1"]["total"] == 4 * psi + 12 * psi // 4
     assert mem["zero2"]["total"] == 2 * psi + 14 * psi // 4
     assert mem["zero2"]["params"] == 2 * psi
-    assert mem["zero3"]["total"] == 16 * psi // 4
+    assert mem["zero3"]["total"] == 16 * psi // 4 + 2 * psi  # + its 2-byte weights, all whole (<= 1e5 each)
     assert "mixed-precision" in report["memory"]["precision_note"]
     # bf16 is autocast over fp32 weights under every strategy, DeepSpeed included: no 2-byte split
     bf16 = check_json(capsys, path, "--world-size", "4", "train.precision=bf16")["memory"]
@@ -491,12 +516,17 @@ def _measured_zero_state_bytes(rank, world, raws):
     measured = []
     for raw in raws:
         strategy = _after_one_real_step(raw)
-        inner = strategy.engine.optimizer.optimizer  # the torch optimizer ZeRO steps on its fp32 partitions
-        masters = [p for group in inner.param_groups for p in group["params"]]
+        zero = strategy.engine.optimizer
+        inner = zero.optimizer  # the torch optimizer ZeRO steps on its fp32 partitions
+        # ZeRO-3 hands its fp32 partitions to the torch optimizer's groups only while it steps
+        masters = getattr(zero, "fp32_partitioned_groups_flat", None) or [
+            p for group in inner.param_groups for p in group["params"]
+        ]
         state = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t)]
         measured.append(
             {
-                "params": sum(p.nbytes for p in strategy.module.parameters()),
+                # ZeRO-3: a parameter's partition (ds_tensor) and, where DeepSpeed keeps it whole, its data
+                "params": sum(p.nbytes + getattr(p, "ds_tensor", p[:0]).nbytes for p in strategy.module.parameters()),
                 "optimizer": sum(t.nbytes for t in masters + state),
             }
         )
@@ -506,7 +536,8 @@ def _measured_zero_state_bytes(rank, world, raws):
 @pytest.mark.slow
 def test_check_zero_rows_match_a_real_two_rank_deepspeed_run(tmp_path, capsys):
     """bf16 runs ZeRO under torch autocast (fp32 weights), and ZeRO keeps an fp32 master partition
-    even of fp32 weights: check said 2-byte params for bf16 and no master copy for fp32."""
+    even of fp32 weights: check said 2-byte params for bf16 and no master copy for fp32. ZeRO-3 keeps
+    the tiny LM's parameters (each <= 1e5 elements) whole on every rank besides their partitions."""
     pytest.importorskip("deepspeed")
     capsys.readouterr()  # DeepSpeed's import warning (stdout) is not check's output
     raws = [
@@ -515,7 +546,7 @@ def test_check_zero_rows_match_a_real_two_rank_deepspeed_run(tmp_path, capsys):
             strategy={"name": "deepspeed", "zero_stage": stage},
             train={"precision": precision, "grad_accum_steps": 1},
         )
-        for precision, stage in (("bf16", 1), ("fp32", 2))
+        for precision, stage in (("bf16", 1), ("fp32", 2), ("fp32", 3))
     ]
     measured = run_ranks(_measured_zero_state_bytes, 2, raws)
     assert measured[0] == measured[1]

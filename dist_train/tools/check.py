@@ -222,11 +222,12 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
     with preferred_attention(cfg.train.sdpa_backend):  # as the run's forwards (torch >= 2.6 for a preference)
         first_batch = probe_first_batch(cfg, data, model, where, numel)
     activations, act_note = estimate_activations(cfg, model, sample, where, numel)
+    ds_config, ds_note = deepspeed_json(cfg, world_size)
+    persistent = memory.zero3_persistent_numel(model, (ds_config or {}).get("zero_optimization", {}))
     states = memory.model_state_bytes(
-        numel, trainable, world_size, cfg.train.precision, memory.optimizer_states_per_param(cfg)
+        numel, trainable, world_size, cfg.train.precision, memory.optimizer_states_per_param(cfg), persistent
     )
     per_rank = {row: {**s.as_dict(), "with_activations": s.total + (activations or 0)} for row, s in states.items()}
-    ds_config, ds_note = deepspeed_json(cfg, world_size)
     report = {
         "world_size": world_size,
         "world_size_source": world_source,

@@ -9,6 +9,9 @@ parameter, as the strategies here hold them (frozen parameters add their weights
     fp32 and bf16 (fp32 weights and grads, fp32 master copy + Adam moments, K = 12):
         DDP 16Ψ   ZeRO-1 8Ψ + 12Ψ/N   ZeRO-2 4Ψ + 16Ψ/N   ZeRO-3 20Ψ/N
 
+ZeRO-3 adds the parameters DeepSpeed keeps whole on every rank (those of at most 1e5 elements):
+their weights' bytes once more (zero3_persistent_numel).
+
 DeepSpeed's ZeRO optimizer keeps its fp32 master partition whatever the weights' dtype (a copy even
 of fp32 weights), and `train.precision: bf16` runs it under `torch_autocast`: weights and gradients
 stay fp32. DDP (and autocast in general) keeps fp32 weights and gradients and no master copy (16Ψ);
@@ -20,6 +23,7 @@ momentum one (4), plain SGD none; ZeRO's master copy adds 4.
 from __future__ import annotations
 
 import math
+import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
@@ -69,10 +73,11 @@ def configured_row(cfg: Config) -> str:
 
 
 def model_state_bytes(
-    numel: int, trainable: int, world_size: int, precision: str, states_per_param: int
+    numel: int, trainable: int, world_size: int, precision: str, states_per_param: int, persistent: int = 0
 ) -> dict[str, ModelStates]:
     """Per-rank bytes of parameters (all `numel`: frozen ones are held too), gradients and optimizer
-    state (the `trainable` ones only) for every strategy row."""
+    state (the `trainable` ones only) for every strategy row. ZeRO-3 holds the `persistent` elements
+    (zero3_persistent_numel) whole on every rank besides their partitions."""
     n, fp32_optim = world_size, 4.0 * states_per_param
     fp32 = (4.0, 4.0, fp32_optim)
     # ZeRO keeps an fp32 master copy in the optimizer; only DeepSpeed's fp16 has 2-byte weights and
@@ -86,10 +91,34 @@ def model_state_bytes(
         "zero3": (p / n, g / n, o / n),
         "fsdp": (fp32[0] / n, fp32[1] / n, fp32[2] / n),
     }
-    return {
+    states = {
         row: ModelStates(_per_rank(fp, numel), _per_rank(fg, trainable), _per_rank(fo, trainable))
         for row, (fp, fg, fo) in per_param.items()
     }
+    states["zero3"].params += _per_rank(p, persistent)
+    return states
+
+
+ZERO3_PERSISTENCE = {"param": 100_000, "model": sys.maxsize}  # DeepSpeed's defaults
+
+
+def _zero_option(zero: dict, name: str) -> int:
+    """`zero_optimization.stage3_<name>_persistence_threshold` (or its field name without `stage3_`)."""
+    value = zero.get(f"stage3_{name}_persistence_threshold", zero.get(f"{name}_persistence_threshold"))
+    return ZERO3_PERSISTENCE[name] if value is None else int(value)
+
+
+def zero3_persistent_numel(model: nn.Module, zero: dict) -> int:
+    """Elements of the parameters ZeRO-3 keeps whole on every rank: DeepSpeed gathers each parameter
+    of at most `stage3_param_persistence_threshold` elements (1e5: biases, norms, small layers) once
+    and never releases it, while the total stays within `stage3_model_persistence_threshold`.
+    `zero`: the run's `zero_optimization` section (DeepSpeed's defaults where it says nothing)."""
+    param_limit, model_limit = _zero_option(zero, "param"), _zero_option(zero, "model")
+    total = 0
+    for p in model.parameters():  # in DeepSpeed's order (named_parameters, tied weights once)
+        if p.numel() <= param_limit and total + p.numel() <= model_limit:
+            total += p.numel()
+    return total
 
 
 def precision_note(precision: str) -> str:
