@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from .config import Config
@@ -35,7 +36,7 @@ def resolve_param_groups(model: nn.Module, weight_decay: float, rules: list[dict
         params, names = buckets.setdefault((index, own_decay or param.dim() >= 2), ([], []))
         params.append(param)
         names.append(bare)
-    out = []
+    out, quiet = [], dist.is_initialized() and dist.get_rank() != 0  # every rank builds one: rank 0 warns
     for index in range(len(rules) + 1):
         rule = rules[index] if index < len(rules) else {}
         for decays in (True, False):
@@ -48,7 +49,7 @@ def resolve_param_groups(model: nn.Module, weight_decay: float, rules: list[dict
                 group["lr_scale"] = rule.get("lr_scale", 1.0)
             label = f"rule {index} `{rule['match']}`" if rule else "default"
             out.append((label, group, names))
-        if rule and not any(key[0] == index for key in buckets):
+        if rule and not any(key[0] == index for key in buckets) and not quiet:
             log.warning("optim.param_groups[%d] (match %r) matched no parameter", index, rule["match"])
     return out
 

@@ -204,7 +204,7 @@ def restore(
                 "the model, optim.name and optim.param_groups it was written with, or start this one in a new run.output_dir"
             )
         ) from None
-    if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):
+    if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)) and ctx.is_rank_zero:
         log.warning("the training config differs from the one checkpoint %s was written with", folder.name)
     window_loss_sum = torch.zeros((), dtype=torch.float64)
     rank_path = folder / ckpt.rng_file(ctx.rank)
@@ -235,7 +235,7 @@ def restore(
                 f"{ctx.world_size} cannot split evenly; resume at world size {manifest['world_size']}"
             )
         )
-    if epoch_continues and state.samples_in_epoch % global_batch:
+    if epoch_continues and state.samples_in_epoch % global_batch and ctx.is_rank_zero:
         log.warning(
             "global batch changed since the checkpoint: the current epoch continues from sample %d",
             state.samples_in_epoch,

@@ -150,7 +150,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
         compression.check_run_length(total_steps)  # QAT's start, the pruning ramp's end: before the epochs end it
     if state.early_stopped:
         total_steps = state.step  # the same command after early stopping: nothing left to train
-    elif state.step > total_steps:
+    elif state.step > total_steps and ctx.is_rank_zero:
         log.warning(
             "checkpoint %s is at step %d, past the %d steps of train.max_steps/train.epochs: nothing to train "
             "(raise train.max_steps to go on, or set checkpoint.resume=never to start over)",

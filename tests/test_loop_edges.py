@@ -345,6 +345,26 @@ def test_a_train_split_the_global_batch_does_not_fit_is_said_once_per_node(tmp_p
         assert error.value.same_on_every_rank
 
 
+@pytest.mark.slow
+def test_warnings_about_the_config_and_its_checkpoint_are_said_once_per_run(tmp_path):
+    """A rule matching no parameter, a resume with another training config, another global batch
+    mid-epoch, a checkpoint past train.max_steps: the same on every rank, said by rank 0 (each rank
+    printed its own: 2 lines at 2 ranks, 8 per node at 8)."""
+    raw = config(tmp_path / "run", train={"max_steps": 4, "micro_batch_size": 16}, checkpoint={"every_steps": 4})
+    assert launch(raw, tmp_path, nproc=2, env=ENV).returncode == 0
+    raw = config(tmp_path / "run", train={"max_steps": 2, "micro_batch_size": 24, "lr": 1e-3})
+    raw["optim"] = {"param_groups": [{"match": "nothing.*", "lr_scale": 0.5}]}
+    proc = launch(raw, tmp_path, nproc=2, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for warning in (
+        "matched no parameter",
+        "the training config differs",
+        "global batch changed since the checkpoint",
+        "past the 2 steps of train.max_steps",
+    ):
+        assert proc.stderr.count(warning) == 1, (warning, proc.stderr[-3000:])
+
+
 def int8_weights(path) -> list[torch.Tensor]:
     """The dequantized tensors of an int8 export (packed Linear parameters included)."""
 
