@@ -177,6 +177,7 @@ class Throughput:
         self.start = time.perf_counter()
         self.steps = 0
         self.data_wait = 0.0
+        self.tokens = 0  # this rank's token ids in the window (host ints: every item's own length)
         self.mfu_per_token = mfu_per_token
 
     @contextlib.contextmanager
@@ -188,7 +189,8 @@ class Throughput:
         finally:
             self.start += time.perf_counter() - began
 
-    def rates(self, samples_per_step: int, tokens_per_sample: int) -> dict:
+    def rates(self, samples_per_step: int, tokens: float | None = None) -> dict:
+        """The window's row; `tokens`: the token ids of its steps' inputs, all ranks (None: not tokens)."""
         now = time.perf_counter()
         elapsed = max(now - self.start, 1e-9)
         row = {
@@ -196,11 +198,11 @@ class Throughput:
             "step_time_s": elapsed / max(self.steps, 1),
             "data_wait_frac": self.data_wait / elapsed,
         }
-        if tokens_per_sample > 1:
-            row["tokens_per_s"] = row["samples_per_s"] * tokens_per_sample
+        if tokens is not None:
+            row["tokens_per_s"] = tokens / elapsed
             if self.mfu_per_token:
                 row["mfu"] = row["tokens_per_s"] * self.mfu_per_token
-        self.start, self.steps, self.data_wait = now, 0, 0.0
+        self.start, self.steps, self.data_wait, self.tokens = now, 0, 0.0, 0
         return row
 
 
@@ -248,15 +250,17 @@ class LossWindow:
     def count(self) -> torch.Tensor:
         return torch.as_tensor(sum(self.counts), dtype=torch.float64, device=self.ctx.device)
 
-    def read(self) -> tuple[float, float]:
-        """(global mean loss, last grad norm) of the window, in one host read (collective: the loss
-        sum is all-reduced); updates the skipped-step counts and starts the next window."""
-        loss_sum = all_reduce_sum(self.loss_sum(), self.ctx)
-        head = torch.stack([loss_sum, self.count(), self.grad_norm.double()])
-        loss_sum, count, grad_norm, *flags = torch.cat([head, torch.cat(self.flags).double()]).tolist()
+    def read(self, tokens: int = 0) -> tuple[float, float, float]:
+        """(global mean loss, last grad norm, `tokens` summed over the ranks) of the window, in one
+        host read (collective: the loss sum and this rank's `tokens` are all-reduced together);
+        updates the skipped-step counts and starts the next window."""
+        tokens = torch.tensor(float(tokens), dtype=torch.float64, device=self.ctx.device)
+        sums = all_reduce_sum(torch.stack([self.loss_sum(), tokens]), self.ctx)
+        head = torch.cat([sums, torch.stack([self.count(), self.grad_norm.double()])])
+        loss_sum, tokens, count, grad_norm, *flags = torch.cat([head, torch.cat(self.flags).double()]).tolist()
         self.skipped, self.streak, self.longest_streak = self._counted(flags)
         self._reset([], 0.0)
-        return loss_sum / max(count, 1.0), grad_norm
+        return loss_sum / max(count, 1.0), grad_norm, tokens
 
     def _counted(self, flags: list) -> tuple[int, int, int]:
         """(skipped steps, in a row now, most in a row) once the window's step flags are counted in."""

@@ -108,13 +108,13 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
 
 def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data, tokens, ctx, metrics) -> None:
     """The training row of the window that ends at this step: metrics.jsonl, TensorBoard, console."""
-    loss, grad_norm = window.read()
+    loss, grad_norm, window_tokens = window.read(throughput.tokens)
     if window.longest_streak >= window.limit:
         raise TrainingError(
             f"loss or gradient norm was not finite for {window.longest_streak} steps in a row (by step {state.step})"
         )
     row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-    row.update(throughput.rates(data.global_batch, tokens))
+    row.update(throughput.rates(data.global_batch, window_tokens if tokens > 1 else None))
     row.update(skipped_steps=window.skipped, peak_rss_mb=round(peak_rss_mb(), 1))
     if ctx.device.type == "cuda":
         row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)
@@ -137,7 +137,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
         strategy, compression, data, eval_data, loss_fn, train_loss = build_run(cfg, ctx)
     except UserError as err:
         raise on_every_rank(err) from None
-    tokens = tokens_per_sample(data.dataset[0][0])  # token inputs: report tokens/s
+    tokens = tokens_per_sample(data.dataset[0][0])  # token inputs: report tokens/s (MFU: item 0's length)
 
     restored = run_state.restore(cfg, ctx, control, strategy, output_dir, data.sampler.usable_samples())
     state = restored[0] if restored else run_state.TrainState()
@@ -240,6 +240,8 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
             state.step += 1
             state.samples_in_epoch += data.global_batch
             throughput.steps += 1
+            if tokens > 1:  # every item's own length: items of other lengths at micro-batch 1 (no sync: host shapes)
+                throughput.tokens += sum(inputs.numel() for inputs, _ in micro_batches)
             window.add(result.losses, result.count, result.grad_norm, result.nonfinite)
             logged = state.step % cfg.log.every_steps == 0 or state.step == total_steps
             if logged:

@@ -83,9 +83,9 @@ def test_mfu_only_on_cuda_with_a_known_gpu_and_model(monkeypatch):
 
     throughput = Throughput(mfu_per_token=1e-9)
     throughput.steps = 10
-    row = throughput.rates(samples_per_step=4, tokens_per_sample=16)
+    row = throughput.rates(samples_per_step=4, tokens=640)
     assert row["mfu"] == pytest.approx(row["tokens_per_s"] * 1e-9)
-    assert "mfu" not in Throughput().rates(4, 16)
+    assert "mfu" not in Throughput().rates(4, 640)
 
 
 @pytest.mark.parametrize(

@@ -326,7 +326,7 @@ def test_data_wait_fraction_and_paused_time(tmp_path):
     throughput.steps = 1
     with throughput.paused():
         time.sleep(0.2)
-    assert throughput.rates(1, 1)["step_time_s"] < 0.1
+    assert throughput.rates(1)["step_time_s"] < 0.1
 
 
 def test_step_times_hook(tmp_path, monkeypatch):
@@ -404,8 +404,8 @@ def test_loss_window_sums_in_order_across_compaction_and_checkpoints(monkeypatch
     whole = LossWindow(ctx, limit=3)
     feed(whole, range(7))
     assert len(whole.losses) < 4  # folded along the way
-    loss, grad_norm = whole.read()
-    assert loss == float(expected) / 42 and grad_norm == 2.0
+    loss, grad_norm, tokens = whole.read(tokens=96)
+    assert loss == float(expected) / 42 and grad_norm == 2.0 and tokens == 96
     assert (whole.skipped, whole.longest_streak, whole.streak) == (4, 3, 0)
 
     first = LossWindow(ctx, limit=3)

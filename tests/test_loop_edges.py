@@ -262,6 +262,35 @@ def test_two_ranks_match_one_when_the_ranks_count_other_numbers_of_elements(tmp_
     assert losses["two"] == pytest.approx(losses["one"], rel=1e-6), json.dumps(losses)
 
 
+def varying_tokens_config(output_dir, accum: int) -> dict:
+    train = {"max_steps": 4, "micro_batch_size": 1, "grad_accum_steps": accum, "loss": "cross_entropy"}
+    raw = config(output_dir, data={"name": "userpkg.edges:varying_tokens"}, train=train, log={"every_steps": 2})
+    raw["model"] = {"name": "userpkg.residual:embedding_lm"}
+    return raw
+
+
+def test_tokens_per_s_counts_every_item_at_its_own_length(tmp_path):
+    """Token ids of 4 and 16 positions, micro-batch 1: tokens/s was item 0's length x samples/s (4 per
+    sample), not the 20 tokens of each step's 2 items (10 per sample)."""
+    train(from_dict(varying_tokens_config(tmp_path, accum=2)), SINGLE)
+    rows = [r for r in read_rows(tmp_path) if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    for row in rows:
+        assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 10)
+
+
+@pytest.mark.slow
+def test_tokens_per_s_sums_the_ranks_own_token_counts(tmp_path):
+    """Rank 0 gets the 4-token items, rank 1 the 16-token ones: the logged rate is of all 20 per step
+    (rank 0's own count times the world size logged 4 per sample)."""
+    proc = launch(varying_tokens_config(tmp_path / "two", accum=1), tmp_path, nproc=2, launcher="torchrun", env=ENV)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = [r for r in read_rows(tmp_path / "two") if "loss" in r]
+    assert [r["step"] for r in rows] == [2, 4]
+    for row in rows:
+        assert row["tokens_per_s"] == pytest.approx(row["samples_per_s"] * 10)
+
+
 def test_a_run_started_from_a_named_checkpoint_continues_from_its_own_when_started_again(tmp_path):
     """checkpoint.resume names another run: the same command again (a requeue, a restart after exit
     75) continues from this run's own checkpoints, not from the named one; also once retention

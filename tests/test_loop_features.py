@@ -229,8 +229,8 @@ def test_readme_lists_every_metrics_row_key(monkeypatch):
     class Window:
         limit, longest_streak, skipped = 5, 0, 0
 
-        def read(self):
-            return 1.0, 2.0
+        def read(self, tokens):
+            return 1.0, 2.0, 64.0
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 0)
     throughput, rows = Throughput(mfu_per_token=1e-9), []

@@ -98,6 +98,25 @@ def varying_series(split: str, n: int = 64):
     return VaryingSeries(n) if split == "train" else None
 
 
+class VaryingTokens(Dataset):
+    """Token ids of 4 (even items) or 16 (odd items) positions; targets: the next ids, per position."""
+
+    def __init__(self, n: int):
+        gen = torch.Generator().manual_seed(0)
+        self.items = [torch.randint(32, (4 + 12 * (i % 2) + 1,), generator=gen) for i in range(n)]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i][:-1], self.items[i][1:]
+
+
+def varying_tokens(split: str, n: int = 64):
+    """Language modelling on sequences of two lengths (micro-batch 1): `userpkg.residual:embedding_lm` takes them."""
+    return VaryingTokens(n) if split == "train" else None
+
+
 def tags(split: str, n: int = 64, columns: int = 3):
     """Per-token binary tags for bce_with_logits: (n, 6, 4) inputs, (n, 6, columns) 0-1 targets, or
     (n, 6) when columns is 0 (the model then outputs one column); `torch.nn:Linear` tags them."""
