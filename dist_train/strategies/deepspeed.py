@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import warnings
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
@@ -200,6 +201,14 @@ class DeepSpeedStrategy(Strategy):
         ):
             os.environ.setdefault(key, str(value))  # DeepSpeed reads them even for one process
         deepspeed = require("deepspeed", "deepspeed", "strategy.name=deepspeed")
+        # DeepSpeed's own calls of torch's deprecated collectives: a FutureWarning the user cannot act on,
+        # printed by every rank, and at ZeRO-3 on CPU again on every step (its accelerator runs `numactl`
+        # per step, and the subprocess call resets the registry that shows a warning once)
+        warnings.filterwarnings(
+            "ignore",
+            r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+            FutureWarning,
+        )
         if self.cfg.train.precision == "fp16":
             from deepspeed.accelerator import get_accelerator
 
