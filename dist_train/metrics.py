@@ -94,6 +94,7 @@ class MetricsLogger:
         self.file = None
         self.bar = None
         self.tb = None
+        self.tb_purge_step = None  # TensorBoard on: opened by the first row or text (`tensorboard()`)
         if tensorboard:  # checked on every rank, so a missing package stops all of them alike (exit 2)
             from .imports import require
 
@@ -111,18 +112,26 @@ class MetricsLogger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True, file=sys.stderr)
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
             # A resumed run re-logs the steps after its checkpoint, and a run started again before its
             # first checkpoint every step: purge_step drops the earlier attempt's events from there
             # on, so each tag keeps one value per step.
-            self.tb = SummaryWriter(str(output_dir / "tb"), purge_step=start_step + 1, flush_secs=10)
+            self.tb_dir, self.tb_purge_step = output_dir / "tb", start_step + 1
+            self.tb_dir.mkdir(exist_ok=True)  # a file in its way fails here, at start-up, as the writer did
+
+    def tensorboard(self):
+        """The SummaryWriter, opened at the first row or text: its purge (written when it opens) waits
+        until the config ran its first step, so a config refused with status 2 hides no earlier events."""
+        if self.tb is None and self.tb_purge_step is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.tb_dir), purge_step=self.tb_purge_step, flush_secs=10)
+        return self.tb
 
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({k: _clean(v) for k, v in row.items()}) + "\n")
-        if self.tb is not None and "step" in row:  # tags are the metrics.jsonl keys
+        if self.tensorboard() is not None and "step" in row:  # tags are the metrics.jsonl keys
             for key, value in row.items():
                 if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
                     self.tb.add_scalar(key, value, row["step"])
@@ -133,7 +142,7 @@ class MetricsLogger:
         self.console(row)
 
     def text(self, tag: str, text: str) -> None:
-        if self.tb is not None:
+        if self.enabled and self.tensorboard() is not None:
             self.tb.add_text(tag, text)
 
     def console(self, row: dict) -> None:

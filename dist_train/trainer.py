@@ -168,16 +168,17 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
     metrics = MetricsLogger(
         output_dir, ctx.is_rank_zero, total_steps, state.step, cfg.log.progress, cfg.log.tensorboard
     )
-    if not restored:
-        metrics.text("config", "```\n" + dump_yaml(cfg) + "```")
 
     def accepted() -> None:
         """Once the config ran its first step (or had none to run): a config refused by its checkpoints or
-        its first batch (status 2) leaves the folder's config.yaml and metrics.jsonl as they were."""
+        its first batch (status 2) leaves the folder's config.yaml and metrics.jsonl as they were (and its
+        TensorBoard events: the writer's purge waits for the first row)."""
         if ctx.is_rank_zero:
             write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
         if restored:
             metrics.write({"resumed_from": restored[1], "step": resumed_at})
+        else:
+            metrics.text("config", "```\n" + dump_yaml(cfg) + "```")
 
     log.info(
         "training %s on %d rank(s), strategy %s: global batch %d, %d steps/epoch, %d steps (from %d)",

@@ -857,6 +857,26 @@ def test_tensorboard_a_run_started_again_before_its_first_checkpoint_replaces_th
     assert loss == [(step, 20.0 + step) for step in range(1, 7)]
 
 
+def test_tensorboard_a_config_refused_at_its_first_batch_hides_no_events(tmp_path):
+    """Started over (checkpoint.resume=never) with sequences longer than the model's, the config is refused
+    at its first batch (status 2) and leaves metrics.jsonl as it was; its SummaryWriter, opened before
+    that, had purged every event from step 1 on: TensorBoard showed none of the finished run's scalars."""
+    from dist_train.distributed import DistContext
+    from dist_train.errors import UserError
+    from dist_train.trainer import train
+
+    single = DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
+    config = tiny_lm_config(tmp_path / "run", train={"max_steps": 4}, log={"every_steps": 1, "tensorboard": True})
+    train(from_dict(config), single)
+    config["checkpoint"]["resume"] = "never"
+    config["data"]["seq_len"] = 32
+    with pytest.raises(UserError, match="longer than model.seq_len"):
+        train(from_dict(config), single)
+    events, loss = _tb_scalars(tmp_path / "run" / "tb", "loss")
+    assert [step for step, _ in loss] == [1, 2, 3, 4]
+    assert "config/text_summary" in events.Tags()["tensors"]
+
+
 def test_check_runs_the_first_batch_and_refuses_a_model_that_does_not_fit_the_data(tmp_path, capsys):
     """The forward and loss of rank 0's first micro-batch run on the CPU: a vocabulary or class
     mismatch is found before a job is queued, in the run's own words."""
