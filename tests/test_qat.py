@@ -184,6 +184,23 @@ def test_early_stopping_before_qat_starts_leaves_no_int8_model(tmp_path):
     assert not any(key.endswith("int8") for row in read_rows(tmp_path) for key in row)
 
 
+def test_no_int8_model_after_early_stopping_is_said_by_rank_0_alone(tmp_path, monkeypatch):
+    """Every rank exports, and each said the observers never saw a batch (8 lines per node at 8 ranks)."""
+    import dist_train.compress as compress
+    from dist_train.build import initial_model
+
+    cfg = from_dict(raw_config(tmp_path, MLP, VECTORS, 40, {"qat": True, "qat_start_step": 30}))
+    model = initial_model(cfg)
+    compression = compress.Compression(cfg, model)
+    said = []
+    monkeypatch.setattr(compress.log, "warning", lambda message, *args: said.append(message % args))
+    for rank in (1, 0):  # nothing to export: no collective is reached
+        said.clear()
+        ctx = DistContext(rank, rank, 2, 2, torch.device("cpu"), None, "single")
+        compression.export(model, ctx, tmp_path, None, None, print)
+        assert ["never saw a batch" in line for line in said] == ([True] if rank == 0 else [])
+
+
 def test_pruning_a_batchnorm_that_qat_fuses_is_refused_and_excluded_by_its_own_name(tmp_path):
     # a pruned BatchNorm scale of 0 made torch's fused ConvBn divide its conv's output by zero: NaN after the
     # first mask update, then "zero_point must be between quant_min and quant_max" (status 1); and

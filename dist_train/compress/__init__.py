@@ -107,11 +107,12 @@ class Compression:
         (rank 0): the files exist only once their row is logged (`exported` then means complete)."""
         kinds = self.kinds
         if self.qat is not None and not qat.observed(module):
-            log.warning(
-                "compress.qat: the run ended (early stopping) before compress.qat_start_step (%d): its observers "
-                "never saw a batch, so there is no int8 model to export (model_int8.pt)",
-                self.qat.start,
-            )
+            if ctx.is_rank_zero:  # every rank exports alike: said once
+                log.warning(
+                    "compress.qat: the run ended (early stopping) before compress.qat_start_step (%d): its observers "
+                    "never saw a batch, so there is no int8 model to export (model_int8.pt)",
+                    self.qat.start,
+                )
             kinds = [kind for kind in kinds if kind != "qat"]
         if not kinds:
             return
