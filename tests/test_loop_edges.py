@@ -50,6 +50,19 @@ def test_a_step_with_every_target_ignored_is_a_zero_update(tmp_path):
     assert rows[1]["grad_norm"] > 0 and rows[2]["skipped_steps"] == 0
 
 
+def test_each_epoch_reads_the_train_split_in_its_own_seeded_order(tmp_path):
+    """loader.shuffle reshuffles every epoch, seeded by (run.seed, epoch): the loop sets the sampler's
+    epoch each time (without it every epoch repeated epoch 0's order)."""
+    from userpkg import edges
+
+    edges.READ.clear()
+    data = {"name": "userpkg.edges:recorded_vectors", "n": 32}
+    assert run(tmp_path, data=data, loader={"shuffle": True, "num_workers": 0}, train={"epochs": 2})["step"] == 4
+    orders = [torch.randperm(32, generator=torch.Generator().manual_seed(4 + epoch)).tolist() for epoch in (0, 1)]
+    assert orders[0] != orders[1]
+    assert edges.READ[-64:] == orders[0] + orders[1]  # after the items read while the run is built
+
+
 def test_non_finite_steps_in_a_row_are_counted_across_a_resume(tmp_path):
     """Steps 3-7 see NaN inputs, 5 in a row stop the run; so they do when it resumes at step 5."""
     sections = {"data": {"nan": [32, 112]}, "checkpoint": {"every_steps": 5}}

@@ -132,3 +132,24 @@ def eval_mode_mlp(dropout: float = 0.5):
         torch.nn.Linear(32, 16), torch.nn.ReLU(), torch.nn.Dropout(dropout), torch.nn.Linear(16, 2)
     )
     return torch.nn.Sequential(inner.eval())
+
+
+READ: list[int] = []  # indices `recorded_vectors` items were read at, in order (in-process runs, no workers)
+
+
+class Recorded(Dataset):
+    """`vectors`' train split, each item read appended to READ: the order the loop reads the split in."""
+
+    def __init__(self, n: int):
+        self.data = vectors("train", n)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        READ.append(i)
+        return self.data[i]
+
+
+def recorded_vectors(split: str, n: int = 32):
+    return Recorded(n) if split == "train" else None
