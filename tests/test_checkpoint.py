@@ -136,6 +136,21 @@ def test_crash_at_any_save_stage_resumes_from_a_complete_checkpoint(tmp_path, mo
     assert _stable(got) == _stable(expected)  # identical metrics rows after the resume point
 
 
+def test_a_crash_while_a_file_is_written_atomically_leaves_its_previous_content(tmp_path, monkeypatch):
+    """`latest` and the manifest are written to a temporary file, fsynced, then renamed over the old one:
+    a crash before the rename (here at the fsync of the new bytes) leaves the previous content whole."""
+    latest = tmp_path / "latest"
+    ckpt.write_atomic(latest, b"step-00000002\n")
+
+    def crash(fd):
+        raise Crash("fsync")
+
+    monkeypatch.setattr(ckpt.os, "fsync", crash)
+    with pytest.raises(Crash):
+        ckpt.write_atomic(latest, b"step-00000004\n")
+    assert latest.read_bytes() == b"step-00000002\n"
+
+
 def _stable(rows):
     timing = {"samples_per_s", "tokens_per_s", "step_time_s", "data_wait_frac", "peak_rss_mb"}
     return [{k: v for k, v in r.items() if k not in timing} for r in rows]
