@@ -246,8 +246,10 @@ def test_a_failed_save_names_rank_and_step_and_keeps_the_last_checkpoint(tmp_pat
 @pytest.mark.slow
 def test_two_ranks_match_one_with_a_global_rng_factory_and_a_step_with_nothing_counted(tmp_path):
     """The dataset factory draws from the global RNG (the same data on every rank: factories run under
-    the run's seed) and step 1 holds ignored targets only (a zero update at any world size)."""
-    data = {"name": "userpkg.edges:global_rng_vectors", "ignored": [0, 16]}
+    the run's seed) and step 1 holds ignored targets only (a zero update at any world size). Step 2's
+    samples 16-20 are ignored too: rank 0 counts 5 targets, rank 1 counts 6, so a loss averaged over
+    each rank's (or micro-batch's) own count, not the step's global count, no longer matches 1 rank."""
+    data = {"name": "userpkg.edges:global_rng_vectors", "ignored": [0, 21]}
     for name, ranks, micro in (("one", 1, 16), ("two", 2, 8)):
         raw = config(tmp_path / name, data=data, train={"max_steps": 3, "micro_batch_size": micro})
         proc = launch(raw, tmp_path, nproc=ranks, launcher="single" if ranks == 1 else "torchrun", env=ENV)
