@@ -170,6 +170,18 @@ def test_random_transforms_in_loader_workers_resume_exactly(tmp_path, persistent
     assert max_abs_diff(load_weights(tmp_path / "whole"), load_weights(tmp_path / "resumed")) == 0.0
 
 
+def test_random_transforms_in_loader_workers_draw_anew_each_epoch(tmp_path):
+    """A worker's seed for a train batch comes from (seed, rank, epoch, the batch's place): without
+    the epoch, every epoch drew the same noise for the same batch (augmentation frozen across epochs)."""
+    from dist_train.data import build_train_data
+
+    sections = {"data": {"name": "userpkg.edges:jittered_vectors", "n": 32}, "loader": {"num_workers": 1}}
+    data = build_train_data(from_dict(config(tmp_path, **sections)), SINGLE)  # shuffle off: the same samples
+    (x0, y0), (x1, y1) = (next(data.epoch_batches(epoch, 0)) for epoch in (0, 1))
+    assert torch.equal(y0, y1) and not torch.equal(x0, x1)
+    assert torch.equal(next(data.epoch_batches(1, 0))[0], x1)  # and the same noise for the same epoch
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("persistent", [False, True])
 def test_random_transforms_in_eval_loader_workers_resume_exactly(tmp_path, persistent):
