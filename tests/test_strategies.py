@@ -667,6 +667,48 @@ def test_a_parameter_used_on_some_ranks_only_gets_the_mean_gradient(name):
     assert run_ranks(_routed_step, 2, name)[0] <= 1e-6
 
 
+def _reduce_scatters_per_step(rank, world):
+    """FSDP2's gradient reductions (reduce-scatter rounds) in a step of 1 micro-batch and in one of 4."""
+    import torch.distributed.fsdp._fully_shard._fsdp_param_group as param_group
+
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+    from dist_train.trainer import train_step
+
+    calls, reduce = [], param_group.foreach_reduce
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return reduce(*args, **kwargs)
+
+    param_group.foreach_reduce = counting
+    raw = {
+        "run": {"output_dir": "unused"},
+        "model": {"name": "mlp", "input_dim": 32, "hidden_dim": 16, "depth": 2, "num_classes": 2},
+        "data": {"name": "synthetic_vectors"},
+        "train": {"micro_batch_size": 4},
+        "strategy": {"name": "fsdp"},
+    }
+    cfg, ctx = from_dict(raw), ctx_from_env()
+    strategy = build_strategy(cfg, ctx)
+    strategy.setup(build_model(cfg.model.name, cfg.model.kwargs))
+    batch, counts = (torch.randn(4, 32), torch.tensor([0, 1, 1, 0])), []
+    for accum in (1, 4):
+        calls.clear()
+        train_step(strategy, build_loss("cross_entropy"), [batch] * accum, cfg, ctx)
+        counts.append(len(calls))
+    strategy.teardown()
+    return counts
+
+
+def test_fsdp_reduces_gradients_once_per_optimizer_step():
+    """Accumulation micro-steps run under no_sync (no reduce-scatter): a step of 4 micro-batches
+    reduces as often as a step of 1, as DDP all-reduces once (test_parity.py counts DDP's rounds)."""
+    for one, four in run_ranks(_reduce_scatters_per_step, 2):
+        assert one > 0 and four == one, (one, four)
+
+
 def test_an_fsdp_save_waits_for_a_slow_rank_up_to_the_save_timeout(tmp_path):
     """Rank 0 stalls (SIGSTOP, as on a slow filesystem) for 14 s inside its FSDP checkpoint write while
     dist.timeout_s is 6 s: the other rank waits, as checkpoint.save_timeout_s says, and the run finishes
