@@ -289,6 +289,18 @@ def test_retention_keeps_the_newest_and_the_milestones(tmp_path):
     assert names == ["latest", "step-00000004", "step-00000008", "step-00000010"]
 
 
+def test_retention_never_deletes_the_checkpoint_latest_names(tmp_path):
+    """A run rewound to step 6 of a run that saved 6 and 8 saves step 7, which `latest` names: with
+    keep_last 1 only step 8 is among the newest, yet step 7 stays (deleting it left `latest` dangling)."""
+    keep = {"every_steps": 2, "keep_last": 2}
+    run(tmp_path, train={"max_steps": 8}, checkpoint=keep)
+    root = tmp_path / "checkpoints"
+    rewound = {"every_steps": 1, "keep_last": 1, "resume": str(root / "step-00000006")}
+    assert run(tmp_path, train={"max_steps": 7}, checkpoint=rewound)["step"] == 7
+    assert ckpt.read_latest(root) == "step-00000007"
+    ckpt.verify(root / "step-00000007")
+
+
 def test_resume_never_and_explicit_path(tmp_path, reference):
     run_dir, root = _checkpointed_run(tmp_path, reference)
     assert run(tmp_path / "fresh", checkpoint={"resume": str(root / "step-00000004")})["status"] == "finished"
