@@ -301,6 +301,22 @@ def test_retention_never_deletes_the_checkpoint_latest_names(tmp_path):
     ckpt.verify(root / "step-00000007")
 
 
+def test_a_checkpoint_inside_a_logging_window_resumes_its_loss(tmp_path, monkeypatch):
+    """Logged every 3 steps, saved every 2: the step-4 checkpoint holds step 4's loss, the first of the
+    open window (steps 4-6); resumed there, the run logs step 6 as the uninterrupted run does."""
+    sections = {"log": {"every_steps": 3, "plot": False}}
+    run(tmp_path / "whole", **sections)
+    with monkeypatch.context() as patch:
+        crash_when_saving_step_4(patch, "before_retention")
+        with pytest.raises(Crash):
+            run(tmp_path / "resumed", **sections)
+    run(tmp_path / "resumed", **sections)
+    rows = read_rows(tmp_path / "resumed")
+    after = rows[rows.index({"resumed_from": "step-00000004", "step": 4}) + 1 :]
+    expected = [r for r in read_rows(tmp_path / "whole") if r["step"] > 4]
+    assert [r["step"] for r in after if "loss" in r] == [6] and _stable(after) == _stable(expected)
+
+
 def test_resume_never_and_explicit_path(tmp_path, reference):
     run_dir, root = _checkpointed_run(tmp_path, reference)
     assert run(tmp_path / "fresh", checkpoint={"resume": str(root / "step-00000004")})["status"] == "finished"
