@@ -79,7 +79,7 @@ def build_optimizer(cfg: Config, model: nn.Module, fused: bool = True) -> torch.
     resolved = resolve_param_groups(model, o.weight_decay, o.param_groups)
     if o.param_groups:  # rank 0 logs info: printed once
         log.info("optimizer parameter groups (optim.param_groups):\n%s", _describe(resolved))
-    groups = [group for _, group, _ in resolved]
+    groups = [{**group, "names": names} for _, group, names in resolved]  # checkpoints: which parameters a group held
     lr = cfg.train.lr
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -146,6 +146,10 @@ def _load_error_summary(err: Exception, limit: int = 300) -> str:
     return details if len(details) <= limit else details[: limit - 3] + "..."
 
 
+def _shown(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names)} tensors)" if len(names) > limit else "")
+
+
 def restore(
     cfg: Config, ctx: DistContext, control: Control, strategy: Strategy, output_dir: Path, epoch_samples: int
 ) -> tuple[TrainState, str, torch.Tensor] | None:
@@ -195,7 +199,13 @@ def restore(
     configured = [{k: v for k, v in group.items() if k != "params"} for group in strategy.optimizer.param_groups]
     try:
         strategy.load(folder)
-        for group, hyper in zip(strategy.optimizer.param_groups, configured, strict=True):
+        for i, (group, hyper) in enumerate(zip(strategy.optimizer.param_groups, configured, strict=True)):
+            # the state is matched to parameters by position in each group (DDP, ZeRO's flat partitions):
+            # parameters that moved between groups would take other parameters' moments and master weights
+            if group.get("names", hyper["names"]) != hyper["names"]:
+                raise ValueError(
+                    f"optimizer group {i} holds {_shown(hyper['names'])}, the checkpoint's {_shown(group['names'])}"
+                )
             group.update(hyper)  # the config's weight decay, betas, lr_scale...: the checkpoint gives state only
     except (RuntimeError, ValueError, KeyError) as err:  # shape/key mismatch; other optimizer param groups
         raise on_every_rank(

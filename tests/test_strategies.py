@@ -476,14 +476,21 @@ def test_bf16_deepspeed_reduces_fp32_gradients_like_ddp(tmp_path):
     assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "zero1")) <= 1e-5
 
 
+PG = "optim.param_groups=[{{match: 'blocks.{}.*', lr_scale: 0.5}}]"
+
+
 @pytest.mark.parametrize(
     "first, then, message",
     [
         (["strategy.name=deepspeed", "strategy.zero_stage=1"], ["strategy.zero_stage=0"], "zero_stage=1, this run"),
         (["strategy.name=fsdp"], ["model.d_model=48"], "does not fit this model or optimizer"),
         ([], ["optim.param_groups=[{match: 'blocks.*', lr_scale: 0.5}]"], "different number of parameter groups"),
+        # as many groups, other parameters in them: DDP gave block 0's Adam moments to block 1, and ZeRO
+        # block 0's fp32 master weights too (the blocks' weights swapped), silently
+        ([PG.format(0)], [PG.format(1)], "optimizer group 0 holds blocks.1."),
+        (["strategy.name=deepspeed", "strategy.zero_stage=1", PG.format(0)], [PG.format(1)], "group 0 holds blocks.1."),
     ],
-    ids=["zero-stage", "fsdp-shape", "param-groups"],
+    ids=["zero-stage", "fsdp-shape", "param-groups", "param-group-members", "zero-param-group-members"],
 )
 def test_a_checkpoint_the_run_cannot_take_is_one_line(tmp_path, first, then, message):
     config = tiny_lm_config(
