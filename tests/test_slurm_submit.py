@@ -3,6 +3,7 @@ blocks, the job's output folder, the srun launcher's environment, and `dist-trai
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -10,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -212,6 +214,34 @@ def test_submit_hands_the_rendered_script_to_sbatch(config, tmp_path):
         proc.stderr
         == "dist_train: error: sbatch refused the job (cpu.sbatch): sbatch: error: invalid partition specified: nope\n"
     )
+
+
+def test_submit_works_from_the_installed_wheel(config, tmp_path):
+    """The wheel ships slurm/ (it had no templates: an installed dist-train refused every submit,
+    'SLURM template .../site-packages/slurm/cpu.sbatch not found', status 2)."""
+    pytest.importorskip("setuptools")  # the build backend, without fetching it (--no-build-isolation)
+    if not (importlib.util.find_spec("setuptools.command.bdist_wheel") or importlib.util.find_spec("wheel")):
+        pytest.skip("this setuptools builds no wheels without the `wheel` package")
+    source = tmp_path / "source"  # a copy: building writes build/ and *.egg-info/ into the tree
+    for name in ("dist_train", "slurm"):
+        shutil.copytree(REPO_ROOT / name, source / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    build = [PYTHON, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)]
+    proc = subprocess.run(build, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (wheel,) = tmp_path.glob("dist_train-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(site)
+    for template in TEMPLATES:
+        assert (site / "dist_train" / "slurm" / "templates" / template.name).read_bytes() == template.read_bytes()
+    # the installed package alone (no checkout on PYTHONPATH), from another folder
+    env = {**os.environ, "PYTHONPATH": str(site), "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "dist_train", "slurm", "submit", "--dry-run", "--nproc-per-node", "2", str(config)]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == submit("--dry-run", "--nproc-per-node", "2", str(config)).stdout
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,8 @@ from ..cli import ArgParser
 from ..errors import UserError
 from .job import output_dir_for_job
 
-TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "slurm"
+# slurm/ of the checkout, linked into the package (dist_train/slurm/templates) so that a wheel ships it
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 CPUS_PER_GPU_RANK = 8  # default --cpus-per-task share of a GPU rank (data loading, host work)
 
 
@@ -153,7 +154,7 @@ def build_script(args) -> tuple[str, str, str]:
     name = pick_template(args.nodes, args.gpus_per_node, args.launcher)
     template = TEMPLATE_DIR / f"{name}.sbatch"
     if not template.is_file():
-        raise UserError(f"SLURM template {template} not found: dist-train slurm submit runs from a dist_train checkout")
+        raise UserError(f"SLURM template {template} not found: reinstall dist-train (its package ships the templates)")
     # the job's time limit, wherever it comes from (--time, --sbatch-arg=--time=..., the template's line)
     own = re.search(r"^#SBATCH\s+--time[= ](\S+)", template.read_text(), re.M)
     time = options.get("--time") or (own.group(1) if own else None)
