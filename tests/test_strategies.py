@@ -183,6 +183,33 @@ def test_deepspeed_missing_is_a_one_line_error(tmp_path):
     )
 
 
+def test_bf16_on_a_deepspeed_older_than_0_17_6_is_a_one_line_error(tmp_path):
+    """Our bf16 is DeepSpeed's `torch_autocast` section. Inside the extra's old floor (>=0.15) DeepSpeed
+    0.17.1 ignored it (a bf16 run trained in fp32, weights bit-identical to the fp32 run's) and 0.17.2
+    clipped and logged gradients scaled by 65536 (grad_norm 30897 for DDP's 0.471; ZeRO-1 weights 3e-3
+    from DDP's after 4 steps, 4e-5 on 0.17.6), without a word. The run and `dist-train check` refuse them."""
+    pytest.importorskip("deepspeed")
+    config = write_config(
+        tmp_path / "c.yaml",
+        tiny_lm_config(tmp_path / "out", strategy={"name": "deepspeed"}, train={"max_steps": 1, "precision": "bf16"}),
+    )
+    script = (
+        "import os; os.environ.setdefault('DS_ACCELERATOR', 'cpu'); import deepspeed; "
+        "from dist_train.cli import main; codes = []\n"
+        "for version in ('0.17.6', '0.17.5'):\n"
+        "    deepspeed.__version__ = version\n"
+        f"    codes.append(main(['check', {str(config)!r}]))\n"
+        f"print(*codes, main(['--config', {str(config)!r}]))"
+    )
+    proc = run_cli([PYTHON, "-c", script], timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "0 2 2", proc.stderr[-2000:]
+    assert [line for line in proc.stderr.splitlines() if line.startswith("dist_train:")] == [
+        "dist_train: error: train.precision=bf16 with strategy.name=deepspeed needs DeepSpeed >= 0.17.6 (its "
+        "torch_autocast); DeepSpeed 0.17.5 would train wrongly: pip install -U 'dist-train[deepspeed]'"
+    ] * 2
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out" / "checkpoints").exists()
+
+
 def test_deepspeed_passthrough_conflicts_are_errors(tmp_path):
     from dist_train.errors import UserError
     from dist_train.strategies.deepspeed import deepspeed_config

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import warnings
 from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
@@ -163,6 +164,24 @@ def schema_error(err) -> UserError:
     return UserError(f"strategy.deepspeed_config: DeepSpeed's {err.title} refuses it: {problems}")
 
 
+def check_torch_autocast(config: dict) -> None:
+    """Our bf16 is DeepSpeed's `torch_autocast` section, right from DeepSpeed 0.17.6 on: 0.17.1 and
+    older ignore the section without a word (the run trained in fp32, weights bit-identical to an fp32
+    run), and 0.17.2-0.17.5 keep a loss scaler under it that bf16 does not need, whose scaled gradients
+    they clip and report (grad_norm 65536 times too large, every step clipped at train.grad_clip_norm)."""
+    if not config.get("torch_autocast", {}).get("enabled"):
+        return
+    import deepspeed
+
+    if tuple(int(part) for part in re.findall(r"\d+", deepspeed.__version__)[:3]) < (0, 17, 6):
+        raise on_every_rank(  # the same installation on every rank of a node: one line says it
+            UserError(
+                f"train.precision=bf16 with strategy.name=deepspeed needs DeepSpeed >= 0.17.6 (its torch_autocast); "
+                f"DeepSpeed {deepspeed.__version__} would train wrongly: pip install -U 'dist-train[deepspeed]'"
+            )
+        )
+
+
 def check_schema(config: dict) -> None:
     """DeepSpeed's own schema check of `config`, as `deepspeed.initialize` runs it (`dist-train check`): a
     value it refuses is the run's UserError. Nothing when deepspeed is not installed; other errors are
@@ -176,6 +195,7 @@ def check_schema(config: dict) -> None:
         from pydantic import ValidationError
     except Exception:  # noqa: BLE001 - a deepspeed that does not import here: the run says why where it trains
         return
+    check_torch_autocast(config)
 
     try:  # one process here: DeepSpeed derives train_batch_size for world size 1 itself
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
@@ -221,6 +241,7 @@ class DeepSpeedStrategy(Strategy):
                     )
                 )
         config = deepspeed_config(self.cfg, self.ctx.world_size)
+        check_torch_autocast(config)
         optimizer = build_optimizer(self.cfg, model, fused=False)  # ZeRO steps it on flat partitions
         from pydantic import ValidationError  # DeepSpeed's config schema
 
