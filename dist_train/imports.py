@@ -41,10 +41,15 @@ def require(module_name: str, extra: str, feature: str) -> Any:
     """Import an optional dependency, or fail with the pip extra that provides it."""
     try:
         return importlib.import_module(module_name)
-    except ImportError:
-        raise on_every_rank(  # the same environment on every rank of a node: one line says it
-            UserError(f"{feature} needs `{module_name}`: install it with `pip install 'dist-train[{extra}]'`")
-        ) from None
+    except ImportError as err:
+        install = f"`pip install 'dist-train[{extra}]'`"
+        if isinstance(err, ModuleNotFoundError) and err.name == module_name:
+            message = f"{feature} needs `{module_name}`: install it with {install}"
+        else:  # installed, but its own import failed (a dependency of its own missing, a version clash)
+            cause = str(err).splitlines()[0] if str(err) else ""
+            message = f"{feature} needs `{module_name}`, which is installed but does not import "
+            message += f"({type(err).__name__}: {cause}): repair it, e.g. {install}"
+        raise on_every_rank(UserError(message)) from None  # the same environment on every rank of a node
 
 
 def resolve(name: str, registry: dict[str, str], what: str) -> Any:

@@ -166,21 +166,31 @@ def test_ddp_never_imports_deepspeed(tmp_path):
 
 
 def test_deepspeed_missing_is_a_one_line_error(tmp_path):
+    """Absent, or installed but failing to import (a dependency of its own missing): each is one line
+    with the pip command; the second was told to install the deepspeed it had, its own error hidden."""
+    config = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "out", strategy={"name": "deepspeed"}))
     fake = tmp_path / "fake" / "deepspeed"
     fake.mkdir(parents=True)
-    (fake / "__init__.py").write_text("raise ImportError('No module named deepspeed')\n")
-    config = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "out", strategy={"name": "deepspeed"}))
-    proc = run_cli(
-        [PYTHON, "-m", "dist_train", "--config", str(config)],
-        env={"PYTHONPATH": f"{tmp_path / 'fake'}:{REPO_ROOT}"},
-        timeout=120,
-    )
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert lines[-1] == (
-        "dist_train: error: strategy.name=deepspeed needs `deepspeed`: "
-        "install it with `pip install 'dist-train[deepspeed]'`"
-    )
+    pip = "`pip install 'dist-train[deepspeed]'`"
+    for body, said in (
+        ("raise ModuleNotFoundError(\"No module named 'deepspeed'\", name='deepspeed')", f": install it with {pip}"),
+        (
+            "import hjson_of_deepspeed",
+            ", which is installed but does not import (ModuleNotFoundError: No module named 'hjson_of_deepspeed'): "
+            f"repair it, e.g. {pip}",
+        ),
+    ):
+        (fake / "__init__.py").write_text(body + "\n")
+        proc = run_cli(
+            [PYTHON, "-m", "dist_train", "--config", str(config)],
+            env={"PYTHONPATH": f"{tmp_path / 'fake'}:{REPO_ROOT}"},
+            timeout=120,
+        )
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert (
+            proc.stderr.strip().splitlines()[-1]
+            == f"dist_train: error: strategy.name=deepspeed needs `deepspeed`{said}"
+        )
 
 
 def test_bf16_on_a_deepspeed_older_than_0_17_6_is_a_one_line_error(tmp_path):
