@@ -75,6 +75,28 @@ def test_model_from_local_folder_loads_its_weights(tmp_path):
         build_model("hf_causal_lm", {"config": {"n_layer": 2}})
 
 
+def test_the_wrapper_passes_use_cache_only_to_a_forward_that_takes_it():
+    """transformers 4's encoders (4.40, the hf extra's floor: BertForSequenceClassification) have no
+    `use_cache` argument: every hf_seq_cls batch of configs/hf_seq_cls.yaml failed ('unexpected keyword
+    argument use_cache', reported as a model that does not fit the data, status 2)."""
+    from types import SimpleNamespace
+
+    from dist_train.models.hf import HFModel
+
+    class Encoder(torch.nn.Module):  # transformers 4.40's BertForSequenceClassification.forward, shortened
+        def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, labels=None):
+            return SimpleNamespace(logits=attention_mask.float())
+
+    class Decoder(torch.nn.Module):
+        def forward(self, input_ids=None, attention_mask=None, use_cache=None):
+            assert use_cache is False  # training keeps no key/value cache
+            return SimpleNamespace(logits=input_ids.float())
+
+    ids = torch.tensor([[3, 4, 0]])
+    assert HFModel(Encoder(), pad_token_id=0)(ids).tolist() == [[1.0, 1.0, 0.0]]
+    assert HFModel(Decoder(), pad_token_id=0)(ids).tolist() == [[3.0, 4.0, 0.0]]
+
+
 @needs_hf
 def test_seq_cls_logits_do_not_depend_on_right_padding():
     torch.manual_seed(0)

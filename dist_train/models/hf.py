@@ -11,6 +11,7 @@ into the bare model (`AutoModel...from_config(cfg).load_state_dict(...)`).
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -39,6 +40,11 @@ class HFModel(nn.Module):
         super().__init__()
         self.hf = hf_model
         self.pad_token_id = pad_token_id
+        # no key/value cache while training: for a forward that takes `use_cache` (decoders; transformers
+        # 5's **kwargs), not transformers 4's encoders (BertForSequenceClassification refuses the argument)
+        params = inspect.signature(hf_model.forward).parameters.values()
+        takes = any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
+        self.no_cache = {"use_cache": False} if takes else {}
 
     @property
     def config(self) -> Any:
@@ -62,7 +68,7 @@ class HFModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         mask = None if self.pad_token_id is None else (input_ids != self.pad_token_id).long()
-        return self.hf(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+        return self.hf(input_ids=input_ids, attention_mask=mask, **self.no_cache).logits
 
 
 def _transformers():
