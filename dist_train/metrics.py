@@ -182,7 +182,8 @@ class Throughput:
     DataLoader. `mfu_per_token` (see flops.py) turns tokens/s into model FLOPs utilisation (CUDA only).
     """
 
-    def __init__(self, mfu_per_token: float | None = None) -> None:
+    def __init__(self, mfu_per_token: float | None = None, device: torch.device | None = None) -> None:
+        self.device = device
         self.start = time.perf_counter()
         self.steps = 0
         self.data_wait = 0.0
@@ -191,7 +192,10 @@ class Throughput:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Leave the time spent inside (evaluation, checkpoints) out of the current window."""
+        """Leave the time spent inside (evaluation, checkpoints) out of the current window. On CUDA the
+        training work still queued finishes first, inside the window (a sync on these steps only)."""
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         began = time.perf_counter()
         try:
             yield

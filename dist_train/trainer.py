@@ -191,7 +191,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
         state.step,
     )
 
-    throughput = Throughput(mfu_per_token(strategy.module, tokens, ctx))
+    throughput = Throughput(mfu_per_token(strategy.module, tokens, ctx), ctx.device)
     status, batches = "early_stopped" if state.early_stopped else "finished", None
     last_saved = state.step if restored else -1  # a finished run started again saves nothing new
     if ctx.device.type == "cpu":

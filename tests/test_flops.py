@@ -102,3 +102,22 @@ def test_only_integer_id_inputs_count_as_tokens(sample, tokens):
     from dist_train.metrics import tokens_per_sample
 
     assert tokens_per_sample(sample) == tokens
+
+
+def test_a_pause_on_cuda_lets_the_queued_training_work_finish_inside_the_window(monkeypatch):
+    """Evaluation and checkpoints are left out of the window, but on CUDA the steps' kernels may still
+    run when the pause begins: without a sync there, their time fell into the pause and the rates read
+    high (here: 0.2 s of queued work left out, a 1.0 s step read as 0.8 s)."""
+    clock = {"now": 0.0}
+    monkeypatch.setattr("dist_train.metrics.time.perf_counter", lambda: clock["now"])
+
+    def synchronize(device=None):  # the GPU finishes the training step still queued: 0.2 s
+        clock["now"] += 0.2
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    throughput = Throughput(device=torch.device("cuda", 0))
+    clock["now"] = 0.8  # the host queued the step's work
+    with throughput.paused():
+        clock["now"] += 5.0  # evaluation (its own reads wait for the queued step first)
+    throughput.steps = 1
+    assert throughput.rates(4)["step_time_s"] == pytest.approx(1.0)
