@@ -128,6 +128,7 @@ def save(
             "world_size": ctx.world_size,
             "strategy": cfg.strategy.name,
             "zero_stage": cfg.strategy.zero_stage if cfg.strategy.name == "deepspeed" else None,
+            "optimizer": cfg.optim.name,
             "config_hash": ckpt.config_hash(training_config(cfg)),
             "trainer": dataclasses.asdict(state),
         }
@@ -194,6 +195,15 @@ def restore(
             UserError(
                 f"checkpoint {folder} was written at strategy.zero_stage={manifest['zero_stage']}, this run uses "
                 f"{cfg.strategy.zero_stage}: resume with strategy.zero_stage={manifest['zero_stage']}"
+            )
+        )
+    if manifest.get("optimizer", cfg.optim.name) != cfg.optim.name:  # another optimizer's state: stale moments
+        # carried along (Adam's into SGD, in every later checkpoint) or missing ones (SGD's into Adam)
+        raise on_every_rank(
+            UserError(
+                f"checkpoint {folder} was written with optim.name={manifest['optimizer']}, this run uses "
+                f"{cfg.optim.name}: resume with optim.name={manifest['optimizer']}, or start this one in a new "
+                "run.output_dir with checkpoint.resume=never"
             )
         )
     configured = [{k: v for k, v in group.items() if k != "params"} for group in strategy.optimizer.param_groups]
