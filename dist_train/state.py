@@ -116,8 +116,10 @@ def save(
         tmp = ckpt.begin_save(root, state.step)
     tmp = Path(control.broadcast_object(str(tmp)))
     files = strategy.save(tmp)
-    # per rank: RNG streams and this rank's share of the open logging window
-    torch.save({"rng": ckpt.rng_state(), "window_loss_sum": window_loss_sum.cpu()}, tmp / ckpt.rng_file(ctx.rank))
+    # per rank: RNG streams, this rank's share of the open logging window and its own buffers
+    rank_state = {"rng": ckpt.rng_state(), "window_loss_sum": window_loss_sum.cpu()}
+    rank_state["buffers"] = {name: buffer.cpu() for name, buffer in _persistent_buffers(strategy.module).items()}
+    torch.save(rank_state, tmp / ckpt.rng_file(ctx.rank))
     files.append(ckpt.rng_file(ctx.rank))
     ckpt.fsync_files(tmp, files)
     all_files = [name for rank_files in control.gather_objects(files) for name in rank_files]
@@ -138,6 +140,18 @@ def save(
         log.info("checkpoint %s written", final.name)
     control.barrier()  # bounded by checkpoint.save_timeout_s: nobody leaves before `latest` is in place
     return final
+
+
+def _persistent_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The buffers of the model's state_dict, by name. Under FSDP and ZeRO-1/2 each rank keeps its own
+    (BatchNorm statistics without sync, a running input mean the training forward reads), while the
+    checkpoint's model state holds rank 0's: each rank saves and restores its own for an exact resume."""
+    return {
+        f"{prefix}.{name}" if prefix else name: buffer
+        for prefix, sub in module.named_modules()
+        for name, buffer in sub.named_buffers(recurse=False)
+        if name not in sub._non_persistent_buffers_set
+    }
 
 
 def _load_error_summary(err: Exception, limit: int = 300) -> str:
@@ -232,6 +246,10 @@ def restore(
         rank_state = ckpt.load_payload(rank_path)
         ckpt.set_rng_state(rank_state["rng"])
         window_loss_sum = rank_state["window_loss_sum"]
+        with torch.no_grad():  # the checkpoint's model state holds rank 0's
+            for name, buffer in _persistent_buffers(strategy.module).items():
+                if name in rank_state.get("buffers", {}):
+                    buffer.copy_(rank_state["buffers"][name])
     elif ctx.is_rank_zero:
         log.warning("world size changed (%d -> %d): RNG streams start fresh", manifest["world_size"], ctx.world_size)
         # the open window's loss, summed over the ranks that wrote it: the next logged loss is all-reduced,
