@@ -573,3 +573,15 @@ def test_steps_past_eight_digits_are_checkpoints_too(tmp_path):
     assert ckpt.find_resume_checkpoint("auto", tmp_path).folder.name == "step-100000001"
     (root / "latest").unlink()  # the newest by step, not by name
     assert ckpt.find_resume_checkpoint("auto", tmp_path).folder.name == "step-100000001"
+
+
+def test_exported_weights_keep_complex_and_unsigned_buffers(tmp_path):
+    """A persistent complex buffer (rotary factors) failed the export after the last step with
+    `KeyError: torch.complex64` (status 1, traceback), in every run started again too."""
+    raw = mlp_raw(tmp_path, eval={"every_steps": None})
+    raw["model"] = {"name": "userpkg.buffers:rotary"}
+    assert train(from_dict(raw), SINGLE)["status"] == "finished"
+    weights = load_weights(tmp_path)
+    assert weights["freqs_cis"].dtype == torch.complex64 and weights["phases"].dtype == torch.complex64
+    assert torch.equal(weights["freqs_cis"], torch.polar(torch.ones(4), torch.arange(4.0)))
+    assert weights["ids"].dtype == torch.uint16 and weights["ids"].tolist() == [0, 1, 2, 3]

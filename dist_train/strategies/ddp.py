@@ -14,11 +14,16 @@ from ..optim import build_optimizer, step_unless
 from .base import Strategy
 
 
+def fp32(tensor: torch.Tensor) -> torch.Tensor:
+    """A floating tensor in fp32, a complex one in complex64 (two fp32 parts); others keep their dtype."""
+    if tensor.is_floating_point():
+        return tensor.detach().float()
+    return tensor.detach().to(torch.complex64) if tensor.is_complex() else tensor.detach()
+
+
 def fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Floating tensors to fp32, everything on the CPU (integer buffers keep their dtype)."""
-    return {
-        k: (v.detach().float() if v.is_floating_point() else v.detach()).cpu().contiguous() for k, v in state.items()
-    }
+    return {k: fp32(v).cpu().contiguous() for k, v in state.items()}
 
 
 class DDPStrategy(Strategy):

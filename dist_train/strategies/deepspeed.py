@@ -37,6 +37,7 @@ from ..errors import UserError, on_every_rank
 from ..imports import require
 from ..optim import build_optimizer
 from .base import Strategy, ensure_process_group
+from .ddp import fp32
 
 OWNED = {  # DeepSpeed keys derived from our config: a passthrough may repeat them only with the same value
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
@@ -333,7 +334,7 @@ class DeepSpeedStrategy(Strategy):
             full = safe_get_full_fp32_param(param)  # collective under ZeRO-3
             out[name] = (full if full is not None else param).detach().float().cpu().clone()
         for name, buffer in self.module.named_buffers():
-            out[name] = (buffer.detach().float() if buffer.is_floating_point() else buffer.detach()).cpu().clone()
+            out[name] = fp32(buffer).cpu().clone()
         state_keys = self.module.state_dict().keys()  # tied weights appear under every name they have
         for key in state_keys:
             if key not in out:

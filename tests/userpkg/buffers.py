@@ -40,3 +40,21 @@ class Normalised(nn.Module):
 
 def normalised():
     return Normalised()
+
+
+class Rotary(nn.Module):
+    """Rotary position factors kept as a persistent complex buffer (as LLaMA-style code's `freqs_cis`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(32, 4)
+        self.register_buffer("freqs_cis", torch.polar(torch.ones(4), torch.arange(4.0)))
+        self.register_buffer("phases", torch.polar(torch.ones(2), torch.arange(2.0)).to(torch.complex128))
+        self.register_buffer("ids", torch.arange(4).to(torch.uint16))
+
+    def forward(self, x):
+        return self.net(x) * self.freqs_cis.real
+
+
+def rotary():
+    return Rotary()
