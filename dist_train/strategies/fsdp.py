@@ -39,6 +39,33 @@ def _holds(path: Path, prefix: str) -> bool:
     return any(key.startswith(prefix) for key in FileSystemReader(str(path)).read_metadata().state_dict_metadata)
 
 
+def shard_units(model: nn.Module) -> list[nn.Module | list[nn.Module]]:
+    """The model's blocks as FSDP units, one each, except where they share a parameter (weights tied
+    across blocks): blocks that share one are one unit together, and a block that shares one with the
+    rest of the model is left to the root's unit. FSDP2 lets one unit only manage a parameter."""
+    blocks = find_blocks(model)
+    paths = {name: i for name, m in model.named_modules(remove_duplicate=False) for i, b in enumerate(blocks) if m is b}
+    root = len(blocks)
+    parent = list(range(root + 1))  # union-find over the blocks, plus the root
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            i = parent[i]
+        return i
+
+    holders: dict[int, int] = {}  # parameter -> the first unit met holding it
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owner = next((i for path, i in paths.items() if name.startswith(path + ".")), root)
+        first = holders.setdefault(id(param), owner)
+        a, b = sorted((find(first), find(owner)))
+        parent[a] = b  # the root (the largest index) stays its group's representative
+    groups: dict[int, list[nn.Module]] = {}
+    for i, block in enumerate(blocks):
+        if find(i) != root:
+            groups.setdefault(find(i), []).append(block)
+    return [group[0] if len(group) == 1 else group for group in groups.values()]
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
     reshards = True
@@ -71,8 +98,8 @@ class FSDPStrategy(Strategy):
             )
             for norm in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
                 fully_shard(norm, mesh=mesh, mp_policy=norm_policy, reshard_after_forward=reshard)
-        for block in find_blocks(model):  # per-block units: only one block's full weights live at a time
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        for unit in shard_units(model):  # per-block units: only one block's full weights live at a time
+            fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
         # The root keeps its parameters after forward (FSDP2's default for the root): backward needs them
         # first, so resharding them would cost one extra all-gather per micro-step.
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=False)
