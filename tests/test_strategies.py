@@ -838,3 +838,38 @@ def test_fsdp_trains_weights_tied_across_blocks_like_ddp(tmp_path):
     ddp_weights, weights = load_weights(tmp_path / "ddp"), load_weights(tmp_path / "fsdp")
     assert "blocks.2.lin.weight" in weights and "proj.weight" in weights  # every name a tied weight has
     assert max_abs_diff(ddp_weights, weights) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "strategy, model",
+    [
+        ({"name": "fsdp"}, "float64_scale"),
+        ({"name": "deepspeed", "zero_stage": 1}, "float64_scale"),
+        ({"name": "deepspeed", "zero_stage": 3}, "float64_scale"),
+        ({"name": "deepspeed", "zero_stage": 0}, "double"),
+    ],
+)
+def test_parameters_of_several_dtypes_are_one_line_under_sharding(tmp_path, strategy, model):
+    """An fp64 parameter among fp32 ones failed FSDP2's first step and ZeRO-3's set-up with an
+    AssertionError (status 1, traceback), and ZeRO-1/2's first step with a dtype mismatch reported as a
+    model that does not fit the data; an fp64 model failed ZeRO-0's first all-reduce ("unsupported
+    grad type: torch.float64"). DDP trains both."""
+    from dist_train.distributed import DistContext
+    from dist_train.errors import UserError
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+
+    raw = {"run": {"output_dir": str(tmp_path)}, "model": {"name": "userpkg.buffers:float64_scale"}}
+    cfg = from_dict({**raw, "data": {"name": "synthetic_vectors"}, "strategy": strategy})
+    net = build_model(cfg.model.name, {})
+    if model == "double":
+        net = net.net.double()
+    strategy = build_strategy(cfg, DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single"))
+    with pytest.raises(UserError) as err:
+        strategy.setup(net)
+    if model == "double":
+        assert "strategy.zero_stage=0 reduces fp32, bf16 and fp16 gradients only" in str(err.value)
+        assert "float64 (weight, ...)" in str(err.value)
+    else:
+        assert f"strategy.name={cfg.strategy.name} needs the model's parameters in one floating dtype" in str(err.value)
+        assert "float64 (scale, ...), float32 (net.weight, ...)" in str(err.value)

@@ -33,6 +33,32 @@ def ensure_process_group(device: torch.device) -> bool:
     return True
 
 
+def param_dtypes(model: nn.Module) -> dict[torch.dtype, str]:
+    """The floating dtypes of the model's parameters, each with the name of its first parameter."""
+    found: dict[torch.dtype, str] = {}
+    for name, param in model.named_parameters():
+        if param.is_floating_point():
+            found.setdefault(param.dtype, name)
+    return found
+
+
+def require_one_param_dtype(model: nn.Module, strategy: str) -> None:
+    """FSDP2 and ZeRO flatten or shard parameters per dtype-uniform group: a model with parameters of
+    several floating dtypes (an fp64 scale among fp32 weights) failed their set-up or first step with
+    an AssertionError, or trained in another dtype than its own."""
+    from ..errors import UserError, on_every_rank
+
+    found = param_dtypes(model)
+    if len(found) > 1:
+        listed = ", ".join(f"{str(dtype).removeprefix('torch.')} ({name}, ...)" for dtype, name in found.items())
+        raise on_every_rank(
+            UserError(
+                f"strategy.name={strategy} needs the model's parameters in one floating dtype, the model has "
+                f"{listed}: cast them to one in the factory (e.g. `model.float()`), or use strategy.name=ddp"
+            )
+        )
+
+
 class Strategy:
     """Wraps one model and its optimizer for one parallelism scheme."""
 

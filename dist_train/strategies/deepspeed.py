@@ -36,7 +36,7 @@ from ..config import Config
 from ..errors import UserError, on_every_rank
 from ..imports import require
 from ..optim import build_optimizer
-from .base import Strategy, ensure_process_group
+from .base import Strategy, ensure_process_group, param_dtypes, require_one_param_dtype
 from .ddp import fp32
 
 OWNED = {  # DeepSpeed keys derived from our config: a passthrough may repeat them only with the same value
@@ -212,6 +212,15 @@ class DeepSpeedStrategy(Strategy):
     reshards = False  # ZeRO partitions are tied to the world size they were written at
 
     def setup(self, model: nn.Module) -> None:
+        require_one_param_dtype(model, "deepspeed")
+        if self.cfg.strategy.zero_stage == 0 and torch.float64 in param_dtypes(model):
+            raise on_every_rank(  # DeepSpeed's stage-0 all-reduce: "attempting to reduce an unsupported grad type"
+                UserError(
+                    "strategy.zero_stage=0 reduces fp32, bf16 and fp16 gradients only, the model's parameters are "
+                    f"float64 ({param_dtypes(model)[torch.float64]}, ...): cast them in the factory (e.g. "
+                    "`model.float()`), or use strategy.zero_stage 1-3, strategy.name=fsdp or ddp"
+                )
+            )
         if self.ctx.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
         self._own_group = ensure_process_group(self.ctx.device)

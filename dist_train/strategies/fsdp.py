@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from ..optim import build_optimizer
 from ..transforms import find_blocks
-from .base import PRECISION_DTYPES, Strategy, ensure_process_group
+from .base import PRECISION_DTYPES, Strategy, ensure_process_group, require_one_param_dtype
 from .ddp import fp32_cpu
 
 DCP_DIR = "dcp"
@@ -74,6 +74,7 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        require_one_param_dtype(model, "fsdp")
         self._own_group = ensure_process_group(self.ctx.device)
         # DCP's collectives in a save wait for the slowest rank's write: checkpoint.save_timeout_s, not
         # dist.timeout_s (the control group's gloo, as for every other rank that waits on a save)

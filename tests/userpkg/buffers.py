@@ -58,3 +58,19 @@ class Rotary(nn.Module):
 
 def rotary():
     return Rotary()
+
+
+class Float64Scale(nn.Module):
+    """An fp64 parameter among fp32 weights (a precision-sensitive scale kept in double)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(32, 4)
+        self.scale = nn.Parameter(torch.ones(4, dtype=torch.float64))
+
+    def forward(self, x):
+        return (self.net(x) * self.scale).float()
+
+
+def float64_scale():
+    return Float64Scale()
