@@ -40,6 +40,7 @@ from .metrics import (
 from .misfit import FORWARD_ERRORS, ForwardError
 from .schedules import LRSchedule
 from .strategies import Strategy
+from .strategies.ddp import UnusedParameters
 from .transforms import preferred_attention
 
 log = logging.getLogger("dist_train")
@@ -221,6 +222,8 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
             strategy.set_lr(lr)
             try:
                 result = train_step(strategy, train_loss, micro_batches, cfg, ctx)
+            except UnusedParameters:  # this rank's own batch: a rank that used them fails on the connection
+                raise
             except UserError as err:  # outputs and targets that the loss cannot pair: a config mistake, exit 2
                 raise on_every_rank(err) from None
             except ForwardError as err:

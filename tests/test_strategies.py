@@ -873,3 +873,28 @@ def test_parameters_of_several_dtypes_are_one_line_under_sharding(tmp_path, stra
     else:
         assert f"strategy.name={cfg.strategy.name} needs the model's parameters in one floating dtype" in str(err.value)
         assert "float64 (scale, ...), float32 (net.weight, ...)" in str(err.value)
+
+
+def test_ddp_parameters_unused_in_the_first_step_are_one_line(tmp_path):
+    """DDP without find_unused_parameters reduced no bucket holding an unused parameter: the ranks
+    stepped on their own gradients (1 step at 2 ranks: status 0, weights 0.02 from 1 rank x 8), and
+    the next step failed with torch's advice to pass a DistributedDataParallel argument (status 1)."""
+    config = {
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"name": "userpkg.broken:model_unused_head"},
+        "data": {"name": "synthetic_vectors", "num_samples": 64},
+        "train": {"max_steps": 1, "micro_batch_size": 4},
+        "eval": {"at_end": False},
+        "log": {"plot": False},
+    }
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    proc = launch(config, tmp_path, nproc=2, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert (
+        "dist_train: error: rank 0: parameters got no gradient in the first step (aux.weight, aux.bias): DDP needs "
+        "strategy.find_unused_parameters=true" in proc.stderr
+    )
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+    proc = launch(config, tmp_path, ["strategy.find_unused_parameters=true"], nproc=2, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]

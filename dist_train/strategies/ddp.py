@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ..errors import UserError
 from ..optim import build_optimizer, step_unless
 from .base import Strategy
 
@@ -26,8 +27,14 @@ def fp32_cpu(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: fp32(v).cpu().contiguous() for k, v in state.items()}
 
 
+class UnusedParameters(UserError):
+    """Parameters that got no gradient in a step under DDP without `strategy.find_unused_parameters`:
+    this rank's verdict (another rank's batch may have used them; that rank fails on the connection)."""
+
+
 class DDPStrategy(Strategy):
     name = "ddp"
+    _check_unused = False  # until the first step: DDP without find_unused_parameters, several ranks
 
     def setup(self, model: nn.Module) -> None:
         self._module = model.to(self.ctx.device)
@@ -40,6 +47,7 @@ class DDPStrategy(Strategy):
                 find_unused_parameters=self.cfg.strategy.find_unused_parameters,
                 gradient_as_bucket_view=True,  # grads live in the buckets: no extra copy per step
             )
+            self._check_unused = not self.cfg.strategy.find_unused_parameters
         else:
             self.model = self._module
         self.optimizer = build_optimizer(self.cfg, self._module)
@@ -67,6 +75,18 @@ class DDPStrategy(Strategy):
         grads = [p.grad for p in self._module.parameters() if p.grad is not None]
         norms = torch._foreach_norm(grads)
         return torch.linalg.vector_norm(torch.stack(norms))
+
+    def clip_and_step(self, max_norm: float | None, clip_value: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._check_unused:  # the first step only (a host check): DDP reduced no bucket that holds one
+            self._check_unused = False  # of these, so the ranks step apart, and its next forward raises
+            unused = [name for name, p in self._module.named_parameters() if p.requires_grad and p.grad is None]
+            if unused:
+                raise UnusedParameters(
+                    f"rank {self.ctx.rank}: parameters got no gradient in the first step ({', '.join(unused[:3])}"
+                    f"{', ...' if len(unused) > 3 else ''}): DDP needs strategy.find_unused_parameters=true for a "
+                    "model that leaves some unused in a step (or freeze them: requires_grad=False)"
+                )
+        return super().clip_and_step(max_norm, clip_value)
 
     def optimizer_step(self, skip: torch.Tensor) -> None:
         if self.scaler:  # GradScaler finds and skips non-finite steps itself

@@ -125,3 +125,19 @@ def model_without_parameters(**kwargs):
 def model_lazy():
     """Lazy modules: their parameters get shapes at the first forward, after DDP/FSDP/ZeRO have set up."""
     return torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.LazyBatchNorm1d(), torch.nn.Linear(8, 2))
+
+
+class _UnusedHead(torch.nn.Module):
+    """An auxiliary head the forward never calls (as a pretrained pooler a classifier skips)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(32, 4)
+        self.aux = torch.nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor):
+        return self.head(x)
+
+
+def model_unused_head(**kwargs):
+    return _UnusedHead()
