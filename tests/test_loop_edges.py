@@ -473,3 +473,21 @@ def test_early_stopping_counts_a_nan_first_evaluation_as_no_improvement(tmp_path
     state = TrainState()
     assert [state.evals_without_improvement_after(cfg.eval, {"eval_loss": v}) for v in values] == [1, 0, 0, 0]
     assert state.best_metric == values[-1]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_items_of_several_shapes_are_one_line_at_the_first_batch(tmp_path, workers):
+    """Series of 4 and 16 steps cannot be stacked into one micro-batch of 2: the first step failed with
+    `RuntimeError: stack expects each tensor to be equal size` (with a loader worker: `Trying to resize
+    storage that is not resizable`), status 1 and a traceback."""
+    model = {"name": "torch.nn:Linear", "in_features": 1, "out_features": 1}
+    raw = config(tmp_path, data={"name": "userpkg.edges:varying_series"}, loader={"num_workers": workers})
+    raw.update(model=model, train={**raw["train"], "micro_batch_size": 2, "loss": "mse"})
+    with pytest.raises(UserError) as err:
+        train(from_dict(raw), SINGLE)
+    message = str(err.value)
+    assert message.startswith("the train split's items cannot be batched: the first training batch's collation")
+    assert "RuntimeError: " in message and "\n" not in message
+    assert "items: inputs (4, 1), (16, 1), targets (4, 1), (16, 1)" in message
+    assert "give every item of a split the same shape" in message
+    assert not (tmp_path / "metrics.jsonl").exists() or not read_rows(tmp_path)

@@ -6,6 +6,7 @@ import functools
 import itertools
 import os
 import signal
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -201,6 +202,32 @@ def start_batches(loader: DataLoader) -> Iterator:
         return iter(loader)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
+_COLLATE = os.path.join("torch", "utils", "data", "_utils", "collate.py")
+
+
+def unbatchable(err: Exception, data: TrainData, batch_size: int) -> UserError | None:
+    """The error for a first training batch that the loader's collation refused (items of several
+    shapes: torch's stack fails on them, or in a worker its shared-memory resize); None for any other
+    failure to load (an item that raises: the dataset's bug, kept a training failure)."""
+    text = str(err)
+    in_collate = any(f.filename.endswith(_COLLATE) for f in traceback.extract_tb(err.__traceback__))
+    if not in_collate and _COLLATE not in text:  # a worker's error carries its traceback as text
+        return None
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    cause = lines[-1] if _COLLATE in text else f"{type(err).__name__}: {lines[0] if lines else ''}"
+    try:  # this rank's first micro-batch, read again for its shapes
+        items = [data.dataset[i] for i in itertools.islice(iter(data.sampler), batch_size)]
+        shapes = [sorted({tuple(item[k].shape) for item in items}) for k in (0, 1)]
+        seen = f"; the first micro-batch's items: inputs {', '.join(map(str, shapes[0]))}, targets {', '.join(map(str, shapes[1]))}"
+    except Exception:  # noqa: BLE001 - the shapes only help the message
+        seen = ""
+    return UserError(
+        f"the train split's items cannot be batched: the first training batch's collation failed with {cause}{seen}. "
+        "The loader stacks a micro-batch's items into one tensor: give every item of a split the same shape "
+        "(pad or crop them in the dataset)"
+    )
 
 
 def build_train_data(cfg: Config, ctx: DistContext) -> TrainData:
