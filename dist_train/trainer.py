@@ -214,7 +214,11 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
                     batches = data.epoch_batches(state.epoch, state.samples_in_epoch)
                 micro_batches = [next(batches) for _ in range(cfg.train.grad_accum_steps)]
             except Exception as err:  # an item or its collation failed (in a worker or not): name the step
-                if first_step and (refused := unbatchable(err, data, cfg.train.micro_batch_size)) is not None:
+                if (
+                    first_step
+                    and (refused := unbatchable(err, data.dataset, data.sampler, cfg.train.micro_batch_size))
+                    is not None
+                ):
                     raise refused from None  # items of several shapes: the dataset's config, nothing trained yet
                 raise TrainingError(
                     f"rank {ctx.rank} failed at step {state.step + 1} loading its batch: {type(err).__name__}: {err}"

@@ -491,3 +491,24 @@ def test_items_of_several_shapes_are_one_line_at_the_first_batch(tmp_path, worke
     assert "items: inputs (4, 1), (16, 1), targets (4, 1), (16, 1)" in message
     assert "give every item of a split the same shape" in message
     assert not (tmp_path / "metrics.jsonl").exists() or not read_rows(tmp_path)
+
+
+def test_eval_items_of_several_shapes_are_one_line_before_training(tmp_path):
+    """The eval split's first batch is collated as the run starts: its series of 4 and 16 steps failed
+    the run's evaluation after the last step (status 1), with no final checkpoint nor model.safetensors,
+    and again in every run started again."""
+    model = {"name": "torch.nn:Linear", "in_features": 1, "out_features": 1}
+    raw = config(
+        tmp_path,
+        data={"name": "userpkg.edges:varying_series", "eval_n": 8},
+        eval={"micro_batch_size": 2, "at_end": True},
+    )
+    raw.update(model=model, train={**raw["train"], "micro_batch_size": 1, "loss": "mse", "max_steps": 2})
+    with pytest.raises(UserError) as err:
+        train(from_dict(raw), SINGLE)
+    message = str(err.value)
+    assert message.startswith("the eval split's items cannot be batched: the first eval batch's collation failed")
+    assert "items: inputs (4, 1), (16, 1), targets (4, 1), (16, 1)" in message
+    assert not (tmp_path / "metrics.jsonl").exists() or not read_rows(tmp_path)
+    raw["eval"]["micro_batch_size"] = 1  # one series per batch: nothing to stack
+    assert train(from_dict(raw), SINGLE)["status"] == "finished"

@@ -207,8 +207,8 @@ def start_batches(loader: DataLoader) -> Iterator:
 _COLLATE = os.path.join("torch", "utils", "data", "_utils", "collate.py")
 
 
-def unbatchable(err: Exception, data: TrainData, batch_size: int) -> UserError | None:
-    """The error for a first training batch that the loader's collation refused (items of several
+def unbatchable(err: Exception, dataset: Dataset, sampler, batch_size: int, split: str = "train") -> UserError | None:
+    """The error for a split's first batch that the loader's collation refused (items of several
     shapes: torch's stack fails on them, or in a worker its shared-memory resize); None for any other
     failure to load (an item that raises: the dataset's bug, kept a training failure)."""
     text = str(err)
@@ -218,13 +218,14 @@ def unbatchable(err: Exception, data: TrainData, batch_size: int) -> UserError |
     lines = [line for line in text.strip().splitlines() if line.strip()]
     cause = lines[-1] if _COLLATE in text else f"{type(err).__name__}: {lines[0] if lines else ''}"
     try:  # this rank's first micro-batch, read again for its shapes
-        items = [data.dataset[i] for i in itertools.islice(iter(data.sampler), batch_size)]
-        shapes = [sorted({tuple(item[k].shape) for item in items}) for k in (0, 1)]
-        seen = f"; the first micro-batch's items: inputs {', '.join(map(str, shapes[0]))}, targets {', '.join(map(str, shapes[1]))}"
+        items = [dataset[i] for i in itertools.islice(iter(sampler), batch_size)]
+        shapes = [", ".join(map(str, sorted({tuple(item[k].shape) for item in items}))) for k in (0, 1)]
+        seen = f"; the first micro-batch's items: inputs {shapes[0]}, targets {shapes[1]}"
     except Exception:  # noqa: BLE001 - the shapes only help the message
         seen = ""
+    batch = "training" if split == "train" else split
     return UserError(
-        f"the train split's items cannot be batched: the first training batch's collation failed with {cause}{seen}. "
+        f"the {split} split's items cannot be batched: the first {batch} batch's collation failed with {cause}{seen}. "
         "The loader stacks a micro-batch's items into one tensor: give every item of a split the same shape "
         "(pad or crop them in the dataset)"
     )
@@ -266,6 +267,12 @@ def build_eval_data(cfg: Config, ctx: DistContext) -> EvalData | None:
     sampler = PaddedEvalSampler(dataset, ctx.world_size, ctx.rank)
     batch = cfg.eval.micro_batch_size or cfg.train.micro_batch_size
     loader = _loader(cfg, ctx, dataset, sampler, batch, False, cfg.run.seed)
+    try:  # the first eval batch now, not after training: items of several shapes cannot be stacked
+        loader.collate_fn([dataset[i] for i in itertools.islice(iter(sampler), batch)])
+    except Exception as err:  # noqa: BLE001 - another failure (an item that raises) is the evaluation's to report
+        refused = unbatchable(err, dataset, sampler, batch, "eval")
+        if refused is not None:
+            raise refused from None
     return EvalData(loader, torch.tensor(sampler.valid_flags(), dtype=torch.bool), len(dataset))
 
 

@@ -93,9 +93,12 @@ class VaryingSeries(Dataset):
         return self.items[i], self.items[i].cumsum(0)
 
 
-def varying_series(split: str, n: int = 64):
-    """Per-step regression on series of two lengths: with micro-batch 1, ranks count other numbers of elements."""
-    return VaryingSeries(n) if split == "train" else None
+def varying_series(split: str, n: int = 64, eval_n: int = 0):
+    """Per-step regression on series of two lengths: with micro-batch 1, ranks count other numbers of elements.
+    `eval_n` > 0: an eval split of that many such series."""
+    if split == "eval":
+        return VaryingSeries(eval_n) if eval_n else None
+    return VaryingSeries(n)
 
 
 class VaryingTokens(Dataset):
