@@ -8,6 +8,7 @@ checkpoint steps. Loss sums, counts and the non-finite guard stay on the device 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -63,6 +64,15 @@ class StepResult:
     output_dims: int  # of the model's outputs (3: language-model logits)
 
 
+def _loss_sum(loss_fn: Loss, outputs, targets: torch.Tensor) -> torch.Tensor:
+    if not isinstance(outputs, torch.Tensor):  # a dict/tuple/ModelOutput: the loss takes a tensor
+        raise UserError(
+            f"the model's forward returned a {type(outputs).__name__}, not a tensor: return the "
+            "outputs the loss takes (the logits or predictions, e.g. `return out['logits']`)"
+        )
+    return loss_fn.sum(outputs, targets)
+
+
 def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Config, ctx: DistContext) -> StepResult:
     """One optimizer step over `grad_accum_steps` micro-batches.
 
@@ -84,6 +94,11 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
+        if i == 0:  # outside no_sync: DDP's bucket warm-up after a resume synchronises
+            try:
+                strategy.prepare_step(inputs, functools.partial(_loss_sum, loss_fn, targets=targets))
+            except FORWARD_ERRORS as err:
+                raise ForwardError(err, *micro_batches[i], None) from err
         if graphs:  # a new replay of the model's CUDA graphs; the last micro-step's outputs are spent
             torch.compiler.cudagraph_mark_step_begin()
         with strategy.no_sync() if i < last else contextlib.nullcontext():
@@ -91,12 +106,7 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
             try:
                 with strategy.autocast():
                     outputs = strategy.model(inputs)
-                if not isinstance(outputs, torch.Tensor):  # a dict/tuple/ModelOutput: the loss takes a tensor
-                    raise UserError(
-                        f"the model's forward returned a {type(outputs).__name__}, not a tensor: return the "
-                        "outputs the loss takes (the logits or predictions, e.g. `return out['logits']`)"
-                    )
-                loss_sum = loss_fn.sum(outputs, targets)
+                loss_sum = _loss_sum(loss_fn, outputs, targets)
             except FORWARD_ERRORS as err:  # the model or loss cannot take this batch (misfit.py)
                 raise ForwardError(err, *micro_batches[i], outputs) from err  # host tensors: values shown on CUDA too
             if pending is not None:

@@ -53,10 +53,35 @@ class DDPStrategy(Strategy):
         self.optimizer = build_optimizer(self.cfg, self._module)
         fp16 = self.cfg.train.precision == "fp16"
         self.scaler = torch.amp.GradScaler(self.ctx.device.type, enabled=fp16) if fp16 else None
+        self._rebuild_buckets = False
 
     @property
     def module(self) -> nn.Module:
         return self._module
+
+    def prepare_step(self, inputs: torch.Tensor, loss_of) -> None:
+        """A resumed run's first step reduces the gradients in the buckets the uninterrupted run had.
+
+        DDP reduces its first synchronised backward in one bucket in parameter order, then rebuilds the
+        buckets in the order the gradients became ready; at 3 or more ranks an element's sum depends on
+        its place in the bucket (gloo's ring), so the first step after a resume summed in another order
+        than the uninterrupted run (weights 3e-8 apart, no longer bit-exact). One forward and backward
+        of a zero loss on the step's first micro-batch, synchronised, lets DDP record that order first;
+        gradients, buffers (BatchNorm statistics) and the random streams are left as they were.
+        """
+        if not self._rebuild_buckets:
+            return
+        self._rebuild_buckets = False
+        buffers = [b.detach().clone() for b in self._module.buffers()]
+        devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.ctx.device.type):
+            with self.autocast():
+                outputs = self.model(inputs)
+            (loss_of(outputs) * 0).backward()
+        with torch.no_grad():
+            for buffer, value in zip(self._module.buffers(), buffers):
+                buffer.copy_(value)
+        self.optimizer.zero_grad(set_to_none=True)
 
     def no_sync(self) -> ContextManager:
         if isinstance(self.model, DistributedDataParallel):
@@ -109,6 +134,10 @@ class DDPStrategy(Strategy):
     def load(self, folder: Path) -> None:
         model_state = torch.load(folder / "model.pt", map_location=self.ctx.device, weights_only=True)
         self._module.load_state_dict(model_state)
+        # DDP's bucket order comes from its first backward (prepare_step); it never rebuilds them when
+        # it finds unused parameters
+        ddp = isinstance(self.model, DistributedDataParallel)
+        self._rebuild_buckets = ddp and not self.cfg.strategy.find_unused_parameters
         state = torch.load(folder / "optimizer.pt", map_location=self.ctx.device, weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler and "scaler" in state:
