@@ -898,3 +898,27 @@ def test_ddp_parameters_unused_in_the_first_step_are_one_line(tmp_path):
     assert not (tmp_path / "run" / "model.safetensors").exists()
     proc = launch(config, tmp_path, ["strategy.find_unused_parameters=true"], nproc=2, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed"])
+def test_a_0_dimensional_parameter_is_one_line_for_sharded_strategies(tmp_path, strategy):
+    """A learned scalar (a temperature): FSDP2's fully_shard raised "doesn't support scalar parameters"
+    and DeepSpeed's engine "self.dim() cannot be 0 to view Float as Byte", each with a traceback and
+    status 1, at every world size and ZeRO stage. Now one line, status 2, in the run and in check."""
+    raw = {
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"name": "userpkg.broken:model_scalar_parameter"},
+        "data": {"name": "synthetic_vectors", "num_samples": 64},
+        "train": {"max_steps": 1, "micro_batch_size": 8},
+        "strategy": {"name": strategy},
+        "log": {"plot": False},
+    }
+    config, env = write_config(tmp_path / "config.yaml", raw), {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    for proc in (
+        launch(config, tmp_path, launcher="single", env=env),
+        run_cli([PYTHON, "-m", "dist_train", "check", str(config)], env=env),
+    ):
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        line = proc.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"dist_train: error: strategy.name={strategy} cannot take 0-dimensional parameters")
+        assert "(temperature)" in line and "strategy.name=ddp" in line, line

@@ -59,6 +59,20 @@ def require_one_param_dtype(model: nn.Module, strategy: str) -> None:
         )
 
 
+def refuse_scalar_parameters(model: nn.Module, strategy: str, why: str) -> None:
+    """FSDP2 and DeepSpeed cannot take a 0-dimensional parameter (a learnable scalar: a temperature, a
+    logit scale): one line before their set-up fails with a traceback, at any world size."""
+    names = [name for name, param in model.named_parameters() if param.dim() == 0]
+    if names:
+        from ..errors import UserError
+
+        shown = ", ".join(names[:3]) + (f", ... ({len(names)} parameters)" if len(names) > 3 else "")
+        raise UserError(
+            f"strategy.name={strategy} cannot take 0-dimensional parameters ({shown}): {why}; make each a 1-D "
+            "tensor of one element (nn.Parameter(torch.ones(1))), or use strategy.name=ddp"
+        )
+
+
 class Strategy:
     """Wraps one model and its optimizer for one parallelism scheme."""
 

@@ -36,7 +36,7 @@ from ..config import Config
 from ..errors import UserError, on_every_rank
 from ..imports import require
 from ..optim import build_optimizer
-from .base import Strategy, ensure_process_group, param_dtypes, require_one_param_dtype
+from .base import Strategy, ensure_process_group, param_dtypes, refuse_scalar_parameters, require_one_param_dtype
 from .ddp import fp32
 
 OWNED = {  # DeepSpeed keys derived from our config: a passthrough may repeat them only with the same value
@@ -51,6 +51,9 @@ OWNED = {  # DeepSpeed keys derived from our config: a passthrough may repeat th
     "scheduler": "schedule.*",
 }
 CHECKPOINT_TAG = "deepspeed"
+SCALAR_PARAMETERS = (
+    "DeepSpeed's engine views every parameter as bytes to broadcast it"  # why a 0-d parameter is refused
+)
 
 
 def _passthrough(cfg: Config) -> dict:
@@ -212,6 +215,7 @@ class DeepSpeedStrategy(Strategy):
     reshards = False  # ZeRO partitions are tied to the world size they were written at
 
     def setup(self, model: nn.Module) -> None:
+        refuse_scalar_parameters(model, "deepspeed", SCALAR_PARAMETERS)
         require_one_param_dtype(model, "deepspeed")
         if self.cfg.strategy.zero_stage == 0 and torch.float64 in param_dtypes(model):
             raise on_every_rank(  # DeepSpeed's stage-0 all-reduce: "attempting to reduce an unsupported grad type"

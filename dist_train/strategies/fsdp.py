@@ -20,10 +20,17 @@ import torch.nn as nn
 
 from ..optim import build_optimizer
 from ..transforms import find_blocks
-from .base import PRECISION_DTYPES, Strategy, ensure_process_group, require_one_param_dtype
+from .base import (
+    PRECISION_DTYPES,
+    Strategy,
+    ensure_process_group,
+    refuse_scalar_parameters,
+    require_one_param_dtype,
+)
 from .ddp import fp32_cpu
 
 DCP_DIR = "dcp"
+SCALAR_PARAMETERS = "FSDP2 shards every parameter along its first dimension"  # why a 0-d parameter is refused
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
@@ -74,6 +81,7 @@ class FSDPStrategy(Strategy):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        refuse_scalar_parameters(model, "fsdp", SCALAR_PARAMETERS)
         require_one_param_dtype(model, "fsdp")
         self._own_group = ensure_process_group(self.ctx.device)
         # DCP's collectives in a save wait for the slowest rank's write: checkpoint.save_timeout_s, not

@@ -214,6 +214,13 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
     model, where = memory.build_for_inspection(cfg)
+    if cfg.strategy.name in ("fsdp", "deepspeed"):  # as the strategy's set-up refuses it
+        import importlib
+
+        from ..strategies.base import refuse_scalar_parameters
+
+        why = importlib.import_module(f"dist_train.strategies.{cfg.strategy.name}").SCALAR_PARAMETERS
+        refuse_scalar_parameters(model, cfg.strategy.name, why)
     compression = Compression(cfg, model)
     compression.probe(sample)  # as the run builds it: what compress.* cannot use is refused
     if cfg.train.epochs:

@@ -141,3 +141,19 @@ class _UnusedHead(torch.nn.Module):
 
 def model_unused_head(**kwargs):
     return _UnusedHead()
+
+
+class _Temperature(torch.nn.Module):
+    """Logits divided by a learned 0-dimensional temperature (as CLIP's logit scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(32, 4)
+        self.temperature = torch.nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x: torch.Tensor):
+        return self.head(x) / self.temperature
+
+
+def model_scalar_parameter(**kwargs):
+    return _Temperature()
