@@ -209,6 +209,11 @@ def test_check_text_report_and_config_flag(tmp_path, capsys):
     [
         (["train.micro_batch_size=0"], "`train.micro_batch_size` must be > 0"),
         (["train.micro_batch_size=400"], "is larger than the train split"),
+        # 1 x 1 x 8 ranks on 4 samples: lowering the micro-batch or accumulation, all it said, cannot help
+        (
+            ["--world-size", "8", "data.num_samples=4", "train.micro_batch_size=1", "train.grad_accum_steps=1"],
+            "or train.grad_accum_steps, or run on at most 4 ranks",
+        ),
         (["eval.every_steps=5", "data.eval_samples=0"], "has no `eval` split"),
         (["--world-size", "0"], "--world-size must be >= 1"),
         (["compress.prune=unstructured", "compress.prune_modules=[Linearr]"], "'Linearr' is not a torch.nn module"),

@@ -238,11 +238,13 @@ def build_train_data(cfg: Config, ctx: DistContext) -> TrainData:
     t = cfg.train
     global_batch = t.micro_batch_size * t.grad_accum_steps * ctx.world_size
     if global_batch > len(dataset):  # the same verdict on every rank: said once per node
+        fit = len(dataset) // (t.micro_batch_size * t.grad_accum_steps)  # ranks that fit (0: not even one)
+        fewer = f", or run on at most {fit} ranks" if ctx.world_size > 1 and fit else ""
         raise on_every_rank(
             UserError(
                 f"global batch {global_batch} (micro_batch_size {t.micro_batch_size} x grad_accum_steps "
                 f"{t.grad_accum_steps} x world size {ctx.world_size}) is larger than the train split "
-                f"({len(dataset)} samples): lower train.micro_batch_size or train.grad_accum_steps"
+                f"({len(dataset)} samples): lower train.micro_batch_size or train.grad_accum_steps{fewer}"
             )
         )
     if not cfg.loader.drop_last and len(dataset) % global_batch:
