@@ -330,7 +330,17 @@ def test_check_warns_about_a_checkpoint_from_another_run(tmp_path, capsys):
     _fake_checkpoint(tmp_path / "run", 4, world_size=4, strategy="ddp", config_hash="0123456789abcdef")
     warnings = check_json(capsys, path, "--world-size", "2")["warnings"]
     assert len(warnings) == 2
-    assert "written at world size 4, at world size 2" in warnings[0] and "config hash differs" in warnings[1]
+    assert "written at world size 4, at world size 2: DDP continues" in warnings[0]
+    assert "config hash differs" in warnings[1]
+    # a ZeRO checkpoint of 4 ranks at 2: the run stops with status 2; check said "DDP continues with fresh RNG
+    # streams (not bit-exact); sharded strategies that cannot reshard stop with an error"
+    zero = tmp_path / "zero"
+    _fake_checkpoint(zero, 4, world_size=4, strategy="deepspeed", config_hash="0123456789abcdef")
+    overrides = ("strategy.name=deepspeed", f"checkpoint.resume={zero}")
+    warning = check_json(capsys, path, "--world-size", "2", *overrides)["warnings"][0]
+    assert warning.endswith(
+        "DeepSpeed cannot reshard its ZeRO partitions, so it will stop with an error (resume at world size 4)"
+    )
 
     same_hash = ckpt.config_hash(training_config(from_dict(raw)))
     other = tmp_path / "other"

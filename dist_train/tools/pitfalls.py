@@ -108,10 +108,16 @@ def _checkpoint_pitfalls(
             f"{manifest.get('world_size')})"
         )
     elif manifest.get("world_size") != world_size:
+        if cfg.strategy.name == "deepspeed":  # as the run: its ZeRO partitions do not reshard
+            outcome = (
+                "DeepSpeed cannot reshard its ZeRO partitions, so it will stop with an error (resume at world size "
+                f"{manifest.get('world_size')})"
+            )
+        else:
+            outcome = f"{'FSDP reshards it and ' if cfg.strategy.name == 'fsdp' else 'DDP '}continues with fresh RNG streams (not bit-exact)"
         warnings.append(
             f"the run will resume {folder}, written at world size {manifest.get('world_size')}, at world size "
-            f"{world_size}: DDP continues with fresh RNG streams (not bit-exact); sharded strategies that cannot "
-            "reshard stop with an error"
+            f"{world_size}: {outcome}"
         )
     if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):
         warnings.append(
