@@ -251,11 +251,14 @@ def test_trainer_state_of_another_version_is_a_clear_error(tmp_path, reference):
 
 
 def test_a_checkpoint_of_another_optimizer_names_optim_name(tmp_path):
-    """SGD's checkpoint resumed by AdamW: the error said to resume "with the model and optim.param_groups
-    it was written with", not naming optim.name, the setting that differed."""
-    assert run(tmp_path, optim={"name": "sgd"}, train={"max_steps": 2})["status"] == "finished"
-    with pytest.raises(UserError, match=r"does not fit this model or optimizer .*optim\.name"):
-        run(tmp_path, train={"max_steps": 4})
+    """SGD's checkpoint resumed by AdamW failed as "does not fit ... ('step')"; AdamW's resumed by SGD
+    trained on silently, Adam's moments carried in SGD's state into every later checkpoint."""
+    assert run(tmp_path / "sgd", optim={"name": "sgd"}, train={"max_steps": 2})["status"] == "finished"
+    with pytest.raises(UserError, match=r"written with optim\.name=sgd, this run uses adamw: resume with optim"):
+        run(tmp_path / "sgd", train={"max_steps": 4})
+    assert run(tmp_path / "adamw", train={"max_steps": 2})["status"] == "finished"
+    with pytest.raises(UserError, match=r"written with optim\.name=adamw, this run uses sgd"):
+        run(tmp_path / "adamw", optim={"name": "sgd", "momentum": 0.9}, train={"max_steps": 4})
 
 
 def test_checkpoint_for_another_model_shape_is_a_clear_error(tmp_path, reference):
