@@ -182,6 +182,26 @@ def test_random_transforms_in_loader_workers_draw_anew_each_epoch(tmp_path):
     assert torch.equal(next(data.epoch_batches(1, 0))[0], x1)  # and the same noise for the same epoch
 
 
+def test_loader_workers_are_forked_whatever_the_default_start_method(tmp_path):
+    """Python 3.14 starts processes with forkserver by default: a worker's parent was then the fork
+    server, not its rank, so every worker took its rank for dead and exited ("DataLoader worker
+    exited unexpectedly", status 1 at step 1), and workers no longer started with the stop signals
+    blocked. The loader forks its workers, as on Python 3.10-3.13."""
+    import multiprocessing
+
+    from dist_train.data import build_train_data
+
+    sections = {"data": {"name": "userpkg.edges:jittered_vectors", "n": 32}, "loader": {"num_workers": 1}}
+    default = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("forkserver", force=True)
+    try:
+        data = build_train_data(from_dict(config(tmp_path, **sections)), SINGLE)
+        inputs, targets = next(data.epoch_batches(0, 0))
+    finally:
+        multiprocessing.set_start_method(default, force=True)
+    assert inputs.shape == (16, 32) and torch.equal(targets, data.dataset.y[:16])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("persistent", [False, True])
 def test_random_transforms_in_eval_loader_workers_resume_exactly(tmp_path, persistent):

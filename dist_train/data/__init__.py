@@ -6,6 +6,7 @@ import functools
 import itertools
 import os
 import signal
+import sys
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -89,6 +90,9 @@ def _loader(
         persistent_workers=cfg.loader.persistent_workers and workers > 0,
         prefetch_factor=cfg.loader.prefetch_factor if workers > 0 else None,
         generator=torch.Generator().manual_seed(seed),  # worker seeds independent of the global RNG
+        # forked from the rank whatever the default start method (Python 3.14's is forkserver): a
+        # worker starts with the rank's blocked stop signals and the rank as its parent (_worker_init)
+        multiprocessing_context="fork" if workers > 0 and sys.platform.startswith("linux") else None,
         # a worker whose rank is killed (even while the worker is still starting) exits with it
         worker_init_fn=functools.partial(_worker_init, os.getpid()) if workers > 0 else None,
     )
