@@ -202,14 +202,19 @@ class Throughput:
         finally:
             self.start += time.perf_counter() - began
 
-    def rates(self, samples_per_step: int, tokens: float | None = None) -> dict:
-        """The window's row; `tokens`: the token ids of its steps' inputs, all ranks (None: not tokens)."""
+    def data_wait_frac(self) -> float:
+        """This rank's share of the window so far spent blocked on the DataLoader."""
+        return self.data_wait / max(time.perf_counter() - self.start, 1e-9)
+
+    def rates(self, samples_per_step: int, tokens: float | None = None, data_wait_frac: float | None = None) -> dict:
+        """The window's row; `tokens`: the token ids of its steps' inputs, all ranks (None: not tokens);
+        `data_wait_frac`: the ranks' largest (None: this rank's)."""
         now = time.perf_counter()
         elapsed = max(now - self.start, 1e-9)
         row = {
             "samples_per_s": self.steps * samples_per_step / elapsed,
             "step_time_s": elapsed / max(self.steps, 1),
-            "data_wait_frac": self.data_wait / elapsed,
+            "data_wait_frac": self.data_wait / elapsed if data_wait_frac is None else data_wait_frac,
         }
         if tokens is not None:
             row["tokens_per_s"] = tokens / elapsed
@@ -240,6 +245,7 @@ class LossWindow:
         self.skipped = skipped  # skipped steps in the run so far (read on logging steps)
         # skipped steps in a row now, and the most in a row since the last check (up to the last logging step)
         self.streak, self.longest_streak = streak
+        self.data_wait_frac = 0.0  # the ranks' largest, of the window the last read ended
         self._reset([] if loss_sum is None else [loss_sum], count)
 
     def _reset(self, losses: list, count) -> None:
@@ -263,14 +269,19 @@ class LossWindow:
     def count(self) -> torch.Tensor:
         return torch.as_tensor(sum(self.counts), dtype=torch.float64, device=self.ctx.device)
 
-    def read(self, tokens: int = 0) -> tuple[float, float, float]:
+    def read(self, tokens: int = 0, data_wait_frac: float = 0.0) -> tuple[float, float, float]:
         """(global mean loss, last grad norm, `tokens` summed over the ranks) of the window, in one
-        host read (collective: the loss sum and this rank's `tokens` are all-reduced together);
-        updates the skipped-step counts and starts the next window."""
-        tokens = torch.tensor(float(tokens), dtype=torch.float64, device=self.ctx.device)
-        sums = all_reduce_sum(torch.stack([self.loss_sum(), tokens]), self.ctx)
-        head = torch.cat([sums, torch.stack([self.count(), self.grad_norm.double()])])
-        loss_sum, tokens, count, grad_norm, *flags = torch.cat([head, torch.cat(self.flags).double()]).tolist()
+        host read (collective: the loss sum, this rank's `tokens` and its `data_wait_frac`, in its own
+        slot, are all-reduced together); updates the skipped-step counts and `data_wait_frac` (the
+        largest of the ranks': one rank's slow data holds every rank back) and starts the next window."""
+        host = [float(tokens)] + [0.0] * self.ctx.world_size
+        host[1 + self.ctx.rank] = data_wait_frac
+        host = torch.tensor(host, dtype=torch.float64, device=self.ctx.device)
+        sums = all_reduce_sum(torch.cat([self.loss_sum().reshape(1), host]), self.ctx)
+        tail = torch.cat([torch.stack([self.count(), self.grad_norm.double()]), torch.cat(self.flags).double()])
+        loss_sum, tokens, *rest = torch.cat([sums, tail]).tolist()
+        waits, (count, grad_norm, *flags) = rest[: self.ctx.world_size], rest[self.ctx.world_size :]
+        self.data_wait_frac = max(waits)
         self.skipped, self.streak, self.longest_streak = self._counted(flags)
         self._reset([], 0.0)
         return loss_sum / max(count, 1.0), grad_norm, tokens

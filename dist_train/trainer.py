@@ -120,13 +120,13 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
 
 def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data, tokens, ctx, metrics) -> None:
     """The training row of the window that ends at this step: metrics.jsonl, TensorBoard, console."""
-    loss, grad_norm, window_tokens = window.read(throughput.tokens)
+    loss, grad_norm, window_tokens = window.read(throughput.tokens, throughput.data_wait_frac())
     if window.longest_streak >= window.limit:
         raise TrainingError(
             f"loss or gradient norm was not finite for {window.longest_streak} steps in a row (by step {state.step})"
         )
     row = {"step": state.step, "epoch": state.epoch, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-    row.update(throughput.rates(data.global_batch, window_tokens if tokens > 1 else None))
+    row.update(throughput.rates(data.global_batch, window_tokens if tokens > 1 else None, window.data_wait_frac))
     row.update(skipped_steps=window.skipped, peak_rss_mb=round(peak_rss_mb(), 1))
     if ctx.device.type == "cuda":
         row["cuda_max_allocated_mb"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**20, 1)

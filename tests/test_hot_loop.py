@@ -329,6 +329,25 @@ def test_data_wait_fraction_and_paused_time(tmp_path):
     assert throughput.rates(1)["step_time_s"] < 0.1
 
 
+def _slow_rank_one_run(rank: int, world_size: int, output_dir: str) -> None:
+    logging.disable(logging.INFO)
+    config = tiny_lm_config(Path(output_dir), train={"max_steps": 4, "grad_accum_steps": 1})
+    config["data"] = {**config["data"], "name": "userpkg.slow:slow_tokens", "delay": 0.05, "slow_rank": 1}
+    config["log"]["every_steps"] = 4
+    config["eval"] = {"at_end": False}
+    trainer.train(from_dict(config), ctx_from_env())
+
+
+@pytest.mark.slow
+def test_data_wait_fraction_shows_the_rank_whose_data_is_slow(tmp_path):
+    """Only rank 1's items are slow (4 x 50 ms per step): rank 0 waits for it in the gradient all-reduce,
+    not on its DataLoader. The row showed rank 0's own data wait (0.00), hiding the input bottleneck;
+    it shows the ranks' largest now."""
+    run_ranks(_slow_rank_one_run, 2, str(tmp_path / "run"))
+    (row,) = [r for r in read_rows(tmp_path / "run") if "loss" in r]
+    assert 0.5 < row["data_wait_frac"] <= 1.0, row
+
+
 def test_step_times_hook(tmp_path, monkeypatch):
     """DIST_TRAIN_STEP_TIMES=PATH writes one wall and one CPU time per step (benchmarks); unset: nothing."""
     monkeypatch.setenv("DIST_TRAIN_STEP_TIMES", str(tmp_path / "times"))

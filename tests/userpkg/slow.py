@@ -1,5 +1,6 @@
 """A dataset that takes a little time per item, so a test can interrupt a run mid-training."""
 
+import os
 import time
 
 from torch.utils.data import Dataset
@@ -19,8 +20,11 @@ class Slow(Dataset):
         return self.inner[index]
 
 
-def slow_tokens(split: str, delay: float = 0.005, **kwargs) -> Dataset | None:
+def slow_tokens(split: str, delay: float = 0.005, slow_rank: int | None = None, **kwargs) -> Dataset | None:
+    """`slow_rank`: only that rank's train items take `delay` s (the others' none)."""
     inner = synthetic_tokens(split, **kwargs)
+    if slow_rank is not None and int(os.environ.get("RANK", "0")) != slow_rank:
+        delay = 0.0
     return None if inner is None else (Slow(inner, delay) if split == "train" else inner)
 
 
