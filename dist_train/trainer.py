@@ -23,7 +23,7 @@ from .checkpoint import write_atomic
 from .config import CUDA_GRAPH_MODES, Config, dump_yaml
 from .config.checks import check_watched_metrics_fit_outputs
 from .control import Control
-from .data import unbatchable
+from .data import loading_error, unbatchable
 from .distributed import DistContext
 from .errors import UserError, on_every_rank
 from .evaluation import evaluate
@@ -231,7 +231,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
                 ):
                     raise refused from None  # items of several shapes: the dataset's config, nothing trained yet
                 raise TrainingError(
-                    f"rank {ctx.rank} failed at step {state.step + 1} loading its batch: {type(err).__name__}: {err}"
+                    f"rank {ctx.rank} failed at step {state.step + 1} loading its batch: {loading_error(err)}"
                 ) from err
             throughput.data_wait += time.perf_counter() - wait_start
             compression.on_step(state.step)
@@ -353,7 +353,7 @@ def _evaluate(strategy, loss_fn, eval_data, ctx, step: int, control=None) -> dic
     except UserError:
         raise
     except Exception as err:
-        raise TrainingError(f"rank {ctx.rank} failed evaluating step {step}: {type(err).__name__}: {err}") from err
+        raise TrainingError(f"rank {ctx.rank} failed evaluating step {step}: {loading_error(err)}") from err
 
 
 def _checkpoint_due(cfg: Config, step: int) -> bool:

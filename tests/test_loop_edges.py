@@ -406,6 +406,19 @@ def test_a_batch_that_fails_to_load_or_evaluate_names_rank_and_step(tmp_path):
         )
 
 
+def test_an_item_that_fails_in_a_loader_worker_is_named_in_one_line(tmp_path):
+    """With a loader worker the line said `IndexError: Caught IndexError in DataLoader worker process 0.`
+    and went on with the worker's traceback (shown a second and third time by the log's own traceback):
+    the error itself is on the line now, as without workers, the traceback once below it."""
+    with pytest.raises(TrainingError) as error:
+        run(tmp_path, data={"name": "userpkg.edges:failing_vectors", "claimed": 80}, loader={"num_workers": 1})
+    assert str(error.value) == (
+        "rank 0 failed at step 5 loading its batch: IndexError: index 64 is out of bounds for dimension 0 "
+        "with size 64 (in DataLoader worker 0)"
+    )
+    assert "Original Traceback" in str(error.value.__cause__)  # the worker's traceback, for the log
+
+
 def test_a_train_split_the_global_batch_does_not_fit_is_said_once_per_node(tmp_path):
     """Every rank meets these alike: one line from the node's local rank 0 (each rank printed its own)."""
     from dist_train.data import build_train_data

@@ -235,6 +235,20 @@ def unbatchable(err: Exception, dataset: Dataset, sampler, batch_size: int, spli
     )
 
 
+WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"
+
+
+def loading_error(err: Exception) -> str:
+    """`Type: message` of an error met loading a batch. torch re-raises one from a loader worker as
+    `Caught Type in DataLoader worker process N.` with the worker's traceback in its message: that
+    one is said as the worker's own last line, naming the worker (the traceback stays in `err`)."""
+    head, found, trace = str(err).partition(WORKER_TRACEBACK)
+    lines = trace.strip().splitlines()
+    if found and head.startswith("Caught ") and " in DataLoader worker process " in head and lines:
+        return f"{lines[-1]} (in DataLoader worker {head.rsplit(' ', 1)[-1].rstrip('.')})"
+    return f"{type(err).__name__}: {err}"
+
+
 def build_train_data(cfg: Config, ctx: DistContext) -> TrainData:
     dataset = build_dataset(cfg.data.name, "train", cfg.data.kwargs)
     if dataset is None:
