@@ -419,6 +419,30 @@ def test_an_item_that_fails_in_a_loader_worker_is_named_in_one_line(tmp_path):
     assert "Original Traceback" in str(error.value.__cause__)  # the worker's traceback, for the log
 
 
+HELD_FAILURE = """
+import sys, torch, yaml
+from dist_train.config import from_dict
+from dist_train.distributed import DistContext
+from dist_train.trainer import TrainingError, train
+
+try:
+    train(from_dict(yaml.safe_load(open(sys.argv[1]))), DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single"))
+except TrainingError as err:
+    held = err  # as a caller or a test runner keeps it: the loop's frames, its loader and worker with it
+print("exiting")
+"""
+
+
+def test_a_failed_run_in_process_with_loader_workers_lets_python_exit(tmp_path):
+    """train() failed in a caller's process and the caller kept the error: at exit Python terminates the
+    loader's still-running worker (SIGTERM from its rank), which ignored it, then waited for it forever
+    (the test suite hung after its last test). A worker now ends on its own rank's SIGTERM only."""
+    raw = config(tmp_path / "run", data={"name": "userpkg.edges:failing_vectors", "claimed": 80})
+    raw["loader"] = {**raw["loader"], "num_workers": 1}
+    proc = run_cli([PYTHON, "-c", HELD_FAILURE, str(write_config(tmp_path / "c.yaml", raw))], env=ENV, timeout=60)
+    assert proc.returncode == 0 and proc.stdout == "exiting\n", proc.stderr[-2000:]
+
+
 def test_a_train_split_the_global_batch_does_not_fit_is_said_once_per_node(tmp_path):
     """Every rank meets these alike: one line from the node's local rank 0 (each rank printed its own)."""
     from dist_train.data import build_train_data

@@ -7,6 +7,7 @@ import itertools
 import os
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -150,15 +151,23 @@ def _worker_init(rank_pid: int, worker_id: int) -> None:
     It ignores the stop signals (blocked from its start until then: `start_batches`): torchrun's shutdown and SLURM's scancel/preemption signal every
     process of the group, and a worker killed by SIGTERM fails its rank ("DataLoader worker exited
     unexpectedly") before the rank can checkpoint. The rank ends its workers when it is done, and
-    they get SIGKILL if it dies.
+    they get SIGKILL if it dies. A SIGTERM from the rank itself ends the worker: Python's exit
+    terminates the workers still running (a failed in-process train() whose error the caller keeps),
+    then waits for them.
     """
-    from ..control import STOP_SIGNALS
     from ..distributed import die_with_parent
 
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # blocked since the fork (start_batches)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGUSR1,))  # blocked since the fork (start_batches)
+    threading.Thread(target=_end_on_sigterm_from, args=(rank_pid,), daemon=True).start()  # SIGTERM stays blocked
     die_with_parent(rank_pid)
+
+
+def _end_on_sigterm_from(rank_pid: int) -> None:
+    """A loader worker's thread: take each SIGTERM (held blocked), exit on the rank's, drop anyone else's."""
+    while signal.sigwaitinfo((signal.SIGTERM,)).si_pid != rank_pid:
+        pass
+    os._exit(0)
 
 
 @dataclass
