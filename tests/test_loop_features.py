@@ -229,7 +229,9 @@ def test_readme_lists_every_metrics_row_key(monkeypatch):
     class Window:
         limit, longest_streak, skipped = 5, 0, 0
 
-        def read(self, tokens):
+        data_wait_frac = 0.1
+
+        def read(self, tokens, data_wait_frac):
             return 1.0, 2.0, 64.0
 
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 0)

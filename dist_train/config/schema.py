@@ -200,7 +200,12 @@ class StrategyConfig:
     offload_optimizer: bool = _f(False, "DeepSpeed ZeRO 1-3: keep optimizer state on the CPU")
     offload_params: bool = _f(False, "DeepSpeed ZeRO-3: keep parameters on the CPU")
     deepspeed_config: Union[dict, str, None] = _f(None, "extra DeepSpeed config (dict or JSON path), merged into ours")
-    find_unused_parameters: bool = _f(False, "DDP: allow parameters that get no gradient")
+    find_unused_parameters: bool = _f(
+        False,
+        "DDP: allow parameters that get no gradient (without it, at several ranks, a parameter that got none "
+        "in the first step is one line, status 2, naming it; one left unused in a later step fails that run, "
+        "status 1)",
+    )
     bucket_cap_mb: int = _f(25, "DDP: gradient bucket size")
     reshard_after_forward: bool = _f(True, "FSDP2: free gathered parameters after forward (ZeRO-3 style)")
 
