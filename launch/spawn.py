@@ -120,7 +120,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc_per_node < 1:
         print("dist_train: error: --nproc_per_node must be >= 1", file=sys.stderr)
         return 2
+    # A Ctrl-C while torch imports waits until the import is done: a KeyboardInterrupt raised inside
+    # an extension's import can be swallowed there (a C module that clears a failed optional import),
+    # and spawn.py then started, and waited for, ranks that trained to the end (status 0).
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     import torch.multiprocessing as mp
+
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a Ctrl-C meanwhile is raised here
 
     # A failing rank has said why; torch would add a line per sibling it terminates.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
