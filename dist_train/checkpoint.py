@@ -189,6 +189,17 @@ def fsync_files(folder: Path, names: list[str]) -> None:
         fsync_path(folder / name)
 
 
+def aside_path(root: Path, kind: str, name: str) -> Path:
+    """A free `.KIND-NAME-PID[.N]` path under `root` for a folder set aside: a process id repeats (one
+    process that runs twice, a container's ranks started again), and a rename onto a folder fails."""
+    path = root / f".{kind}-{name}-{os.getpid()}"
+    n = 0
+    while path.exists():
+        n += 1
+        path = root / f".{kind}-{name}-{os.getpid()}.{n}"
+    return path
+
+
 def commit_save(
     root: Path, tmp: Path, step: int, meta: dict, files: list[str], keep_last: int, keep_every: int | None
 ) -> Path:
@@ -200,7 +211,7 @@ def commit_save(
     replaced = None
     if final.exists():  # a resumed or rewound run re-reached a saved step: the new save is the run's
         # a damaged copy is set aside for good (never delete evidence); an intact one until the new one is in
-        replaced = root / f".{'replaced' if _intact(final) else 'corrupt'}-{final.name}-{os.getpid()}"
+        replaced = aside_path(root, "replaced" if _intact(final) else "corrupt", final.name)
         os.rename(final, replaced)
     os.rename(tmp, final)
     fsync_path(root)
@@ -225,6 +236,46 @@ def apply_retention(root: Path, keep_last: int, keep_every: int | None) -> None:
         if name == latest or (keep_every and step % keep_every == 0):
             continue
         shutil.rmtree(root / name, ignore_errors=True)
+
+
+def other_trajectories(root: Path, resumed: Path | None) -> list[Path]:
+    """The entries by a step name under `root` that a run starting from `resumed` does not continue: all of
+    them for a run that starts afresh or from another folder's checkpoint (checkpoint.resume=never,
+    fine-tuning into a used folder), the ones past `resumed` for a run that resumes an older checkpoint of
+    its own (a rewind by path, a fallback past a damaged newest one)."""
+    if not root.is_dir():
+        return []
+    own = resumed is not None and resumed.parent.resolve() == root.resolve()
+    through = folder_step(resumed) if own else -1
+    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and folder_step(p) > through)
+
+
+def other_trajectories_summary(root: Path, names: list[str]) -> str:
+    """What becomes of `other_trajectories`, in the words the run and `dist-train check` both use."""
+    shown = ", ".join(names) if len(names) <= 3 else f"{names[0]} ... {names[-1]}"
+    return (
+        f"{len(names)} checkpoint(s) in {root} that this run does not continue ({shown}) are set aside once its "
+        "first step ran, as .abandoned-<name>-<pid>: kept, not counted by checkpoint.keep_last, never resumed by "
+        "auto; delete them when no longer needed"
+    )
+
+
+def set_aside_other_trajectories(root: Path, resumed: Path | None) -> list[str]:
+    """Rank 0, once the run's first step ran: move `other_trajectories` out of the way, as
+    `.abandoned-step-N-PID` (never deleted), and point `latest` at `resumed` (or remove it). Left in
+    place they counted toward keep_last (the run kept fewer of its own), and a fallback past a damaged
+    `latest` resumed the other trajectory. Returns the names set aside."""
+    others = other_trajectories(root, resumed)
+    if not others:
+        return []
+    if resumed is not None and resumed.parent.resolve() == root.resolve():
+        write_atomic(root / "latest", (resumed.name + "\n").encode())  # first: it never names a missing folder
+    else:
+        (root / "latest").unlink(missing_ok=True)
+    for path in others:
+        os.rename(path, aside_path(root, "abandoned", path.name))
+    fsync_path(root)
+    return [path.name for path in others]
 
 
 def _intact(folder: Path) -> bool:

@@ -167,11 +167,11 @@ def _shown(names: list[str], limit: int = 3) -> str:
 
 def restore(
     cfg: Config, ctx: DistContext, control: Control, strategy: Strategy, output_dir: Path, epoch_samples: int
-) -> tuple[TrainState, str, torch.Tensor] | None:
+) -> tuple[TrainState, Path, torch.Tensor] | None:
     """Find (rank 0) and load (every rank) the checkpoint named by `checkpoint.resume`, if any.
 
     `epoch_samples` is the number of samples of an epoch this run trains on (whole global batches).
-    Returns the trainer state, the checkpoint's folder name and this rank's open-window loss sum.
+    Returns the trainer state, the checkpoint's folder and this rank's open-window loss sum.
     """
     found = None
     if ctx.is_rank_zero:
@@ -281,7 +281,19 @@ def restore(
     if ctx.is_distributed:
         dist.barrier(group=control.group)
     log.info("resumed from %s (step %d)", folder.name, state.step)
-    return state, folder.name, window_loss_sum.to(ctx.device)
+    return state, folder, window_loss_sum.to(ctx.device)
+
+
+def set_aside_other_trajectories(root: Path, resumed: Path | None) -> None:
+    """Rank 0, once the run's first step ran (a config refused before it changes nothing): the checkpoints
+    this run does not continue leave the step-N names (`ckpt.set_aside_other_trajectories`), said in one line."""
+    try:
+        names = ckpt.set_aside_other_trajectories(root, resumed)
+    except OSError as err:  # the run can go on; its retention and fallback then see them as before
+        log.warning("could not set aside the checkpoints this run does not continue (%s)", err)
+        return
+    if names:
+        log.warning(ckpt.other_trajectories_summary(root, names))
 
 
 def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int, fold=None) -> None:

@@ -166,7 +166,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
         log.warning(
             "checkpoint %s is at step %d, past the %d steps of train.max_steps/train.epochs: nothing to train "
             "(raise train.max_steps to go on, or set checkpoint.resume=never to start over)",
-            restored[1],
+            restored[1].name,
             state.step,
             total_steps,
         )
@@ -187,8 +187,9 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
         TensorBoard events: the writer's purge waits for the first row)."""
         if ctx.is_rank_zero:
             write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
+            run_state.set_aside_other_trajectories(output_dir / "checkpoints", restored[1] if restored else None)
         if restored:
-            metrics.write({"resumed_from": restored[1], "step": resumed_at})
+            metrics.write({"resumed_from": restored[1].name, "step": resumed_at})
         else:
             metrics.text("config", "```\n" + dump_yaml(cfg) + "```")
 

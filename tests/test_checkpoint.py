@@ -215,11 +215,11 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, refe
     assert found.folder.name == "step-00000004"
     with pytest.raises(UserError, match="checkpoint.resume: .*step-00000006"):
         ckpt.find_resume_checkpoint(str(root / "step-00000006"), run_dir)
-    # resuming redoes steps 5-6 and replaces only the damaged folder; the good ones stay
+    # resuming redoes steps 5-6 and sets only the damaged folder aside (kept); the good ones stay
     assert run(run_dir, train={"max_steps": 6})["status"] == "finished"
     for step in (2, 4, 6):
         ckpt.verify(root / f"step-{step:08d}")
-    assert list(root.glob(".corrupt-step-00000006-*"))
+    assert list(root.glob(".abandoned-step-00000006-*"))
     assert max_abs_diff(load_weights(reference), load_weights(run_dir)) == 0.0
 
 
@@ -302,6 +302,49 @@ def test_retention_never_deletes_the_checkpoint_latest_names(tmp_path):
     assert run(tmp_path, train={"max_steps": 7}, checkpoint=rewound)["step"] == 7
     assert ckpt.read_latest(root) == "step-00000007"
     ckpt.verify(root / "step-00000007")
+
+
+def test_a_rewind_sets_the_later_checkpoints_aside_and_keeps_its_own(tmp_path):
+    """Rewound to step 4 of a run that saved 4, 6 and 8, with keep_last 2: the later folders counted
+    among the newest, so the rewound run kept only its step 6 (and old step 8) where it keeps 5 and 6;
+    a fallback past a damaged step 6 then resumed old step 8, another trajectory."""
+    run(tmp_path, train={"max_steps": 8}, checkpoint={"every_steps": 2, "keep_last": 3})
+    root = tmp_path / "checkpoints"
+    rewound = {"every_steps": 1, "keep_last": 2, "resume": str(root / "step-00000004")}
+    assert run(tmp_path, train={"max_steps": 6}, checkpoint=rewound)["step"] == 6
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000005", "step-00000006"]
+    assert ckpt.read_latest(root) == "step-00000006"
+    assert sorted(p.name.rsplit("-", 1)[0] for p in root.glob(".abandoned-*")) == [
+        ".abandoned-step-00000006",
+        ".abandoned-step-00000008",
+    ]
+    (root / "step-00000006" / ckpt.MANIFEST).write_text("{}")  # damaged: auto falls back to its own step 5
+    assert run(tmp_path, train={"max_steps": 6}, checkpoint={"every_steps": 1})["step"] == 6
+    assert [row for row in read_rows(tmp_path) if "resumed_from" in row][-1] == {
+        "resumed_from": "step-00000005",
+        "step": 5,
+    }
+
+
+def test_a_fresh_run_in_a_used_folder_sets_the_old_checkpoints_aside_after_its_first_step(tmp_path):
+    """checkpoint.resume=never where another run saved steps 6 and 8: once the new run's first step ran,
+    they leave the step-N names, so a fallback past the new run's damaged `latest` resumes its own step 2,
+    not the old run's step 8 (which it did, and ended there: nothing to train). A config refused before
+    its first step moves nothing."""
+    run(tmp_path, train={"max_steps": 8}, checkpoint={"every_steps": 2, "keep_last": 2})
+    root = tmp_path / "checkpoints"
+    with pytest.raises(UserError):  # refused at its first batch: the old run's folders stay as they were
+        run(tmp_path, train={"max_steps": 4, "loss": "mse"}, checkpoint={"resume": "never"})
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000006", "step-00000008"]
+    assert run(tmp_path, train={"max_steps": 4}, checkpoint={"every_steps": 2, "resume": "never"})["step"] == 4
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000002", "step-00000004"]
+    assert len(list(root.glob(".abandoned-step-0000000[68]-*"))) == 2
+    (root / "step-00000004" / ckpt.MANIFEST).write_text("{}")
+    assert run(tmp_path, train={"max_steps": 4}, checkpoint={"every_steps": 2})["step"] == 4
+    assert [row for row in read_rows(tmp_path) if "resumed_from" in row][-1] == {
+        "resumed_from": "step-00000002",
+        "step": 2,
+    }
 
 
 def test_a_checkpoint_inside_a_logging_window_resumes_its_loss(tmp_path, monkeypatch):

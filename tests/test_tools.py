@@ -337,7 +337,7 @@ def test_check_warns_about_a_checkpoint_from_another_run(tmp_path, capsys):
     zero = tmp_path / "zero"
     _fake_checkpoint(zero, 4, world_size=4, strategy="deepspeed", config_hash="0123456789abcdef")
     overrides = ("strategy.name=deepspeed", f"checkpoint.resume={zero}")
-    warning = check_json(capsys, path, "--world-size", "2", *overrides)["warnings"][0]
+    warning = check_json(capsys, path, "--world-size", "2", *overrides)["warnings"][1]  # [0]: run's step 4 set aside
     assert warning.endswith(
         "DeepSpeed cannot reshard its ZeRO partitions, so it will stop with an error (resume at world size 4)"
     )
@@ -345,7 +345,7 @@ def test_check_warns_about_a_checkpoint_from_another_run(tmp_path, capsys):
     same_hash = ckpt.config_hash(training_config(from_dict(raw)))
     other = tmp_path / "other"
     _fake_checkpoint(other, 12, world_size=2, strategy="fsdp", config_hash=same_hash)
-    warnings = check_json(capsys, path, "--world-size", "2", f"checkpoint.resume={other}")["warnings"]
+    warnings = check_json(capsys, path, "--world-size", "2", f"checkpoint.resume={other}")["warnings"][1:]
     assert len(warnings) == 2
     assert "strategy 'fsdp'" in warnings[0] and "will stop with an error" in warnings[0]
     assert "at step 12 >= 10: the run has nothing left to do" in warnings[1]
@@ -359,6 +359,36 @@ def test_check_warns_about_a_checkpoint_from_another_run(tmp_path, capsys):
     ):
         code, out, err = run_main(capsys, "check", str(path), f"checkpoint.resume={resume}")
         assert code == 2 and out == "" and message in err and len(err.splitlines()) == 1, err
+
+
+def test_check_names_the_checkpoints_a_run_sets_aside(tmp_path, capsys):
+    """A rewind by path to step 4 of a run that saved 4, 8 and 12 sets 8 and 12 aside; a fresh start
+    (resume=never) sets aside all three; a plain resume of the newest, none (check said nothing, or that
+    the checkpoints "mix")."""
+    raw = tiny_lm_config(tmp_path / "run")
+    path = write_config(tmp_path / "c.yaml", raw)
+    same_hash = ckpt.config_hash(training_config(from_dict(raw)))
+    for step in (4, 8, 12):
+        _fake_checkpoint(tmp_path / "run", step, world_size=1, strategy="ddp", config_hash=same_hash)
+    root = tmp_path / "run" / "checkpoints"
+    for resume, names in (
+        (
+            root / "step-00000004",
+            "2 checkpoint(s) in " + str(root) + " that this run does not continue (step-00000008, step-00000012)",
+        ),
+        (
+            "never",
+            "3 checkpoint(s) in "
+            + str(root)
+            + " that this run does not continue (step-00000004, step-00000008, step-00000012)",
+        ),
+    ):
+        warnings = check_json(capsys, path, "--world-size", "1", f"checkpoint.resume={resume}")["warnings"]
+        assert [w for w in warnings if "set aside" in w] == [
+            names + " are set aside once its first step ran, as .abandoned-<name>-<pid>: kept, not counted by "
+            "checkpoint.keep_last, never resumed by auto; delete them when no longer needed"
+        ], warnings
+    assert not [w for w in check_json(capsys, path, "--world-size", "1")["warnings"] if "set aside" in w]
 
 
 def test_check_says_where_train_epochs_ends_a_run_resumed_at_another_global_batch(tmp_path, capsys):
@@ -389,15 +419,19 @@ def test_check_warns_of_a_damaged_checkpoint_the_run_skips_and_of_the_one_it_fal
     damaged = tmp_path / "run" / "checkpoints" / "step-00000004"
     (damaged / ckpt.MANIFEST).write_text(manifest)
     warnings = check_json(capsys, path, "--world-size", "2")["warnings"]
-    assert len(warnings) == 3, warnings
+    assert len(warnings) == 4, warnings
     assert warnings[0].startswith(f"the run will skip the damaged checkpoint {damaged} (")
-    assert "step-00000002, written at world size 4" in warnings[1] and "config hash differs" in warnings[2]
+    assert warnings[1].startswith(
+        f"1 checkpoint(s) in {damaged.parent} that this run does not continue (step-00000004)"
+    )
+    assert "step-00000002, written at world size 4" in warnings[2] and "config hash differs" in warnings[3]
     (tmp_path / "run" / "checkpoints" / "step-00000002" / "model.pt").write_bytes(b"trunc")
     warnings = check_json(capsys, path, "--world-size", "2")["warnings"]
-    assert len(warnings) == 3 and "model.pt has 5 bytes" in warnings[1], warnings
+    assert len(warnings) == 4 and "model.pt has 5 bytes" in warnings[1], warnings
     assert (
         warnings[2] == f"no intact checkpoint left in {tmp_path / 'run' / 'checkpoints'}: the run starts from scratch"
     )
+    assert warnings[3].startswith(f"2 checkpoint(s) in {damaged.parent} that this run does not continue")
 
 
 def test_a_resume_with_loader_shuffle_flipped_is_another_training_config(tmp_path, capsys):

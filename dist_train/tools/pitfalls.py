@@ -50,6 +50,11 @@ def _model_pitfalls(cfg: Config, model: nn.Module, world_size: int) -> list[str]
     return warnings
 
 
+def _set_aside(root: Path, resumed: Path | None) -> list[str]:
+    others = [path.name for path in ckpt.other_trajectories(root, resumed)]
+    return [ckpt.other_trajectories_summary(root, others)] if others else []
+
+
 def _resume_checkpoint(cfg: Config) -> tuple[Path | None, dict | None, list[str]]:
     """The checkpoint folder `checkpoint.resume` points at, its manifest, and a warning for each damaged
     candidate the run would skip (manifests and file sizes are read, not checksummed). A path the run
@@ -79,14 +84,10 @@ def _checkpoint_pitfalls(
     folder, manifest, warnings = _resume_checkpoint(cfg)
     if folder is None:
         existing = Path(cfg.run.output_dir) / "checkpoints"
-        if cfg.checkpoint.resume == "never" and ckpt.read_latest(existing):
-            return [
-                f"checkpoint.resume=never but {existing} already holds checkpoints: this run starts from "
-                "scratch and its checkpoints mix with theirs; use a new run.output_dir"
-            ]
         if warnings:  # every candidate damaged
             warnings.append(f"no intact checkpoint left in {existing}: the run starts from scratch")
-        return warnings
+        return warnings + _set_aside(existing, None)
+    warnings += _set_aside(Path(cfg.run.output_dir) / "checkpoints", folder)
     if manifest.get("strategy", "ddp") != cfg.strategy.name:
         warnings.append(
             f"the run will resume {folder}, written by strategy {manifest.get('strategy')!r}; this config uses "
