@@ -503,13 +503,22 @@ def test_a_resume_after_a_torn_metrics_row_keeps_its_marker(tmp_path, reference)
 def test_retention_counts_no_stray_by_a_step_name(tmp_path):
     """An empty step folder or a file by a step name past the run's steps counted as the newest
     checkpoints: keep_last=2 kept the stray and `latest` only, and deleted step 8. A folder older than
-    the kept ones (a delete cut short: its manifest gone first) still goes with the old checkpoints."""
+    the kept ones (a delete cut short: its manifest gone first) still goes with the old checkpoints.
+    A fresh run sets every entry by a step name aside at its first step, so the strays come mid-run."""
     root = tmp_path / "checkpoints"
-    (root / "step-00000099").mkdir(parents=True)
-    (root / "step-00000001").mkdir()
-    (root / "step-00000001" / "model.pt").write_text("left over")
-    (root / "step-00000098").write_text("not a checkpoint")
-    run(tmp_path, train={"max_steps": 10}, checkpoint={"every_steps": 2, "keep_last": 2})
+    real_retention = ckpt.apply_retention
+
+    def strays_then_retention(root, keep_last, keep_every):
+        if not (root / "step-00000099").exists():
+            (root / "step-00000099").mkdir()
+            (root / "step-00000001").mkdir()
+            (root / "step-00000001" / "model.pt").write_text("left over")
+            (root / "step-00000098").write_text("not a checkpoint")
+        real_retention(root, keep_last, keep_every)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ckpt, "apply_retention", strays_then_retention)
+        run(tmp_path, train={"max_steps": 10}, checkpoint={"every_steps": 2, "keep_last": 2})
     names = sorted(p.name for p in root.iterdir())
     assert names == ["latest", "step-00000008", "step-00000010", "step-00000098", "step-00000099"]
 
