@@ -1,4 +1,4 @@
-"""Process-group lifecycle: detect the launcher, init, teardown, and a few small collectives.
+"""Process-group lifecycle: detect the launcher, init, teardown, and `all_reduce_sum`.
 
 `init_distributed()` returns a frozen `DistContext` that is passed explicitly everywhere
 (no global singletons). Supported launchers, detected from the environment:
@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import sys
 from dataclasses import dataclass
 
@@ -239,25 +238,8 @@ def teardown(ctx: DistContext | None) -> None:
         dist.destroy_process_group()
 
 
-def barrier(ctx: DistContext) -> None:
-    if ctx.is_distributed:
-        dist.barrier()
-
-
 def all_reduce_sum(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     """In-place sum across ranks (no-op for one process); returns the tensor."""
     if ctx.is_distributed:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
-
-
-def broadcast_object(obj: object, ctx: DistContext, src: int = 0) -> object:
-    if not ctx.is_distributed:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def hostname() -> str:
-    return socket.gethostname()

@@ -54,11 +54,6 @@ def resolve_param_groups(model: nn.Module, weight_decay: float, rules: list[dict
     return out
 
 
-def param_groups(model: nn.Module, weight_decay: float, rules: list[dict] = ()) -> list[dict]:
-    """The optimizer's parameter groups (see `resolve_param_groups`)."""
-    return [group for _, group, _ in resolve_param_groups(model, weight_decay, rules)]
-
-
 def _describe(resolved: list[tuple[str, dict, list]]) -> str:
     lines = []
     for i, (label, group, names) in enumerate(resolved):

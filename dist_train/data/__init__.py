@@ -196,7 +196,6 @@ class TrainData:
 class EvalData:
     loader: DataLoader
     valid: torch.Tensor  # (rank's padded shard length,) bool: False for DistributedSampler's padding
-    size: int
 
     def batches(self) -> Iterator:
         return start_batches(self.loader)
@@ -302,7 +301,7 @@ def build_eval_data(cfg: Config, ctx: DistContext) -> EvalData | None:
         refused = unbatchable(err, dataset, sampler, batch, "eval")
         if refused is not None:
             raise refused from None
-    return EvalData(loader, torch.tensor(sampler.valid_flags(), dtype=torch.bool), len(dataset))
+    return EvalData(loader, torch.tensor(sampler.valid_flags(), dtype=torch.bool))
 
 
 def same_counts(dataset: Dataset, ignores_targets: bool) -> bool:

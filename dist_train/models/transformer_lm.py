@@ -84,9 +84,6 @@ class TransformerLM(nn.Module):
             x = block(x)
         return self.lm_head(self.ln_f(x))
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
-
 
 def transformer_lm(
     vocab_size: int = 256,
