@@ -3,8 +3,9 @@
 Layout under `<output_dir>/checkpoints/`:
     step-00000100/manifest.json   step, epoch, data position, world size, strategy, config hash,
                                   trainer state, and every file with its size and SHA-256
-    step-00000100/*.pt            strategy state (rank 0 for replicated state, one file per rank
-                                  for shards) and one RNG file per rank
+    step-00000100/...             strategy state (DDP: rank 0's model.pt and optimizer.pt; DeepSpeed
+                                  deepspeed/, FSDP dcp/: every rank's shards) and rank-XXXXX.pt
+                                  per rank (RNG streams, its own buffers, its logging window)
     latest                        text: the folder name of the newest complete checkpoint
 
 A save writes into `.tmp-step-N/` (leftovers of crashed saves removed first), fsyncs every file and

@@ -58,7 +58,7 @@ def model_flops_per_token(model: nn.Module, seq_len: int) -> float | None:
     """Training FLOPs per token, when the model says how; None otherwise.
 
     A model may define `flops_per_token(seq_len)`; the zoo's `transformer_lm` is recognised by its
-    structure (token/position embeddings and a `blocks` list). Other models report no MFU.
+    class (`TransformerLM`). Other models report no MFU.
     """
     own = getattr(model, "flops_per_token", None)
     if callable(own):

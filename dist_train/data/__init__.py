@@ -105,7 +105,7 @@ class _SeededBatches:
     the batch reseeds its generators with it first (`_SeededFetch`). A random transform then draws
     the same numbers whichever worker loads the batch, and a run resumed mid-epoch draws what the
     uninterrupted run drew. (Without workers the process's own streams, checkpointed with the run,
-    do the same.) The eval split's sampler has no epoch: every evaluation draws alike, the first
+    do the same.) The eval split's sampler stays at epoch 0 (nothing sets it): every evaluation draws alike, the first
     one of a resumed run too (the loader's own worker seeds move on with each evaluation)."""
 
     def __init__(self, sampler, batch_size: int, seed: int, drop_last: bool = True):

@@ -50,7 +50,7 @@ class PaddedEvalSampler(DistributedSampler):
     """Rank r takes r, r + W, ...; shards are padded to equal length by repeating indices.
 
     Equal lengths keep collective-using strategies (ZeRO-3, FSDP) in lockstep; the padding
-    positions are reported by `is_padding(i)` so eval metrics skip them and come out the same
+    positions are False in `valid_flags()`, so eval metrics skip them and come out the same
     at any world size.
     """
 

@@ -119,7 +119,7 @@ class Strategy:
         raise NotImplementedError
 
     def grad_norm(self) -> torch.Tensor:
-        """Global gradient norm without clipping (used on logging steps)."""
+        """Global gradient norm without clipping (every step when train.grad_clip_norm is null)."""
         return self.clip_grad_norm(float("inf"))
 
     def clip_grad_value(self, value: float) -> None:

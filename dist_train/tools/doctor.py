@@ -5,8 +5,8 @@ Alone it reports one process; under torchrun or srun every rank joins the proces
 free disk in the output folder, which ranks run on which host, a per-rank matmul speed (a slow or
 throttled device stands out) and an all-reduce bandwidth test (bus bandwidth as nccl-tests defines
 it: busbw = algbw x 2(n-1)/n, https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md).
-Exit 1 when it finds a problem (wrong all-reduce result, mismatched versions across ranks, fewer
-GPUs than local ranks), else 0.
+Exit 1 when it finds a problem (wrong all-reduce result, mismatched versions across ranks), else 0; a
+rank whose LOCAL_RANK has no visible GPU stops before joining, with one `dist_train: error:` line (2).
 """
 
 from __future__ import annotations
