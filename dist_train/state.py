@@ -186,7 +186,6 @@ def restore(
     if found is None:
         return None
     folder, manifest, origin = Path(found[0]), found[1], found[2]
-    sharded = cfg.strategy.name != "ddp"
     if manifest.get("strategy", "ddp") != cfg.strategy.name:
         raise on_every_rank(
             UserError(
@@ -194,7 +193,7 @@ def restore(
                 f"{cfg.strategy.name!r}; resume with the same strategy or set checkpoint.resume=never"
             )
         )
-    if sharded and manifest["world_size"] != ctx.world_size and not strategy.reshards:
+    if manifest["world_size"] != ctx.world_size and not strategy.reshards:  # DeepSpeed's ZeRO partitions
         raise on_every_rank(
             UserError(
                 f"checkpoint {folder} holds {manifest['world_size']} shards; this strategy cannot reshard it: "

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from ..config import Config
 from ..distributed import DistContext
+from ..optim import step_unless
 
 PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -112,7 +113,7 @@ class Strategy:
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm; return the norm before clipping (a device tensor)."""
@@ -153,9 +154,14 @@ class Strategy:
 
     def optimizer_step(self, skip: torch.Tensor) -> None:
         """Apply the accumulated gradients unless `skip` (a 0-d device tensor, 1.0 = non-finite
-        step) is set, then zero them. Implementations avoid reading `skip` on the host when they can.
+        step) is set, then zero them, without reading `skip` on the host where the optimizer allows.
         """
-        raise NotImplementedError
+        if self.scaler:  # GradScaler finds and skips non-finite steps itself
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            step_unless(self.optimizer, skip)
+        self.optimizer.zero_grad(set_to_none=True)
 
     # --- checkpoints and export -----------------------------------------------------------------
     def save(self, folder: Path) -> list[str]:

@@ -11,7 +11,7 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ..errors import UserError
-from ..optim import build_optimizer, step_unless
+from ..optim import build_optimizer
 from .base import Strategy
 
 
@@ -88,9 +88,6 @@ class DDPStrategy(Strategy):
             return self.model.no_sync()
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         self.unscale_gradients()  # clip the true gradients, not the scaled ones
         return torch.nn.utils.clip_grad_norm_(self._module.parameters(), max_norm, foreach=True)
@@ -112,14 +109,6 @@ class DDPStrategy(Strategy):
                     "model that leaves some unused in a step (or freeze them: requires_grad=False)"
                 )
         return super().clip_and_step(max_norm, clip_value)
-
-    def optimizer_step(self, skip: torch.Tensor) -> None:
-        if self.scaler:  # GradScaler finds and skips non-finite steps itself
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            step_unless(self.optimizer, skip)
-        self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, folder: Path) -> list[str]:
         if not self.ctx.is_rank_zero:  # replicated state: rank 0 writes it once

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-from contextlib import AbstractContextManager as ContextManager
 from pathlib import Path
 
 import torch
@@ -94,6 +93,9 @@ class FSDPStrategy(Strategy):
         mesh = init_device_mesh(self.ctx.device.type, (self.ctx.world_size,))
         dtype = PRECISION_DTYPES.get(self.cfg.train.precision)
         # Low-precision compute with fp32 gradient reduction; floating inputs are cast to match.
+        # The forward still runs under the base class's autocast, as on the DDP path: the policy casts
+        # parameters and each unit's inputs, autocast also what meets them inside a unit (an fp32 buffer
+        # times an activation is fp32: the next Linear would refuse the mix with its bf16 weight)
         policy = (
             MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if dtype else MixedPrecisionPolicy()
         )
@@ -132,12 +134,6 @@ class FSDPStrategy(Strategy):
     def module(self) -> nn.Module:
         return self._module
 
-    def autocast(self) -> ContextManager:
-        # The mixed-precision policy casts parameters and each unit's inputs; autocast also casts what
-        # meets them inside a unit (an fp32 buffer times an activation is fp32: the next Linear would
-        # refuse the mix with its bf16 weight), as on the DDP path
-        return super().autocast()
-
     @contextlib.contextmanager
     def no_sync(self):
         self.model.set_requires_gradient_sync(False)  # accumulate unsharded-free local grads, no reduce-scatter
@@ -145,9 +141,6 @@ class FSDPStrategy(Strategy):
             yield
         finally:
             self.model.set_requires_gradient_sync(True)
-
-    def backward(self, loss: torch.Tensor) -> None:
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         self.unscale_gradients()
@@ -157,16 +150,6 @@ class FSDPStrategy(Strategy):
         self.unscale_gradients()  # fp16: the true gradients (get_scale() would read the scale on the host)
         grads = [p.grad for p in self._module.parameters() if p.grad is not None]
         return _local(torch.nn.utils.get_total_norm(grads, foreach=True))
-
-    def optimizer_step(self, skip: torch.Tensor) -> None:
-        from ..optim import step_unless
-
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            step_unless(self.optimizer, skip)
-        self.optimizer.zero_grad(set_to_none=True)
 
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
