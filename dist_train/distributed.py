@@ -204,7 +204,9 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
     try:
         init_kwargs["store"] = rendezvous_store(rank, world_size, timeout)
         dist.init_process_group(**init_kwargs)
-    except dist.DistStoreError as err:  # a rank (another node's, say) failed before joining: said plainly
+    # a rank (another node's, say) failed before joining, or rank 0, which hosts the store (direct srun,
+    # ranks started by hand), never came up: the others' connection to it times out. Said plainly
+    except (dist.DistStoreError, dist.DistNetworkError) as err:
         raise JoinError(
             f"rank {rank} of {world_size}: not every rank joined the process group within dist.timeout_s="
             f"{timeout_s:g} s ({str(err).strip().splitlines()[0]}): a rank on this or another node failed "

@@ -406,14 +406,16 @@ def test_dist_train_torchrun_passes_stop_signals_to_the_ranks(tmp_path, sig, whe
     assert not [row for row in read_rows(tmp_path / "out") if "resumed_from" in row]  # stopped, not restarted
 
 
-def test_a_rank_whose_peers_never_join_fails_in_one_line_naming_the_timeout(tmp_path):
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_rank_whose_peers_never_join_fails_in_one_line_naming_the_timeout(tmp_path, rank):
     """Rank 0 of 2 started alone (its peer's node failed before joining, or never started): after
     dist.timeout_s it failed with torch's DistStoreError traceback, which said neither what happened
-    nor which setting bounds the wait."""
+    nor which setting bounds the wait. Rank 1 started alone (rank 0, which hosts the store, never came
+    up) failed with a DistNetworkError traceback (and torch's C++ frames) in the same case."""
     path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "out", dist={"timeout_s": 2}))
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
     proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(path)], env={**env, "MASTER_PORT": str(free_port())})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    (line,) = [line for line in proc.stderr.splitlines() if "ERROR" in line]
-    assert "rank 0 of 2: not every rank joined the process group within dist.timeout_s=2 s" in line
+    (line,) = [line for line in proc.stderr.splitlines() if " ERROR " in line]
+    assert f"rank {rank} of 2: not every rank joined the process group within dist.timeout_s=2 s" in line
     assert "failed before joining, or never started" in line
