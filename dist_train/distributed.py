@@ -170,8 +170,11 @@ def pick_backend(requested: str) -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistContext:
-    """Join the process group the launcher set up (or none for a single process)."""
+def init_distributed(
+    backend: str = "auto", timeout_s: float = 600.0, timeout_key: str = "dist.timeout_s"
+) -> DistContext:
+    """Join the process group the launcher set up (or none for a single process). JoinError, naming
+    `timeout_key` (the setting that gave `timeout_s`), when not every rank joined in time."""
     launcher = detect_launcher()
     if launcher == "srun":
         _adopt_srun_environment()
@@ -208,7 +211,7 @@ def init_distributed(backend: str = "auto", timeout_s: float = 600.0) -> DistCon
     # ranks started by hand), never came up: the others' connection to it times out. Said plainly
     except (dist.DistStoreError, dist.DistNetworkError) as err:
         raise JoinError(
-            f"rank {rank} of {world_size}: not every rank joined the process group within dist.timeout_s="
+            f"rank {rank} of {world_size}: not every rank joined the process group within {timeout_key}="
             f"{timeout_s:g} s ({str(err).strip().splitlines()[0]}): a rank on this or another node failed "
             "before joining, or never started; look at the other ranks' and nodes' output"
         ) from None

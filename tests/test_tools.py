@@ -664,6 +664,17 @@ def test_doctor_single_process(tmp_path, capsys):
         assert code == 2 and out == "" and err.startswith("dist_train: error: `--timeout-s` must be a number"), err
 
 
+def test_doctor_whose_peers_never_join_fails_in_one_line(tmp_path):
+    """Rank 0 of 2 started alone (its peer never came): doctor ended with init_distributed's JoinError
+    traceback (status 1), where a training rank says the same in one line."""
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [PYTHON, "-m", "dist_train", "doctor", "--timeout-s", "2", "--backend", "gloo", "--output-dir", str(tmp_path)]
+    proc = run_cli(cmd, env={**env, "MASTER_PORT": str(free_port())}, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and proc.stdout == "", proc.stderr[-2000:]
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("dist-train doctor:")]
+    assert "rank 0 of 2: not every rank joined the process group within --timeout-s=2 s" in line
+
+
 @pytest.mark.slow
 def test_doctor_on_two_torchrun_ranks(tmp_path):
     cmd = [PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]

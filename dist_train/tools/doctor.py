@@ -5,8 +5,9 @@ Alone it reports one process; under torchrun or srun every rank joins the proces
 free disk in the output folder, which ranks run on which host, a per-rank matmul speed (a slow or
 throttled device stands out) and an all-reduce bandwidth test (bus bandwidth as nccl-tests defines
 it: busbw = algbw x 2(n-1)/n, https://github.com/NVIDIA/nccl-tests/blob/master/doc/PERFORMANCE.md).
-Exit 1 when it finds a problem (wrong all-reduce result, mismatched versions across ranks), else 0; a
-rank whose LOCAL_RANK has no visible GPU stops before joining, with one `dist_train: error:` line (2).
+Exit 1 when it finds a problem (wrong all-reduce result, mismatched versions across ranks) or when
+not every rank joins within --timeout-s (one line), else 0; a rank whose LOCAL_RANK has no visible GPU
+stops before joining, with one `dist_train: error:` line (2).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch.distributed as dist
 
 from ..cli import ArgParser
 from ..config.checks import check_timeout
-from ..distributed import DistContext, detect_launcher, init_distributed, teardown
+from ..distributed import DistContext, JoinError, detect_launcher, init_distributed, teardown
 from ..errors import UserError
 from .report import human_bytes, key_values, size_label, table
 
@@ -338,10 +339,13 @@ def main(argv: list[str]) -> int:
     check_gpu_binding(args.backend)
     ctx, environment = None, launcher_env()
     try:
-        ctx = init_distributed(args.backend, args.timeout_s)
+        ctx = init_distributed(args.backend, args.timeout_s, "--timeout-s")
         report = collect(args, ctx, environment)
         if ctx.is_distributed:
             dist.barrier()
+    except JoinError as err:  # a peer that never came: one line, as a training rank says it
+        print(f"dist-train doctor: {err}", file=sys.stderr)
+        return 1
     finally:
         teardown(ctx)
     if report is None:
