@@ -63,8 +63,14 @@ def build_run(cfg: Config, ctx: DistContext) -> Built:
     train_loss = loss_fn  # a TensorDataset with no IGNORE_INDEX: static normaliser, no all-reduce per step
     if same_counts(data.dataset, loss_fn.ignores_targets):
         train_loss = replace(loss_fn, ignores_targets=False, same_count=True)
-    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_data is None:
+    require_eval_split(cfg, eval_data is not None)
+    return Built(strategy, compression, data, eval_data, loss_fn, train_loss)
+
+
+def require_eval_split(cfg: Config, has_eval_split: bool) -> None:
+    """Evaluations during training (and early stopping, which counts them) need an eval split (the run
+    and `dist-train check`)."""
+    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and not has_eval_split:
         raise UserError(
             f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
         )
-    return Built(strategy, compression, data, eval_data, loss_fn, train_loss)

@@ -31,6 +31,16 @@ _TRAINER = str(Path(__file__).with_name("trainer.py"))
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')  # torch.compile's "from user code:" lines
 
 
+def require_tensor_outputs(outputs: object) -> None:
+    """The loss takes a tensor: a forward that returns a dict, a tuple or a ModelOutput is a UserError
+    (the run's first step and `dist-train check`)."""
+    if not isinstance(outputs, torch.Tensor):
+        raise UserError(
+            f"the model's forward returned a {type(outputs).__name__}, not a tensor: return the "
+            "outputs the loss takes (the logits or predictions, e.g. `return out['logits']`)"
+        )
+
+
 class ForwardError(Exception):
     """The forward or loss of a micro-batch raised `error` (also the __cause__)."""
 

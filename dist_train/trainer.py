@@ -39,7 +39,7 @@ from .metrics import (
     tokens_per_sample,
     write_step_times,
 )
-from .misfit import FORWARD_ERRORS, ForwardError
+from .misfit import FORWARD_ERRORS, ForwardError, require_tensor_outputs
 from .schedules import LRSchedule
 from .strategies import Strategy
 from .strategies.ddp import UnusedParameters
@@ -65,11 +65,7 @@ class StepResult:
 
 
 def _loss_sum(loss_fn: Loss, outputs, targets: torch.Tensor) -> torch.Tensor:
-    if not isinstance(outputs, torch.Tensor):  # a dict/tuple/ModelOutput: the loss takes a tensor
-        raise UserError(
-            f"the model's forward returned a {type(outputs).__name__}, not a tensor: return the "
-            "outputs the loss takes (the logits or predictions, e.g. `return out['logits']`)"
-        )
+    require_tensor_outputs(outputs)  # a dict/tuple/ModelOutput: the loss takes a tensor
     return loss_fn.sum(outputs, targets)
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
-from ..build import DATA_SEED_OFFSET, initial_model
+from ..build import DATA_SEED_OFFSET, initial_model, require_eval_split
 from ..cli import ArgParser
 from ..compress import Compression
 from ..config import Config, load_config
@@ -31,7 +31,7 @@ from ..errors import UserError
 from ..imports import raised
 from ..losses import build_loss
 from ..metrics import tokens_per_sample
-from ..misfit import FORWARD_ERRORS, ForwardError
+from ..misfit import FORWARD_ERRORS, ForwardError, require_tensor_outputs
 from ..misfit import where as where_raised
 from ..optim import lr_at
 from ..rng import seed_everything
@@ -123,11 +123,7 @@ def probe_first_batch(cfg: Config, data, model: nn.Module, where: str, numel: in
     try:
         with torch.no_grad():
             outputs = model(inputs)
-            if not isinstance(outputs, torch.Tensor):  # as the run's first step refuses it
-                raise UserError(
-                    f"the model's forward returned a {type(outputs).__name__}, not a tensor: return the "
-                    "outputs the loss takes (the logits or predictions, e.g. `return out['logits']`)"
-                )
+            require_tensor_outputs(outputs)  # as the run's first step refuses it
             value = loss.sum(outputs, targets) / max(1, loss.count(targets))
     except UserError:
         raise
@@ -193,20 +189,11 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
     data = build_train_data(cfg, ctx)  # the same checks as the run: batch vs split size, drop_last
     train_len = len(data.dataset)
     eval_set = build_dataset(cfg.data.name, "eval", cfg.data.kwargs)
-    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and eval_set is None:
-        raise UserError(
-            f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
-        )
+    require_eval_split(cfg, eval_set is not None)
     if cfg.log.tensorboard:
         from ..imports import require
 
         require("tensorboard", "tb", "log.tensorboard")
-    from ..strategies import REGISTRY
-
-    if cfg.strategy.name not in REGISTRY:
-        raise UserError(
-            f"strategy.name={cfg.strategy.name!r} is not available in this version (available: {', '.join(REGISTRY)})"
-        )
     sample = data.dataset[0][0]
     tokens = tokens_per_sample(sample)
     total_steps = cfg.train.max_steps
