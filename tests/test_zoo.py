@@ -162,6 +162,15 @@ def test_transformer_classifier_names_sequences_longer_than_max_len():
         model(torch.ones(2, 9, dtype=torch.long))  # a config mistake: one line and status 2, not a traceback
 
 
+def test_transformer_lm_names_a_fix_for_sequences_longer_than_seq_len_that_works_for_every_dataset():
+    """It said `set data.seq_len <= model.seq_len`: with `data.name: hf` (block_size 128, model.seq_len 64)
+    following it failed again (dataset 'hf': got an unexpected keyword argument 'seq_len')."""
+    model = build_model("transformer_lm", {"vocab_size": 16, "seq_len": 8, "d_model": 16, "n_heads": 2})
+    with pytest.raises(UserError, match=r"sequences of 9 tokens are longer than model.seq_len \(8\)") as err:
+        model(torch.ones(2, 9, dtype=torch.long))
+    assert "raise model.seq_len" in str(err.value) and "data.block_size for hf" in str(err.value)
+
+
 @pytest.mark.parametrize("name", ["transformer_lm", "transformer_classifier"])
 @pytest.mark.parametrize("kwargs", [{"n_heads": -2}, {"n_heads": 0}, {"n_layers": -1}, {"d_model": -4, "n_heads": -2}])
 def test_transformers_refuse_sizes_below_one(name, kwargs):

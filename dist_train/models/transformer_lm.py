@@ -76,7 +76,8 @@ class TransformerLM(nn.Module):
         if tokens.shape[-1] > self.seq_len:  # a shape, not a value: no device sync
             raise UserError(
                 f"transformer_lm: the data's sequences of {tokens.shape[-1]} tokens are longer than model.seq_len "
-                f"({self.seq_len}): set data.seq_len <= model.seq_len"
+                f"({self.seq_len}): raise model.seq_len, or shorten the data's sequences (data.seq_len for "
+                "synthetic_tokens, data.block_size for hf)"
             )
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
