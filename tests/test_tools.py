@@ -233,6 +233,19 @@ def test_check_exits_2_on_an_invalid_config(tmp_path, capsys, argv, message):
     assert err.startswith("dist_train: error:") and message in err and len(err.strip().splitlines()) == 1
 
 
+def test_check_exits_2_on_eval_items_the_run_cannot_batch(tmp_path, capsys):
+    """An eval split whose items cannot be stacked into one eval micro-batch: the run refuses it as it
+    starts (status 2, tests/test_loop_edges.py), check said 'No warnings' and exited 0."""
+    raw = tiny_lm_config(tmp_path / "run")
+    raw.update(model={"name": "torch.nn:Linear", "in_features": 1, "out_features": 1}, eval={"micro_batch_size": 2})
+    raw["data"] = {"name": "userpkg.edges:varying_series", "eval_n": 8}
+    raw["train"].update(micro_batch_size=1, loss="mse")
+    code, out, err = run_main(capsys, "check", str(write_config(tmp_path / "c.yaml", raw)))
+    assert code == 2 and out == "", err
+    assert err.startswith("dist_train: error: the eval split's items cannot be batched: the first eval batch's")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_check_exits_2_on_a_folder_in_the_way_of_a_file_the_run_writes(tmp_path, capsys):
     """As the run refuses it (check said 'No warnings')."""
     (tmp_path / "run" / "model.safetensors").mkdir(parents=True)

@@ -25,7 +25,7 @@ from ..cli import ArgParser
 from ..compress import Compression
 from ..config import Config, load_config
 from ..config.checks import check_watched_metrics_fit_outputs
-from ..data import build_dataset, build_train_data
+from ..data import build_eval_data, build_train_data
 from ..distributed import DistContext
 from ..errors import UserError
 from ..imports import raised
@@ -188,8 +188,8 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
     seed_everything(cfg.run.seed + DATA_SEED_OFFSET)  # the run's data, from factories that draw from torch's RNG
     data = build_train_data(cfg, ctx)  # the same checks as the run: batch vs split size, drop_last
     train_len = len(data.dataset)
-    eval_set = build_dataset(cfg.data.name, "eval", cfg.data.kwargs)
-    require_eval_split(cfg, eval_set is not None)
+    eval_data = build_eval_data(cfg, ctx)  # as the run: eval items its first eval batch cannot stack are refused
+    require_eval_split(cfg, eval_data is not None)
     if cfg.log.tensorboard:
         from ..imports import require
 
@@ -226,7 +226,11 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         "world_size": world_size,
         "world_size_source": world_source,
         "model": {"name": cfg.model.name, "parameters": numel, "trainable_parameters": trainable},
-        "data": {"name": cfg.data.name, "train_samples": train_len, "eval_samples": len(eval_set) if eval_set else 0},
+        "data": {
+            "name": cfg.data.name,
+            "train_samples": train_len,
+            "eval_samples": len(eval_data.loader.dataset) if eval_data else 0,
+        },
         "first_batch": first_batch,
         "strategy": cfg.strategy.name,
         "precision": cfg.train.precision,
