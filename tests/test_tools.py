@@ -246,6 +246,18 @@ def test_check_exits_2_on_eval_items_the_run_cannot_batch(tmp_path, capsys):
     assert len(err.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("strategy", [{"name": "fsdp"}, {"name": "deepspeed", "zero_stage": 2}])
+def test_check_exits_2_on_parameters_of_several_dtypes_under_sharding(tmp_path, capsys, strategy):
+    """An fp64 parameter among fp32 ones: FSDP2's and ZeRO's set-up refuse it (status 2), check said
+    'No warnings' and exited 0."""
+    raw = tiny_lm_config(tmp_path / "run")
+    raw.update(model={"name": "userpkg.buffers:float64_scale"}, data={"name": "synthetic_vectors"}, strategy=strategy)
+    code, out, err = run_main(capsys, "check", str(write_config(tmp_path / "c.yaml", raw)))
+    assert code == 2 and out == "", err
+    assert f"strategy.name={strategy['name']} needs the model's parameters in one floating dtype" in err
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_check_exits_2_on_a_folder_in_the_way_of_a_file_the_run_writes(tmp_path, capsys):
     """As the run refuses it (check said 'No warnings')."""
     (tmp_path / "run" / "model.safetensors").mkdir(parents=True)

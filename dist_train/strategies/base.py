@@ -88,6 +88,10 @@ class Strategy:
         self.optimizer: torch.optim.Optimizer
 
     # --- set-up ---------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """UserError for a model this strategy cannot take (its set-up's first act; `dist-train check`
+        calls it too, on the model it builds, possibly on the meta device)."""
+
     def setup(self, model: nn.Module) -> None:
         """Move/shard/wrap `model` and build the optimizer over its (possibly sharded) parameters."""
         raise NotImplementedError

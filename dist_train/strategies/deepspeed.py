@@ -214,7 +214,7 @@ class DeepSpeedStrategy(Strategy):
     name = "deepspeed"
     reshards = False  # ZeRO partitions are tied to the world size they were written at
 
-    def setup(self, model: nn.Module) -> None:
+    def check_model(self, model: nn.Module) -> None:
         refuse_scalar_parameters(model, "deepspeed", SCALAR_PARAMETERS)
         require_one_param_dtype(model, "deepspeed")
         if self.cfg.strategy.zero_stage == 0 and torch.float64 in param_dtypes(model):
@@ -225,6 +225,9 @@ class DeepSpeedStrategy(Strategy):
                     "`model.float()`), or use strategy.zero_stage 1-3, strategy.name=fsdp or ddp"
                 )
             )
+
+    def setup(self, model: nn.Module) -> None:
+        self.check_model(model)
         if self.ctx.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")  # must precede the first deepspeed import
         self._own_group = ensure_process_group(self.ctx.device)

@@ -76,12 +76,15 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
     reshards = True
 
+    def check_model(self, model: nn.Module) -> None:
+        refuse_scalar_parameters(model, "fsdp", SCALAR_PARAMETERS)
+        require_one_param_dtype(model, "fsdp")
+
     def setup(self, model: nn.Module) -> None:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        refuse_scalar_parameters(model, "fsdp", SCALAR_PARAMETERS)
-        require_one_param_dtype(model, "fsdp")
+        self.check_model(model)
         self._own_group = ensure_process_group(self.ctx.device)
         # DCP's collectives in a save wait for the slowest rank's write: checkpoint.save_timeout_s, not
         # dist.timeout_s (the control group's gloo, as for every other rank that waits on a save)

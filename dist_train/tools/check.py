@@ -35,6 +35,7 @@ from ..misfit import FORWARD_ERRORS, ForwardError, require_tensor_outputs
 from ..misfit import where as where_raised
 from ..optim import lr_at
 from ..rng import seed_everything
+from ..strategies import build_strategy
 from ..transforms import preferred_attention
 from . import memory
 from .pitfalls import checkpoint_size, find_pitfalls
@@ -201,13 +202,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
     model, where = memory.build_for_inspection(cfg)
-    if cfg.strategy.name in ("fsdp", "deepspeed"):  # as the strategy's set-up refuses it
-        import importlib
-
-        from ..strategies.base import refuse_scalar_parameters
-
-        why = importlib.import_module(f"dist_train.strategies.{cfg.strategy.name}").SCALAR_PARAMETERS
-        refuse_scalar_parameters(model, cfg.strategy.name, why)
+    build_strategy(cfg, ctx).check_model(model)  # as the strategy's set-up refuses it (0-d, mixed dtypes)
     compression = Compression(cfg, model)
     compression.probe(sample)  # as the run builds it: what compress.* cannot use is refused
     if cfg.train.epochs:
