@@ -189,7 +189,7 @@ class SyncBatchNorm(_BatchNorm):
 _BATCHNORM_STATE = {"weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
 
 
-def _check_convertible(module: nn.Module) -> None:
+def check_convertible(module: nn.Module) -> None:
     """Refuse a BatchNorm subclass whose own forward or state the conversion would drop (the converted
     layer is a plain SyncBatchNorm: a `scale` buffer gone from the weights, an overridden forward not run)."""
     from .errors import UserError
@@ -216,7 +216,7 @@ def convert_sync_batchnorm(module: nn.Module, device_type: str, process_group: A
     requires_grad flags and any optimizer references stay intact; training mode is kept. A subclass
     with its own forward, parameters or buffers is refused (UserError): the conversion would drop them.
     """
-    _check_convertible(module)
+    check_convertible(module)
     if device_type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
     return _convert(module, process_group)

@@ -258,6 +258,18 @@ def test_check_exits_2_on_parameters_of_several_dtypes_under_sharding(tmp_path, 
     assert len(err.strip().splitlines()) == 1
 
 
+def test_check_exits_2_on_a_batchnorm_subclass_train_sync_batchnorm_cannot_convert(tmp_path, capsys):
+    """A BatchNorm subclass with its own forward under train.sync_batchnorm: the run refuses it as it
+    builds (status 2), check said 'No warnings' and exited 0."""
+    raw = tiny_lm_config(tmp_path / "run")
+    raw.update(model={"name": "userpkg.buffers:clamped_batchnorm"}, data={"name": "synthetic_vectors"})
+    raw["train"]["sync_batchnorm"] = True
+    code, out, err = run_main(capsys, "check", str(write_config(tmp_path / "c.yaml", raw)))
+    assert code == 2 and out == "", err
+    assert err.startswith("dist_train: error: train.sync_batchnorm replaces 1 (ClampedBatchNorm, a subclass of")
+    assert len(err.strip().splitlines()) == 1
+
+
 def test_check_exits_2_on_a_folder_in_the_way_of_a_file_the_run_writes(tmp_path, capsys):
     """As the run refuses it (check said 'No warnings')."""
     (tmp_path / "run" / "model.safetensors").mkdir(parents=True)

@@ -203,6 +203,10 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
 
     model, where = memory.build_for_inspection(cfg)
     build_strategy(cfg, ctx).check_model(model)  # as the strategy's set-up refuses it (0-d, mixed dtypes)
+    if cfg.train.sync_batchnorm:  # as the run's transform refuses it: a BatchNorm subclass it would cut down
+        from ..sync_batchnorm import check_convertible
+
+        check_convertible(model)
     compression = Compression(cfg, model)
     compression.probe(sample)  # as the run builds it: what compress.* cannot use is refused
     if cfg.train.epochs:

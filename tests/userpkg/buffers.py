@@ -74,3 +74,14 @@ class Float64Scale(nn.Module):
 
 def float64_scale():
     return Float64Scale()
+
+
+class ClampedBatchNorm(nn.BatchNorm1d):
+    """A BatchNorm1d subclass with a forward of its own (train.sync_batchnorm cannot convert it)."""
+
+    def forward(self, x):
+        return super().forward(x).clamp(-3, 3)
+
+
+def clamped_batchnorm():
+    return nn.Sequential(nn.Linear(32, 8), ClampedBatchNorm(8), nn.Linear(8, 4))
