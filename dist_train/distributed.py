@@ -125,14 +125,25 @@ def rendezvous_store(rank: int, world_size: int, timeout: datetime.timedelta) ->
     them without counting), so ranks of different nodes would wait under different prefixes.
     """
     agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(
-        os.environ["MASTER_ADDR"],
-        int(os.environ["MASTER_PORT"]),
-        world_size,
-        is_master=not agent_hosts_store and rank == 0,
-        timeout=timeout,
-        multi_tenant=True,
-    )
+    hosts_store = not agent_hosts_store and rank == 0
+    try:
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world_size,
+            is_master=hosts_store,
+            timeout=timeout,
+            multi_tenant=True,
+        )
+    except dist.DistNetworkError as err:
+        if not (hosts_store and "EADDRINUSE" in str(err)):
+            raise
+        from .errors import UserError
+
+        raise UserError(
+            f"MASTER_PORT={os.environ['MASTER_PORT']} is in use on this machine (another run or torchrun "
+            "listens there), and rank 0 hosts the rendezvous store on it: export a free MASTER_PORT on every rank"
+        ) from None
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") if agent_hosts_store else "0"
     return dist.PrefixStore(f"dist_train/attempt-{attempt}", store)
 

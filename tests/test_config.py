@@ -229,6 +229,25 @@ def test_one_rank_started_by_hand_without_master_addr_exits_2(tmp_path):
     assert lines[0].startswith("dist_train: error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT")
 
 
+def test_rank_zero_started_by_hand_on_a_port_in_use_is_one_line(monkeypatch):
+    """Rank 0 hosts the rendezvous store on MASTER_PORT; a port another process listens on failed it with
+    torch's DistNetworkError traceback (`rank 0 failed: ... EADDRINUSE`, status 1)."""
+    import socket
+
+    from dist_train.distributed import init_distributed
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+        with pytest.raises(UserError, match=f"MASTER_PORT={port} is in use on this machine .* a free MASTER_PORT"):
+            init_distributed("gloo", 5.0)
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
