@@ -171,6 +171,23 @@ def check_rank_environment(env: dict[str, str] | None = None) -> None:
             raise UserError(f"{name} must be a non-negative integer, got {env[name]!r}")
 
 
+def check_single_environment(env: dict[str, str] | None = None) -> None:
+    """A RANK without WORLD_SIZE, or a WORLD_SIZE above 1 without RANK, exported by hand: a UserError.
+
+    Without both there is no launcher, and the rank of a bigger job would train alone as a one-process
+    run, into the job's output folder, while its peers wait for it."""
+    from .errors import UserError
+
+    env = os.environ if env is None else env
+    for present, absent, alone in (("RANK", "WORLD_SIZE", "0"), ("WORLD_SIZE", "RANK", "1")):
+        if present in env and absent not in env and env[present] != alone:
+            raise UserError(
+                f"{present}={env[present]} is set but {absent} is not: export RANK, WORLD_SIZE, MASTER_ADDR and "
+                f"MASTER_PORT on every rank, or start the ranks with torchrun or launch/spawn.py (unset {present} "
+                "for a one-process run)"
+            )
+
+
 def pick_backend(requested: str) -> str:
     if requested == "nccl" and not torch.cuda.is_available():
         from .errors import UserError, on_every_rank
@@ -191,6 +208,7 @@ def init_distributed(
         _adopt_srun_environment()
     pick_backend(backend)  # nccl without CUDA: one line, before anything waits for a peer
     if launcher == "single":
+        check_single_environment()
         device = torch.device("cuda", 0) if torch.cuda.is_available() and backend != "gloo" else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)

@@ -229,6 +229,31 @@ def test_one_rank_started_by_hand_without_master_addr_exits_2(tmp_path):
     assert lines[0].startswith("dist_train: error: RANK and WORLD_SIZE are set but MASTER_ADDR and MASTER_PORT")
 
 
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "1"}, "RANK=1 is set but WORLD_SIZE is not: export RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT"),
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2 is set but RANK is not"),
+        ({"RANK": "0"}, None),  # one process either way
+        ({"WORLD_SIZE": "1"}, None),
+    ],
+)
+def test_half_a_rank_environment_set_by_hand_is_one_line(monkeypatch, env, expected):
+    """RANK=1 without WORLD_SIZE (or WORLD_SIZE=2 without RANK) trained alone as a one-process run, status 0,
+    writing checkpoints and model.safetensors into the job's output folder while its peers waited."""
+    from dist_train.distributed import init_distributed
+
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_ID", "DIST_TRAIN_LAUNCHER"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if expected is None:
+        assert init_distributed("gloo").world_size == 1
+    else:
+        with pytest.raises(UserError, match=expected):
+            init_distributed("gloo")
+
+
 def test_rank_zero_started_by_hand_on_a_port_in_use_is_one_line(monkeypatch):
     """Rank 0 hosts the rendezvous store on MASTER_PORT; a port another process listens on failed it with
     torch's DistNetworkError traceback (`rank 0 failed: ... EADDRINUSE`, status 1)."""
