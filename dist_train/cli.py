@@ -91,14 +91,17 @@ def run_train(argv: list[str]) -> int:
         return EXIT_PREEMPTED if result["status"] == "preempted" else 0
     except TrainingError as err:
         log.error("%s", err, exc_info=err.__cause__ is not None)
+        record_for_torchrun(str(err))
         return 1
     except JoinError as err:
         log.error("%s", err)
+        record_for_torchrun(str(err))
         return 1
     except (UserError, KeyboardInterrupt):
         raise
     except Exception as err:  # noqa: BLE001 - any other failure: name the rank, keep the traceback
         log.exception("rank %d failed: %s: %s", ctx.rank if ctx else rank, type(err).__name__, err)
+        record_for_torchrun(f"rank {ctx.rank if ctx else rank} failed: {type(err).__name__}: {err}")
         return 1
     finally:
         teardown(ctx)
@@ -125,6 +128,25 @@ def run_plot(argv: list[str]) -> int:
         raise UserError("plotting needs matplotlib: pip install 'dist-train[plot]'")
     print(out)
     return 0
+
+
+def record_for_torchrun(message: str) -> None:
+    """Under torchrun, write why this rank failed to its TORCHELASTIC_ERROR_FILE, in the format of torch's
+    own `@record`: the agent's failure summary shows the line (`traceback : dist_train: error: ...`; the
+    rank's log above it has the traceback) instead of `To enable traceback see: https://pytorch.org/...`,
+    and passes it on to the error file of whatever started torchrun."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    import json
+    import time
+
+    record = {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+    try:
+        with open(path, "w") as file:
+            json.dump({"message": record}, file)
+    except OSError:
+        pass  # the summary then reads as without it
 
 
 def exit_with(code: int) -> None:
@@ -171,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         if not err.same_on_every_rank or _local_rank() == 0:
             sys.stderr.write(f"dist_train: error: {err}\n")  # one write: ranks sharing a terminal cannot split it
+        record_for_torchrun(f"dist_train: error: {err}")  # every rank's: a quiet one's too
         return EXIT_USAGE
     except KeyboardInterrupt:
         logging.getLogger("dist_train").error("interrupted")

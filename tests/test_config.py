@@ -254,6 +254,25 @@ def test_half_a_rank_environment_set_by_hand_is_one_line(monkeypatch, env, expec
             init_distributed("gloo")
 
 
+def test_torchrun_failure_summary_shows_the_error_line(tmp_path, monkeypatch):
+    """torchrun's summary of a rank that exited 2 read `error_file: <N/A>` and `traceback : To enable traceback
+    see: https://pytorch.org/docs/stable/elastic/errors.html`; the rank now writes its line to the
+    TORCHELASTIC_ERROR_FILE its agent gave it, as torch's `@record` would, and the summary shows it."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+    from dist_train.cli import main
+
+    error_file = tmp_path / "attempt_0" / "1" / "error.json"
+    error_file.parent.mkdir(parents=True)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a quiet rank (local rank 0 prints the line) records it too
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    failure = ProcessFailure(local_rank=1, pid=123, exitcode=2, error_file=str(error_file))
+    summary = ChildFailedError("dist_train", {1: failure}).format_msg()
+    (line,) = [line for line in summary.splitlines() if "traceback :" in line]
+    assert line.startswith("  traceback : dist_train: error: ") and "missing.yaml" in line, summary
+
+
 def test_rank_zero_started_by_hand_on_a_port_in_use_is_one_line(monkeypatch):
     """Rank 0 hosts the rendezvous store on MASTER_PORT; a port another process listens on failed it with
     torch's DistNetworkError traceback (`rank 0 failed: ... EADDRINUSE`, status 1)."""

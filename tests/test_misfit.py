@@ -76,8 +76,9 @@ def test_a_batch_refused_on_one_rank_is_said_by_that_rank_and_the_peer_fails_on_
         config, tmp_path, nproc=2, launcher="torchrun", env={"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
     )
     assert proc.returncode != 0
-    misfits = [line for line in proc.stderr.splitlines() if "does not fit the data" in line]
+    misfits = [line for line in proc.stderr.splitlines() if line.startswith("dist_train: error:")]
     assert len(misfits) == 1 and "targets (8,) int64 in [7, 7], model outputs (8, 4)" in misfits[0], proc.stderr
+    assert f"  traceback : {misfits[0]}" in proc.stderr.splitlines()  # torchrun's summary, from the error file
     assert "rank 0 failed at step 1" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
 
