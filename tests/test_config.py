@@ -273,6 +273,19 @@ def test_torchrun_failure_summary_shows_the_error_line(tmp_path, monkeypatch):
     assert line.startswith("  traceback : dist_train: error: ") and "missing.yaml" in line, summary
 
 
+def test_a_rank_that_finds_no_rendezvous_store_fails_in_one_line(monkeypatch):
+    """Rank 1 started by hand while rank 0, which hosts the store, never started: after dist.timeout_s torch's
+    DistNetworkError ('The client socket has timed out ...') came with a 55-line C++ and Python traceback."""
+    from dist_train.distributed import JoinError, init_distributed
+
+    port = free_port()
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    with pytest.raises(JoinError, match=f"rank 1 of 2: could not join the rendezvous store at 127.0.0.1:{port} "):
+        init_distributed("gloo", 1.0)
+
+
 def test_rank_zero_started_by_hand_on_a_port_in_use_is_one_line(monkeypatch):
     """Rank 0 hosts the rendezvous store on MASTER_PORT; a port another process listens on failed it with
     torch's DistNetworkError traceback (`rank 0 failed: ... EADDRINUSE`, status 1)."""

@@ -419,3 +419,20 @@ def test_a_rank_whose_peers_never_join_fails_in_one_line_naming_the_timeout(tmp_
     (line,) = [line for line in proc.stderr.splitlines() if " ERROR " in line]
     assert f"rank {rank} of 2: not every rank joined the process group within dist.timeout_s=2 s" in line
     assert "failed before joining, or never started" in line
+
+
+def test_a_rank_whose_store_port_another_program_holds_stops_after_the_timeout(tmp_path):
+    """MASTER_PORT held by a program that accepts connections but never answers (rank 0 then stops: the
+    port is in use): torch's TCPStore client waited for its answer forever (>100 s at dist.timeout_s=20)."""
+    import socket
+
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "out", dist={"timeout_s": 1}))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()  # never accepts: the kernel completes the handshake, nobody answers
+        env = {"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(busy.getsockname()[1])}
+        started = time.monotonic()
+        proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(path)], env=env, timeout=90)
+    assert proc.returncode == 1 and time.monotonic() - started < 60, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1].startswith("dist_train: rank 1 of 2: the rendezvous store at 127.0.0.1:")
+    assert "did not answer within dist.timeout_s=1 s + 10 s" in proc.stderr
