@@ -18,6 +18,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -234,23 +235,22 @@ def init_distributed(
     if device.type == "cuda":
         init_kwargs["device_id"] = device  # eager NCCL init: bind this rank to its GPU up front
     try:
-        init_kwargs["store"] = _store_within_deadline(rank, world_size, timeout)
+        init_kwargs["store"] = _store_within_deadline(rank, world_size, timeout, timeout_key)
         dist.init_process_group(**init_kwargs)
-    # a rank (another node's, say) failed before joining, or rank 0, which hosts the store (direct srun,
-    # ranks started by hand), never came up: the others' connection to it times out. Said plainly
-    except (dist.DistStoreError, dist.DistNetworkError) as err:
+    except dist.DistNetworkError as err:  # a client that found no store there: its host (rank 0 of a direct
+        # srun or of ranks started by hand) never came up, or another program holds the port
+        address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise JoinError(
+            f"rank {rank} of {world_size}: could not join the rendezvous store at {address} (MASTER_ADDR:MASTER_PORT) "
+            f"within {timeout_key}={timeout_s:g} s ({str(err).strip().splitlines()[0]}): the rank that hosts it "
+            "(rank 0, unless a launcher does) failed before hosting it or never started, or another program holds "
+            "that port; look at the other ranks' and nodes' output"
+        ) from None
+    except dist.DistStoreError as err:  # a rank (another node's, say) failed before joining: said plainly
         raise JoinError(
             f"rank {rank} of {world_size}: not every rank joined the process group within {timeout_key}="
             f"{timeout_s:g} s ({str(err).strip().splitlines()[0]}): a rank on this or another node failed "
             "before joining, or never started; look at the other ranks' and nodes' output"
-        ) from None
-    except dist.DistNetworkError as err:  # a client that found no store there: its host is missing
-        raise JoinError(
-            f"rank {rank} of {world_size}: could not join the rendezvous store at {os.environ['MASTER_ADDR']}:"
-            f"{os.environ['MASTER_PORT']} (MASTER_ADDR:MASTER_PORT) within dist.timeout_s={timeout_s:g} s "
-            f"({str(err).strip().splitlines()[0]}): the rank that hosts it (rank 0, unless a launcher does) "
-            "failed before hosting it or never started, or another program holds that port; look at the "
-            "other ranks' and nodes' output"
         ) from None
     return DistContext(rank, local_rank, world_size, local_world_size, device, backend, launcher)
 
@@ -258,19 +258,18 @@ def init_distributed(
 STORE_GRACE_S = 10.0  # past dist.timeout_s, the store's own timeout: then the connection is stuck, not slow
 
 
-def _store_within_deadline(rank: int, world_size: int, timeout: datetime.timedelta) -> dist.Store:
-    """`rendezvous_store`, or exit 1 with one line once dist.timeout_s + STORE_GRACE_S have passed.
+def _store_within_deadline(rank: int, world_size: int, timeout: datetime.timedelta, timeout_key: str) -> dist.Store:
+    """`rendezvous_store`, or exit 1 with one line once the timeout (`timeout_key`) + STORE_GRACE_S have passed.
 
     A client whose MASTER_PORT another program holds (rank 0 then stops: the port is in use) connects to
     it, and torch's TCPStore client waits for its answer without a timeout: the rank hung for good
     (direct srun derives the port from the job id, so a port taken on the first node hung the job)."""
-    import threading
 
     def give_up() -> None:
         address = f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         sys.stderr.write(
             f"dist_train: rank {rank} of {world_size}: the rendezvous store at {address} (MASTER_ADDR:MASTER_PORT) "
-            f"did not answer within dist.timeout_s={timeout.total_seconds():g} s + {STORE_GRACE_S:g} s: another "
+            f"did not answer within {timeout_key}={timeout.total_seconds():g} s + {STORE_GRACE_S:g} s: another "
             "program may listen on that port; export a free MASTER_PORT on every rank\n"
         )
         sys.stderr.flush()

@@ -417,8 +417,12 @@ def test_a_rank_whose_peers_never_join_fails_in_one_line_naming_the_timeout(tmp_
     proc = run_cli([PYTHON, "-m", "dist_train", "--config", str(path)], env={**env, "MASTER_PORT": str(free_port())})
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     (line,) = [line for line in proc.stderr.splitlines() if " ERROR " in line]
-    assert f"rank {rank} of 2: not every rank joined the process group within dist.timeout_s=2 s" in line
-    assert "failed before joining, or never started" in line
+    if rank == 0:
+        assert "rank 0 of 2: not every rank joined the process group within dist.timeout_s=2 s" in line
+        assert "failed before joining, or never started" in line
+    else:
+        assert "rank 1 of 2: could not join the rendezvous store at 127.0.0.1:" in line
+        assert "within dist.timeout_s=2 s" in line and "never started" in line
 
 
 def test_a_rank_whose_store_port_another_program_holds_stops_after_the_timeout(tmp_path):
