@@ -487,6 +487,62 @@ def test_non_finite_numbers_empty_names_and_unusable_compile_modes_are_refused(t
     assert message in str(err.value)
 
 
+def _schema_keys() -> list[str]:
+    import dataclasses
+    from typing import get_type_hints
+
+    from dist_train.config import Config
+
+    sections = get_type_hints(Config)
+    return [
+        f"{section.name}.{field.name}"
+        for section in dataclasses.fields(Config)
+        for field in dataclasses.fields(sections[section.name])
+        if field.name != "kwargs"
+    ]
+
+
+HUGE = "1" + "0" * 400  # past the largest float (1.8e308)
+
+
+@pytest.mark.parametrize("text", [HUGE, f"-{HUGE}", "-.inf", "[1, {a: 2}]", "yes"])
+def test_every_key_takes_any_value_or_refuses_it_in_one_line(text):
+    """Every schema key, in the file and as an override: a config, or one UserError line (exit 2). An
+    integer literal past the largest float was an OverflowError traceback (status 1) in every int and
+    float key (`train.max_steps=1000...0`, 400 digits)."""
+    import copy
+
+    from dist_train.config import apply_overrides
+    from dist_train.config.loading import load_yaml
+
+    for key in _schema_keys():
+        section, name = key.split(".")
+        in_file = copy.deepcopy(BASE) | {section: {**BASE.get(section, {}), name: load_yaml(f"{name}: {text}")[name]}}
+        overridden = apply_overrides(copy.deepcopy(BASE), [f"{key}={text}"])
+        for raw in [in_file] + ([overridden] if overridden != in_file else []):  # text keys keep a number's spelling
+            try:
+                from_dict(raw)
+            except UserError as err:
+                assert "\n" not in str(err) and len(str(err)) < 600, (key, text, str(err)[:300])
+
+
+def test_integers_past_int64_are_one_line(tmp_path, capsys):
+    """`float(10**400)` overflowed in the type check (a traceback, status 1); an int key past int64 would
+    overflow torch's and the LR schedule's arithmetic later (warmup_steps=10**400: lr_at's float division)."""
+    from dist_train.cli import main
+
+    cfg = cfg_with(train={"max_steps": 2**63 - 1}, schedule={"warmup_steps": 2**63 - 1})
+    assert (cfg.train.max_steps, cfg.schedule.warmup_steps) == (2**63 - 1, 2**63 - 1)
+    for value in (2**63, -(2**63), 10**400, 1e30):
+        with pytest.raises(UserError, match=r"^`train.max_steps` must be an integer between -2\*\*63 and 2\*\*63"):
+            cfg_with(train={"max_steps": value})
+    config = str(write_config(tmp_path / "c.yaml", BASE))
+    assert main(["--config", config, f"schedule.warmup_steps={HUGE}"]) == 2
+    assert capsys.readouterr().err.startswith("dist_train: error: `schedule.warmup_steps` must be an integer between")
+    assert main(["--config", config, f"train.lr={HUGE}"]) == 2
+    assert capsys.readouterr().err == f"dist_train: error: `train.lr` must be a finite number, got {HUGE}\n"
+
+
 CLI_CASES = """
 import json, os, sys, tempfile
 from dist_train.cli import main

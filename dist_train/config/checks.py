@@ -11,6 +11,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 from ..errors import UserError
 from .schema import CUDA_GRAPH_MODES, MAX_SEED, MAX_TIMEOUT_S, REQUIRED_KEYS, Config
 
+MAX_INT = 2**63  # |int key| below it: torch and its C++ take steps, sizes and counts as int64
+
 
 def nearest(name: str, options: list[str], prefix: str = "") -> str:
     """' (did you mean `prefix + option`?)' for the option closest to `name`, else the valid options."""
@@ -43,6 +45,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     converted = _convert(value, tp)
     if converted is _INVALID:
         raise UserError(f"`{path}` must be {_wanted(tp)}, got {value!r}")
+    if isinstance(converted, int) and not isinstance(converted, bool) and not -MAX_INT < converted < MAX_INT:
+        raise UserError(f"`{path}` must be an integer between -2**63 and 2**63 (exclusive), got {value!r}")
     return converted
 
 
@@ -66,7 +70,9 @@ def _convert(value: Any, tp: Any) -> Any:
     if tp is bool:
         return value if isinstance(value, bool) else _INVALID
     if tp is int:
-        if number and float(value).is_integer():
+        if number and isinstance(value, int):  # as it is (coerce bounds it): float() overflows past 1.8e308
+            return value
+        if number and value.is_integer():
             return int(value)  # `train.max_steps=1e5`
         return _INVALID
     if tp is float:
@@ -75,7 +81,10 @@ def _convert(value: Any, tp: Any) -> Any:
                 value, number = float(value), True
             except ValueError:
                 return _INVALID
-        return float(value) if number and math.isfinite(value) else _INVALID
+        try:
+            return float(value) if number and math.isfinite(value) else _INVALID
+        except OverflowError:  # an integer past the largest float (1.8e308)
+            return _INVALID
     if tp is str:
         if number:
             return str(value)  # a path or name that YAML read as a number (`run.output_dir=2024`)
