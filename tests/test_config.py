@@ -543,6 +543,16 @@ def test_integers_past_int64_are_one_line(tmp_path, capsys):
     assert capsys.readouterr().err == f"dist_train: error: `train.lr` must be a finite number, got {HUGE}\n"
 
 
+@pytest.mark.parametrize("key", ["run.output_dir", "checkpoint.resume", "strategy.deepspeed_config", "model.name"])
+def test_a_nul_character_in_a_text_key_is_one_line(tmp_path, key):
+    """`run.output_dir="runs/a\\0b"` (a YAML escape) failed the run with `ValueError: embedded null byte`
+    and a traceback, status 1 (checkpoint.resume and a strategy.deepspeed_config path too)."""
+    path = write_config(tmp_path / "c.yaml", BASE)
+    with pytest.raises(UserError) as err:
+        load_config(path, [f'{key}="runs/a\\0b"'])
+    assert str(err.value) == f"`{key}` must not contain a NUL character (\\0), got 'runs/a\\x00b'"
+
+
 CLI_CASES = """
 import json, os, sys, tempfile
 from dist_train.cli import main

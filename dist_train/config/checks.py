@@ -45,6 +45,8 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     converted = _convert(value, tp)
     if converted is _INVALID:
         raise UserError(f"`{path}` must be {_wanted(tp)}, got {value!r}")
+    if isinstance(converted, str) and "\0" in converted:  # no path or name holds one (os calls raise ValueError)
+        raise UserError(f"`{path}` must not contain a NUL character (\\0), got {value!r}")
     if isinstance(converted, int) and not isinstance(converted, bool) and not -MAX_INT < converted < MAX_INT:
         raise UserError(f"`{path}` must be an integer between -2**63 and 2**63 (exclusive), got {value!r}")
     return converted
