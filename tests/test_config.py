@@ -60,6 +60,10 @@ def test_int_key_accepts_int_for_float():
             {"train": {"loss": "mse"}, "eval": {"early_stopping_patience": 2, "metric": "eval_accuracy"}},
             "eval.metric='eval_accuracy' is not a metric of train.loss=mse (it has eval_loss)",
         ),
+        (  # Path("") is the working folder: a run there was resumed from, silently
+            {"checkpoint": {"resume": ""}},
+            "`checkpoint.resume` must be auto, never, or the path of a checkpoint or run folder, got ''",
+        ),
         (
             {"eval": {"early_stopping_patience": 2}},
             "eval.early_stopping_patience counts the evaluations every eval.every_steps steps: set eval.every_steps",

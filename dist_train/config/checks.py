@@ -172,6 +172,11 @@ def validate(cfg: Config) -> None:
     _positive(cfg.checkpoint.keep_last, "checkpoint.keep_last")
     _positive(cfg.checkpoint.keep_every, "checkpoint.keep_every", allow_none=True)
     check_timeout(cfg.checkpoint.save_timeout_s, "checkpoint.save_timeout_s")
+    if not cfg.checkpoint.resume:  # Path("") is the working folder: a run there would be resumed from, silently
+        raise UserError(
+            "`checkpoint.resume` must be auto, never, or the path of a checkpoint or run folder, got '' "
+            "(leave it out for auto)"
+        )
     _positive(cfg.log.every_steps, "log.every_steps")
 
 
