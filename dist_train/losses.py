@@ -4,6 +4,7 @@ global count: the update then equals one big batch whatever the micro-batching a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
@@ -91,6 +92,13 @@ def _same_shape(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tupl
     return outputs.float(), targets.float()
 
 
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer past the largest float: float() of it fails too
+        return False
+
+
 def _check_ranges(name: str, kwargs: dict) -> None:
     """Loss arguments torch would refuse at the first batch (or take and train nonsense with)."""
 
@@ -112,8 +120,13 @@ def _check_ranges(name: str, kwargs: dict) -> None:
     for key, (low, high, closed, lists) in bounds.items():  # NaN fails every comparison: refused too
         if lists and kwargs.get(key) is None:  # alpha, pos_weight: null is their documented default (none)
             continue
-        if key in kwargs and not all((v >= low if closed else v > low) and v <= high for v in numbers(key, lists)):
-            span = f"[{low:g}, {high:g}]" if high < float("inf") else (">= 0" if closed else "> 0")
+        # finite: gamma=.inf zeroed every loss (nothing trained, status 0), pos_weight=.inf made them NaN
+        if key in kwargs and not all(
+            (v >= low if closed else v > low) and v <= high and _finite(v) for v in numbers(key, lists)
+        ):
+            span = (
+                f"[{low:g}, {high:g}]" if high < float("inf") else (">= 0 and finite" if closed else "> 0 and finite")
+            )
             raise UserError(f"train.loss_kwargs.{key} for {name} must be {span}, got {kwargs[key]!r}")
 
 

@@ -317,7 +317,13 @@ def test_compile_mode_reaches_the_model_and_the_loss_less_its_cuda_graphs(monkey
         ("smooth_l1", {"beta": None}, "beta must be a number, got None"),
         ("focal", {"gamma": [1.0, 2.0]}, "gamma must be a number, got [1.0, 2.0]"),
         ("focal", {"gamma": "abc"}, "gamma must be a number, got 'abc'"),
-        ("focal", {"gamma": float("nan")}, "gamma for focal must be >= 0, got nan"),
+        ("focal", {"gamma": float("nan")}, "gamma for focal must be >= 0 and finite, got nan"),
+        # gamma=.inf zeroed every loss: nothing trained, status 0; pos_weight=.inf made every loss NaN
+        ("focal", {"gamma": float("inf")}, "gamma for focal must be >= 0 and finite, got inf"),
+        ("bce_with_logits", {"pos_weight": [1.0, float("inf")]}, "pos_weight for bce_with_logits must be > 0 and f"),
+        ("smooth_l1", {"beta": float("inf")}, "beta for smooth_l1 must be >= 0 and finite, got inf"),
+        ("focal", {"alpha": float("inf")}, "alpha for focal must be >= 0 and finite, got inf"),
+        ("focal", {"gamma": 10**400}, "gamma for focal must be >= 0 and finite, got 1000"),  # float() overflows
     ],
 )
 def test_loss_arguments_out_of_range_are_refused_before_any_batch(name, kwargs, message):
