@@ -920,3 +920,32 @@ def test_a_0_dimensional_parameter_is_one_line_for_sharded_strategies(tmp_path, 
         line = proc.stderr.strip().splitlines()[-1]
         assert line.startswith(f"dist_train: error: strategy.name={strategy} cannot take 0-dimensional parameters")
         assert "(temperature)" in line and "strategy.name=ddp" in line, line
+
+
+def _ddp_steps_with_bucket_caps(rank, world, caps):
+    return [_ddp_step_with_bucket_cap(cap) for cap in caps]
+
+
+def _ddp_step_with_bucket_cap(cap):
+    from dist_train.config import apply_overrides
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+    from dist_train.trainer import train_step
+
+    cfg = from_dict(apply_overrides(tiny_lm_config("unused"), [f"strategy.bucket_cap_mb={cap}"]))
+    ctx = ctx_from_env()
+    torch.manual_seed(ctx.rank)  # the same model (DDP broadcasts rank 0's), each rank its own batch
+    strategy = build_strategy(cfg, ctx)
+    strategy.setup(build_model(cfg.model.name, cfg.model.kwargs))
+    batch = (torch.randint(64, (2, 16)), torch.randint(64, (2, 16)))
+    train_step(strategy, build_loss("cross_entropy"), [batch], cfg, ctx)
+    return [p.detach().clone() for p in strategy.module.parameters()]
+
+
+@pytest.mark.slow
+def test_a_bucket_cap_past_the_reducers_range_is_one_bucket():
+    """strategy.bucket_cap_mb=2**62 (any cap from 2**43 MiB) failed DDP's set-up at 2+ ranks with a TypeError
+    traceback, status 1 (the reducer's int64 byte count); it trains as a cap larger than the model does."""
+    huge, large = run_ranks(_ddp_steps_with_bucket_caps, 2, [2**62, 10**6])[0]
+    assert all(torch.equal(a, b) for a, b in zip(huge, large))

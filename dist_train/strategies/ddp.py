@@ -14,6 +14,10 @@ from ..errors import UserError
 from ..optim import build_optimizer
 from .base import Strategy
 
+# DDP's reducer takes the cap in bytes as a C++ int64: from 2**43 MiB on (8.8e12) its set-up failed with a
+# TypeError. Any cap past the model's size is one bucket, so a larger one is taken as this one.
+MAX_BUCKET_CAP_MB = 2**42
+
 
 def fp32(tensor: torch.Tensor) -> torch.Tensor:
     """A floating tensor in fp32, a complex one in complex64 (two fp32 parts); others keep their dtype."""
@@ -43,7 +47,7 @@ class DDPStrategy(Strategy):
             self.model = DistributedDataParallel(
                 self._module,
                 device_ids=[self.ctx.device.index] if cuda else None,
-                bucket_cap_mb=self.cfg.strategy.bucket_cap_mb,
+                bucket_cap_mb=min(self.cfg.strategy.bucket_cap_mb, MAX_BUCKET_CAP_MB),
                 find_unused_parameters=self.cfg.strategy.find_unused_parameters,
                 gradient_as_bucket_view=True,  # grads live in the buckets: no extra copy per step
             )
