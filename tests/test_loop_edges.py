@@ -569,3 +569,14 @@ def test_eval_items_of_several_shapes_are_one_line_before_training(tmp_path):
     assert not (tmp_path / "metrics.jsonl").exists() or not read_rows(tmp_path)
     raw["eval"]["micro_batch_size"] = 1  # one series per batch: nothing to stack
     assert train(from_dict(raw), SINGLE)["status"] == "finished"
+
+
+def test_a_prefetch_factor_past_an_epochs_batches_prefetches_the_epoch(tmp_path):
+    """loader.prefetch_factor=2**62 hung the first step (torch's loader loops prefetch_factor x workers
+    times as an epoch starts; 1e7 took 22 s): a factor past the epoch's batches is the epoch's."""
+    from dist_train.data import build_eval_data, build_train_data
+
+    cfg = from_dict(config(tmp_path, loader={"num_workers": 1, "prefetch_factor": 2**62}))
+    assert build_train_data(cfg, SINGLE).loader.prefetch_factor == 256 // 16
+    assert build_eval_data(cfg, SINGLE).loader.prefetch_factor == 64 // 16
+    assert train(cfg, SINGLE)["step"] == 12

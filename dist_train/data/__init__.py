@@ -78,9 +78,13 @@ def _loader(
 ) -> DataLoader:
     workers = cfg.loader.num_workers
     pin = cfg.loader.pin_memory if cfg.loader.pin_memory is not None else ctx.device.type == "cuda"
+    prefetch = None
     if workers > 0:  # seeded batches (training and evaluation)
         batching = {"batch_sampler": _SeededBatches(sampler, batch_size, seed, drop_last)}
         dataset = _SeededFetch(dataset)
+        # more than an epoch's batches ahead is the epoch: torch's loader loops prefetch_factor x workers
+        # times as it starts each epoch (loader.prefetch_factor=2**62 hung the first step)
+        prefetch = max(1, min(cfg.loader.prefetch_factor, len(batching["batch_sampler"])))
     else:
         batching = {"batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
     return DataLoader(
@@ -89,7 +93,7 @@ def _loader(
         num_workers=workers,
         pin_memory=pin,
         persistent_workers=cfg.loader.persistent_workers and workers > 0,
-        prefetch_factor=cfg.loader.prefetch_factor if workers > 0 else None,
+        prefetch_factor=prefetch,
         generator=torch.Generator().manual_seed(seed),  # worker seeds independent of the global RNG
         # forked from the rank whatever the default start method (Python 3.14's is forkserver): a
         # worker starts with the rank's blocked stop signals and the rank as its parent (_worker_init)
