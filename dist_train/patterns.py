@@ -31,7 +31,7 @@ def compile_pattern(pattern: str, where: str) -> Callable[[str], bool]:
     if pattern.startswith(REGEX_PREFIX):
         try:
             regex = re.compile(pattern[len(REGEX_PREFIX) :])
-        except re.error as err:
+        except (re.error, OverflowError, RecursionError) as err:  # `a{4294967296}`: "repetition number too large"
             raise UserError(f"`{where}`: bad regular expression {pattern!r}: {err}") from None
         return lambda name: regex.search(name) is not None
     return lambda name: fnmatch.fnmatchcase(name, pattern)

@@ -95,6 +95,8 @@ def test_a_batchnorm_fused_by_qat_is_matched_by_its_own_name():
         ([{"match": "head.*", "lr": 0.1}], r"unknown key `lr` in `optim.param_groups\[0\]`"),
         ([{"lr_scale": 0.1}], "needs `match`"),
         ([{"match": "re:(unclosed"}], "bad regular expression"),
+        # re raises OverflowError for it, which was a traceback with status 1
+        ([{"match": "re:a{4294967296}"}], "bad regular expression .*: the repetition number is too large"),
         ([{"match": "head.*", "lr_scale": -1}], "lr_scale"),
         (["head.*"], "must be a mapping"),
     ],

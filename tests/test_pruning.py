@@ -93,6 +93,7 @@ def test_fold_keeps_a_weight_orig_that_has_no_mask():
         # the default end, max_steps // 2 = 7, before the start: the masks went from 0 to the target at step 8
         ({"compress": {"prune_start_step": 8, "prune_end_step": None}}, "past the default prune_end_step.*\\(7\\)"),
         ({"compress": {"prune_exclude": ["re:("]}}, "bad regular expression"),
+        ({"compress": {"prune_exclude": ["re:x{4294967296}"]}}, "bad regular expression"),  # re's OverflowError
     ],
 )
 def test_unsupported_settings_are_start_up_errors(sections, message):
