@@ -168,6 +168,18 @@ def test_integers_are_yaml_1_2_decimal(tmp_path):
     assert (cfg.run.output_dir, cfg.run.seed, cfg.model.kwargs["depth"]) == ("12:30", 10, 10)
 
 
+@pytest.mark.parametrize("text", ["false\n", "[]\n", "0\n", "''\n", "- run: {output_dir: x}\n"])
+def test_a_config_file_that_is_no_mapping_says_so(tmp_path, text):
+    """A file holding `false`, `[]`, `0` or `''` was read as an empty config: '`run.output_dir` is required'."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(UserError, match="the config must be a mapping of sections"):
+        load_config(path)
+    path.write_text("# nothing but a comment\n")
+    with pytest.raises(UserError, match="`run.output_dir` is required"):
+        load_config(path)
+
+
 def test_reference_lists_every_key():
     table = config_reference()
     for key in ("run.output_dir", "train.grad_accum_steps", "strategy.zero_stage", "checkpoint.resume", "eval.at_end"):

@@ -213,10 +213,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     except UnicodeDecodeError:
         raise UserError(f"config file {path} is not UTF-8 text: pass a YAML file to --config") from None
     try:
-        raw = load_yaml(text) or {}
+        raw = load_yaml(text)
     except yaml.YAMLError as err:
         raise _yaml_error(err, str(path)) from None
-    if not isinstance(raw, dict):
+    if raw is None:  # an empty file (or only comments): every key at its default
+        raw = {}
+    if not isinstance(raw, dict):  # `false`, `[]`, `0` too: they are no empty config
         raise UserError(f"{path}: the config must be a mapping of sections (run:, model:, data:, train:, ...)")
     return from_dict(apply_overrides(raw, overrides or []))
 
