@@ -180,6 +180,22 @@ def test_a_config_file_that_is_no_mapping_says_so(tmp_path, text):
         load_config(path)
 
 
+def test_a_text_key_keeps_a_yes_or_no_spelling_on_the_command_line(tmp_path):
+    """`run.output_dir=no` was refused: '`run.output_dir` must be a string, got False' (PyYAML's 1.1 booleans),
+    where `run.output_dir=2024` keeps its spelling; in the file the line says to quote it."""
+    path = write_config(tmp_path / "c.yaml", BASE)
+    cfg = load_config(path, ["run.output_dir=no", "checkpoint.resume=off", "schedule.plateau_metric=yes"])
+    assert (cfg.run.output_dir, cfg.checkpoint.resume, cfg.schedule.plateau_metric) == ("no", "off", "yes")
+    assert load_config(path, ["train.compile=yes", "schedule.plateau_metric=null"]).train.compile is True
+    path.write_text("run: {output_dir: no}\nmodel: {name: mlp}\ndata: {name: synthetic_vectors}\n")
+    with pytest.raises(UserError) as err:
+        load_config(path)
+    assert str(err.value) == (
+        "`run.output_dir` must be a string, got False (YAML reads yes/no/on/off/true/false as a boolean: "
+        "quote the text, e.g. 'no')"
+    )
+
+
 def test_reference_lists_every_key():
     table = config_reference()
     for key in ("run.output_dir", "train.grad_accum_steps", "strategy.zero_stage", "checkpoint.resume", "eval.at_end"):

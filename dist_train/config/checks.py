@@ -44,7 +44,10 @@ def coerce(value: Any, tp: Any, path: str) -> Any:
     """Check `value` against the annotation `tp`; convert numeric spellings for numbers."""
     converted = _convert(value, tp)
     if converted is _INVALID:
-        raise UserError(f"`{path}` must be {_wanted(tp)}, got {value!r}")
+        quote = ""
+        if isinstance(value, bool) and _convert("text", tp) is not _INVALID:  # a text key: `output_dir: no`
+            quote = " (YAML reads yes/no/on/off/true/false as a boolean: quote the text, e.g. 'no')"
+        raise UserError(f"`{path}` must be {_wanted(tp)}, got {value!r}{quote}")
     if isinstance(converted, str) and "\0" in converted:  # no path or name holds one (os calls raise ValueError)
         raise UserError(f"`{path}` must not contain a NUL character (\\0), got {value!r}")
     if isinstance(converted, int) and not isinstance(converted, bool) and not -MAX_INT < converted < MAX_INT:

@@ -159,7 +159,7 @@ def _yaml_error(err: yaml.YAMLError, source: str) -> UserError:
 
 def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     """`a.b=value` strings to (path, value) pairs; values are YAML scalars (safe loader), except
-    that a text key (`run.output_dir=007`) keeps a number's spelling."""
+    that a text key (`run.output_dir=007`, `run.output_dir=no`) keeps a number's or a boolean's spelling."""
     parsed = []
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -170,7 +170,7 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
         except yaml.YAMLError as err:
             raise _yaml_error(err, f"override {item!r}") from None
         path = key.split(".")
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and _text_key(path):
+        if isinstance(value, (bool, int, float)) and _text_key(path):  # no text key takes a number or bool
             value = text.strip()
         parsed.append((path, value))
     return parsed
