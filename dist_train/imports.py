@@ -82,12 +82,25 @@ def call_factory(factory: Any, kwargs: dict, what: str, *args: Any) -> Any:
         except TypeError as err:
             params = [p for p in signature.parameters if p not in ("split",)]
             raise UserError(f"{what}: {err} (it takes: {', '.join(params) or 'no arguments'})") from None
+        kwargs = _integral_floats_as_ints(signature, kwargs)
     try:
         return factory(*args, **kwargs)
     except UserError:
         raise
     except Exception as err:
         raise UserError(f"{what}: the factory raised {raised(err)}") from None
+
+
+def _integral_floats_as_ints(signature: Any, kwargs: dict) -> dict:
+    """An argument the factory annotates `int` takes an integral float as that int, as an int key does
+    (`data.num_samples=1e5` is the float 100000.0 in YAML 1.2: torch refused it in the factory)."""
+    out = dict(kwargs)
+    for name, value in kwargs.items():
+        param = signature.parameters.get(name)
+        annotation = getattr(param, "annotation", None)
+        if annotation in (int, "int") and isinstance(value, float) and value.is_integer():
+            out[name] = int(value)
+    return out
 
 
 def raised(err: Exception) -> str:

@@ -390,6 +390,24 @@ def test_a_factory_package_in_the_working_folder_resolves_under_every_launcher(t
     assert sys.path[-1] == str(tmp_path)  # last: an installed module of the same name still wins
 
 
+def test_a_factory_argument_annotated_int_takes_an_integral_float():
+    """`data.num_samples=1e5` (YAML 1.2: the float 100000.0) failed in the factory: 'randn() received an
+    invalid combination of arguments - got (float, int, ...)', as `model.hidden_dim=1e3` did in nn.Linear."""
+    from dist_train.data import build_dataset
+    from dist_train.imports import call_factory
+    from dist_train.models import build_model
+
+    assert len(build_dataset("synthetic_vectors", "train", {"num_samples": 1e2})) == 100
+    assert build_model("mlp", {"hidden_dim": 16.0}).head.in_features == 16
+    with pytest.raises(UserError, match="the factory raised TypeError"):
+        build_model("mlp", {"hidden_dim": 2.5})  # not integral: the factory's to refuse
+
+    def untyped(width=1, ratio: float = 1.0):
+        return width, ratio
+
+    assert call_factory(untyped, {"width": 3.0, "ratio": 2.0}, "x") == (3.0, 2.0)  # no int annotation: as given
+
+
 def test_a_model_with_nothing_to_train_is_one_line():
     """All parameters frozen (or none): the optimizer raised 'empty parameter list' with a traceback."""
     from dist_train.models import build_model
