@@ -59,6 +59,15 @@ class TrainState:
             return False
         return self.evals_without_improvement >= patience
 
+    def early_stop_note(self, folder: str, eval_cfg) -> str:
+        """Why a run started from this early-stopped checkpoint trains nothing, and how to go on (said by
+        the run and by `dist-train check`, when the config asks for more steps)."""
+        return (
+            f"checkpoint {folder} stopped early at step {self.step} ({self.evals_without_improvement} evaluations "
+            f"without improvement of {eval_cfg.metric}): nothing to train; raise eval.early_stopping_patience above "
+            f"{self.evals_without_improvement}, or set it to null, to train on"
+        )
+
     def epoch_continues(self, global_batch: int, epoch_samples: int) -> bool:
         """Whether a run resumed from this state goes on in the current epoch (as the loop decides: an
         epoch with no room for another global batch is over, the next starts at 0)."""

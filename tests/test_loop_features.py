@@ -64,6 +64,21 @@ def test_an_early_stopped_run_started_again_stays_stopped(tmp_path):
     assert all(torch.equal(weights[k], v) for k, v in load_weights(tmp_path).items())
 
 
+def test_an_early_stopped_run_given_more_steps_says_why_it_trains_none(tmp_path, caplog):
+    """train.max_steps raised from 40 to 80 on a run early-stopped at step 8: the run trained nothing,
+    reported 'training ... 8 steps (from 8)' and no reason, and `check` warned of nothing. Both now name
+    the early stop and the patience to raise."""
+    sections = {"eval": {"every_steps": 2, "early_stopping_patience": 3, "min_delta": 100.0}}
+    sections["checkpoint"] = {"every_steps": None, "at_end": True}
+    assert train(raw(tmp_path, **sections), SINGLE) == {"status": "early_stopped", "step": 8}
+    longer = raw(tmp_path, train={"max_steps": 80}, **sections)
+    stopped = "stopped early at step 8 (3 evaluations without improvement of eval_loss): nothing"
+    assert any(stopped in w for w in check_warnings(tmp_path, longer))
+    caplog.set_level("WARNING", logger="dist_train")
+    assert train(longer, SINGLE) == {"status": "early_stopped", "step": 8}
+    assert any(stopped in r.getMessage() and "eval.early_stopping_patience" in r.getMessage() for r in caplog.records)
+
+
 def test_an_early_stop_binds_only_a_config_that_stops_there(tmp_path):
     """A run started from an early-stopped checkpoint with early stopping off (in its own folder, or
     fine-tuning it in another) or with a patience left to use trains on: it trained nothing and

@@ -133,7 +133,9 @@ def _checkpoint_pitfalls(
                 f"from where it left the data ends the run at step {resumed_total}, not {total_steps} as from scratch"
             )
         total_steps = resumed_total
-    if manifest.get("step", 0) >= total_steps:
+    if state and state.still_early_stopped(cfg.eval) and state.step < total_steps:  # the run stays stopped
+        warnings.append(state.early_stop_note(str(folder), cfg.eval))
+    elif manifest.get("step", 0) >= total_steps:
         warnings.append(f"{folder} is at step {manifest.get('step')} >= {total_steps}: the run has nothing left to do")
     return warnings
 
