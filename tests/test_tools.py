@@ -428,6 +428,20 @@ def test_check_names_the_checkpoints_a_run_sets_aside(tmp_path, capsys):
     assert not [w for w in check_json(capsys, path, "--world-size", "1")["warnings"] if "set aside" in w]
 
 
+def test_check_warns_that_a_checkpoint_of_another_optimizer_stops_the_run(tmp_path, capsys):
+    """An SGD checkpoint resumed by an AdamW config: the run stops with status 2 naming optim.name, while
+    check said only 'config hash differs', as of a config the run resumes and trains on."""
+    path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run"))
+    _fake_checkpoint(tmp_path / "run", 4, world_size=1, strategy="ddp", config_hash="0123456789abcdef")
+    manifest_path = tmp_path / "run" / "checkpoints" / "step-00000004" / ckpt.MANIFEST
+    manifest_path.write_text(json.dumps(json.loads(manifest_path.read_text()) | {"optimizer": "sgd"}))
+    warnings = check_json(capsys, path)["warnings"]
+    assert any(
+        "written with optim.name=sgd; this config uses adamw, so it will stop with an error" in w for w in warnings
+    )
+    assert not [w for w in check_json(capsys, path, "optim.name=sgd")["warnings"] if "optim.name" in w]
+
+
 def test_check_says_where_train_epochs_ends_a_run_resumed_at_another_global_batch(tmp_path, capsys):
     """40 samples, 5 steps at global batch 4 (20 samples into epoch 0), resumed at global batch 8 with
     train.epochs=2: the run trains to step 5 + 2 + 5 = 12; check's step count (10, from scratch) said

@@ -98,6 +98,12 @@ def _checkpoint_pitfalls(
             f"the run will resume {folder}, written with ZeRO stage {manifest.get('zero_stage')}; this config uses "
             f"stage {cfg.strategy.zero_stage}"
         )
+    if manifest.get("optimizer", cfg.optim.name) != cfg.optim.name:  # as the run: another optimizer's state
+        warnings.append(
+            f"the run will resume {folder}, written with optim.name={manifest.get('optimizer')}; this config uses "
+            f"{cfg.optim.name}, so it will stop with an error (use optim.name={manifest.get('optimizer')}, or "
+            "checkpoint.resume=never in a new run.output_dir)"
+        )
     try:
         state = TrainState(**manifest["trainer"])
     except (KeyError, TypeError):
