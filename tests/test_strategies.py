@@ -481,6 +481,23 @@ def test_fsdp_resumes_across_a_precision_change_like_ddp(tmp_path):
     assert [r for r in read_rows(tmp_path / "c") if "loss" in r][-1]["step"] == 6
 
 
+def test_deepspeed_resumed_with_another_grad_clip_norm_clips_at_it_like_ddp(tmp_path):
+    """ZeRO-1/2 restore the checkpoint's `gradient_clipping` into their optimizer: resumed with
+    train.grad_clip_norm 0.5 -> 0.1, ZeRO-1 went on clipping at 0.5 (weights 1.5e-3 from DDP's after 2
+    more steps, 3e-7 with the same clipping). The config's value holds, as for DDP."""
+    from dist_train.distributed import DistContext
+    from dist_train.trainer import train
+
+    single = DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
+    for keys in ({"max_steps": 2}, {"max_steps": 4, "grad_clip_norm": 0.1}):  # tiny_lm_config clips at 0.5
+        ddp = tiny_lm_config(tmp_path / "ddp", train=keys, checkpoint={"every_steps": 2})
+        assert train(from_dict(ddp), single)["step"] == keys["max_steps"]  # in this process: no deepspeed import
+        zero = tiny_lm_config(tmp_path / "zero1", train=keys, checkpoint={"every_steps": 2})
+        proc = launch(zero, tmp_path, VARIANTS["zero1"], launcher="single")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "zero1")) <= 1e-5
+
+
 def test_deepspeed_offload_trains_like_ddp(tmp_path):
     """strategy.offload_optimizer stopped every run in deepspeed.initialize with a ZeRORuntimeException
     traceback (ZeRO-Offload demands DeepSpeed's CPU Adam unless zero_force_ds_cpu_optimizer is false):

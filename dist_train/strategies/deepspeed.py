@@ -340,6 +340,10 @@ class DeepSpeedStrategy(Strategy):
             raise UserError(f"checkpoint {folder}: DeepSpeed could not load its state")
         self._skipped = self.engine.skipped_steps
         self._scaler_at_min_skips()  # ZeRO restores its loss scaler object from the checkpoint
+        # ZeRO-1/2 (and fp16 at stage 0) restore the checkpoint's `gradient_clipping` too: a resume with
+        # another train.grad_clip_norm (or null) clipped at the old one. The config's value holds, as for DDP.
+        if hasattr(self.engine.optimizer, "clip_grad"):
+            self.engine.optimizer.clip_grad = self.engine.gradient_clipping()
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """fp32 master weights (gathered across ZeRO partitions) with the bare model's names."""
