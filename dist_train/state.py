@@ -109,6 +109,25 @@ def training_config(cfg: Config) -> dict:
     return {k: full[k] for k in sections} | {"train": train, "seed": cfg.run.seed, "shuffle": cfg.loader.shuffle}
 
 
+def compress_layout(cfg: Config) -> dict:
+    """The compress keys that shape the model's state_dict (in the manifest): pruning's weight_orig and
+    weight_mask, QAT's fake-quant modules."""
+    return {"prune": cfg.compress.prune, "qat": cfg.compress.qat}
+
+
+def compress_mismatch(manifest: dict, cfg: Config) -> str | None:
+    """'compress.K=<the checkpoint's>, this run uses compress.K=<this config's>' when K changed the
+    model's layout since the checkpoint (None when not, or for a manifest without the field)."""
+    written = manifest.get("compress")
+    if not isinstance(written, dict):
+        return None
+    if "prune" in written and (written["prune"] != "none") != (cfg.compress.prune != "none"):
+        return f"compress.prune={written['prune']}, this run uses compress.prune={cfg.compress.prune}"
+    if "qat" in written and bool(written["qat"]) != cfg.compress.qat:
+        return f"compress.qat={written['qat']}, this run uses compress.qat={cfg.compress.qat}"
+    return None
+
+
 def save(
     cfg: Config,
     ctx: DistContext,
@@ -140,6 +159,7 @@ def save(
             "strategy": cfg.strategy.name,
             "zero_stage": cfg.strategy.zero_stage if cfg.strategy.name == "deepspeed" else None,
             "optimizer": cfg.optim.name,
+            "compress": compress_layout(cfg),
             "config_hash": ckpt.config_hash(training_config(cfg)),
             "trainer": dataclasses.asdict(state),
         }
@@ -226,6 +246,14 @@ def restore(
                 f"checkpoint {folder} was written with optim.name={manifest['optimizer']}, this run uses "
                 f"{cfg.optim.name}: resume with optim.name={manifest['optimizer']}, or start this one in a new "
                 "run.output_dir with checkpoint.resume=never"
+            )
+        )
+    if changed := compress_mismatch(manifest, cfg):  # else: "does not fit this model" (Missing key(s) ...)
+        raise on_every_rank(
+            UserError(
+                f"checkpoint {folder} was written with {changed}: pruning reparametrises the weights (weight_orig, "
+                "weight_mask) and QAT inserts fake-quant modules, so its state does not fit; resume with the setting "
+                "it was written with, or start this one in a new run.output_dir with checkpoint.resume=never"
             )
         )
     configured = [{k: v for k, v in group.items() if k != "params"} for group in strategy.optimizer.param_groups]

@@ -1,6 +1,8 @@
 """Checkpoints in one process (fast): atomic save under injected crashes, corrupt-file fallbacks,
 retention, the non-finite guard. Multi-rank resume/signal/elastic tests are in test_resume.py."""
 
+import contextlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -10,6 +12,7 @@ import torch
 from helpers import PYTHON, as_plain_user, load_weights, max_abs_diff, read_rows, run_cli, write_config
 
 import dist_train.checkpoint as ckpt
+from dist_train.cli import main
 from dist_train.config import from_dict
 from dist_train.distributed import DistContext
 from dist_train.errors import UserError
@@ -259,6 +262,34 @@ def test_a_checkpoint_of_another_optimizer_names_optim_name(tmp_path):
     assert run(tmp_path / "adamw", train={"max_steps": 2})["status"] == "finished"
     with pytest.raises(UserError, match=r"written with optim\.name=adamw, this run uses sgd"):
         run(tmp_path / "adamw", optim={"name": "sgd", "momentum": 0.9}, train={"max_steps": 4})
+
+
+def test_a_checkpoint_of_another_compress_layout_names_the_compress_key(tmp_path):
+    """Pruning reparametrises weights (weight_orig, weight_mask) and QAT inserts fake-quant modules: a
+    float checkpoint resumed with compress.prune or compress.qat switched on (or a pruned one with it off)
+    was refused as 'does not fit this model or optimizer (Missing key(s) ...): resume with the model,
+    optim.name and optim.param_groups it was written with', naming none of the keys that changed."""
+    plain = {"every_steps": None}
+    assert run(tmp_path / "plain", train={"max_steps": 2}, eval=plain)["status"] == "finished"
+    config = write_config(tmp_path / "qat.yaml", mlp_raw(tmp_path / "plain", compress={"qat": True}))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["check", str(config), "--json"]) == 0
+    (warning,) = [w for w in json.loads(out.getvalue())["warnings"] if "compress" in w]
+    assert "written with compress.qat=False, this run uses compress.qat=True, so it will stop with an error" in warning
+    for compress, said in (
+        ({"prune": "unstructured", "prune_end_step": 3}, "compress.prune"),
+        ({"qat": True}, "compress.qat"),
+    ):
+        with pytest.raises(
+            UserError, match=rf"written with {said}=(none|False), this run uses {said}=(unstructured|True)"
+        ):
+            run(tmp_path / "plain", train={"max_steps": 4}, eval=plain, compress=compress)
+    pruned = {"prune": "unstructured", "prune_end_step": 1}
+    assert run(tmp_path / "pruned", train={"max_steps": 2}, eval=plain, compress=pruned)["status"] == "finished"
+    with pytest.raises(UserError, match=r"written with compress.prune=unstructured, this run uses compress.prune=none"):
+        run(tmp_path / "pruned", train={"max_steps": 4}, eval=plain)
+    structured = {**pruned, "prune": "structured"}  # the same layout: it resumes
+    assert run(tmp_path / "pruned", train={"max_steps": 4}, eval=plain, compress=structured)["step"] == 4
 
 
 def test_checkpoint_for_another_model_shape_is_a_clear_error(tmp_path, reference):

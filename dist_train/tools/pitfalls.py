@@ -12,7 +12,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..config import Config
 from ..errors import UserError
-from ..state import TrainState, training_config
+from ..state import TrainState, compress_mismatch, training_config
 from .memory import optimizer_states_per_param
 from .report import human_bytes
 
@@ -103,6 +103,12 @@ def _checkpoint_pitfalls(
             f"the run will resume {folder}, written with optim.name={manifest.get('optimizer')}; this config uses "
             f"{cfg.optim.name}, so it will stop with an error (use optim.name={manifest.get('optimizer')}, or "
             "checkpoint.resume=never in a new run.output_dir)"
+        )
+    if changed := compress_mismatch(manifest, cfg):
+        warnings.append(
+            f"the run will resume {folder}, written with {changed}, so it will stop with an error (the model's "
+            "state layout differs; resume with the setting it was written with, or checkpoint.resume=never in a new "
+            "run.output_dir)"
         )
     try:
         state = TrainState(**manifest["trainer"])
