@@ -11,6 +11,7 @@ resumed run continues the same decisions.
 from __future__ import annotations
 
 import bisect
+import copy
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -37,6 +38,27 @@ def lr_at(cfg: Config, step: int, scale: float = 1.0) -> float:
     if s.name == "linear":
         return peak - (peak - floor) * progress
     return floor + (peak - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))  # cosine
+
+
+def max_steps_change(cfg: Config, written_max_steps, step: int) -> str | None:
+    """What a changed `train.max_steps` does to a `linear`/`cosine` schedule resumed at optimizer step
+    `step` (0-based) from a checkpoint written under `written_max_steps`: the decay is stretched or
+    squeezed to the new end, so the LR moves at once (silently: max_steps is not in the config hash).
+    None when the LR of that step is unchanged (another schedule, warm-up, the same max_steps)."""
+    if not isinstance(written_max_steps, int) or written_max_steps == cfg.train.max_steps:
+        return None
+    if cfg.schedule.name not in ("linear", "cosine"):
+        return None
+    before = copy.deepcopy(cfg)
+    before.train.max_steps = written_max_steps
+    old, new = lr_at(before, step), lr_at(cfg, step)
+    if math.isclose(old, new, rel_tol=1e-9, abs_tol=0.0):
+        return None
+    return (
+        f"train.max_steps changed from {written_max_steps} to {cfg.train.max_steps}: the {cfg.schedule.name} "
+        f"schedule now decays to step {cfg.train.max_steps}, so step {step + 1} trains at LR {new:.3g}, where the "
+        f"run that wrote the checkpoint went on at {old:.3g}"
+    )
 
 
 @dataclass

@@ -19,6 +19,7 @@ from .control import Control
 from .distributed import DistContext
 from .errors import UserError, on_every_rank
 from .safetensors_io import save_file
+from .schedules import max_steps_change
 from .strategies import Strategy
 
 log = logging.getLogger("dist_train")
@@ -160,6 +161,7 @@ def save(
             "zero_stage": cfg.strategy.zero_stage if cfg.strategy.name == "deepspeed" else None,
             "optimizer": cfg.optim.name,
             "compress": compress_layout(cfg),
+            "max_steps": cfg.train.max_steps,  # linear/cosine decay to it: a resume with another one is said
             "config_hash": ckpt.config_hash(training_config(cfg)),
             "trainer": dataclasses.asdict(state),
         }
@@ -276,6 +278,8 @@ def restore(
         ) from None
     if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)) and ctx.is_rank_zero:
         log.warning("the training config differs from the one checkpoint %s was written with", folder.name)
+    if ctx.is_rank_zero and (moved := max_steps_change(cfg, manifest.get("max_steps"), manifest["step"])):
+        log.warning("resuming checkpoint %s: %s", folder.name, moved)
     window_loss_sum = torch.zeros((), dtype=torch.float64)
     rank_path = folder / ckpt.rng_file(ctx.rank)
     if rank_path.exists() and manifest["world_size"] == ctx.world_size:

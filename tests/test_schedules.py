@@ -9,7 +9,7 @@ import dist_train.state as run_state
 from dist_train.config import from_dict
 from dist_train.distributed import DistContext
 from dist_train.errors import UserError
-from dist_train.schedules import LRSchedule, lr_at
+from dist_train.schedules import LRSchedule, lr_at, max_steps_change
 from dist_train.trainer import train
 
 SINGLE = DistContext(0, 0, 1, 1, torch.device("cpu"), None, "single")
@@ -255,3 +255,40 @@ def test_plateau_changes_the_lr_at_the_same_step_on_every_rank(tmp_path):
     assert two[0] == two[1]  # every rank applied the same LR at every step
     assert two[0] == pytest.approx(one, rel=1e-12)  # and the decisions match one rank's exact evaluation
     assert len(set(two[0][3:])) >= 3, two[0]  # at least two reductions happened, driven by the metric
+
+
+def test_a_resume_with_another_max_steps_says_how_a_decaying_lr_moves(tmp_path, caplog):
+    """A cosine run finished at step 5 (LR 0 there), resumed with train.max_steps=10: step 6 trained at
+    LR 1.24e-4, the schedule stretched to the new end, without a word (max_steps is not in the config
+    hash). The run and `check` now say it; a constant schedule, or the same max_steps, says nothing."""
+    import contextlib
+    import io
+    import json
+
+    from dist_train.cli import main
+    from dist_train.config import dump_yaml
+
+    def raw(max_steps, name="cosine"):
+        return {
+            "run": {"output_dir": str(tmp_path / "run"), "seed": 4},
+            "model": {"name": "mlp", "hidden_dim": 16},
+            "data": {"name": "synthetic_vectors", "num_samples": 64},
+            "train": {"max_steps": max_steps, "micro_batch_size": 8, "lr": 1e-3},
+            "schedule": {"name": name},
+            "log": {"every_steps": 1, "plot": False},
+        }
+
+    assert train(from_dict(raw(5)), SINGLE)["step"] == 5
+    said = "train.max_steps changed from 5 to 10: the cosine schedule now decays to step 10, so step 6 trains at LR "
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(from_dict(raw(10))))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["check", str(path), "--json"]) == 0
+    assert [w for w in json.loads(out.getvalue())["warnings"] if said in w]
+    caplog.set_level("WARNING", logger="dist_train")
+    assert train(from_dict(raw(10)), SINGLE)["step"] == 10
+    (warning,) = [r.getMessage() for r in caplog.records if said in r.getMessage()]
+    lr = [r["lr"] for r in read_rows(tmp_path / "run") if r.get("step") == 6 and "lr" in r][0]
+    assert warning.endswith(f"{lr:.3g}, where the run that wrote the checkpoint went on at 0")
+    assert max_steps_change(from_dict(raw(10, "constant")), 5, 5) is None
+    assert max_steps_change(from_dict(raw(10)), 10, 5) is None

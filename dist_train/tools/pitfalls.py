@@ -12,6 +12,7 @@ import torch.nn as nn
 from .. import checkpoint as ckpt
 from ..config import Config
 from ..errors import UserError
+from ..schedules import max_steps_change
 from ..state import TrainState, compress_mismatch, training_config
 from .memory import optimizer_states_per_param
 from .report import human_bytes
@@ -104,6 +105,8 @@ def _checkpoint_pitfalls(
             f"{cfg.optim.name}, so it will stop with an error (use optim.name={manifest.get('optimizer')}, or "
             "checkpoint.resume=never in a new run.output_dir)"
         )
+    if moved := max_steps_change(cfg, manifest.get("max_steps"), manifest.get("step", 0)):
+        warnings.append(f"the run will resume {folder}, and {moved}")
     if changed := compress_mismatch(manifest, cfg):
         warnings.append(
             f"the run will resume {folder}, written with {changed}, so it will stop with an error (the model's "
