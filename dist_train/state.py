@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -110,6 +111,39 @@ def training_config(cfg: Config) -> dict:
     return {k: full[k] for k in sections} | {"train": train, "seed": cfg.run.seed, "shuffle": cfg.loader.shuffle}
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recorded_training_config(cfg: Config) -> dict:
+    """`training_config` as the manifest records it (JSON), under the config's own dotted key names."""
+    tree = json.loads(json.dumps(training_config(cfg), default=str))
+    tree["run"], tree["loader"] = {"seed": tree.pop("seed")}, {"shuffle": tree.pop("shuffle")}
+    return tree
+
+
+def config_changes(manifest: dict, cfg: Config, limit: int = 4) -> str:
+    """The training keys this config changed since the checkpoint ('train.lr: 0.001 -> 0.0003; ...'),
+    '' for a manifest that does not record them (older versions)."""
+    written = manifest.get("training_config")
+    if not isinstance(written, dict):
+        return ""
+    before, now = _flat(written), _flat(recorded_training_config(cfg))
+    keys = [key for key in sorted(before.keys() | now.keys()) if before.get(key, ()) != now.get(key, ())]
+
+    def value(tree: dict, key: str) -> str:
+        return str(tree[key]) if key in tree else "unset"  # a factory argument left to its default
+
+    shown = "; ".join(f"{key}: {value(before, key)} -> {value(now, key)}" for key in keys[:limit])
+    return shown + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
 def compress_layout(cfg: Config) -> dict:
     """The compress keys that shape the model's state_dict (in the manifest): pruning's weight_orig and
     weight_mask, QAT's fake-quant modules."""
@@ -163,6 +197,7 @@ def save(
             "compress": compress_layout(cfg),
             "max_steps": cfg.train.max_steps,  # linear/cosine decay to it: a resume with another one is said
             "config_hash": ckpt.config_hash(training_config(cfg)),
+            "training_config": recorded_training_config(cfg),  # a resume with other values names them
             "trainer": dataclasses.asdict(state),
         }
         final = ckpt.commit_save(
@@ -277,7 +312,12 @@ def restore(
             )
         ) from None
     if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)) and ctx.is_rank_zero:
-        log.warning("the training config differs from the one checkpoint %s was written with", folder.name)
+        changed = config_changes(manifest, cfg)
+        log.warning(
+            "the training config differs from the one checkpoint %s was written with%s",
+            folder.name,
+            f" ({changed})" if changed else "",
+        )
     if ctx.is_rank_zero and (moved := max_steps_change(cfg, manifest.get("max_steps"), manifest["step"])):
         log.warning("resuming checkpoint %s: %s", folder.name, moved)
     window_loss_sum = torch.zeros((), dtype=torch.float64)

@@ -274,7 +274,7 @@ def test_a_checkpoint_of_another_compress_layout_names_the_compress_key(tmp_path
     config = write_config(tmp_path / "qat.yaml", mlp_raw(tmp_path / "plain", compress={"qat": True}))
     with contextlib.redirect_stdout(io.StringIO()) as out:
         assert main(["check", str(config), "--json"]) == 0
-    (warning,) = [w for w in json.loads(out.getvalue())["warnings"] if "compress" in w]
+    (warning,) = [w for w in json.loads(out.getvalue())["warnings"] if "compress.qat=" in w]
     assert "written with compress.qat=False, this run uses compress.qat=True, so it will stop with an error" in warning
     for compress, said in (
         ({"prune": "unstructured", "prune_end_step": 3}, "compress.prune"),
@@ -290,6 +290,22 @@ def test_a_checkpoint_of_another_compress_layout_names_the_compress_key(tmp_path
         run(tmp_path / "pruned", train={"max_steps": 4}, eval=plain)
     structured = {**pruned, "prune": "structured"}  # the same layout: it resumes
     assert run(tmp_path / "pruned", train={"max_steps": 4}, eval=plain, compress=structured)["step"] == 4
+
+
+def test_a_resume_with_other_training_keys_names_them(tmp_path, caplog):
+    """The warning said only 'the training config differs from the one checkpoint step-00000002 was
+    written with' (and check 'config hash differs'), whichever keys changed: an edited LR and a data
+    seed changed by mistake read alike. Both now name the keys with their old and new values."""
+    assert run(tmp_path, train={"max_steps": 2})["status"] == "finished"
+    changed = {"train": {"max_steps": 4, "lr": 1e-4}, "data": {"seed": 7}, "run": {"seed": 6}}
+    said = "(data.seed: unset -> 7; run.seed: 5 -> 6; train.lr: 0.0003 -> 0.0001)"
+    config = write_config(tmp_path / "c.yaml", mlp_raw(tmp_path, **changed))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert main(["check", str(config), "--json"]) == 0
+    assert [w for w in json.loads(out.getvalue())["warnings"] if said[1:-1] in w]
+    caplog.set_level("WARNING", logger="dist_train")
+    assert run(tmp_path, **changed)["step"] == 4
+    assert [r for r in caplog.records if r.getMessage().endswith(f"step-00000002 was written with {said}")]
 
 
 def test_checkpoint_for_another_model_shape_is_a_clear_error(tmp_path, reference):

@@ -13,7 +13,7 @@ from .. import checkpoint as ckpt
 from ..config import Config
 from ..errors import UserError
 from ..schedules import max_steps_change
-from ..state import TrainState, compress_mismatch, training_config
+from ..state import TrainState, compress_mismatch, config_changes, training_config
 from .memory import optimizer_states_per_param
 from .report import human_bytes
 
@@ -138,7 +138,8 @@ def _checkpoint_pitfalls(
     if manifest.get("config_hash") != ckpt.config_hash(training_config(cfg)):
         warnings.append(
             f"the run will resume {folder}, written for another model/data/data order/optimizer/schedule/batch config "
-            "(config hash differs); use a new run.output_dir or checkpoint.resume=never to start fresh"
+            f"(config hash differs{': ' + changed if (changed := config_changes(manifest, cfg)) else ''}); use a new "
+            "run.output_dir or checkpoint.resume=never to start fresh"
         )
     if cfg.train.epochs and state:  # counted on from where the checkpoint left the data, as the run counts them
         resumed_total = min(cfg.train.max_steps, state.end_of_epochs(cfg.train.epochs, epoch_samples, global_batch))
