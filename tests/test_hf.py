@@ -170,12 +170,14 @@ def test_seq_cls_from_a_folder_keeps_its_pad_token_id_or_says_why_not(tmp_path):
 
 
 @needs_hf
-@pytest.mark.parametrize("num_labels", [0, -1, 2.0])
+@pytest.mark.parametrize("num_labels", [0, -1, 2.5])
 def test_seq_cls_num_labels_below_one_is_a_config_error(num_labels):
     """num_labels 0 or -1 built a classifier of no outputs, and the run's first step failed in the loss
-    ('cannot reshape tensor of 0 elements into shape [-1, 0]') with a traceback, status 1."""
+    ('cannot reshape tensor of 0 elements into shape [-1, 0]') with a traceback, status 1. An integral
+    float (2.0, as YAML reads 2e0) is that whole number, as for every factory argument annotated int."""
     with pytest.raises(UserError, match=rf"model.num_labels must be a whole number >= 1 .*got {num_labels}"):
         build_model("hf_seq_cls", {"config": GPT2, "num_labels": num_labels})
+    assert sum(p.numel() for p in build_model("hf_seq_cls", {"config": GPT2, "num_labels": 2.0}).parameters()) > 0
 
 
 @needs_hf
