@@ -585,9 +585,13 @@ def test_fsdp_compiles_a_model_whose_blocks_differ_in_shape(tmp_path):
         "checkpoint": {"every_steps": None},
         "log": {"every_steps": 1, "plot": False},
     }
+    # torch 2.13's channels-last convolution backward in Inductor aborts (double free) at one thread on
+    # some AVX2 CPUs (README, "A torch bug"): off here, the shapes this test is about stay the same
+    env = {"TORCHINDUCTOR_LAYOUT_OPTIMIZATION": "0"}
     for name, compiled in (("eager", "false"), ("compiled", "true")):
         config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
-        proc = launch(config, tmp_path, ["strategy.name=fsdp", f"train.compile={compiled}"], launcher="single")
+        overrides = ["strategy.name=fsdp", f"train.compile={compiled}"]
+        proc = launch(config, tmp_path, overrides, launcher="single", env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert max_abs_diff(load_weights(tmp_path / "eager"), load_weights(tmp_path / "compiled")) <= 1e-5
 
