@@ -239,6 +239,12 @@ def apply_retention(root: Path, keep_last: int, keep_every: int | None) -> None:
         shutil.rmtree(root / name, ignore_errors=True)
 
 
+def _own_step(root: Path, resumed: Path | None) -> bool:
+    """Whether `resumed` is one of `root`'s `step-N` folders: a folder set aside there and resumed by path
+    (`.abandoned-step-N-PID`) is another trajectory, as another run's checkpoint is."""
+    return resumed is not None and bool(STEP_DIR.match(resumed.name)) and resumed.parent.resolve() == root.resolve()
+
+
 def other_trajectories(root: Path, resumed: Path | None) -> list[Path]:
     """The entries by a step name under `root` that a run starting from `resumed` does not continue: all of
     them for a run that starts afresh or from another folder's checkpoint (checkpoint.resume=never,
@@ -246,8 +252,7 @@ def other_trajectories(root: Path, resumed: Path | None) -> list[Path]:
     its own (a rewind by path, a fallback past a damaged newest one)."""
     if not root.is_dir():
         return []
-    own = resumed is not None and resumed.parent.resolve() == root.resolve()
-    through = folder_step(resumed) if own else -1
+    through = folder_step(resumed) if _own_step(root, resumed) else -1
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and folder_step(p) > through)
 
 
@@ -269,7 +274,7 @@ def set_aside_other_trajectories(root: Path, resumed: Path | None) -> list[str]:
     others = other_trajectories(root, resumed)
     if not others:
         return []
-    if resumed is not None and resumed.parent.resolve() == root.resolve():
+    if _own_step(root, resumed):
         write_atomic(root / "latest", (resumed.name + "\n").encode())  # first: it never names a missing folder
     else:
         (root / "latest").unlink(missing_ok=True)

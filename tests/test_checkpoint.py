@@ -373,6 +373,23 @@ def test_a_rewind_sets_the_later_checkpoints_aside_and_keeps_its_own(tmp_path):
     }
 
 
+def test_a_set_aside_checkpoint_resumed_by_path_sets_aside_the_trajectory_it_replaces(tmp_path):
+    """Rewound to step 2 of a run that saved 2, 4 and 6, then taken back to the set-aside step 6 by path
+    (`.abandoned-step-00000006-PID`): its name is no step-N, so the run failed at its first step with
+    AttributeError ('NoneType' object has no attribute 'group', status 1). It continues that trajectory:
+    the rewound run's 2 and 4 are set aside in turn."""
+    run(tmp_path, train={"max_steps": 6}, checkpoint={"every_steps": 2, "keep_last": 3})
+    root = tmp_path / "checkpoints"
+    run(tmp_path, train={"max_steps": 4}, checkpoint={"every_steps": 2, "resume": str(root / "step-00000002")})
+    (old_6,) = root.glob(".abandoned-step-00000006-*")
+    assert run(tmp_path, train={"max_steps": 8}, checkpoint={"every_steps": 2, "resume": str(old_6)})["step"] == 8
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-00000008"]
+    assert ckpt.read_latest(root) == "step-00000008"
+    assert len(list(root.glob(".abandoned-step-00000002-*"))) == 1  # old 4 and 6, rewound 2 and 4: all kept
+    assert len(list(root.glob(".abandoned-step-00000004-*"))) == 2
+    assert len(list(root.glob(".abandoned-*"))) == 4
+
+
 def test_a_fresh_run_in_a_used_folder_sets_the_old_checkpoints_aside_after_its_first_step(tmp_path):
     """checkpoint.resume=never where another run saved steps 6 and 8: once the new run's first step ran,
     they leave the step-N names, so a fallback past the new run's damaged `latest` resumes its own step 2,

@@ -426,6 +426,12 @@ def test_check_names_the_checkpoints_a_run_sets_aside(tmp_path, capsys):
             "checkpoint.keep_last, never resumed by auto; delete them when no longer needed"
         ], warnings
     assert not [w for w in check_json(capsys, path, "--world-size", "1")["warnings"] if "set aside" in w]
+    # a set-aside folder resumed by path is another trajectory: check raised AttributeError (no step-N name)
+    (root / "step-00000008").rename(root / ".abandoned-step-00000008-1")
+    warnings = check_json(capsys, path, "--world-size", "1", f"checkpoint.resume={root}/.abandoned-step-00000008-1")
+    assert "2 checkpoint(s) in " + str(root) + " that this run does not continue (step-00000004, step-00000012)" in (
+        " ".join(warnings["warnings"])
+    )
 
 
 def test_check_warns_that_a_checkpoint_of_another_optimizer_stops_the_run(tmp_path, capsys):
