@@ -158,7 +158,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
         compression.check_run_length(total_steps)  # QAT's start, the pruning ramp's end: before the epochs end it
     if state.early_stopped:  # the same command after early stopping: nothing left to train
         if state.step < total_steps and ctx.is_rank_zero:  # more steps asked for: say why none run
-            log.warning("%s", state.early_stop_note(restored[1], cfg.eval))
+            log.warning("%s", state.early_stop_note(restored[1].name, cfg.eval))
         total_steps = state.step
     elif state.step > total_steps and ctx.is_rank_zero:
         log.warning(
