@@ -239,10 +239,14 @@ def apply_retention(root: Path, keep_last: int, keep_every: int | None) -> None:
         shutil.rmtree(root / name, ignore_errors=True)
 
 
-def _own_step(root: Path, resumed: Path | None) -> bool:
-    """Whether `resumed` is one of `root`'s `step-N` folders: a folder set aside there and resumed by path
-    (`.abandoned-step-N-PID`) is another trajectory, as another run's checkpoint is."""
-    return resumed is not None and bool(STEP_DIR.match(resumed.name)) and resumed.parent.resolve() == root.resolve()
+def _own_step(root: Path, resumed: Path | None) -> Path | None:
+    """`resumed` as one of `root`'s `step-N` folders (a link to one followed: `checkpoints/best`), else
+    None: a folder set aside there and resumed by path (`.abandoned-step-N-PID`) is another trajectory,
+    as another run's checkpoint is."""
+    if resumed is None:
+        return None
+    real = resumed.resolve()
+    return real if STEP_DIR.match(real.name) and real.parent == root.resolve() else None
 
 
 def other_trajectories(root: Path, resumed: Path | None) -> list[Path]:
@@ -252,7 +256,8 @@ def other_trajectories(root: Path, resumed: Path | None) -> list[Path]:
     its own (a rewind by path, a fallback past a damaged newest one)."""
     if not root.is_dir():
         return []
-    through = folder_step(resumed) if _own_step(root, resumed) else -1
+    own = _own_step(root, resumed)
+    through = folder_step(own) if own else -1
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name) and folder_step(p) > through)
 
 
@@ -274,8 +279,8 @@ def set_aside_other_trajectories(root: Path, resumed: Path | None) -> list[str]:
     others = other_trajectories(root, resumed)
     if not others:
         return []
-    if _own_step(root, resumed):
-        write_atomic(root / "latest", (resumed.name + "\n").encode())  # first: it never names a missing folder
+    if own := _own_step(root, resumed):
+        write_atomic(root / "latest", (own.name + "\n").encode())  # first: it never names a missing folder
     else:
         (root / "latest").unlink(missing_ok=True)
     for path in others:

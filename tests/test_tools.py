@@ -432,6 +432,10 @@ def test_check_names_the_checkpoints_a_run_sets_aside(tmp_path, capsys):
     assert "2 checkpoint(s) in " + str(root) + " that this run does not continue (step-00000004, step-00000012)" in (
         " ".join(warnings["warnings"])
     )
+    # a link to a step folder (`best`) is that step: only the later ones go (check raised AttributeError)
+    (root / "best").symlink_to("step-00000004")
+    warnings = check_json(capsys, path, "--world-size", "1", f"checkpoint.resume={root}/best")["warnings"]
+    assert "1 checkpoint(s) in " + str(root) + " that this run does not continue (step-00000012)" in " ".join(warnings)
 
 
 def test_check_warns_that_a_checkpoint_of_another_optimizer_stops_the_run(tmp_path, capsys):
