@@ -63,6 +63,7 @@ class Control:
         self.timeout_s = timeout_s
         self.signal_received: int | None = None
         self._previous: dict[int, Any] = {}
+        self._mask: set[int] | None = None  # the signal mask before `install` blocked the stop signals
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._steps_to_vote, self._steps_since_vote, self._voted_at = 1, 1, 0.0  # vote at the first boundary
         self._default_armed_at: float | None = None  # monotonic time of the last default arm_watchdog()
@@ -74,11 +75,21 @@ class Control:
 
     # --- signals -------------------------------------------------------------------------------
     def install(self) -> None:
+        """Flag-only handlers, and the stop signals blocked in this thread until `restore`.
+
+        A process the rank starts while it trains inherits the block: the C++ compiler that
+        torch.compile runs (a recompilation at the first evaluation, say), loader workers. torchrun's
+        shutdown and SLURM signal every process of the job, and a compiler killed by that SIGTERM
+        failed the rank (status 1, `CppCompileError`) instead of letting it checkpoint and exit 75.
+        A blocked signal stays pending until `should_stop` takes it, at the next step boundary (or is
+        taken at once by a thread that does not block it, such as gloo's).
+        """
         for sig in STOP_SIGNALS:
             try:
                 self._previous[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread (e.g. embedded use): signals stay as they were
                 return
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         if self.signal_received is None and _early_signal:
             self.signal_received = _early_signal[0]  # arrived during start-up
 
@@ -86,7 +97,17 @@ class Control:
         if self.signal_received is None:
             self.signal_received = signum  # a second signal during the save changes nothing
 
+    def _take_pending(self) -> None:
+        """Let a stop signal held pending by `install`'s block reach the handler (which runs before
+        pthread_sigmask returns), then block again."""
+        if self._mask is not None and not signal.sigpending().isdisjoint(STOP_SIGNALS):
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
     def restore(self) -> None:
+        if self._mask is not None:  # a signal still pending goes to our handler, not the previous one
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
+            self._mask = None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
@@ -101,6 +122,7 @@ class Control:
         vote: each rank proposes one from its own step time, and the smallest proposal of vote k
         sets the steps between votes k+1 and k+2. A signal is acted on within two intervals.
         """
+        self._take_pending()
         if not self.ctx.is_distributed or self.ctx.world_size == 1:
             return self.signal_received is not None
         self._steps_to_vote -= 1

@@ -267,6 +267,31 @@ def test_a_stop_signal_to_the_group_while_a_loader_worker_starts_checkpoints(tmp
     assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
 
 
+def test_a_stop_signal_to_the_group_while_the_rank_runs_a_compiler_checkpoints(tmp_path):
+    """SIGTERM to every process of the job while the rank waits for a child process it started, as
+    torch.compile waits for g++ when it recompiles the model for its first evaluation: the compiler
+    died of the signal and the rank failed (status 1, `failed evaluating step 4: InductorError:
+    CppCompileError`). Processes the rank starts while it trains hold the stop signals blocked now:
+    the child ends well, and the rank checkpoints and exits 75."""
+    config = tiny_lm_config(tmp_path / "out", train={"max_steps": 50}, checkpoint={"every_steps": 2})
+    config["model"] = {"name": "userpkg.slow:compiling_at_eval", "seconds": 3.0}
+    config["data"] = {"name": "synthetic_vectors", "num_samples": 256, "eval_samples": 16}
+    config["eval"] = {"every_steps": 4}
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "dist_train", "--config", str(write_config(tmp_path / "c.yaml", config))]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while not _children(proc.pid):  # the "compiler" (the run's only child process)
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75, proc.stderr.read()[-2000:]
+    assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "step-00000004\n"
+
+
 @pytest.mark.parametrize("sig, delay_s", [(signal.SIGUSR1, 0.3), (signal.SIGUSR1, 1.5), (signal.SIGTERM, 1.5)])
 def test_spawn_keeps_a_stop_signal_sent_during_start_up(tmp_path, sig, delay_s):
     """SIGUSR1 while spawn.py (0.3 s) or its ranks (1.5 s) import torch, SIGTERM while the ranks do:

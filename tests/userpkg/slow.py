@@ -1,8 +1,11 @@
-"""A dataset that takes a little time per item, so a test can interrupt a run mid-training."""
+"""A dataset that takes a little time per item, so a test can interrupt a run mid-training; a model
+that runs a child process when it is first evaluated, as torch.compile runs its compiler."""
 
 import os
+import subprocess
 import time
 
+import torch
 from torch.utils.data import Dataset
 
 from dist_train.data.synthetic import synthetic_tokens
@@ -44,3 +47,24 @@ def slow_worker_start_tokens(split: str, worker_start_delay: float = 2.0, **kwar
     slow_start.original = original
     signal_handling._set_worker_signal_handlers = slow_start  # forked workers inherit it
     return synthetic_tokens(split, **kwargs)
+
+
+class CompilingAtEval(torch.nn.Module):
+    """A linear model whose first forward in eval mode runs a child process for `seconds`, and fails
+    when that process does not end well, as torch.compile's recompilation for evaluation runs the C++
+    compiler (inductor raises CppCompileError when g++ dies)."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.linear = torch.nn.Linear(32, 4)
+        self.seconds, self.compiled = seconds, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training and not self.compiled:
+            self.compiled = True
+            subprocess.run(["sleep", str(self.seconds)], check=True)
+        return self.linear(x)
+
+
+def compiling_at_eval(seconds: float = 3.0) -> torch.nn.Module:
+    return CompilingAtEval(seconds)
