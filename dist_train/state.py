@@ -163,6 +163,11 @@ def compress_mismatch(manifest: dict, cfg: Config) -> str | None:
     return None
 
 
+class WrittenThenFailed(RuntimeError):
+    """Rank 0 committed the checkpoint (`latest` names it), then the save's closing barrier failed: a
+    peer was lost after it had written its files. The same command resumes from this checkpoint."""
+
+
 def save(
     cfg: Config,
     ctx: DistContext,
@@ -204,7 +209,12 @@ def save(
             root, tmp, state.step, meta, all_files, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
         )
         log.info("checkpoint %s written", final.name)
-    control.barrier()  # bounded by checkpoint.save_timeout_s: nobody leaves before `latest` is in place
+    try:
+        control.barrier()  # bounded by checkpoint.save_timeout_s: nobody leaves before `latest` is in place
+    except Exception as err:
+        if final is None:
+            raise
+        raise WrittenThenFailed(final.name) from err
     return final
 
 

@@ -275,6 +275,26 @@ def test_a_failed_save_names_rank_and_step_and_keeps_the_last_checkpoint(tmp_pat
     assert ckpt.read_latest(tmp_path / "checkpoints") == "step-00000002"
 
 
+def test_a_peer_lost_after_the_checkpoint_is_written_is_not_called_a_failed_save(tmp_path, monkeypatch):
+    """A rank killed after it wrote its files fails the save's closing barrier on rank 0, after rank 0
+    committed the checkpoint: the error read `rank 0 failed to save the checkpoint of step 8: ...
+    Connection closed by peer` while `latest` named step 8, complete (and the same command resumed
+    from it)."""
+    from dist_train.control import Control
+
+    def barrier(self):
+        if ckpt.read_latest(tmp_path / "checkpoints") == "step-00000004":
+            raise RuntimeError("Connection closed by peer [127.0.0.1]:4242")
+
+    monkeypatch.setattr(Control, "barrier", barrier)
+    expected = (
+        r"rank 0 failed after writing the checkpoint of step 4 \(step-00000004 is complete and checkpoints/latest"
+    )
+    with pytest.raises(TrainingError, match=expected + r".*RuntimeError: Connection closed by peer"):
+        run(tmp_path, checkpoint={"every_steps": 2}, train={"max_steps": 6})
+    ckpt.verify(tmp_path / "checkpoints" / "step-00000004")
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_with_a_global_rng_factory_and_a_step_with_nothing_counted(tmp_path):
     """The dataset factory draws from the global RNG (the same data on every rank: factories run under
