@@ -244,6 +244,23 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     assert proc.stderr.count("dist_train: error: run.output_dir /proc/no/such: cannot create it") == 1
 
 
+def _stop_the_group_once_a_child_runs(tmp_path, config) -> subprocess.Popen:
+    """Start a one-process run in its own process group; once the rank has a child process (its only
+    one), wait 0.5 s and SIGTERM the whole group, as torchrun's shutdown or scancel do."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
+    cmd = [PYTHON, "-m", "dist_train", "--config", str(write_config(tmp_path / "c.yaml", config))]
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    deadline = time.monotonic() + 60
+    while not _children(proc.pid):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)
+    return proc
+
+
 def test_a_stop_signal_to_the_group_while_a_loader_worker_starts_checkpoints(tmp_path):
     """SIGTERM to every process of the job (torchrun's shutdown, scancel) while a loader worker is
     starting: torch's worker handler (SIGTERM not from the rank: die) ran before worker_init_fn's
@@ -252,17 +269,7 @@ def test_a_stop_signal_to_the_group_while_a_loader_worker_starts_checkpoints(tmp
     config = tiny_lm_config(tmp_path / "out", train={"max_steps": 50}, checkpoint={"every_steps": 1000})
     config["data"] = {**config["data"], "name": "userpkg.slow:slow_worker_start_tokens", "worker_start_delay": 3.0}
     config["loader"] = {"num_workers": 1}
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [PYTHON, "-m", "dist_train", "--config", str(write_config(tmp_path / "c.yaml", config))]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    deadline = time.monotonic() + 60
-    while not _children(proc.pid):  # the loader worker (the run's only child process)
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.05)
-    time.sleep(0.5)  # the worker is inside its (3 s) start
-    os.killpg(proc.pid, signal.SIGTERM)
+    proc = _stop_the_group_once_a_child_runs(tmp_path, config)  # the loader worker, inside its (3 s) start
     assert proc.wait(timeout=60) == 75, proc.stderr.read()[-2000:]
     assert (tmp_path / "out" / "checkpoints" / "latest").is_file()
 
@@ -277,17 +284,7 @@ def test_a_stop_signal_to_the_group_while_the_rank_runs_a_compiler_checkpoints(t
     config["model"] = {"name": "userpkg.slow:compiling_at_eval", "seconds": 3.0}
     config["data"] = {"name": "synthetic_vectors", "num_samples": 256, "eval_samples": 16}
     config["eval"] = {"every_steps": 4}
-    env = {**os.environ, "PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "OMP_NUM_THREADS": "1"}
-    cmd = [PYTHON, "-m", "dist_train", "--config", str(write_config(tmp_path / "c.yaml", config))]
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
-    deadline = time.monotonic() + 60
-    while not _children(proc.pid):  # the "compiler" (the run's only child process)
-        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-        time.sleep(0.05)
-    time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)
+    proc = _stop_the_group_once_a_child_runs(tmp_path, config)  # the "compiler", inside its 3 s
     assert proc.wait(timeout=60) == 75, proc.stderr.read()[-2000:]
     assert (tmp_path / "out" / "checkpoints" / "latest").read_text() == "step-00000004\n"
 
