@@ -4,26 +4,29 @@
 #
 #   bash bench/gpu_session.sh [OUT_DIR] [all|mfu|tests]   # OUT_DIR defaults to $OUT, else ./gpu-session
 #
+# OUT_DIR gets two files, refreshed after every stage (a device tool that returns a few files gets
+# everything, also from a run stopped at its limit): session.log, the whole console output, and
+# results.tar.gz, each stage's own output (NAME.txt, and NAME.json for the benchmark runs).
 # Each stage runs only while time is left: no variant starts after GPU_SESSION_VARIANTS_S (default
 # 390 s), no other stage after GPU_SESSION_BUDGET_S (default 470 s), and a running stage is stopped
 # at GPU_SESSION_LIMIT_S (default 540 s). Stages, in order:
-#   gpu.txt              the GPU, driver, torch and CUDA versions
-# mfu (the benchmark first: it is what issue 7 still needs a GPU for):
-#   bench-gpu.{txt,json} bench.gpu: dist_train vs hand-written tokens/s and MFU (GPT-2 small,
-#                        micro-batch 32, bf16, torch.compile, flash SDPA), one pair after a warm-up pair
-#   variant-*.{txt,json} dist_train alone with one change each, one run, the likeliest gain per
-#                        second first: cuDNN attention (train.sdpa_backend=cudnn), 2 micro-steps per
-#                        optimizer step, CUDA graphs (reduce-overhead), FSDP2 (bf16 parameters, fp32
-#                        master weights), micro-batch 64, Inductor's coordinate-descent tuning, tuned
-#                        kernels (max-autotune-no-cudagraphs: minutes of compiling)
-#   stacked.{txt,json}   dist_train with every change that beat the baseline, stacked (bench.gpu --stack)
-#   profile.txt          bench.gpu_profile's GPU time per kernel kind at micro-batch 32
+#   gpu                  the GPU, driver, torch and CUDA versions
+# mfu (what issue 7 still needs a GPU for):
+#   baseline             dist_train alone (GPT-2 small, micro-batch 32, bf16, torch.compile): tokens/s, MFU
+#   variant-NAME         dist_train alone with one change each, in GPU_SESSION_VARIANTS order (default:
+#                        the ones no GPU session has measured first): max-autotune-no-cudagraphs (tuned
+#                        kernels: minutes of compiling), coordinate-descent (Inductor's block-size
+#                        tuning), mb64 (micro-batch 64), accum2 (2 micro-steps per optimizer step); also
+#                        defined: cudnn (cuDNN attention first), flash, reduce-overhead (CUDA graphs), fsdp
+#   profile              bench.gpu_profile's GPU time per kernel kind at micro-batch 32
+#   stacked              dist_train with every change that beat the baseline, stacked (bench.gpu --stack)
+#   pair                 bench.gpu: dist_train vs hand-written side by side, one pair after a warm-up pair
 # tests:
-#   pytest-gpu.txt       the CUDA-path tests (tests/test_gpu.py)
+#   pytest-gpu           the CUDA-path tests (tests/test_gpu.py)
 # BENCH_GPU_ARGS go to every bench.gpu and bench.gpu_profile command: "--tiny --device cpu" smoke-tests
-# this script on a machine without a GPU.
-# `mfu` takes about 8-9 minutes on one H100, `tests` about 2: with one 15-minute device budget run
-# `mfu` (timeout_s 560), then `tests` on the still-warm machine if time is left.
+# this script on a machine without a GPU (PYTHON names the interpreter, default python3).
+# `mfu` takes 9 minutes on one H100, `tests` 3: with one 15-minute device budget run `mfu`
+# (timeout_s 560), then `tests` on the still-warm machine.
 # Exit status: 0 when what ran passed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
@@ -32,54 +35,86 @@ what=${2:-all}
 variants_until=${GPU_SESSION_VARIANTS_S:-390}
 budget=${GPU_SESSION_BUDGET_S:-470}
 limit=${GPU_SESSION_LIMIT_S:-540}
+read -r -a variants <<<"${GPU_SESSION_VARIANTS:-max-autotune-no-cudagraphs coordinate-descent mb64 accum2}"
 mkdir -p "$out"
+out=$(cd "$out" && pwd)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 python=${PYTHON:-python3}
 read -r -a extra <<<"${BENCH_GPU_ARGS:-}"
 status=0
 
-# stage NAME [UNTIL] COMMAND...: run COMMAND into $out/NAME.txt unless UNTIL seconds (default: the
-# budget) have passed, stopped at the limit
+bundle() {
+    tar -czf "$out/results.tar.gz.part" -C "$work" . && mv "$out/results.tar.gz.part" "$out/results.tar.gz"
+}
+
+# stage NAME [UNTIL] COMMAND...: run COMMAND into NAME.txt unless UNTIL seconds (default: the budget)
+# have passed, stopped at the limit; a {json} in COMMAND becomes the path of NAME.json
 stage() {
-    local name=$1 until=$budget
+    local name=$1 until=$budget rc=0
     shift
     if [[ $1 =~ ^[0-9]+$ ]]; then
         until=$1
         shift
     fi
-    if [ "$SECONDS" -ge "$until" ] || [ "$SECONDS" -ge "$limit" ]; then
-        echo "$name skipped: ${SECONDS}s spent, past ${until}s" | tee "$out/$name.txt"
+    [ "$until" -le "$limit" ] || until=$limit
+    if [ "$SECONDS" -ge "$until" ]; then
+        echo "$name skipped: ${SECONDS}s spent, past ${until}s" | tee "$work/$name.txt"
+        bundle
         return 0
     fi
-    echo "== $name (at ${SECONDS}s): $*"
-    timeout "$((limit - SECONDS))" "$@" 2>&1 | tee "$out/$name.txt"
+    local args=("${@//\{json\}/$work/$name.json}")
+    echo "== $name (at ${SECONDS}s): ${args[*]}"
+    timeout "$((limit - SECONDS))" "${args[@]}" 2>&1 | tee "$work/$name.txt" || rc=$?
+    bundle
+    return "$rc"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 | tee "$out/gpu.txt"
-"$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
-    2>&1 | tee -a "$out/gpu.txt"
+# the options of each variant: one change against the baseline
+declare -A variant_args=(
+    [max-autotune-no-cudagraphs]="--compile-mode max-autotune-no-cudagraphs"
+    [coordinate-descent]="--coordinate-descent"
+    [mb64]="--micro-batch 64"
+    [accum2]="--grad-accum 2"
+    [cudnn]="--sdpa-backend cudnn"
+    [flash]="--sdpa-backend flash"
+    [reduce-overhead]="--compile-mode reduce-overhead"
+    [fsdp]="--strategy fsdp"
+)
 
-if [ "$what" != tests ]; then
-    stage bench-gpu "$python" -m bench.gpu "${extra[@]}" --repeats 1 --json "$out/bench-gpu.json" --timeout 240 ||
-        status=1
-    one=(-m bench.gpu "${extra[@]}" --dist-train-only --repeats 1 --no-warmup-pair --timeout 240)  # step time: compiling stays out
-    variant() {  # variant NAME OPTIONS...
-        local name=$1
-        shift
-        stage "variant-$name" "$variants_until" "$python" "${one[@]}" "$@" --json "$out/variant-$name.json"
-    }
-    variant cudnn --sdpa-backend cudnn
-    variant accum2 --grad-accum 2
-    variant reduce-overhead --compile-mode reduce-overhead
-    variant fsdp --strategy fsdp
-    variant mb64 --micro-batch 64
-    variant coordinate-descent --coordinate-descent
-    variant max-autotune-no-cudagraphs --compile-mode max-autotune-no-cudagraphs
-    stage stacked "$python" "${one[@]}" --stack "$out/bench-gpu.json" "$out"/variant-*.json --json "$out/stacked.json"
-    stage profile "$python" -m bench.gpu_profile "${extra[@]}" --micro-batch 32
-fi
-if [ "$what" != mfu ]; then
-    stage pytest-gpu "$python" -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_gpu.py || status=1
-fi
-echo "gpu_session $what: exit $status, ${SECONDS}s"
-exit "$status"
+session() {
+    stage gpu nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+    "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
+        2>&1 | tee -a "$work/gpu.txt"
+
+    if [ "$what" != tests ]; then
+        # dist_train alone, timed over steps 21-60 (compiling stays out)
+        one=("$python" -m bench.gpu "${extra[@]}" --dist-train-only --repeats 1 --no-warmup-pair --timeout 240)
+        stage baseline "${one[@]}" --json {json} || status=1
+        for name in "${variants[@]}"; do
+            if [ -z "${variant_args[$name]:-}" ]; then
+                echo "unknown variant $name (GPU_SESSION_VARIANTS): one of ${!variant_args[*]}"
+                status=1
+                continue
+            fi
+            read -r -a options <<<"${variant_args[$name]}"
+            stage "variant-$name" "$variants_until" "${one[@]}" "${options[@]}" --json {json}
+        done
+        stage profile "$python" -m bench.gpu_profile "${extra[@]}" --micro-batch 32
+        shopt -s nullglob
+        measured=("$work"/variant-*.json)
+        if [ -f "$work/baseline.json" ] && [ "${#measured[@]}" -gt 0 ]; then
+            stage stacked "${one[@]}" --stack "$work/baseline.json" "${measured[@]}" --json {json}
+        fi
+        stage pair "$python" -m bench.gpu "${extra[@]}" --repeats 1 --timeout 240 --json {json} || status=1
+    fi
+    if [ "$what" != mfu ]; then
+        stage pytest-gpu "$python" -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_gpu.py || status=1
+    fi
+    echo "gpu_session $what: exit $status, ${SECONDS}s"
+    return "$status"
+}
+
+session 2>&1 | tee -a "$out/session.log"
+exit "${PIPESTATUS[0]}"

@@ -69,6 +69,11 @@ def _loss_sum(loss_fn: Loss, outputs, targets: torch.Tensor) -> torch.Tensor:
     return loss_fn.sum(outputs, targets)
 
 
+def replays_cuda_graphs(cfg: Config, ctx: DistContext) -> bool:
+    """Whether the compiled model replays CUDA graphs (train.compile_mode reduce-overhead/max-autotune)."""
+    return cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES and ctx.device.type == "cuda"
+
+
 def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Config, ctx: DistContext) -> StepResult:
     """One optimizer step over `grad_accum_steps` micro-batches.
 
@@ -86,7 +91,7 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
         pending = dist.all_reduce(count, async_op=True)
     losses = []
     last = len(micro_batches) - 1
-    graphs = cfg.train.compile and cfg.train.compile_mode in CUDA_GRAPH_MODES and ctx.device.type == "cuda"
+    graphs = replays_cuda_graphs(cfg, ctx)
     for i, (inputs, targets) in enumerate(micro_batches):
         inputs = inputs.to(ctx.device, non_blocking=True)
         targets = targets.to(ctx.device, non_blocking=True)
@@ -109,6 +114,8 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
                 pending.wait()
                 pending, scale = None, ctx.world_size / count.clamp(min=1.0)
             strategy.backward(loss_sum * scale)
+        if graphs and i == 0 < last:  # the next replay overwrites the graphs' memory, where .grad lives now
+            strategy.own_gradients()
         losses.append(loss_sum.detach())
     grad_norm, nonfinite = strategy.clip_and_step(cfg.train.grad_clip_norm, cfg.train.grad_clip_value)
     return StepResult(losses, count, grad_norm, nonfinite, outputs.dim() if isinstance(outputs, torch.Tensor) else 0)

@@ -263,3 +263,42 @@ def test_readme_lists_every_metrics_row_key(monkeypatch):
     readme = (REPO_ROOT / "README.md").read_text()
     entry = re.search(r"^\| `metrics.jsonl` \| (.*)a resumed run first appends", readme, re.M).group(1)
     assert set(re.findall(r"`(\w+)`", entry)) == written
+
+
+def test_accumulation_under_cuda_graphs_adds_into_gradients_of_its_own(monkeypatch):
+    """Under CUDA graphs (train.compile_mode=reduce-overhead) autograd makes a backward's gradients
+    `.grad` in the graphs' memory pool, which the next micro-step's replay overwrites (torch 2.11 on an
+    H100: 'accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run'). After
+    an accumulating step's first backward each gradient gets memory of its own: here the first
+    backward's own tensors are overwritten before the second backward, as a replay would, and the
+    step's update stays that of a run without graphs, bit for bit."""
+    from dist_train import trainer
+    from dist_train.losses import build_loss
+    from dist_train.models import build_model
+    from dist_train.strategies import build_strategy
+
+    cfg = raw("unused", train={"grad_accum_steps": 3, "micro_batch_size": 4})
+    seeded = [torch.Generator().manual_seed(i) for i in range(3)]
+    batches = [(torch.randn(4, 32, generator=g), torch.tensor([0, 1, 1, 0])) for g in seeded]
+    params = {}
+    for graphs in (False, True):
+        monkeypatch.setattr(trainer, "replays_cuda_graphs", lambda cfg, ctx, graphs=graphs: graphs)
+        torch.manual_seed(0)
+        strategy = build_strategy(cfg, SINGLE)
+        strategy.setup(build_model(cfg.model.name, cfg.model.kwargs))
+        pool, backward = [], strategy.backward
+
+        def replaying(loss, backward=backward, strategy=strategy, pool=pool, graphs=graphs):
+            if graphs:  # this micro-step's replay overwrote what the first backward wrote
+                for grad in pool:
+                    grad.fill_(float("nan"))
+            backward(loss)
+            if not pool:
+                pool.extend(p.grad for p in strategy.module.parameters())
+
+        strategy.backward = replaying
+        result = trainer.train_step(strategy, build_loss("cross_entropy"), batches, cfg, SINGLE)
+        assert torch.isfinite(result.grad_norm)
+        params[graphs] = [p.detach().clone() for p in strategy.module.parameters()]
+    for without, with_graphs in zip(params[False], params[True]):
+        assert torch.equal(without, with_graphs)

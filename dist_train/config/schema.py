@@ -84,8 +84,8 @@ class TrainConfig:
     sdpa_backend: Literal["torch", "cudnn", "flash", "efficient", "math"] = _f(
         "torch",
         "the `F.scaled_dot_product_attention` kernel tried first, torch's order after it (a preference: "
-        "what it cannot serve falls back); `torch`: torch's order (flash, efficient, math: cuDNN never); "
-        "`cudnn` is the faster kernel on Hopper GPUs by Hugging Face's measurements",
+        "what it cannot serve falls back); `torch`: torch's own order (torch 2.11 on an H100 picks cuDNN "
+        "for causal bf16 attention, older releases flash)",
     )
     max_nonfinite_steps: int = _f(
         5, "skip a step whose loss or grad norm is not finite; stop after this many in a row (fp16: 16 more)"

@@ -119,6 +119,16 @@ class Strategy:
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
+    def own_gradients(self) -> None:
+        """Give each gradient memory of its own (a copy), after an accumulating step's first backward.
+
+        Under CUDA graphs a backward's gradients live in the graphs' memory pool, and autograd makes
+        them `.grad` as they are; the next micro-step's replay would overwrite them before it adds its
+        own. Copied once, every later micro-step adds into them in place."""
+        for param in self.module.parameters():
+            if param.grad is not None:
+                param.grad = param.grad.clone()
+
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Clip the global gradient norm; return the norm before clipping (a device tensor)."""
         raise NotImplementedError
