@@ -41,9 +41,9 @@ def parity_config(output_dir):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("strategies")
-    out = {}
+    out, env = {}, {"TORCH_EXTENSIONS_DIR": str(tmp / "torch_extensions")}  # a fresh environment's: empty
     for name, overrides in VARIANTS.items():
-        proc = launch(parity_config(tmp / name), tmp, overrides, nproc=2)
+        proc = launch(parity_config(tmp / name), tmp, overrides, nproc=2, env=env)
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
         out[name] = tmp / name
         (tmp / f"{name}.stderr").write_text(proc.stderr)
@@ -56,6 +56,13 @@ def test_no_torch_deprecation_warnings_from_deepspeed(runs):
     for name in VARIANTS:
         stderr = (runs[name].parent / f"{name}.stderr").read_text()
         assert "is deprecated" not in stderr, (name, stderr[-2000:])
+
+
+def test_deepspeed_on_a_cpu_builds_no_extension(runs):
+    """DeepSpeed's CPU comm layer compiled its shared-memory all-reduce with g++ as it started (about a
+    minute on 2 cores, the first run in each environment), for inference all-reduces ZeRO never calls."""
+    extensions = runs["zero0"].parent / "torch_extensions"
+    assert not extensions.exists() or not any(extensions.iterdir()), list(extensions.rglob("*"))[:5]
 
 
 @pytest.mark.parametrize("name", ["zero0", "zero1", "zero2", "zero3", "fsdp"])

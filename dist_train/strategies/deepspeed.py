@@ -186,6 +186,18 @@ def check_torch_autocast(config: dict) -> None:
         )
 
 
+def skip_shared_memory_allreduce_build() -> None:
+    """On a CPU, DeepSpeed's comm layer builds its shared-memory all-reduce (`deepspeed_shm_comm`: g++,
+    about a minute on 2 cores, once per environment) as it starts, for `inference_all_reduce`, which
+    ZeRO training never calls: marked unavailable, it is neither built nor loaded, and no rank maps
+    its shared-memory segments. Its collectives are torch.distributed's either way."""
+    import deepspeed.ops
+
+    compatible = deepspeed.ops.__compatible_ops__  # DeepSpeed probes its ops once and keeps this dict
+    if isinstance(compatible, dict):
+        compatible["deepspeed_shm_comm"] = False
+
+
 def check_schema(config: dict) -> None:
     """DeepSpeed's own schema check of `config`, as `deepspeed.initialize` runs it (`dist-train check`): a
     value it refuses is the run's UserError. Nothing when deepspeed is not installed; other errors are
@@ -257,6 +269,8 @@ class DeepSpeedStrategy(Strategy):
                         "or strategy.name=ddp/fsdp (torch's GradScaler)"
                     )
                 )
+        if self.ctx.device.type == "cpu":
+            skip_shared_memory_allreduce_build()
         config = deepspeed_config(self.cfg, self.ctx.world_size)
         check_torch_autocast(config)
         optimizer = build_optimizer(self.cfg, model, fused=False)  # ZeRO steps it on flat partitions
