@@ -193,7 +193,7 @@ def skip_shared_memory_allreduce_build() -> None:
     its shared-memory segments. Its collectives are torch.distributed's either way."""
     import deepspeed.ops
 
-    compatible = deepspeed.ops.__compatible_ops__  # DeepSpeed probes its ops once and keeps this dict
+    compatible = getattr(deepspeed.ops, "__compatible_ops__", None)  # probed once, then kept
     if isinstance(compatible, dict):
         compatible["deepspeed_shm_comm"] = False
 
