@@ -35,6 +35,8 @@ def main() -> None:
     clock = StepTimes()
     import deepspeed
 
+    if not torch.cuda.is_available():  # its shared-memory all-reduce serves inference only: not compiled (g++)
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     rank, world_size = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(spec["seed"])
