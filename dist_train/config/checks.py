@@ -140,7 +140,8 @@ def validate(cfg: Config) -> None:
     _validate_compile_mode(cfg)
     _positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True)
     _positive(cfg.optim.eps, "optim.eps", allow_zero=True)
-    _positive(cfg.optim.momentum, "optim.momentum", allow_zero=True)
+    if not 0 <= cfg.optim.momentum < 1:  # 1 and past it: the momentum buffer never forgets, the steps grow
+        raise UserError(f"`optim.momentum` must be in [0, 1), got {cfg.optim.momentum}")
     if cfg.optim.name == "sgd" and cfg.optim.nesterov and not cfg.optim.momentum:
         raise UserError("`optim.nesterov=true` needs `optim.momentum` > 0 (Nesterov momentum without momentum)")
     _positive(cfg.schedule.gamma, "schedule.gamma")

@@ -100,7 +100,7 @@ class OptimConfig:
     )
     betas: list = _f([0.9, 0.999], "Adam betas")
     eps: float = _f(1e-8, "Adam epsilon")
-    momentum: float = _f(0.9, "SGD momentum")
+    momentum: float = _f(0.9, "SGD momentum, in [0, 1)")
     nesterov: bool = _f(False, "SGD Nesterov momentum (needs `optim.momentum` > 0)")
     param_groups: list = _f(
         [],
