@@ -9,11 +9,12 @@ bytes. Written here so exporting weights needs no extra dependency; files load w
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
 import torch
+
+from .checkpoint import atomic_file
 
 DTYPES = {
     torch.float64: "F64",
@@ -35,31 +36,28 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` to `path` atomically (temporary file, fsync, rename)."""
+    """Write `tensors` to `path` atomically and durably (checkpoint.atomic_file). Each tensor's bytes go
+    to the file from a view of its storage: no second copy of the model in host memory."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    blobs, offset = [], 0
+    flat, offset = [], 0
     for name in sorted(tensors):
         tensor = tensors[name].detach().cpu().contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        size = tensor.numel() * tensor.element_size()
         header[name] = {
             "dtype": DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(data)],
+            "data_offsets": [offset, offset + size],
         }
-        blobs.append(data)
-        offset += len(data)
+        flat.append(tensor.reshape(-1).view(torch.uint8) if size else None)
+        offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned, as the reference writer does
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with atomic_file(Path(path)) as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for blob in blobs:
-            f.write(blob)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+        for data in flat:
+            if data is not None:
+                f.write(memoryview(data.numpy()))
 
 
 def load_file(path: str | Path) -> dict[str, torch.Tensor]:

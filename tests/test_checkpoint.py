@@ -139,19 +139,50 @@ def test_crash_at_any_save_stage_resumes_from_a_complete_checkpoint(tmp_path, mo
     assert _stable(got) == _stable(expected)  # identical metrics rows after the resume point
 
 
-def test_a_crash_while_a_file_is_written_atomically_leaves_its_previous_content(tmp_path, monkeypatch):
-    """`latest` and the manifest are written to a temporary file, fsynced, then renamed over the old one:
-    a crash before the rename (here at the fsync of the new bytes) leaves the previous content whole."""
-    latest = tmp_path / "latest"
-    ckpt.write_atomic(latest, b"step-00000002\n")
+def _write_latest(path: Path, version: int) -> None:
+    ckpt.write_atomic(path, f"step-{version:08d}\n".encode())
+
+
+def _write_weights(path: Path, version: int) -> None:
+    from dist_train.safetensors_io import save_file
+
+    save_file({"w": torch.full((64, 64), float(version))}, path, metadata={"step": str(version)})
+
+
+def _write_int8_export(path: Path, version: int) -> None:
+    from types import SimpleNamespace
+
+    from dist_train.compress.qat import save_quantized
+
+    cfg = SimpleNamespace(compress=SimpleNamespace(qat_backend="x86"), model=SimpleNamespace(name="mlp", kwargs={}))
+    save_quantized(torch.nn.Linear(4, version), path, "dynamic", cfg)
+
+
+@pytest.mark.parametrize(
+    "name, write",
+    [("latest", _write_latest), ("model.safetensors", _write_weights), ("model_int8.pt", _write_int8_export)],
+)
+def test_a_crash_while_a_file_is_written_atomically_leaves_its_previous_content(tmp_path, monkeypatch, name, write):
+    """`latest`, the manifest, the exported weights and the int8 exports are written to a temporary file,
+    fsynced, then renamed over the old one, and the rename is fsynced: a crash before the rename (here at
+    the fsync of the new bytes) leaves the previous content whole. The int8 exports were renamed without
+    an fsync (a power loss could leave an empty file under the final name), and neither they nor the
+    weights fsynced the folder after the rename."""
+    path = tmp_path / name
+    synced_folders = []
+    monkeypatch.setattr(ckpt, "fsync_path", lambda p: synced_folders.append(Path(p)))
+    write(path, 2)
+    assert synced_folders == [tmp_path]  # the rename itself is on disk
+    before = path.read_bytes()
 
     def crash(fd):
         raise Crash("fsync")
 
     monkeypatch.setattr(ckpt.os, "fsync", crash)
     with pytest.raises(Crash):
-        ckpt.write_atomic(latest, b"step-00000004\n")
-    assert latest.read_bytes() == b"step-00000002\n"
+        write(path, 4)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name]  # nothing half-written left beside it
 
 
 def _stable(rows):

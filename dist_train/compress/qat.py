@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from ..checkpoint import atomic_file
 from ..config import Config
 from ..errors import UserError
 from ..patterns import FUSED_NAMES
@@ -195,9 +196,8 @@ def save_quantized(model: nn.Module, path: Path, kind: str, cfg: Config) -> None
         "model": {"name": cfg.model.name, "kwargs": dict(cfg.model.kwargs)},
         "state_dict": model.state_dict(),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_file(path) as f:
+        torch.save(payload, f)
 
 
 def load_quantized(path: str | Path) -> nn.Module:
