@@ -36,28 +36,29 @@ NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Write `tensors` to `path` atomically and durably (checkpoint.atomic_file). Each tensor's bytes go
-    to the file from a view of its storage: no second copy of the model in host memory."""
+    """Write `tensors` to `path` atomically and durably (checkpoint.atomic_file). The header needs only
+    shapes and dtypes; then one tensor at a time goes to host memory and into the file from a view of
+    its storage: the export never holds a second copy of the model."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    flat, offset = [], 0
-    for name in sorted(tensors):
-        tensor = tensors[name].detach().cpu().contiguous()
+    names, offset = sorted(tensors), 0
+    for name in names:
+        tensor = tensors[name]
         size = tensor.numel() * tensor.element_size()
         header[name] = {
             "dtype": DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
             "data_offsets": [offset, offset + size],
         }
-        flat.append(tensor.reshape(-1).view(torch.uint8) if size else None)
         offset += size
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # keep the data 8-byte aligned, as the reference writer does
     with atomic_file(Path(path)) as f:
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
-        for data in flat:
-            if data is not None:
-                f.write(memoryview(data.numpy()))
+        for name in names:
+            tensor = tensors[name].detach().cpu().contiguous()
+            if tensor.numel():
+                f.write(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
 
 
 def load_file(path: str | Path) -> dict[str, torch.Tensor]:
