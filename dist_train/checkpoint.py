@@ -289,8 +289,8 @@ def other_trajectories_summary(root: Path, names: list[str]) -> str:
 def set_aside_other_trajectories(root: Path, resumed: Path | None) -> list[str]:
     """Rank 0, once the run's first step ran: move `other_trajectories` out of the way, as
     `.abandoned-step-N-PID` (never deleted), and point `latest` at `resumed` (or remove it). Left in
-    place they counted toward keep_last (the run kept fewer of its own), and a fallback past a damaged
-    `latest` resumed the other trajectory. Returns the names set aside."""
+    place they counted toward keep_last (the run kept fewer of its own), and `checkpoint.resume: auto`
+    (the newest intact step first) would resume the other trajectory. Returns the names set aside."""
     others = other_trajectories(root, resumed)
     if not others:
         return []
@@ -451,22 +451,23 @@ def resume_path(resume: str) -> Path:
     return path
 
 
-def resume_candidates(root: Path, latest: str | None) -> list[Path]:
-    """The `step-N` folders under `root` in the order `checkpoint.resume: auto` tries them: the one
-    `latest` names first (it is only ever replaced after a complete save), then the newest step first."""
+def resume_candidates(root: Path) -> list[Path]:
+    """The `step-N` folders under `root` in the order `checkpoint.resume: auto` tries them: the newest
+    step first. `latest` does not come first: a crash between a save's rename and its `latest` update
+    leaves `latest` naming the checkpoint before, and resuming that one set the complete newer one aside.
+    Nothing else leaves a newer step folder beside `latest` that a run should not continue: a run that
+    sets later ones aside (a rewind by path, a fallback past a damaged newest one) resumes by its path
+    again after a crash, or skips the damaged ones again."""
     if not root.is_dir():
         return []
-    candidates = sorted(
-        (p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=folder_step, reverse=True
-    )
-    return sorted(candidates, key=lambda p: p.name != latest)  # stable: the rest stay newest first
+    return sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=folder_step, reverse=True)
 
 
 def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
     """Resolve `checkpoint.resume` to a verified checkpoint (rank 0 only: it reads every byte).
 
-    `auto`: `latest`, else the newest intact `step-*` folder; a corrupt candidate is reported in
-    one line and skipped. A path: a checkpoint folder or a run folder; must be intact, unless this
+    `auto`: the newest intact `step-*` folder (`latest` names it, except after a crash between a
+    save's rename and the update of `latest`); a corrupt candidate is reported in one line and skipped. A path: a checkpoint folder or a run folder; must be intact, unless this
     run started from it and has checkpoints of its own since: the same command started again (a
     requeue, a restart after exit 75) continues from those.
     """
@@ -487,16 +488,27 @@ def find_resume_checkpoint(resume: str, output_dir: Path) -> Found | None:
     if not root.is_dir():
         return None
     latest = read_latest(root)
-    if latest and (not STEP_DIR.match(latest) or not (root / latest).is_dir()):
+    named = STEP_DIR.match(latest) if latest and (root / latest).is_dir() else None
+    if latest and not named:
         log.warning(
             "checkpoints/latest names %r, which is not a checkpoint folder; looking for the newest intact checkpoint",
             latest,
         )
-    for folder in resume_candidates(root, latest):
+    for folder in resume_candidates(root):
         try:
-            return Found(folder, verify(folder))
+            found = Found(folder, verify(folder))
         except ValueError as err:
             log.warning("skipping checkpoint %s: %s; falling back to an older one", folder.name, err)
+            continue
+        if named and folder_step(folder) > int(named.group(1)):
+            log.info(
+                "checkpoints/latest names %s, but %s is newer and complete (a crash came between its rename and the "
+                "update of latest): taking %s",
+                latest,
+                folder.name,
+                folder.name,
+            )
+        return found
     return None
 
 

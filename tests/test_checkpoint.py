@@ -116,6 +116,7 @@ STAGES = [
     "after_latest",
     "before_retention",
 ]
+RENAMED = {"after_rename", "before_latest", "after_latest", "before_retention"}  # step-4 has its name
 
 
 @pytest.mark.parametrize("stage", STAGES)
@@ -129,10 +130,14 @@ def test_crash_at_any_save_stage_resumes_from_a_complete_checkpoint(tmp_path, mo
     assert latest in ("step-00000002", "step-00000004")
     ckpt.verify(root / latest)  # `latest` always names a complete checkpoint
     ckpt.verify(root / "step-00000002")  # the earlier good checkpoint is untouched
+    # once step 4's folder has its name it is complete, and the newest: resumed even before `latest` names
+    # it (resuming step 2 set the complete step 4 aside, and the crash cost its steps)
+    complete = "step-00000004" if stage in RENAMED else "step-00000002"
     assert run(tmp_path)["status"] == "finished"
     assert max_abs_diff(load_weights(reference), load_weights(tmp_path)) == 0.0
     resumed = [r for r in read_rows(tmp_path) if "resumed_from" in r]
-    assert resumed == [{"resumed_from": latest, "step": int(latest[-8:])}]
+    assert resumed == [{"resumed_from": complete, "step": int(complete[-8:])}]
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".abandoned-")]
     expected = [r for r in read_rows(reference) if r["step"] > resumed[0]["step"]]
     got = read_rows(tmp_path)
     got = got[got.index(resumed[0]) + 1 :]

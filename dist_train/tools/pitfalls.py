@@ -71,7 +71,7 @@ def _resume_checkpoint(cfg: Config) -> tuple[Path | None, dict | None, list[str]
         except ValueError as err:
             raise UserError(f"checkpoint.resume: {err}") from None
     root, skipped = output_dir / "checkpoints", []
-    for folder in ckpt.resume_candidates(root, ckpt.read_latest(root)):  # in the run's order
+    for folder in ckpt.resume_candidates(root):  # in the run's order
         try:
             return folder, ckpt.verify(folder, checksums=False), skipped
         except ValueError as err:  # the run skips it with a warning and falls back to an older one
