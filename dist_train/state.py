@@ -164,8 +164,9 @@ def compress_mismatch(manifest: dict, cfg: Config) -> str | None:
 
 
 class WrittenThenFailed(RuntimeError):
-    """Rank 0 committed the checkpoint (`latest` names it), then the save's closing barrier failed: a
-    peer was lost after it had written its files. The same command resumes from this checkpoint."""
+    """The checkpoint is complete under its step name, then the save failed: rank 0 could not update
+    `latest` or apply retention (a full disk), or the save's closing barrier failed (a peer lost after
+    it had written its files). The same command resumes from this checkpoint (the newest intact one)."""
 
 
 def save(
@@ -205,9 +206,15 @@ def save(
             "training_config": recorded_training_config(cfg),  # a resume with other values names them
             "trainer": dataclasses.asdict(state),
         }
-        final = ckpt.commit_save(
-            root, tmp, state.step, meta, all_files, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
-        )
+        try:
+            final = ckpt.commit_save(
+                root, tmp, state.step, meta, all_files, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every
+            )
+        except Exception as err:
+            named = root / ckpt.step_dir_name(state.step)
+            if tmp.exists() or not named.is_dir():  # not renamed: the previous checkpoint is the newest
+                raise
+            raise WrittenThenFailed(named.name) from err
         log.info("checkpoint %s written", final.name)
     try:
         control.barrier()  # bounded by checkpoint.save_timeout_s: nobody leaves before `latest` is in place

@@ -376,10 +376,10 @@ def _save(cfg, ctx, control, strategy, state, window: LossWindow, output_dir) ->
     except run_state.WrittenThenFailed as err:  # the checkpoint is complete: say so, not "failed to save"
         cause = err.__cause__
         raise TrainingError(
-            f"rank {ctx.rank} failed after writing the checkpoint of step {state.step} ({err} is complete and "
-            f"checkpoints/latest names it): {type(cause).__name__}: {cause}"
+            f"rank {ctx.rank} failed after writing the checkpoint of step {state.step} ({err} is complete: the same "
+            f"command resumes from it): {type(cause).__name__}: {cause}"
         ) from cause
-    except Exception as err:  # a full disk, a lost peer: `latest` still names the previous checkpoint
+    except Exception as err:  # a full disk, a lost peer: the previous checkpoint is still the newest
         raise TrainingError(
             f"rank {ctx.rank} failed to save the checkpoint of step {state.step}: {type(err).__name__}: {err}"
         ) from err

@@ -287,12 +287,33 @@ def test_a_peer_lost_after_the_checkpoint_is_written_is_not_called_a_failed_save
             raise RuntimeError("Connection closed by peer [127.0.0.1]:4242")
 
     monkeypatch.setattr(Control, "barrier", barrier)
-    expected = (
-        r"rank 0 failed after writing the checkpoint of step 4 \(step-00000004 is complete and checkpoints/latest"
-    )
+    expected = r"rank 0 failed after writing the checkpoint of step 4 \(step-00000004 is complete: the same command"
     with pytest.raises(TrainingError, match=expected + r".*RuntimeError: Connection closed by peer"):
         run(tmp_path, checkpoint={"every_steps": 2}, train={"max_steps": 6})
     ckpt.verify(tmp_path / "checkpoints" / "step-00000004")
+
+
+def test_a_full_disk_after_the_checkpoint_has_its_name_is_not_called_a_failed_save(tmp_path, monkeypatch):
+    """The disk filled up while rank 0 replaced `latest`, after step 4's folder had its name: the error
+    said `failed to save the checkpoint of step 4`, while that checkpoint is complete and is the one the
+    same command resumes from (the newest intact step folder), with nothing set aside."""
+    real = ckpt.write_atomic
+
+    def disk_full_at_latest_4(path, data):
+        if path.name == "latest" and data.startswith(b"step-00000004"):
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(ckpt, "write_atomic", disk_full_at_latest_4)
+    expected = r"rank 0 failed after writing the checkpoint of step 4 \(step-00000004 is complete: the same command"
+    with pytest.raises(TrainingError, match=expected + r".*OSError: .*No space left on device"):
+        run(tmp_path, checkpoint={"every_steps": 2}, train={"max_steps": 6})
+    root = tmp_path / "checkpoints"
+    assert ckpt.read_latest(root) == "step-00000002"
+    monkeypatch.setattr(ckpt, "write_atomic", real)
+    assert run(tmp_path, checkpoint={"every_steps": 2}, train={"max_steps": 6})["status"] == "finished"
+    assert [r for r in read_rows(tmp_path) if "resumed_from" in r] == [{"resumed_from": "step-00000004", "step": 4}]
+    assert not [p.name for p in root.iterdir() if p.name.startswith(".abandoned-")]
 
 
 @pytest.mark.slow
