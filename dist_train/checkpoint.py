@@ -290,17 +290,20 @@ def set_aside_other_trajectories(root: Path, resumed: Path | None) -> list[str]:
     """Rank 0, once the run's first step ran: move `other_trajectories` out of the way, as
     `.abandoned-step-N-PID` (never deleted), and point `latest` at `resumed` (or remove it). Left in
     place they counted toward keep_last (the run kept fewer of its own), and `checkpoint.resume: auto`
-    (the newest intact step first) would resume the other trajectory. Returns the names set aside."""
+    (the newest intact step first) would resume the other trajectory. `latest` is also repaired when
+    nothing is set aside: after a crash between a save's rename and the update of `latest`, a resume
+    takes the newer folder, and a run with no step left to save would leave `latest` naming the one
+    before (which a resume by run folder reads). Returns the names set aside."""
     others = other_trajectories(root, resumed)
-    if not others:
-        return []
-    if own := _own_step(root, resumed):
-        write_atomic(root / "latest", (own.name + "\n").encode())  # first: it never names a missing folder
-    else:
+    own = _own_step(root, resumed)
+    if own and read_latest(root) != own.name:  # first: it never names a missing folder
+        write_atomic(root / "latest", (own.name + "\n").encode())
+    elif not own and others:
         (root / "latest").unlink(missing_ok=True)
     for path in others:
         os.rename(path, aside_path(root, "abandoned", path.name))
-    fsync_path(root)
+    if others:
+        fsync_path(root)
     return [path.name for path in others]
 
 

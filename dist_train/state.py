@@ -381,16 +381,22 @@ def restore(
     return state, folder, window_loss_sum.to(ctx.device)
 
 
-def set_aside_other_trajectories(root: Path, resumed: Path | None) -> None:
+def set_aside_other_trajectories(root: Path, resumed: Path | None) -> str | None:
     """Rank 0, once the run's first step ran (a config refused before it changes nothing): the checkpoints
-    this run does not continue leave the step-N names (`ckpt.set_aside_other_trajectories`), said in one line."""
+    this run does not continue leave the step-N names (`ckpt.set_aside_other_trajectories`), said in one
+    line. Returns why they could not, for every rank to stop on: left in place, the newest of them is
+    what `checkpoint.resume: auto` takes, not this run's own checkpoints."""
     try:
         names = ckpt.set_aside_other_trajectories(root, resumed)
-    except OSError as err:  # the run can go on; its retention and fallback then see them as before
-        log.warning("could not set aside the checkpoints this run does not continue (%s)", err)
-        return
+    except OSError as err:
+        return (
+            f"could not set aside the checkpoints in {root} that this run does not continue ({err}); left there, "
+            "checkpoint.resume=auto would resume the newest of them instead of this run's: move the later step "
+            "folders out of it (or give this user write access to it) and start the run again"
+        )
     if names:
         log.warning(ckpt.other_trajectories_summary(root, names))
+    return None
 
 
 def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int, fold=None) -> None:

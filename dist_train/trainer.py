@@ -190,9 +190,14 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
         """Once the config ran its first step (or had none to run): a config refused by its checkpoints or
         its first batch (status 2) leaves the folder's config.yaml and metrics.jsonl as they were (and its
         TensorBoard events: the writer's purge waits for the first row)."""
+        refused = None
         if ctx.is_rank_zero:
             write_atomic(output_dir / "config.yaml", dump_yaml(cfg).encode())
-            run_state.set_aside_other_trajectories(output_dir / "checkpoints", restored[1] if restored else None)
+            refused = run_state.set_aside_other_trajectories(
+                output_dir / "checkpoints", restored[1] if restored else None
+            )
+        if refused := control.broadcast_object(refused):
+            raise on_every_rank(UserError(refused))
         if restored:
             metrics.write({"resumed_from": restored[1].name, "step": resumed_at})
         else:

@@ -409,6 +409,44 @@ def test_a_rewind_sets_the_later_checkpoints_aside_and_keeps_its_own(tmp_path):
     }
 
 
+def test_a_rewind_that_cannot_set_the_later_checkpoints_aside_stops_in_one_line(tmp_path, monkeypatch):
+    """Rewound to step 2 of a run that saved 2, 4 and 6, where step 6 cannot be renamed aside: the run went
+    on with a warning, and the next `checkpoint.resume=auto` took old step 6 (the newest intact step
+    folder) over the rewound run's own checkpoints. It stops after its first step instead, saying why
+    and what to do, and the old checkpoints stay whole."""
+    run(tmp_path, train={"max_steps": 6}, checkpoint={"every_steps": 2, "keep_last": 3})
+    root = tmp_path / "checkpoints"
+    real = ckpt.os.rename
+
+    def refuse_step_6(src, dst):
+        if Path(src).name == "step-00000006" and ".abandoned-" in str(dst):
+            raise PermissionError(13, "Permission denied", str(src))
+        real(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", refuse_step_6)
+    rewound = {"every_steps": 2, "resume": str(root / "step-00000002")}
+    with pytest.raises(UserError, match=r"could not set aside the checkpoints in .* \(\[Errno 13\] Permission denied"):
+        run(tmp_path, train={"max_steps": 8}, checkpoint=rewound)
+    ckpt.verify(root / "step-00000006")
+    assert not (root / "step-00000003").exists()  # it stopped before any save of its own
+
+
+def test_the_next_start_repairs_latest_after_a_crash_before_the_last_saves_update_of_it(tmp_path, monkeypatch):
+    """The process died after the last step's folder got its name, before `latest` named it: the next
+    start resumes that step and has nothing left to train or save, so `latest` kept naming step 2, and
+    a run resuming this one by its folder (`checkpoint.resume=<run dir>`, read through `latest`) started
+    from step 2."""
+    with monkeypatch.context() as patch:
+        crash_when_saving_step_4(patch, "before_latest")
+        with pytest.raises(Crash):
+            run(tmp_path / "run", train={"max_steps": 4})
+    root = tmp_path / "run" / "checkpoints"
+    assert ckpt.read_latest(root) == "step-00000002"
+    assert run(tmp_path / "run", train={"max_steps": 4})["status"] == "finished"
+    assert ckpt.read_latest(root) == "step-00000004"
+    assert ckpt.resume_path(str(tmp_path / "run")) == root / "step-00000004"
+
+
 def test_a_set_aside_checkpoint_resumed_by_path_sets_aside_the_trajectory_it_replaces(tmp_path):
     """Rewound to step 2 of a run that saved 2, 4 and 6, then taken back to the set-aside step 6 by path
     (`.abandoned-step-00000006-PID`): its name is no step-N, so the run failed at its first step with
