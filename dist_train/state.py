@@ -388,6 +388,8 @@ def set_aside_other_trajectories(root: Path, resumed: Path | None) -> str | None
     what `checkpoint.resume: auto` takes, not this run's own checkpoints."""
     try:
         names = ckpt.set_aside_other_trajectories(root, resumed)
+    except UserError as err:  # `latest` made a folder by hand: rank 0's alone, so said by every rank
+        return str(err)
     except OSError as err:
         return (
             f"could not set aside the checkpoints in {root} that this run does not continue ({err}); left there, "

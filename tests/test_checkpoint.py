@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import PYTHON, as_plain_user, load_weights, max_abs_diff, read_rows, run_cli, write_config
+from helpers import PYTHON, as_plain_user, launch, load_weights, max_abs_diff, read_rows, run_cli, write_config
 
 import dist_train.checkpoint as ckpt
 from dist_train.cli import main
@@ -429,6 +429,23 @@ def test_a_rewind_that_cannot_set_the_later_checkpoints_aside_stops_in_one_line(
         run(tmp_path, train={"max_steps": 8}, checkpoint=rewound)
     ckpt.verify(root / "step-00000006")
     assert not (root / "step-00000003").exists()  # it stopped before any save of its own
+
+
+@pytest.mark.slow
+def test_a_latest_made_a_folder_by_hand_stops_every_rank_of_a_rewind_in_one_line(tmp_path):
+    """A rewind by a step folder's path does not read `latest`; setting aside at the first step does, on
+    rank 0 alone: a `latest` that is a folder made by hand must stop every rank with rank 0's one line,
+    not rank 0 alone while the others wait for it in a collective."""
+    run(tmp_path / "run", train={"max_steps": 4})
+    root = tmp_path / "run" / "checkpoints"
+    (root / "latest").unlink()
+    (root / "latest").mkdir()
+    raw = mlp_raw(tmp_path / "run", train={"max_steps": 6}, checkpoint={"resume": str(root / "step-00000002")})
+    proc = launch(raw, tmp_path, nproc=2, launcher="spawn", timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    said = [line for line in proc.stderr.splitlines() if "is a folder or a link to one" in line]
+    assert len(said) == 1, proc.stderr[-2000:]
+    assert "Connection closed" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_the_next_start_repairs_latest_after_a_crash_before_the_last_saves_update_of_it(tmp_path, monkeypatch):
