@@ -27,7 +27,7 @@ from pathlib import Path
 
 from dist_train.host_memory import MMAP_THRESHOLD, TRIM_THRESHOLD
 
-from .harness import HAND_LOOPS, SIDES, Cell, pooled_step_ratios, run_pair, run_side, summarise_cell
+from .harness import HAND_LOOPS, SIDES, Cell, pooled_step_ratios, run_pair, run_side, stop_on_sigterm, summarise_cell
 from .report import machine_info, table
 from .workloads import WORKLOADS, quick, smoke
 
@@ -125,6 +125,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop_on_sigterm()
     cells, notes = build_cells(args)
     for note in notes:
         print(f"note: {note}", flush=True)

@@ -7,35 +7,39 @@
 # OUT_DIR gets two files, refreshed after every stage (a device tool that returns a few files gets
 # everything, also from a run stopped at its limit): session.log, the whole console output, and
 # results.tar.gz, each stage's own output (NAME.txt, and NAME.json for the benchmark runs).
-# Each stage runs only while time is left: no variant starts after GPU_SESSION_VARIANTS_S (default
-# 390 s), no other stage after GPU_SESSION_BUDGET_S (default 470 s), and a running stage is stopped
-# at GPU_SESSION_LIMIT_S (default 540 s). Stages, in order:
+# Each stage starts only while time is left and is stopped at its deadline (seconds since the start):
+# the variants start until GPU_SESSION_VARIANTS_S (default 240) and stop at GPU_SESSION_VARIANTS_END_S
+# (400), the pair starts until GPU_SESSION_PAIR_S (450), the rest until GPU_SESSION_BUDGET_S (480), and
+# everything stops at GPU_SESSION_LIMIT_S (580). Stages, in order:
 #   gpu                  the GPU, driver, torch and CUDA versions
-# mfu (what issue 7 still needs a GPU for):
-#   baseline             dist_train alone (GPT-2 small, micro-batch 32, bf16, torch.compile): tokens/s, MFU
-#   variant-NAME         dist_train alone with one change each, in GPU_SESSION_VARIANTS order (default:
-#                        the ones no GPU session has measured first): max-autotune-no-cudagraphs (tuned
-#                        kernels: minutes of compiling), coordinate-descent (Inductor's block-size
-#                        tuning), mb64 (micro-batch 64), accum2 (2 micro-steps per optimizer step); also
-#                        defined: cudnn (cuDNN attention first), flash, reduce-overhead (CUDA graphs), fsdp
-#   profile              bench.gpu_profile's GPU time per kernel kind at micro-batch 32
-#   stacked              dist_train with every change that beat the baseline, stacked (bench.gpu --stack)
-#   pair                 bench.gpu: dist_train vs hand-written side by side, one pair after a warm-up pair
 # tests:
-#   pytest-gpu           the CUDA-path tests (tests/test_gpu.py)
+#   pytest-gpu           the CUDA-path tests (tests/test_gpu.py; GPU_SESSION_TESTS_K: a pytest -k filter)
+# mfu (what issue 7 still needs a GPU for):
+#   baseline             dist_train alone (GPT-2 small, GPT-2's batch: 8 micro-steps of 64, bf16,
+#                        torch.compile): tokens/s, MFU
+#   variant-NAME         dist_train alone with one change each, in GPU_SESSION_VARIANTS order (default:
+#                        coordinate-descent, Inductor's block-size tuning of its generated kernels, which
+#                        no GPU session has finished yet); also defined: max-autotune-no-cudagraphs (tuned
+#                        matrix-product kernels and coordinate descent: minutes of compiling), mb32
+#                        (micro-batch 32), accum1 (no accumulation), cudnn (cuDNN attention first),
+#                        flash, reduce-overhead (CUDA graphs), fsdp
+#   pair                 bench.gpu: dist_train vs hand-written side by side, one pair, with every variant's
+#                        change that beat the baseline (bench.gpu --stack), the compile caches already warm
+#   profile              bench.gpu_profile's GPU time per kernel kind, one micro-step and the update
 # BENCH_GPU_ARGS go to every bench.gpu and bench.gpu_profile command: "--tiny --device cpu" smoke-tests
 # this script on a machine without a GPU (PYTHON names the interpreter, default python3).
-# `mfu` takes 9 minutes on one H100, `tests` 3: with one 15-minute device budget run `mfu`
-# (timeout_s 560), then `tests` on the still-warm machine.
+# With one 15-minute device budget run `all` once (timeout_s 595): about 10 minutes on one H100.
 # Exit status: 0 when what ran passed.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-gpu-session}}
 what=${2:-all}
-variants_until=${GPU_SESSION_VARIANTS_S:-390}
-budget=${GPU_SESSION_BUDGET_S:-470}
-limit=${GPU_SESSION_LIMIT_S:-540}
-read -r -a variants <<<"${GPU_SESSION_VARIANTS:-max-autotune-no-cudagraphs coordinate-descent mb64 accum2}"
+variants_until=${GPU_SESSION_VARIANTS_S:-240}
+variants_end=${GPU_SESSION_VARIANTS_END_S:-400}
+pair_until=${GPU_SESSION_PAIR_S:-450}
+budget=${GPU_SESSION_BUDGET_S:-480}
+limit=${GPU_SESSION_LIMIT_S:-580}
+read -r -a variants <<<"${GPU_SESSION_VARIANTS:-coordinate-descent}"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
@@ -49,34 +53,40 @@ bundle() {
     tar -czf "$out/results.tar.gz.part" -C "$work" . && mv "$out/results.tar.gz.part" "$out/results.tar.gz"
 }
 
-# stage NAME [UNTIL] COMMAND...: run COMMAND into NAME.txt unless UNTIL seconds (default: the budget)
-# have passed, stopped at the limit; a {json} in COMMAND becomes the path of NAME.json
+# stage NAME [START_BY [END_BY]] COMMAND...: run COMMAND into NAME.txt unless START_BY seconds (default:
+# the budget) have passed, stopped at END_BY (default: the limit); a {json} in COMMAND becomes NAME.json
 stage() {
-    local name=$1 until=$budget rc=0
+    local name=$1 until=$budget end=$limit rc=0
     shift
     if [[ $1 =~ ^[0-9]+$ ]]; then
         until=$1
         shift
+        if [[ $1 =~ ^[0-9]+$ ]]; then
+            end=$1
+            shift
+        fi
     fi
-    [ "$until" -le "$limit" ] || until=$limit
+    [ "$end" -le "$limit" ] || end=$limit
+    [ "$until" -lt "$end" ] || until=$end
     if [ "$SECONDS" -ge "$until" ]; then
         echo "$name skipped: ${SECONDS}s spent, past ${until}s" | tee "$work/$name.txt"
         bundle
         return 0
     fi
     local args=("${@//\{json\}/$work/$name.json}")
-    echo "== $name (at ${SECONDS}s): ${args[*]}"
-    timeout "$((limit - SECONDS))" "${args[@]}" 2>&1 | tee "$work/$name.txt" || rc=$?
+    echo "== $name (at ${SECONDS}s, stopped at ${end}s): ${args[*]}"
+    timeout "$((end - SECONDS))" "${args[@]}" 2>&1 | tee "$work/$name.txt" || rc=$?
+    [ "$rc" -ne 124 ] || echo "$name stopped at ${end}s"
     bundle
     return "$rc"
 }
 
 # the options of each variant: one change against the baseline
 declare -A variant_args=(
-    [max-autotune-no-cudagraphs]="--compile-mode max-autotune-no-cudagraphs"
     [coordinate-descent]="--coordinate-descent"
-    [mb64]="--micro-batch 64"
-    [accum2]="--grad-accum 2"
+    [max-autotune-no-cudagraphs]="--compile-mode max-autotune-no-cudagraphs"
+    [mb32]="--micro-batch 32"
+    [accum1]="--grad-accum 1"
     [cudnn]="--sdpa-backend cudnn"
     [flash]="--sdpa-backend flash"
     [reduce-overhead]="--compile-mode reduce-overhead"
@@ -88,8 +98,14 @@ session() {
     "$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))' \
         2>&1 | tee -a "$work/gpu.txt"
 
+    if [ "$what" != mfu ]; then
+        local filter=()
+        [ -z "${GPU_SESSION_TESTS_K:-}" ] || filter=(-k "$GPU_SESSION_TESTS_K")
+        stage pytest-gpu "$python" -m pytest -m gpu -q -p no:cacheprovider --timeout 240 "${filter[@]}" \
+            tests/test_gpu.py || status=1
+    fi
     if [ "$what" != tests ]; then
-        # dist_train alone, timed over steps 21-60 (compiling stays out)
+        # dist_train alone, timed after 5 optimizer steps (compiling stays out)
         one=("$python" -m bench.gpu "${extra[@]}" --dist-train-only --repeats 1 --no-warmup-pair --timeout 240)
         stage baseline "${one[@]}" --json {json} || status=1
         for name in "${variants[@]}"; do
@@ -99,18 +115,14 @@ session() {
                 continue
             fi
             read -r -a options <<<"${variant_args[$name]}"
-            stage "variant-$name" "$variants_until" "${one[@]}" "${options[@]}" --json {json}
+            stage "variant-$name" "$variants_until" "$variants_end" "${one[@]}" "${options[@]}" --json {json}
         done
-        stage profile "$python" -m bench.gpu_profile "${extra[@]}" --micro-batch 32
+        # both sides with what helped; the variants filled the compile caches (a missing report: left out)
         shopt -s nullglob
         measured=("$work"/variant-*.json)
-        if [ -f "$work/baseline.json" ] && [ "${#measured[@]}" -gt 0 ]; then
-            stage stacked "${one[@]}" --stack "$work/baseline.json" "${measured[@]}" --json {json}
-        fi
-        stage pair "$python" -m bench.gpu "${extra[@]}" --repeats 1 --timeout 240 --json {json} || status=1
-    fi
-    if [ "$what" != mfu ]; then
-        stage pytest-gpu "$python" -m pytest -m gpu -q -p no:cacheprovider --timeout 240 tests/test_gpu.py || status=1
+        stage pair "$pair_until" "$python" -m bench.gpu "${extra[@]}" --repeats 1 --no-warmup-pair --timeout 240 \
+            --stack "$work/baseline.json" "${measured[@]}" --json {json} || status=1
+        stage profile "$python" -m bench.gpu_profile "${extra[@]}"
     fi
     echo "gpu_session $what: exit $status, ${SECONDS}s"
     return "$status"

@@ -82,6 +82,16 @@ def run_env(threads: int, times_path: Path) -> dict[str, str]:
     return env
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM (`timeout`, a scheduler) ends the benchmark as Ctrl-C does: the run in progress, in its
+    own session, is ended with it instead of running on (on a GPU: beside the next command's runs)."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
 def run_side(cell: Cell, side: str, run_dir: Path, threads: int, timeout: float) -> dict:
     """Launch one run and measure it. Returns a record (see `summarise_run`), `ok` False on failure."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +110,10 @@ def run_side(cell: Cell, side: str, run_dir: Path, threads: int, timeout: float)
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             code = "timeout"
+        except BaseException:  # the benchmark itself stopped (Ctrl-C, SIGTERM: stop_on_sigterm): its run too
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
         finished = time.perf_counter()
     record = {"side": side, "ok": code == 0, "exit": code, "wall_s": finished - launched, "run_dir": str(run_dir)}
     ranks = [times_path.with_name(f"{times_path.name}.rank{r}") for r in range(cell.world_size)]

@@ -162,10 +162,11 @@ def test_same_heap_gives_both_sides_the_heap_thresholds(monkeypatch, tmp_path):
     assert envs["dist_train"] == envs["hand"] == (str(MMAP_THRESHOLD), str(TRIM_THRESHOLD))
 
 
-@pytest.mark.parametrize("steps", ["2", "15", "25"])
+@pytest.mark.parametrize("steps", ["2", "5", "12", "23"])
 def test_gpu_bench_times_a_window_between_two_reads_of_the_loss(steps):
-    from bench.gpu import parse_args
+    from bench.gpu import GPT2_SMALL, parse_args
 
+    assert GPT2_SMALL.log_every == 5
     with pytest.raises(SystemExit) as err:
         parse_args(["--steps", steps])  # too short, or a window ending between two reads of the loss
     assert err.value.code == 2
@@ -173,16 +174,17 @@ def test_gpu_bench_times_a_window_between_two_reads_of_the_loss(steps):
 
 
 def test_gpu_bench_step_time_is_the_mean_between_synchronised_steps():
-    """On a GPU the host queues steps ahead: nine steps stamped 1 ms apart, then the step that reads
-    the loss waits 91 ms for the GPU. The median (1 ms) overstated throughput ten times; the time
-    from one read of the loss to another is the truth (10 ms a step), and the median over those
-    windows leaves out one window's hiccup (a 100 ms pause: its window's mean is 20 ms)."""
+    """On a GPU the host queues steps ahead: steps stamped 1 ms apart, then the step that reads the
+    loss (every log_every steps) waits for the GPU, 10 ms a step in all. The median (1 ms) overstated
+    throughput ten times; the time from one read of the loss to another is the truth, and the median
+    over those windows leaves out one window's hiccup (a 100 ms pause)."""
     from bench.gpu import GPT2_SMALL
     from bench.harness import summarise_run
 
-    ends, t = [], 0.0
+    ends, t, every = [], 0.0, GPT2_SMALL.log_every
+    assert (GPT2_SMALL.steps - GPT2_SMALL.warmup_steps) // every >= 3  # a median of three windows or more
     for step in range(1, GPT2_SMALL.steps + 1):
-        t += 0.091 if step % GPT2_SMALL.log_every == 0 else 0.001
+        t += 0.010 * every - 0.001 * (every - 1) if step % every == 0 else 0.001
         t += 0.1 if step == GPT2_SMALL.warmup_steps + 5 else 0.0
         ends.append(t)
     record = {"steps": ends, "cpu": ends, "train_start": 0.0, "peak_rss_mb": 1.0}
