@@ -1,15 +1,16 @@
 """Single-GPU GPT-2-small benchmark: dist_train against the hand-written loop, tokens/s and MFU.
 
     python -m bench.gpu                      # GPT-2 small (124M), bf16, torch.compile, SDPA attention
-    python -m bench.gpu --json gpu.json --repeats 3 --micro-batch 16
+    python -m bench.gpu --json gpu.json --repeats 3 --coordinate-descent
     python -m bench.gpu --tiny --device cpu  # smoke test of the harness on a CPU (tiny model, numbers meaningless)
 
 Both sides build `transformer_lm(vocab_size=50304, seq_len=1024, d_model=768, n_layers=12,
 n_heads=12)` (causal `F.scaled_dot_product_attention`: torch's kernel choice, cuDNN's on an H100
-with torch 2.11) from the same seed, train it on `synthetic_tokens` with fused AdamW under bf16
-autocast, the model compiled in place (`model.compile()`) and the fp32 cross-entropy compiled
-too, in fresh processes, alternating dist_train / hand-written. Tokens/s comes from the steady-state step time, timed from
-one host read of the loss to another (steps 21-60: CUDA steps are queued ahead of the GPU);
+with torch 2.11) from the same seed, train it at GPT-2's batch (512 sequences per optimizer step,
+8 micro-steps of 64) on `synthetic_tokens` with fused AdamW under bf16 autocast, the model compiled
+in place (`model.compile()`) and the fp32 cross-entropy compiled too, in fresh processes,
+alternating dist_train / hand-written. Tokens/s comes from the steady-state step time, timed from
+one host read of the loss to another (optimizer steps 6-20: CUDA steps are queued ahead of the GPU);
 MFU = tokens/s x FLOPs per token (dist_train.flops) / the GPU's bf16 dense peak. dist_train's own
 logged `mfu` (metrics.jsonl) is shown as a cross-check. `python -m bench.gpu_profile` shows where
 the GPU time of such a step goes.

@@ -1,6 +1,6 @@
 """Where a GPT-2-small training step spends its GPU time: torch.profiler over a few steady-state steps.
 
-    python -m bench.gpu_profile [--micro-batch 32] [--steps 5] [--no-compile-loss] [--compile-mode max-autotune]
+    python -m bench.gpu_profile [--micro-batch 64] [--steps 5] [--no-compile-loss] [--compile-mode max-autotune]
                                 [--sdpa-backend cudnn]
     python -m bench.gpu_profile --tiny --device cpu     # smoke test of the script (CPU ops, tiny model)
 
@@ -40,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.gpu_profile", description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny model (smoke test)")
-    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 32; tiny 4)")
+    parser.add_argument("--micro-batch", type=int, default=None, help="sequences per step (default 64; tiny 4)")
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-compile-loss", action="store_true")
