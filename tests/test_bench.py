@@ -353,3 +353,27 @@ def test_gpu_bench_stacks_the_variants_that_beat_the_baseline():
     }
     failed = {"options": {**base_options, "micro_batch": 64}, "runs": [[{"ok": False}]]}
     assert stacked_options(baseline, [failed]) == {}
+
+
+def test_a_benchmark_stopped_by_sigterm_ends_its_run(tmp_path):
+    """`timeout` (bench/gpu_session.sh's stage deadline) sends SIGTERM: the run in progress, which sits
+    in its own session, ends with the benchmark (it trained on, beside the next stage's runs)."""
+    import signal
+    import time
+
+    import psutil
+
+    args = ["--tiny", "--device", "cpu", "--no-compile", "--repeats", "1", "--no-warmup-pair", "--steps", "2000"]
+    bench = subprocess.Popen([PYTHON, "-m", "bench.gpu", *args, "--keep", str(tmp_path)], cwd=REPO_ROOT)
+    try:
+        deadline, runs = time.monotonic() + 120, []
+        while not runs and time.monotonic() < deadline and bench.poll() is None:
+            time.sleep(0.5)  # the run's processes carry its folder on their command line
+            runs = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+        assert runs, "the benchmark started no run"
+        bench.send_signal(signal.SIGTERM)
+        assert bench.wait(timeout=60) == 128 + signal.SIGTERM
+        gone, alive = psutil.wait_procs(runs, timeout=30)
+        assert not alive, [p.info["cmdline"] for p in alive]
+    finally:
+        bench.kill()
