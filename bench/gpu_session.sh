@@ -77,7 +77,7 @@ stage() {
     fi
     local args=("${@//\{json\}/$work/$name.json}")
     echo "== $name (at ${SECONDS}s, stopped at ${end}s): ${args[*]}"
-    timeout "$((end - SECONDS))" "${args[@]}" 2>&1 | tee "$work/$name.txt" || rc=$?
+    timeout --kill-after=15 "$((end - SECONDS))" "${args[@]}" 2>&1 | tee "$work/$name.txt" || rc=$?
     [ "$rc" -ne 124 ] || echo "$name stopped at ${end}s"
     bundle
     return "$rc"

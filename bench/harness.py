@@ -82,18 +82,26 @@ def run_env(threads: int, times_path: Path) -> dict[str, str]:
     return env
 
 
+_stopped_by: list[int] = []  # the signal stop_on_sigterm caught
+
+
 def stop_on_sigterm() -> None:
     """SIGTERM (`timeout`, a scheduler) ends the benchmark as Ctrl-C does: the run in progress, in its
     own session, is ended with it instead of running on (on a GPU: beside the next command's runs)."""
 
     def stop(signum, frame):
+        _stopped_by.append(signum)  # run_side starts no run after it, should an import swallow the exit
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the benchmark at once
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # as the caller may have left it blocked
 
 
 def run_side(cell: Cell, side: str, run_dir: Path, threads: int, timeout: float) -> dict:
     """Launch one run and measure it. Returns a record (see `summarise_run`), `ok` False on failure."""
+    if _stopped_by:
+        raise SystemExit(128 + _stopped_by[0])
     run_dir.mkdir(parents=True, exist_ok=True)
     times_path = run_dir / "step_times"
     cmd = command(cell, side, run_dir)

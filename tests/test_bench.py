@@ -368,9 +368,14 @@ def test_a_benchmark_stopped_by_sigterm_ends_its_run(tmp_path):
     try:
         deadline, runs = time.monotonic() + 120, []
         while not runs and time.monotonic() < deadline and bench.poll() is None:
-            time.sleep(0.5)  # the run's processes carry its folder on their command line
-            runs = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+            time.sleep(0.5)  # the run's processes carry its folder (under --keep) on their command line
+            runs = [
+                p
+                for p in psutil.process_iter(["cmdline"])
+                if p.pid != bench.pid and str(tmp_path / "0-dist_train") in " ".join(p.info["cmdline"] or [])
+            ]
         assert runs, "the benchmark started no run"
+        time.sleep(1.0)  # the benchmark is waiting for its run
         bench.send_signal(signal.SIGTERM)
         assert bench.wait(timeout=60) == 128 + signal.SIGTERM
         gone, alive = psutil.wait_procs(runs, timeout=30)
