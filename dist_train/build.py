@@ -48,6 +48,7 @@ def initial_model(cfg: Config) -> nn.Module:
 def build_run(cfg: Config, ctx: DistContext) -> Built:
     """Model, transforms, strategy, data and loss, in an order whose seeds make every rank alike."""
     model = initial_model(cfg)
+    require_fused_loss_support(cfg, model)
     compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
     model = apply_transforms(model, cfg, ctx)
     strategy = build_strategy(cfg, ctx)
@@ -63,8 +64,21 @@ def build_run(cfg: Config, ctx: DistContext) -> Built:
     train_loss = loss_fn  # a TensorDataset with no IGNORE_INDEX: static normaliser, no all-reduce per step
     if same_counts(data.dataset, loss_fn.ignores_targets):
         train_loss = replace(loss_fn, ignores_targets=False, same_count=True)
+    if cfg.train.fused_loss:
+        train_loss = replace(train_loss, in_model=True)
     require_eval_split(cfg, eval_data is not None)
     return Built(strategy, compression, data, eval_data, loss_fn, train_loss)
+
+
+def require_fused_loss_support(cfg: Config, model: nn.Module) -> None:
+    """train.fused_loss needs a model whose forward takes the targets and returns the loss sum."""
+    if cfg.train.fused_loss and not getattr(model, "supports_fused_loss", False):
+        raise UserError(
+            f"train.fused_loss: model {cfg.model.name!r} ({type(model).__name__}) does not compute its own loss; "
+            "use transformer_lm, give the model `supports_fused_loss = True` and a forward(inputs, targets=None, "
+            "label_smoothing=0.0) that returns the summed loss given targets (dist_train.fused_loss.LMHead), "
+            "or set train.fused_loss=false"
+        )
 
 
 def require_eval_split(cfg: Config, has_eval_split: bool) -> None:

@@ -26,12 +26,18 @@ class Loss:
     summed: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # reduction="sum" in one op
     is_nll: bool = False  # elementwise is the plain negative log-likelihood (perplexity = exp of its mean)
     same_count: bool = False  # every rank counts as many elements in every step: no all-reduce of the count
+    smoothing: float = 0.0  # cross_entropy's label smoothing
+    in_model: bool = False  # train.fused_loss: the model's forward computes the sum itself (fused_loss.py)
 
     def count(self, targets: torch.Tensor) -> int:
         """Counted elements of a (host) target batch; the normaliser's share of this micro-batch."""
         if self.ignores_targets:
             return int((targets != IGNORE_INDEX).sum())
         return targets.numel()
+
+    def model_kwargs(self, targets: torch.Tensor) -> dict:
+        """Keyword arguments of the model's training forward: the targets when the model computes the loss."""
+        return {"targets": targets, "label_smoothing": self.smoothing} if self.in_model else {}
 
     def sum(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """The training loss: the sum over counted elements (torch's fused sum reduction where it has one)."""
@@ -66,8 +72,8 @@ class Loss:
         return ((predicted == targets) & (targets != IGNORE_INDEX)).float()
 
 
-def _class_logits(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C) with (B,), or (B, T, C) with (B, T) -> flat (N, C) logits and (N,) targets, in fp32."""
+def check_class_targets(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> None:
+    """Class outputs (B, C) with targets (B,), or (B, T, C) with (B, T), the targets class ids."""
     if outputs.dim() != targets.dim() + 1 or outputs.shape[:-1] != targets.shape:
         raise UserError(
             f"loss {name}: outputs {tuple(outputs.shape)} do not fit targets {tuple(targets.shape)}; "
@@ -78,6 +84,11 @@ def _class_logits(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tu
             f"loss {name}: targets are class ids, got {str(targets.dtype).removeprefix('torch.')} targets; "
             "make the dataset's targets integer (torch.long), or use a loss for float targets (mse, bce_with_logits)"
         )
+
+
+def _class_logits(outputs: torch.Tensor, targets: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) with (B,), or (B, T, C) with (B, T) -> flat (N, C) logits and (N,) targets, in fp32."""
+    check_class_targets(outputs, targets, name)
     return outputs.reshape(-1, outputs.shape[-1]).float(), targets.reshape(-1).long()  # int32, uint8: torch wants int64
 
 
@@ -165,6 +176,7 @@ def build_loss(name: str, **kwargs: float) -> Loss:
             ignores_targets=True,
             summed=partial(cross_entropy, reduction="sum"),
             is_nll=smoothing == 0,
+            smoothing=smoothing,
         )
     if name == "focal":
         gamma, alpha = float(kwargs.get("gamma", 2.0)), kwargs.get("alpha")

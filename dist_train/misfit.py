@@ -28,6 +28,7 @@ _NOT_MISFITS = ("BackendCompilerFailed", "InternalTorchDynamoError")  # torch.co
 _TORCH_DIR = str(Path(torch.__file__).parent)
 _DISTRIBUTED_DIR = str(Path(dist.__file__).parent)
 _TRAINER = str(Path(__file__).with_name("trainer.py"))
+_FUSED_LOSS = str(Path(__file__).with_name("fused_loss.py"))  # train.fused_loss: torch's loss, chunked
 _USER_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')  # torch.compile's "from user code:" lines
 
 
@@ -85,8 +86,9 @@ def _is_dynamo(error: BaseException) -> bool:
 
 
 def _in_torch(filename: str) -> bool:
-    """torch's installed code, or code torch.compile generated (its cache folder)."""
-    if filename.startswith(_TORCH_DIR):
+    """torch's installed code, code torch.compile generated (its cache folder), or our fused loss (a
+    target id past the vocabulary fails in its gather as in torch's cross_entropy)."""
+    if filename.startswith(_TORCH_DIR) or filename == _FUSED_LOSS:
         return True
     try:
         from torch._inductor.runtime.cache_dir_utils import cache_dir

@@ -65,6 +65,8 @@ class StepResult:
 
 
 def _loss_sum(loss_fn: Loss, outputs, targets: torch.Tensor) -> torch.Tensor:
+    if loss_fn.in_model:  # train.fused_loss: the model's forward returned the loss sum
+        return outputs
     require_tensor_outputs(outputs)  # a dict/tuple/ModelOutput: the loss takes a tensor
     return loss_fn.sum(outputs, targets)
 
@@ -97,7 +99,9 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
         targets = targets.to(ctx.device, non_blocking=True)
         if i == 0:  # outside no_sync: DDP's bucket warm-up after a resume synchronises
             try:
-                strategy.prepare_step(inputs, functools.partial(_loss_sum, loss_fn, targets=targets))
+                strategy.prepare_step(
+                    inputs, functools.partial(_loss_sum, loss_fn, targets=targets), loss_fn.model_kwargs(targets)
+                )
             except FORWARD_ERRORS as err:
                 raise ForwardError(err, *micro_batches[i], None) from err
         if graphs:  # a new replay of the model's CUDA graphs; the last micro-step's outputs are spent
@@ -106,7 +110,7 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
             outputs = None
             try:
                 with strategy.autocast():
-                    outputs = strategy.model(inputs)
+                    outputs = strategy.model(inputs, **loss_fn.model_kwargs(targets))
                 loss_sum = _loss_sum(loss_fn, outputs, targets)
             except FORWARD_ERRORS as err:  # the model or loss cannot take this batch (misfit.py)
                 raise ForwardError(err, *micro_batches[i], outputs) from err  # host tensors: values shown on CUDA too
@@ -118,7 +122,8 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
             strategy.own_gradients()
         losses.append(loss_sum.detach())
     grad_norm, nonfinite = strategy.clip_and_step(cfg.train.grad_clip_norm, cfg.train.grad_clip_value)
-    return StepResult(losses, count, grad_norm, nonfinite, outputs.dim() if isinstance(outputs, torch.Tensor) else 0)
+    dims = targets.dim() + 1 if loss_fn.in_model else outputs.dim() if isinstance(outputs, torch.Tensor) else 0
+    return StepResult(losses, count, grad_norm, nonfinite, dims)
 
 
 def _log_row(state, window: LossWindow, lr: float, throughput: Throughput, data, tokens, ctx, metrics) -> None:

@@ -137,6 +137,11 @@ def validate(cfg: Config) -> None:
             "(or leave grad_checkpointing_every at 1)"
         )
     _positive(t.max_nonfinite_steps, "train.max_nonfinite_steps")
+    if t.fused_loss and t.loss != "cross_entropy":
+        raise UserError(
+            f"train.fused_loss computes cross_entropy inside the model; train.loss is {t.loss}: "
+            "set train.loss=cross_entropy, or train.fused_loss=false"
+        )
     _validate_compile_mode(cfg)
     _positive(cfg.optim.weight_decay, "optim.weight_decay", allow_zero=True)
     _positive(cfg.optim.eps, "optim.eps", allow_zero=True)

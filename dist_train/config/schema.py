@@ -66,6 +66,11 @@ class TrainConfig:
     grad_clip_value: Union[float, None] = _f(None, "clamp every gradient element to [-v, v] (null: off)")
     loss: str = _f("cross_entropy", "`cross_entropy`, `mse`, `l1`, `smooth_l1`, `bce_with_logits` or `focal`")
     loss_kwargs: dict = _f({}, "extra loss arguments, e.g. `{label_smoothing: 0.1}` or `{gamma: 2.0}`")
+    fused_loss: bool = _f(
+        False,
+        "language models: the output projection and `cross_entropy` in one, a chunk of tokens at a time; the "
+        "whole logits never exist (`transformer_lm`, or a model with `supports_fused_loss`)",
+    )
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "`bf16` autocast (CPU, CUDA); `fp16` autocast + GradScaler")
     grad_checkpointing: bool = _f(False, "recompute activations in backward (per block, non-reentrant)")
     grad_checkpointing_every: int = _f(

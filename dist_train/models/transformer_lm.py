@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import UserError
+from ..fused_loss import LMHead
 
 
 class CausalSelfAttention(nn.Module):
@@ -48,6 +49,8 @@ class Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
+    supports_fused_loss = True  # forward(tokens, targets=...) returns the summed loss (train.fused_loss)
+
     def __init__(
         self, vocab_size: int, seq_len: int, d_model: int, n_layers: int, n_heads: int, mlp_ratio: int, dropout: float
     ):
@@ -58,7 +61,7 @@ class TransformerLM(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
+        self.lm_head = LMHead(d_model, vocab_size, bias=False)
         self.lm_head.weight = self.tok_emb.weight  # weight tying (GPT-2)
         self.apply(self._init_weights)
         for name, param in self.named_parameters():  # GPT-2: scale residual projections by depth
@@ -72,7 +75,11 @@ class TransformerLM(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:  # tokens: (B, T) -> logits (B, T, vocab)
+    def forward(
+        self, tokens: torch.Tensor, targets: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, vocab); with targets (B, T), the cross-entropy summed over
+        the counted tokens instead, computed by the output projection a chunk at a time (fused_loss.py)."""
         if tokens.shape[-1] > self.seq_len:  # a shape, not a value: no device sync
             raise UserError(
                 f"transformer_lm: the data's sequences of {tokens.shape[-1]} tokens are longer than model.seq_len "
@@ -83,7 +90,7 @@ class TransformerLM(nn.Module):
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x))
+        return self.lm_head(self.ln_f(x), targets, label_smoothing)
 
 
 def transformer_lm(

@@ -102,9 +102,10 @@ class Strategy:
         raise NotImplementedError
 
     # --- one step ---------------------------------------------------------------------------
-    def prepare_step(self, inputs: torch.Tensor, loss_of) -> None:
-        """Before each optimizer step's first forward, with its first micro-batch (on the device) and
-        `loss_of(outputs)`: strategy bookkeeping a resumed run must redo before it trains (DDP)."""
+    def prepare_step(self, inputs: torch.Tensor, loss_of, model_kwargs: dict) -> None:
+        """Before each optimizer step's first forward, with its first micro-batch (on the device),
+        `loss_of(outputs)` and the model's other forward arguments (the targets under train.fused_loss):
+        strategy bookkeeping a resumed run must redo before it trains (DDP)."""
 
     def autocast(self) -> ContextManager:
         dtype = PRECISION_DTYPES.get(self.cfg.train.precision)

@@ -63,7 +63,7 @@ class DDPStrategy(Strategy):
     def module(self) -> nn.Module:
         return self._module
 
-    def prepare_step(self, inputs: torch.Tensor, loss_of) -> None:
+    def prepare_step(self, inputs: torch.Tensor, loss_of, model_kwargs: dict) -> None:
         """A resumed run's first step reduces the gradients in the buckets the uninterrupted run had.
 
         DDP reduces its first synchronised backward in one bucket in parameter order, then rebuilds the
@@ -80,7 +80,7 @@ class DDPStrategy(Strategy):
         devices = [self.ctx.device] if self.ctx.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.ctx.device.type):
             with self.autocast():
-                outputs = self.model(inputs)
+                outputs = self.model(inputs, **model_kwargs)
             (loss_of(outputs) * 0).backward()
         with torch.no_grad():
             for buffer, value in zip(self._module.buffers(), buffers):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from .. import checkpoint as ckpt
-from ..build import DATA_SEED_OFFSET, initial_model, require_eval_split
+from ..build import DATA_SEED_OFFSET, initial_model, require_eval_split, require_fused_loss_support
 from ..cli import ArgParser
 from ..compress import Compression
 from ..config import Config, load_config
@@ -202,6 +202,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
         total_steps = min(total_steps, cfg.train.epochs * data.steps_per_epoch)
 
     model, where = memory.build_for_inspection(cfg)
+    require_fused_loss_support(cfg, model)
     build_strategy(cfg, ctx).check_model(model)  # as the strategy's set-up refuses it (0-d, mixed dtypes)
     if cfg.train.sync_batchnorm:  # as the run's transform refuses it: a BatchNorm subclass it would cut down
         from ..sync_batchnorm import check_convertible

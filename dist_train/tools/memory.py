@@ -157,7 +157,9 @@ def _storage_key(t: torch.Tensor) -> int:
     return t.untyped_storage()._cdata  # one id per storage, views included (works on meta tensors too)
 
 
-def _saved_bytes(model: nn.Module, batch: torch.Tensor, autocast, checkpointed: list[nn.Module]) -> int:
+def _saved_bytes(
+    model: nn.Module, batch: torch.Tensor, autocast, checkpointed: list[nn.Module], model_kwargs: dict
+) -> int:
     """Storage bytes saved for backward by one forward (parameters and buffers excluded)."""
     skip = {_storage_key(t) for t in [*model.parameters(), *model.buffers()]}
     saved: dict[int, int] = {}
@@ -180,7 +182,7 @@ def _saved_bytes(model: nn.Module, batch: torch.Tensor, autocast, checkpointed: 
             autocast,
             torch.autograd.graph.saved_tensors_hooks(lambda t: keep(t) or t, lambda t: t),
         ):
-            outputs = model(batch)
+            outputs = model(batch, **model_kwargs)
     finally:
         for hook in hooks:
             hook.remove()
@@ -209,10 +211,12 @@ def activation_bytes(model: nn.Module, sample: torch.Tensor, cfg: Config, device
             batch = batch.to(dtype)
     autocast = torch.autocast("cpu", dtype=dtype) if device == "cpu" and dtype is not None else nullcontext()
     model.train()
-    full = _saved_bytes(model, batch, autocast, [])
+    # train.fused_loss: the model computes the loss from targets (any ids) and keeps no logits
+    kwargs = {"targets": torch.zeros(batch.shape, dtype=torch.long, device=device)} if cfg.train.fused_loss else {}
+    full = _saved_bytes(model, batch, autocast, [], kwargs)
     if not cfg.train.grad_checkpointing:
         return full
     enable_grad_checkpointing(model, cfg.train.grad_checkpointing_every)
     checkpointed = find_blocks(model)[:: cfg.train.grad_checkpointing_every]
-    kept = _saved_bytes(model, batch, autocast, checkpointed)
+    kept = _saved_bytes(model, batch, autocast, checkpointed, kwargs)
     return kept + (full - kept) // max(1, len(checkpointed))  # + one block recomputed at a time
