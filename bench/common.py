@@ -51,6 +51,16 @@ def loss_function(spec: dict):
     return torch.compile(cross_entropy, mode=mode)
 
 
+def micro_loss(model: nn.Module, loss_fn, spec: dict, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """A micro-batch's mean loss, the forward under bf16 autocast when the spec asks. With `fused_loss`
+    the model returns the loss summed over the tokens itself (dist_train.fused_loss), as train.fused_loss."""
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=spec["precision"] == "bf16"):
+        if spec.get("fused_loss"):
+            return model(inputs, targets=targets) / targets.numel()
+        outputs = model(inputs)
+    return loss_fn(outputs, targets)
+
+
 def attention_preference(spec: dict) -> contextlib.AbstractContextManager:
     """The spec's attention kernel first in torch's priority order, every backend left enabled
     (train.sdpa_backend); "torch" keeps torch's order."""

@@ -93,6 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="attention kernel tried first on both sides (dist_train: train.sdpa_backend)",
     )
     parser.add_argument(
+        "--fused-loss",
+        action="store_true",
+        help="the output projection and cross-entropy in one, a chunk of tokens at a time, on both sides "
+        "(dist_train: train.fused_loss; the hand-written loop calls model(inputs, targets=targets))",
+    )
+    parser.add_argument(
         "--strategy",
         choices=("ddp", "fsdp"),
         default="ddp",
@@ -272,6 +278,8 @@ def build_cell(args: argparse.Namespace) -> Cell:
         changes["micro_batch_size"] = args.micro_batch
     if args.sdpa_backend != "torch":
         changes["sdpa_backend"] = args.sdpa_backend
+    if args.fused_loss:
+        changes["fused_loss"] = True
     if args.steps:
         changes["steps"] = args.steps
         every = workload.log_every  # the window starts and ends at a read of the loss (Workload.step_time)

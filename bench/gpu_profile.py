@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from .common import attention_preference, loss_function, param_groups
+from .common import attention_preference, loss_function, micro_loss, param_groups
 from .gpu import GPT2_SMALL, TINY, flops_per_token, gpu_peak_tflops
 from .workloads import CUDA_GRAPH_MODES
 
@@ -44,6 +44,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--no-compile-loss", action="store_true")
+    parser.add_argument(
+        "--fused-loss", action="store_true", help="the model computes its chunked loss (train.fused_loss)"
+    )
     parser.add_argument(
         "--compile-mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     )
@@ -76,9 +79,7 @@ def main() -> None:
     def step() -> None:
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            logits = model(inputs)
-        loss_fn(logits, targets).backward()
+        micro_loss(model, loss_fn, {"precision": "bf16", "fused_loss": args.fused_loss}, inputs, targets).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -111,7 +112,8 @@ def main() -> None:
     _, peak = gpu_peak_tflops() if cuda else (None, None)
     achieved = spec.micro_batch_size * seq * flops_per_token(spec) / wall / 1e12
     print(
-        f"micro-batch {spec.micro_batch_size}, compile mode {mode}, loss {'eager' if args.no_compile_loss else 'compiled'}, "
+        f"micro-batch {spec.micro_batch_size}, compile mode {mode}, "
+        f"loss {'fused' if args.fused_loss else 'eager' if args.no_compile_loss else 'compiled'}, "
         f"attention {args.sdpa_backend}: "
         f"wall {wall * 1e3:.1f} ms/step, {device.type} busy {gpu_ms:.1f} ms/step, {achieved:.0f} TFLOP/s"
         + (f" = MFU {achieved / peak:.1%}" if peak else "")

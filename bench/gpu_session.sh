@@ -18,8 +18,10 @@
 #   baseline             dist_train alone (GPT-2 small, GPT-2's batch: 8 micro-steps of 64, bf16,
 #                        torch.compile): tokens/s, MFU
 #   variant-NAME         dist_train alone with one change each, in GPU_SESSION_VARIANTS order (default:
-#                        coordinate-descent, Inductor's block-size tuning of its generated kernels: +2.3 %
-#                        on an H100, after over 200 s of tuning); also defined: max-autotune-no-cudagraphs (tuned
+#                        fused-loss, train.fused_loss: the output projection and cross-entropy a chunk of
+#                        tokens at a time, not yet measured on a GPU; then coordinate-descent, Inductor's
+#                        block-size tuning of its generated kernels: +2.3 % on an H100, after over 200 s of
+#                        tuning, so a fresh machine may stop it at its deadline); also defined: max-autotune-no-cudagraphs (tuned
 #                        matrix-product kernels and coordinate descent: minutes of compiling), mb32
 #                        (micro-batch 32), accum1 (no accumulation), cudnn (cuDNN attention first),
 #                        flash, reduce-overhead (CUDA graphs), fsdp
@@ -41,7 +43,7 @@ variants_end=${GPU_SESSION_VARIANTS_END_S:-470}
 pair_until=${GPU_SESSION_PAIR_S:-480}
 budget=${GPU_SESSION_BUDGET_S:-500}
 limit=${GPU_SESSION_LIMIT_S:-580}
-read -r -a variants <<<"${GPU_SESSION_VARIANTS:-coordinate-descent}"
+read -r -a variants <<<"${GPU_SESSION_VARIANTS:-fused-loss coordinate-descent}"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
@@ -85,6 +87,7 @@ stage() {
 
 # the options of each variant: one change against the baseline
 declare -A variant_args=(
+    [fused-loss]="--fused-loss"
     [coordinate-descent]="--coordinate-descent"
     [max-autotune-no-cudagraphs]="--compile-mode max-autotune-no-cudagraphs"
     [mb32]="--micro-batch 32"

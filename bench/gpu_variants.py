@@ -12,7 +12,15 @@ import statistics
 from .workloads import CUDA_GRAPH_MODES
 
 # What a variant may change (bench/gpu_session.sh tries each alone, then stacks the ones that helped)
-VARIANT_KEYS = ("strategy", "grad_accum", "micro_batch", "compile_mode", "coordinate_descent", "sdpa_backend")
+VARIANT_KEYS = (
+    "strategy",
+    "grad_accum",
+    "micro_batch",
+    "compile_mode",
+    "coordinate_descent",
+    "sdpa_backend",
+    "fused_loss",
+)
 
 
 def variant_options(args: argparse.Namespace) -> dict:

@@ -25,6 +25,7 @@ from bench.common import (
     exit_now,
     factory,
     loss_function,
+    micro_loss,
     param_groups,
     parse_spec,
     save_weights,
@@ -49,7 +50,6 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
     data = batches(loader, sampler)
     accum = spec["grad_accum_steps"]
     loss_fn = loss_function(spec)
-    bf16 = spec["precision"] == "bf16"
 
     for step in range(1, spec["steps"] + 1):
         for micro in range(accum):
@@ -59,9 +59,7 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
                 torch.compiler.cudagraph_mark_step_begin()
             sync = micro == accum - 1 or world_size == 1
             with contextlib.nullcontext() if sync else model.no_sync():
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logits = model(inputs)
-                loss = loss_fn(logits, targets) / accum
+                loss = micro_loss(model, loss_fn, spec, inputs, targets) / accum
                 loss.backward()
         torch.nn.utils.clip_grad_norm_(module.parameters(), spec["grad_clip_norm"], foreach=True)
         optimizer.step()

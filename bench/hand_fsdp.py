@@ -26,6 +26,7 @@ from bench.common import (
     exit_now,
     factory,
     loss_function,
+    micro_loss,
     param_groups,
     parse_spec,
     train_loader,
@@ -61,9 +62,7 @@ def run(spec: dict, device: torch.device) -> tuple[StepTimes, torch.nn.Module]:
             inputs, targets = next(data)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             model.set_requires_gradient_sync(micro == accum - 1)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                outputs = model(inputs)
-            loss = loss_fn(outputs, targets) / accum
+            loss = micro_loss(model, loss_fn, spec, inputs, targets) / accum
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), spec["grad_clip_norm"], foreach=True)
         optimizer.step()

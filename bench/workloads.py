@@ -37,6 +37,7 @@ class Workload:
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode (train.compile_mode)
     sdpa_backend: str = "torch"  # attention kernel tried first (train.sdpa_backend; torch: torch's order)
+    fused_loss: bool = False  # the model computes its chunked loss from the targets (train.fused_loss)
     device: str = "auto"  # "cpu" keeps a one-process run off the GPU (dist_train: dist.backend=gloo)
     # The run's step time: "median" of the steady-state steps (CPU: robust to the machine's other load),
     # or "window": the median over the log_every-step windows from one step that reads the loss on the
@@ -82,6 +83,7 @@ class Workload:
                 "compile": self.compile,
                 "compile_mode": self.compile_mode,
                 "sdpa_backend": self.sdpa_backend,
+                "fused_loss": self.fused_loss,
             },
             "optim": {"name": "adamw", "weight_decay": self.weight_decay, "betas": list(self.betas), "eps": self.eps},
             "schedule": {"name": "constant", "warmup_steps": 0},

@@ -49,7 +49,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
             total = total + torch.where(keep, row_loss, 0.0).sum()
             if not (want_hidden or want_weight):
                 continue
-            grad = torch.softmax(z, dim=1)  # d loss / d logits: softmax - (1 - s) one-hot - s / V
+            grad = z.sub_(lse.unsqueeze(1)).exp_()  # the softmax, in z's memory; d loss / d logits is
+            # the softmax - (1 - s) one-hot - s / V
             if smoothing:
                 grad.sub_(smoothing / vocab)
             grad.scatter_add_(1, safe, torch.full_like(lse, smoothing - 1.0).unsqueeze(1))

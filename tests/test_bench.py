@@ -276,19 +276,19 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     # a variant alone (dist_train only), then the variants that beat the baseline stacked
     variant, stacked = tmp_path / "variant.json", tmp_path / "stacked.json"
     only = ["--tiny", "--device", "cpu", "--no-compile", "--repeats", "1", "--dist-train-only"]
-    two = ["--grad-accum", "2", "--sdpa-backend", "cudnn"]  # cuDNN attention: a preference, no-op on a CPU
+    two = ["--grad-accum", "2", "--sdpa-backend", "cudnn", "--fused-loss"]  # cuDNN: a preference, no-op on a CPU
     proc = run_cli([PYTHON, "-m", "bench.gpu", *only, *two, "--json", str(variant)], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(variant.read_text())
     assert report["options"]["grad_accum"] == 2 and report["workload"]["grad_accum_steps"] == 2
-    assert report["workload"]["sdpa_backend"] == "cudnn"
+    assert report["workload"]["sdpa_backend"] == "cudnn" and report["workload"]["fused_loss"] is True
     assert [r["side"] for r in report["runs"][0]] == ["dist_train"] and "hand-written" not in proc.stdout
     run = report["runs"][0][0]  # an optimizer step takes two micro-batches of 4 sequences
     assert run["samples_per_s"] == pytest.approx(8 / run["step_time_s"])
     proc = run_cli([PYTHON, "-m", "bench.gpu", *only, "--stack", str(out), str(variant), "--json", str(stacked)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if stacked.is_file():  # accumulation beat the baseline: the stacked run has it
-        assert "bench.gpu --stack: {'grad_accum': 2, 'sdpa_backend': 'cudnn'}" in proc.stdout
+        assert "bench.gpu --stack: {'grad_accum': 2, 'sdpa_backend': 'cudnn', 'fused_loss': True}" in proc.stdout
         assert json.loads(stacked.read_text())["options"]["grad_accum"] == 2
     else:
         assert "beat the baseline; nothing to run" in proc.stdout
@@ -296,11 +296,14 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_profile_tiny_on_cpu():
-    proc = run_cli([PYTHON, "-m", "bench.gpu_profile", "--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1"])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "micro-batch 4, compile mode default, loss compiled" in proc.stdout and "top 18 kernels" in proc.stdout
-    shares = [float(line.split()[-1].rstrip("%")) for line in proc.stdout.splitlines() if line.endswith("%")]
-    assert shares and sum(shares) == pytest.approx(100, abs=0.5)  # the kinds add up to the busy time
+    for fused in ([], ["--fused-loss"]):
+        tiny = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", *fused]
+        proc = run_cli([PYTHON, "-m", "bench.gpu_profile", *tiny])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        loss = "fused" if fused else "compiled"
+        assert f"micro-batch 4, compile mode default, loss {loss}" in proc.stdout and "top 18 kernels" in proc.stdout
+        shares = [float(line.split()[-1].rstrip("%")) for line in proc.stdout.splitlines() if line.endswith("%")]
+        assert shares and sum(shares) == pytest.approx(100, abs=0.5)  # the kinds add up to the busy time
     if not torch.cuda.is_available():
         proc = run_cli([PYTHON, "-m", "bench.gpu_profile"])
         assert proc.returncode == 2 and "no CUDA GPU here" in proc.stderr and "Traceback" not in proc.stderr
@@ -382,3 +385,30 @@ def test_a_benchmark_stopped_by_sigterm_ends_its_run(tmp_path):
         assert not alive, [p.info["cmdline"] for p in alive]
     finally:
         bench.kill()
+
+
+def test_hand_loop_with_the_fused_loss_trains_as_with_its_own_loss():
+    """bench.gpu --fused-loss: the hand-written loop calls model(inputs, targets=targets) (the chunked
+    loss sum over the tokens) where it took the mean cross-entropy of the logits; same weights."""
+    from bench import hand_ddp
+    from bench.gpu import TINY
+
+    weights = []
+    for fused in (False, True):
+        spec = TINY.scaled(device="cpu", compile=False, precision="fp32", fused_loss=fused).spec()
+        _, module = hand_ddp.run(spec, torch.device("cpu"))
+        weights.append({name: p.detach().clone() for name, p in module.state_dict().items()})
+    assert max_abs_diff(*weights) < 1e-5
+
+
+@pytest.mark.slow
+def test_fused_loss_bench_on_cpu(tmp_path):
+    out = tmp_path / "fused.json"
+    shape = ["--tokens", "512", "--vocab", "1000", "--width", "32", "--precision", "fp32", "--no-compile"]
+    args = ["--device", "cpu", *shape, "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out)]
+    proc = run_cli([PYTHON, "-m", "bench.fused_loss", *args])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| ms per forward + backward |" in proc.stdout and "| peak memory above the start, MB |" in proc.stdout
+    report = json.loads(out.read_text())
+    assert [r["side"] for r in report["runs"]["unfused"] + report["runs"]["fused"]] == ["unfused", "fused"]
+    assert all(report["median"][side]["ms"] > 0 for side in ("unfused", "fused"))
