@@ -120,7 +120,8 @@ def train_step(strategy: Strategy, loss_fn: Loss, micro_batches: list, cfg: Conf
             strategy.backward(loss_sum * scale)
         if graphs and i == 0 < last:  # the next replay overwrites the graphs' memory, where .grad lives now
             strategy.own_gradients()
-        losses.append(loss_sum.detach())
+        # a fused loss is the graphs' own output under CUDA graphs: the next replay would overwrite it
+        losses.append(loss_sum.detach().clone() if graphs and loss_fn.in_model else loss_sum.detach())
     grad_norm, nonfinite = strategy.clip_and_step(cfg.train.grad_clip_norm, cfg.train.grad_clip_value)
     dims = targets.dim() + 1 if loss_fn.in_model else outputs.dim() if isinstance(outputs, torch.Tensor) else 0
     return StepResult(losses, count, grad_norm, nonfinite, dims)

@@ -4,7 +4,8 @@ One command runs these and the GPU benchmark on a GPU machine: `bash bench/gpu_s
 What they pin down: a one-GPU run picks CUDA and logs MFU and CUDA memory; GPU and CPU runs of the
 same fp32 config agree; no CUDA synchronisation inside a training step (torch's sync debug mode set
 to error); fp16 with the GradScaler and bf16 with torch.compile train; CUDA graphs (compile mode
-reduce-overhead) follow the default mode; cuDNN attention runs when `train.sdpa_backend=cudnn`
+reduce-overhead) follow the default mode; train.fused_loss trains as the unfused loss, compiled
+and as CUDA graphs; cuDNN attention runs when `train.sdpa_backend=cudnn`
 asks for it and trains like flash attention; FSDP2 on one GPU matches DDP;
 SyncBatchNorm becomes torch's own on CUDA; a model that does not fit the data is one line, status 2;
 and, with two GPUs, 2 ranks x b equal 1 rank x 2b (NCCL).
@@ -123,6 +124,27 @@ def test_cuda_graph_compile_mode_follows_the_default_mode(tmp_path):
         default = [r[key] for r in runs["default"] if key in r]
         graphs = [r[key] for r in runs["reduce-overhead"] if key in r]
         assert len(default) >= 3 and graphs == pytest.approx(default, rel=2e-2), key
+
+
+def test_fused_loss_on_cuda_trains_as_the_unfused_one_compiled_and_as_cuda_graphs(tmp_path):
+    """train.fused_loss under bf16 and torch.compile on a GPU, in the default mode and replayed as CUDA
+    graphs (the loss is then the graphs' own output, kept until the optimizer step): the losses and
+    eval losses of the unfused loss."""
+    runs = {}
+    for name, mode, fused in (
+        ("plain", "default", False),
+        ("fused", "default", True),
+        ("graphs", "reduce-overhead", True),
+    ):
+        train = {"precision": "bf16", "compile": True, "compile_mode": mode, "fused_loss": fused, "grad_accum_steps": 2}
+        config = tiny_lm_config(tmp_path / name, train={**train, "max_steps": 12}, eval={"every_steps": 4})
+        proc = launch(config, tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[name] = read_rows(config["run"]["output_dir"])
+    for key in ("loss", "eval_loss"):
+        plain = [r[key] for r in runs["plain"] if key in r]
+        for name in ("fused", "graphs"):
+            assert [r[key] for r in runs[name] if key in r] == pytest.approx(plain, rel=2e-2), (name, key)
 
 
 def test_cudnn_attention_runs_when_preferred_and_trains_like_flash(tmp_path):
