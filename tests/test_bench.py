@@ -408,7 +408,7 @@ def test_fused_loss_bench_on_cpu(tmp_path):
     args = ["--device", "cpu", *shape, "--steps", "2", "--warmup", "1", "--repeats", "1", "--json", str(out)]
     proc = run_cli([PYTHON, "-m", "bench.fused_loss", *args])
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "| ms per forward + backward |" in proc.stdout and "| peak memory above the start, MB |" in proc.stdout
+    assert "| ms per forward + backward |" in proc.stdout and "| peak memory above the warm start, MB |" in proc.stdout
     report = json.loads(out.read_text())
     assert [r["side"] for r in report["runs"]["unfused"] + report["runs"]["fused"]] == ["unfused", "fused"]
     assert all(report["median"][side]["ms"] > 0 for side in ("unfused", "fused"))

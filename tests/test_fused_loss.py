@@ -54,11 +54,17 @@ def test_chunked_loss_and_gradients_equal_torch_cross_entropy(small_chunks, smoo
 
 
 def test_without_gradients_only_the_loss_is_computed(small_chunks):
+    """Under no_grad (evaluation) one product per chunk, not the three of training."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     hidden, weight, targets = _tokens()
-    with torch.no_grad():
-        loss = fused_loss.linear_cross_entropy(hidden, weight, targets)
+    product = 2 * 37 * 6 * 11
+    for grad, products in ((False, 1), (True, 3)):
+        with torch.set_grad_enabled(grad), FlopCounterMode(display=False) as flops:
+            loss = fused_loss.linear_cross_entropy(hidden, weight, targets)
+        assert flops.get_total_flops() == products * product and loss.requires_grad == grad
     reference = F.cross_entropy(hidden @ weight.t(), targets, ignore_index=IGNORE_INDEX, reduction="sum")
-    assert loss.item() == pytest.approx(reference.item(), rel=1e-12) and not loss.requires_grad
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-12)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -99,6 +105,23 @@ def test_a_target_past_the_vocabulary_is_a_misfit_said_in_one_line():
     assert "does not fit the data" in str(error.as_user_error())
     with pytest.raises(UserError, match=r"outputs \(2, 8, 16\) do not fit targets \(2, 7\)"):
         model(tokens, targets=targets[:, :7])
+    with pytest.raises(UserError, match="LMHead computes the loss of a projection without bias"):
+        fused_loss.LMHead(16, 11, bias=True)(torch.randn(2, 16), torch.zeros(2, dtype=torch.long))
+
+
+def test_the_dynamic_int8_export_quantizes_the_language_model_head():
+    """LMHead is a Linear to torch's dynamic quantization too (it maps exact types): the int8 model's
+    head is an int8 Linear computing the float model's logits to int8 accuracy."""
+    from dist_train.compress.qat import quantize
+
+    torch.manual_seed(0)
+    model = transformer_lm(vocab_size=11, seq_len=8, d_model=16, n_layers=1, n_heads=2).eval()
+    int8 = quantize(model, "dynamic")
+    assert type(int8.lm_head).__module__.startswith("torch.ao.nn.quantized.dynamic")
+    assert isinstance(model.lm_head, fused_loss.LMHead)  # the float model is left as it was
+    tokens = torch.randint(11, (2, 8))
+    with torch.no_grad():
+        assert (int8(tokens) - model(tokens)).abs().max() < 0.05 * model(tokens).abs().max()
 
 
 def test_fused_loss_is_refused_with_another_loss_or_a_model_that_cannot_compute_it(tmp_path):

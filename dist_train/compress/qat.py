@@ -22,6 +22,7 @@ its factory, quantizes the skeleton the same way and loads the state_dict: a CPU
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ import torch.nn as nn
 from ..checkpoint import atomic_file
 from ..config import Config
 from ..errors import UserError
+from ..fused_loss import LMHead
 from ..patterns import FUSED_NAMES
 
 log = logging.getLogger("dist_train")
@@ -185,7 +187,11 @@ def quantize(model: nn.Module, kind: str) -> nn.Module:
     with quiet():
         if kind == "qat":
             return tq.convert(model, inplace=False)
-        return tq.quantize_dynamic(model, DYNAMIC_TYPES, dtype=torch.qint8, inplace=False)
+        model = copy.deepcopy(model)
+        for module in model.modules():  # torch maps exact types: a language model's head is a Linear too
+            if isinstance(module, LMHead):  # (the int8 model computes logits; the fused loss is for training)
+                module.__class__ = nn.Linear
+        return tq.quantize_dynamic(model, DYNAMIC_TYPES, dtype=torch.qint8, inplace=True)
 
 
 def save_quantized(model: nn.Module, path: Path, kind: str, cfg: Config) -> None:

@@ -90,7 +90,8 @@ class TransformerLM(nn.Module):
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
         for block in self.blocks:
             x = block(x)
-        return self.lm_head(self.ln_f(x), targets, label_smoothing)
+        x = self.ln_f(x)
+        return self.lm_head(x) if targets is None else self.lm_head(x, targets, label_smoothing)
 
 
 def transformer_lm(
