@@ -81,7 +81,7 @@ def linear_cross_entropy(
     hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, smoothing: float = 0.0
 ) -> torch.Tensor:
     """sum over counted tokens of cross_entropy(hidden @ weight.T, targets): hidden (..., d), weight
-    (V, d), targets (...) of class ids (-100 ignored); a 0-d fp32 loss."""
+    (V, d), targets (...) of class ids (-100 ignored); a 0-d loss in fp32 (fp64 for fp64 inputs)."""
     check_class_targets(hidden, targets, "cross_entropy (train.fused_loss: the outputs are the model's hidden states)")
     if not torch.is_grad_enabled():  # needs_input_grad would still say yes: the loss alone, one product
         hidden, weight = hidden.detach(), weight.detach()
