@@ -11,6 +11,10 @@ EXTRAS ?= dev,deepspeed,hf
 NPROC ?= 2
 CONFIG ?= configs/quickstart.yaml
 PYTEST_ARGS ?=
+# Test files run side by side on this many pytest-xdist workers (each file on one worker: its
+# module fixtures run once, and the SLURM tests never share the one-node cluster). 2 fits a 2-core
+# machine (the suite's tests are mostly 2-rank launches); raise it where there are more cores.
+TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
 
 .PHONY: setup train test test-fast lint bench clean
@@ -31,10 +35,10 @@ train: setup
 		-m dist_train --config $(CONFIG)
 
 test: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q --durations=20 $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 test-fast: setup
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow" $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import shutil
 import socket
 import subprocess
@@ -25,11 +26,35 @@ import torch.multiprocessing as mp
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
+# Ports handed out by free_port: below Linux's ephemeral range, so that no connection's source port
+# (gloo opens many) takes one between free_port and the bind that uses it, and below 15000, where the
+# SLURM templates' ports start. Each pytest-xdist worker draws from its own slice.
+PORT_RANGE = (10000, 15000)
+
+
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    low, high = PORT_RANGE
+    span = (high - low) // max(workers, 1)
+    first = low + span * (int(worker) if worker.isdigit() else 0)
+    candidates = random.sample(range(first, first + span), 64) if _ephemeral_start() >= high else []
+    for port in [*candidates, 0]:  # 0: the kernel's choice, when no port of the slice is free
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return sock.getsockname()[1]
+    raise AssertionError("no free TCP port on 127.0.0.1")
 
 
 def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, out_dir: str) -> None:

@@ -127,7 +127,7 @@ def test_a_hung_rank_fails_within_the_timeout_with_stacks(tmp_path, launcher):
     proc = launch(faulty_config(tmp_path, "hang"), tmp_path, nproc=2, launcher=launcher, timeout=200, env=env)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
-    assert elapsed < 20 + 30 + 15, elapsed  # timeout + 30 s, plus launcher start-up
+    assert elapsed < 20 + 30 + 30, elapsed  # timeout + 30 s, plus launcher start-up under the suite's load
     assert "faulty.py" in proc.stderr and "in forward" in proc.stderr  # the hung rank's stack was dumped
 
 
@@ -200,7 +200,7 @@ def test_quickstart_trains_on_two_ranks_with_falling_loss(tmp_path):
     start = time.monotonic()
     proc = launch(REPO_ROOT / "configs/quickstart.yaml", tmp_path, [f"run.output_dir={tmp_path / 'qs'}"], nproc=2)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert time.monotonic() - start < 60
+    assert time.monotonic() - start < 90  # 25 s alone, 34 s in the parallel suite (2-core VM)
     rows = read_rows(tmp_path / "qs")
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses[-1] < 0.6 * losses[0]
@@ -240,7 +240,8 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     started = time.monotonic()
     cmd = [PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)]
     proc = run_cli([*cmd, "run.output_dir=/proc/no/such"])  # found before the model (and its widht)
-    assert proc.returncode == 2 and time.monotonic() - started < 20, proc.stderr[-2000:]
+    # the peers would wait out dist.timeout_s (600 s); 45 s is start-up on a loaded 2-core machine
+    assert proc.returncode == 2 and time.monotonic() - started < 45, proc.stderr[-2000:]
     assert proc.stderr.count("dist_train: error: run.output_dir /proc/no/such: cannot create it") == 1
 
 
