@@ -46,7 +46,7 @@ def free_port() -> int:
     low, high = PORT_RANGE
     span = (high - low) // max(workers, 1)
     first = low + span * (int(worker) if worker.isdigit() else 0)
-    candidates = random.sample(range(first, first + span), 64) if _ephemeral_start() >= high else []
+    candidates = random.sample(range(first, first + span), min(64, span)) if _ephemeral_start() >= high else []
     for port in [*candidates, 0]:  # 0: the kernel's choice, when no port of the slice is free
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
             try:
