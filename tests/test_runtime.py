@@ -122,12 +122,14 @@ def test_spawn_names_a_rank_that_exits_without_a_word(tmp_path):
 def test_a_hung_rank_fails_within_the_timeout_with_stacks(tmp_path, launcher):
     """spawn.py killed the hung rank 20 s after its peer's collective timed out: before its watchdog
     (dist.timeout_s + 30 s) dumped the stack, so nothing showed where it hung."""
-    start = time.monotonic()
-    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
+    mark = tmp_path / "hang-began"
+    env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}", "FAULTY_HANG_MARK": str(mark)}
     proc = launch(faulty_config(tmp_path, "hang"), tmp_path, nproc=2, launcher=launcher, timeout=200, env=env)
-    elapsed = time.monotonic() - start
     assert proc.returncode != 0
-    assert elapsed < 20 + 30 + 30, elapsed  # timeout + 30 s, plus launcher start-up under the suite's load
+    # dist.timeout_s (20 s) + the watchdog's 30 s after the hang, then the stack dump and the exits;
+    # timed from the hang, not the launch, whose start-up takes 5-25 s with the suite's load
+    hung_for = time.time() - mark.stat().st_mtime
+    assert 20 < hung_for < 20 + 30 + 15, hung_for
     assert "faulty.py" in proc.stderr and "in forward" in proc.stderr  # the hung rank's stack was dumped
 
 
@@ -240,8 +242,8 @@ def test_an_error_every_rank_meets_is_said_once(tmp_path):
     started = time.monotonic()
     cmd = [PYTHON, "-m", "dist_train", "torchrun", *torchrun, "-m", "dist_train", "--config", str(path)]
     proc = run_cli([*cmd, "run.output_dir=/proc/no/such"])  # found before the model (and its widht)
-    # the peers would wait out dist.timeout_s (600 s); 45 s is start-up on a loaded 2-core machine
-    assert proc.returncode == 2 and time.monotonic() - started < 45, proc.stderr[-2000:]
+    # the peers would wait out dist.timeout_s (600 s); they stop after start-up (15-45 s on a loaded 2-core machine)
+    assert proc.returncode == 2 and time.monotonic() - started < 120, proc.stderr[-2000:]
     assert proc.stderr.count("dist_train: error: run.output_dir /proc/no/such: cannot create it") == 1
 
 

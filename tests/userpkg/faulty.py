@@ -24,6 +24,8 @@ class Faulty(nn.Module):
             if self.mode == "assert":  # the model's own check, not an error torch raises
                 raise AssertionError("injected assertion\nsecond line")
             if self.mode == "hang":
+                if os.environ.get("FAULTY_HANG_MARK"):  # when the hang began, for the tests' timings
+                    open(os.environ["FAULTY_HANG_MARK"], "w").close()
                 while True:
                     time.sleep(1)
             if self.mode == "exit" or (
