@@ -1,7 +1,7 @@
-"""Shared helpers for multi-rank tests: spawn gloo ranks on a free loopback port.
+"""Shared helpers for multi-rank tests: start gloo ranks on a free loopback port.
 
 `run_ranks(fn, world_size, *args)` runs `fn(rank, world_size, *args)` in `world_size`
-fresh processes that have joined one gloo process group, and returns the list of
+forked processes that have joined one gloo process group, and returns the list of
 whatever each rank returned (rank order). A rank that raises fails the call with that
 rank's traceback, and the other ranks are torn down.
 
