@@ -63,7 +63,25 @@ def free_port() -> int:
 
 
 # What the fork server imports before it forks any rank: what every rank would import by itself.
-FORK_SERVER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "dist_train.trainer"]
+FORK_SERVER_PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "dist_train.trainer", "deepspeed"]
+
+
+def _fork_server():
+    """The multiprocessing context whose fork server has imported FORK_SERVER_PRELOAD (started once)."""
+    from multiprocessing import forkserver
+
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(FORK_SERVER_PRELOAD)
+    saved = os.environ.get("DS_ACCELERATOR")
+    os.environ["DS_ACCELERATOR"] = "cpu"  # the fork server's own environment, for its import of deepspeed
+    try:
+        forkserver.ensure_running()
+    finally:
+        if saved is None:
+            del os.environ["DS_ACCELERATOR"]
+        else:
+            os.environ["DS_ACCELERATOR"] = saved
+    return context
 
 
 def _rank_entry(
@@ -103,7 +121,7 @@ def run_ranks(
     """Run fn(rank, world_size, *args) on `world_size` gloo ranks; return each rank's result."""
     import tempfile
 
-    mp.get_context("forkserver").set_forkserver_preload(FORK_SERVER_PRELOAD)  # no-op once it runs
+    _fork_server()
     with tempfile.TemporaryDirectory(dir=tmp_dir) as out_dir:
         mp.start_processes(
             _rank_entry,
@@ -120,6 +138,72 @@ def run_ranks(
                 raise AssertionError(f"rank {rank} failed:\n{value}")
             results.append(value)
         return results
+
+
+def _forked_cli_rank(rank: int, world_size: int, port: int, argv: list[str], environ: dict[str, str], out_dir: str):
+    """One rank of `launch(..., launcher="forked")`: `python -m dist_train ARGV` in this forked process."""
+    import torch
+
+    os.environ.clear()
+    os.environ.update(environ)
+    if world_size > 1:  # as launch/spawn.py's ranks, rank 0 hosting the rendezvous store
+        os.environ.update(
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(world_size),
+            LOCAL_WORLD_SIZE=str(world_size),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            DIST_TRAIN_LAUNCHER="spawn",
+            GLOO_SOCKET_IFNAME=environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        )
+    sys.path[:0] = [path for path in environ.get("PYTHONPATH", "").split(os.pathsep) if path]
+    sys.argv = ["dist_train", *argv]
+    for fd, name in ((1, "out"), (2, "err")):
+        with open(os.path.join(out_dir, f"rank{rank}.{name}"), "w") as file:
+            os.dup2(file.fileno(), fd)
+    torch.set_num_threads(int(environ.get("OMP_NUM_THREADS") or 1))  # the fork server's OpenMP read no variable
+    from dist_train.cli import exit_with, main
+
+    exit_with(main(argv))
+
+
+def run_forked(
+    argv: list[str], nproc: int, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """`python -m dist_train ARGV` on `nproc` ranks forked from the fork server (torch, torch._dynamo and
+    deepspeed imported once per pytest process), as launch/spawn.py would run it. The exit status is the
+    first failing rank's; stdout and stderr are the ranks' in rank order."""
+    import tempfile
+
+    environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), environ.get("PYTHONPATH", "")])
+    context = _fork_server()
+    with tempfile.TemporaryDirectory() as out_dir:
+        port = free_port()
+        ranks = [
+            context.Process(target=_forked_cli_rank, args=(rank, nproc, port, list(argv), environ, out_dir))
+            for rank in range(nproc)
+        ]
+        for rank in ranks:
+            rank.start()
+        deadline = time.monotonic() + timeout
+        for rank in ranks:
+            rank.join(max(0.0, deadline - time.monotonic()))
+        hung = [rank for rank in ranks if rank.is_alive()]
+        for rank in hung:
+            rank.kill()
+            rank.join()
+        if hung:
+            raise subprocess.TimeoutExpired(["dist_train", *argv], timeout)
+        codes = [rank.exitcode for rank in ranks]
+        outputs = {
+            name: "".join(Path(out_dir, f"rank{rank}.{name}").read_text() for rank in range(nproc))
+            for name in ("out", "err")
+        }
+    failed = [code for code in codes if code != 0]
+    code = (failed[0] if failed[0] > 0 else 128 - failed[0]) if failed else 0
+    return subprocess.CompletedProcess(["dist_train", *argv], code, outputs["out"], outputs["err"])
 
 
 def run_cli(
@@ -160,6 +244,8 @@ def launch(
     args = ["--config", str(config), *overrides]
     if launcher == "single":
         cmd = [PYTHON, "-m", "dist_train", *args]
+    elif launcher == "forked":
+        return run_forked(args, nproc, env=env, timeout=timeout)
     elif launcher == "spawn":
         cmd = [PYTHON, str(REPO_ROOT / "launch" / "spawn.py"), "--nproc_per_node", str(nproc), *args]
     else:

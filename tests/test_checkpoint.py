@@ -441,7 +441,7 @@ def test_a_latest_made_a_folder_by_hand_stops_every_rank_of_a_rewind_in_one_line
     (root / "latest").unlink()
     (root / "latest").mkdir()
     raw = mlp_raw(tmp_path / "run", train={"max_steps": 6}, checkpoint={"resume": str(root / "step-00000002")})
-    proc = launch(raw, tmp_path, nproc=2, launcher="spawn", timeout=120)
+    proc = launch(raw, tmp_path, nproc=2, launcher="forked", timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     said = [line for line in proc.stderr.splitlines() if "is a folder or a link to one" in line]
     assert len(said) == 1, proc.stderr[-2000:]

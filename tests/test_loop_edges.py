@@ -325,7 +325,7 @@ def test_two_ranks_match_one_with_a_global_rng_factory_and_a_step_with_nothing_c
     data = {"name": "userpkg.edges:global_rng_vectors", "ignored": [0, 21]}
     for name, ranks, micro in (("one", 1, 16), ("two", 2, 8)):
         raw = config(tmp_path / name, data=data, train={"max_steps": 3, "micro_batch_size": micro})
-        proc = launch(raw, tmp_path, nproc=ranks, launcher="single" if ranks == 1 else "torchrun", env=ENV)
+        proc = launch(raw, tmp_path, nproc=ranks, launcher="forked")
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert max_abs_diff(load_weights(tmp_path / "one"), load_weights(tmp_path / "two")) < 1e-6
     losses = {name: [r["loss"] for r in read_rows(tmp_path / name) if "loss" in r] for name in ("one", "two")}
@@ -343,7 +343,7 @@ def test_two_ranks_match_one_when_the_ranks_count_other_numbers_of_elements(tmp_
         train = {"max_steps": 4, "micro_batch_size": 1, "grad_accum_steps": accum, "loss": "mse"}
         raw = config(tmp_path / name, data={"name": "userpkg.edges:varying_series"}, train=train)
         raw["model"] = model
-        proc = launch(raw, tmp_path, nproc=ranks, launcher="single" if ranks == 1 else "torchrun", env=ENV)
+        proc = launch(raw, tmp_path, nproc=ranks, launcher="forked")
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert max_abs_diff(load_weights(tmp_path / "one"), load_weights(tmp_path / "two")) < 1e-6
     losses = {name: [r["loss"] for r in read_rows(tmp_path / name) if "loss" in r] for name in ("one", "two")}
@@ -371,7 +371,7 @@ def test_tokens_per_s_counts_every_item_at_its_own_length(tmp_path):
 def test_tokens_per_s_sums_the_ranks_own_token_counts(tmp_path):
     """Rank 0 gets the 4-token items, rank 1 the 16-token ones: the logged rate is of all 20 per step
     (rank 0's own count times the world size logged 4 per sample)."""
-    proc = launch(varying_tokens_config(tmp_path / "two", accum=1), tmp_path, nproc=2, launcher="torchrun", env=ENV)
+    proc = launch(varying_tokens_config(tmp_path / "two", accum=1), tmp_path, nproc=2, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [r for r in read_rows(tmp_path / "two") if "loss" in r]
     assert [r["step"] for r in rows] == [2, 4]
@@ -505,10 +505,10 @@ def test_warnings_about_the_config_and_its_checkpoint_are_said_once_per_run(tmp_
     mid-epoch, a checkpoint past train.max_steps: the same on every rank, said by rank 0 (each rank
     printed its own: 2 lines at 2 ranks, 8 per node at 8)."""
     raw = config(tmp_path / "run", train={"max_steps": 4, "micro_batch_size": 16}, checkpoint={"every_steps": 4})
-    assert launch(raw, tmp_path, nproc=2, env=ENV).returncode == 0
+    assert launch(raw, tmp_path, nproc=2, launcher="forked").returncode == 0
     raw = config(tmp_path / "run", train={"max_steps": 2, "micro_batch_size": 24, "lr": 1e-3})
     raw["optim"] = {"param_groups": [{"match": "nothing.*", "lr_scale": 0.5}]}
-    proc = launch(raw, tmp_path, nproc=2, env=ENV)
+    proc = launch(raw, tmp_path, nproc=2, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-2000:]
     for warning in (
         "matched no parameter",

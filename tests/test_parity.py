@@ -40,7 +40,7 @@ def lm_runs(tmp_path_factory):
         "torchrun": dict(micro_batch_size=4, grad_accum_steps=2),
         "accum": dict(micro_batch_size=4, grad_accum_steps=4),
     }
-    launchers = {"reference": ("single", 1), "spawn": ("spawn", 2), "torchrun": ("torchrun", 2), "accum": ("single", 1)}
+    launchers = {"reference": ("forked", 1), "spawn": ("spawn", 2), "torchrun": ("torchrun", 2), "accum": ("forked", 1)}
     runs = {}
     for name, shape in shapes.items():
         config = tiny_lm_config(tmp / name, train=shape, schedule={"name": "linear", "warmup_steps": 4})
@@ -81,9 +81,11 @@ def test_loss_falls_and_eval_metrics_logged(lm_runs):
 
 def test_mlp_two_ranks_match_one_rank(tmp_path):
     reference = run_ok(
-        mlp_config(tmp_path / "ref", micro_batch_size=16, grad_accum_steps=1), tmp_path, launcher="single"
+        mlp_config(tmp_path / "ref", micro_batch_size=16, grad_accum_steps=1), tmp_path, launcher="forked"
     )
-    spawned = run_ok(mlp_config(tmp_path / "two", micro_batch_size=4, grad_accum_steps=2), tmp_path, nproc=2)
+    spawned = run_ok(
+        mlp_config(tmp_path / "two", micro_batch_size=4, grad_accum_steps=2), tmp_path, nproc=2, launcher="forked"
+    )
     assert max_abs_diff(load_weights(reference), load_weights(spawned)) <= TOL
 
 
@@ -140,13 +142,18 @@ def resnet_config(output_dir, **train):
 
 def test_resnet_with_sync_batchnorm_two_ranks_match_one_rank(tmp_path):
     # no accumulation here: BatchNorm statistics are per forward, so 2 micro-steps of 8 are not one of 16
-    reference = run_ok(resnet_config(tmp_path / "ref", micro_batch_size=16), tmp_path, launcher="single")
-    spawned = run_ok(resnet_config(tmp_path / "two", micro_batch_size=8), tmp_path, nproc=2)
+    reference = run_ok(resnet_config(tmp_path / "ref", micro_batch_size=16), tmp_path, launcher="forked")
+    spawned = run_ok(resnet_config(tmp_path / "two", micro_batch_size=8), tmp_path, nproc=2, launcher="forked")
     weights_ref, weights_two = load_weights(reference), load_weights(spawned)
     assert max_abs_diff(weights_ref, weights_two) <= TOL  # running mean/var buffers included
     assert any("running_var" in k for k in weights_ref)
     # without sync the per-rank batch statistics differ: the same comparison must fail
-    unsynced = run_ok(resnet_config(tmp_path / "nosync", micro_batch_size=8, sync_batchnorm=False), tmp_path, nproc=2)
+    unsynced = run_ok(
+        resnet_config(tmp_path / "nosync", micro_batch_size=8, sync_batchnorm=False),
+        tmp_path,
+        nproc=2,
+        launcher="forked",
+    )
     assert max_abs_diff(weights_ref, load_weights(unsynced)) > 1e-3
 
 
@@ -155,10 +162,10 @@ def test_resume_at_another_world_size_logs_the_open_windows_loss(tmp_path):
     of step 4 still averages steps 3 and 4, as the uninterrupted 2-rank run's does."""
     shape = {"max_steps": 6, "micro_batch_size": 4, "grad_accum_steps": 2}
     sections = dict(checkpoint={"every_steps": 3}, log={"every_steps": 2, "plot": False})
-    two = run_ok(tiny_lm_config(tmp_path / "two", train=shape, **sections), tmp_path, nproc=2)
+    two = run_ok(tiny_lm_config(tmp_path / "two", train=shape, **sections), tmp_path, nproc=2, launcher="forked")
     step_3 = f"checkpoint.resume={two}/checkpoints/step-00000003"
     one = tiny_lm_config(tmp_path / "one", train={**shape, "micro_batch_size": 8}, **sections)
-    proc = launch(one, tmp_path, [step_3], launcher="single")  # the same global batch on one rank
+    proc = launch(one, tmp_path, [step_3], launcher="forked")  # the same global batch on one rank
     assert proc.returncode == 0, proc.stderr[-3000:]
     expected = {r["step"]: r["loss"] for r in read_rows(two) if "loss" in r}
     resumed = {r["step"]: r["loss"] for r in read_rows(one["run"]["output_dir"]) if "loss" in r}
@@ -174,8 +181,8 @@ def test_a_checkpoint_at_the_end_of_an_epoch_resumes_at_a_world_size_that_does_n
     shape = {"max_steps": 3, "micro_batch_size": 3, "grad_accum_steps": 1}
     config = mlp_config(tmp_path / "run", **shape)
     config["data"]["num_samples"] = 10
-    run_ok(config, tmp_path, launcher="single")
-    proc = launch(config, tmp_path, ["train.max_steps=5", "train.micro_batch_size=2"], nproc=2)
+    run_ok(config, tmp_path, launcher="forked")
+    proc = launch(config, tmp_path, ["train.max_steps=5", "train.micro_batch_size=2"], nproc=2, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "continues from sample" not in proc.stderr  # no new global batch fits the old epoch: none continues
     rows = [r for r in read_rows(tmp_path / "run") if "loss" in r]

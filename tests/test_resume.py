@@ -110,7 +110,7 @@ def stable(rows):
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("uninterrupted")
-    proc = launch(resume_config(tmp / "out"), tmp, nproc=2, env=ENV)
+    proc = launch(resume_config(tmp / "out"), tmp, nproc=2, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "out"
 
@@ -194,7 +194,7 @@ def test_torchrun_elastic_restart_after_a_rank_is_killed(tmp_path):
             "log": {"every_steps": 1, "plot": False},
         }
 
-    reference = launch(config(tmp_path / "ref", fail_rank=99), tmp_path, nproc=2, env=ENV)
+    reference = launch(config(tmp_path / "ref", fail_rank=99), tmp_path, nproc=2, launcher="forked")
     assert reference.returncode == 0, reference.stderr[-2000:]
     cmd = [
         PYTHON,
@@ -275,10 +275,10 @@ def test_ddp_at_three_ranks_resumes_bit_exact(tmp_path):
         "checkpoint": {"every_steps": 2},
         "log": {"every_steps": 1, "plot": False},
     }
-    whole = launch(config, tmp_path, nproc=3)
+    whole = launch(config, tmp_path, nproc=3, launcher="forked")
     assert whole.returncode == 0, whole.stderr[-3000:]
     step_2 = f"checkpoint.resume={tmp_path / 'whole'}/checkpoints/step-00000002"
-    resumed = launch(config, tmp_path, [f"run.output_dir={tmp_path / 'resumed'}", step_2], nproc=3)
+    resumed = launch(config, tmp_path, [f"run.output_dir={tmp_path / 'resumed'}", step_2], nproc=3, launcher="forked")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert read_rows(tmp_path / "resumed")[0] == {"resumed_from": "step-00000002", "step": 2}
     assert max_abs_diff(load_weights(tmp_path / "whole"), load_weights(tmp_path / "resumed")) == 0

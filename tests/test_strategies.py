@@ -43,7 +43,7 @@ def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("strategies")
     out, env = {}, {"TORCH_EXTENSIONS_DIR": str(tmp / "torch_extensions")}  # a fresh environment's: empty
     for name, overrides in VARIANTS.items():
-        proc = launch(parity_config(tmp / name), tmp, overrides, nproc=2, env=env)
+        proc = launch(parity_config(tmp / name), tmp, overrides, nproc=2, env=env, launcher="forked")
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
         out[name] = tmp / name
         (tmp / f"{name}.stderr").write_text(proc.stderr)
@@ -90,7 +90,7 @@ def test_sharded_checkpoint_resumes_bit_exact(runs, tmp_path, name):
     manifest = __import__("json").loads((root / "step-00000005" / "manifest.json").read_text())
     assert manifest["world_size"] == 2 and len(manifest["files"]) > 3  # every rank's shards are listed
     resume = [*VARIANTS[name], f"checkpoint.resume={root / 'step-00000005'}"]
-    proc = launch(parity_config(tmp_path / "resumed"), tmp_path, resume, nproc=2)
+    proc = launch(parity_config(tmp_path / "resumed"), tmp_path, resume, nproc=2, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_rows(tmp_path / "resumed")[0] == {"resumed_from": "step-00000005", "step": 5}
     assert max_abs_diff(load_weights(runs[name]), load_weights(tmp_path / "resumed")) == 0.0
@@ -102,14 +102,14 @@ def test_fsdp_resumes_at_another_world_size(runs, tmp_path):
         f"checkpoint.resume={runs['fsdp'] / 'checkpoints' / 'step-00000005'}",
         "train.micro_batch_size=8",
     ]  # same global batch on one rank
-    proc = launch(parity_config(tmp_path / "one"), tmp_path, resume, nproc=1, launcher="single")
+    proc = launch(parity_config(tmp_path / "one"), tmp_path, resume, nproc=1, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_abs_diff(load_weights(runs["fsdp"]), load_weights(tmp_path / "one")) <= 1e-5
 
 
 def test_deepspeed_refuses_another_world_size_in_one_line(runs, tmp_path):
     resume = [*VARIANTS["zero2"], f"checkpoint.resume={runs['zero2']}", "train.micro_batch_size=8"]
-    proc = launch(parity_config(tmp_path / "one"), tmp_path, resume, launcher="single")
+    proc = launch(parity_config(tmp_path / "one"), tmp_path, resume, launcher="forked")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "holds 2 shards" in lines[-1] and "resume with world size 2" in lines[-1] and "Traceback" not in proc.stderr
@@ -277,7 +277,7 @@ def test_a_passthrough_value_deepspeed_refuses_is_one_line(tmp_path):
     """DeepSpeed validates its JSON in deepspeed.initialize: a bad strategy.deepspeed_config value was its
     pydantic ValidationError traceback and status 1."""
     bad = "strategy.deepspeed_config={zero_optimization: {overlap_comm: maybe}}"
-    proc = launch(parity_config(tmp_path / "run"), tmp_path, [*VARIANTS["zero1"], bad], launcher="single")
+    proc = launch(parity_config(tmp_path / "run"), tmp_path, [*VARIANTS["zero1"], bad], launcher="forked")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert lines[-1] == (
@@ -346,7 +346,7 @@ def run_variants(tmp_path, raw: dict, names) -> None:
     env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
     for name in names:
         config = {**raw, "run": {"output_dir": str(tmp_path / name)}}
-        proc = launch(config, tmp_path, VARIANTS[name], launcher="single", env=env)
+        proc = launch(config, tmp_path, VARIANTS[name], launcher="forked", env=env)
         assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -483,7 +483,7 @@ def test_fsdp_resumes_across_a_precision_change_like_ddp(tmp_path):
     for name, (precision, max_steps, resume) in zip("abc", steps):
         overrides = [*VARIANTS["fsdp"], f"run.output_dir={tmp_path / name}", f"train.precision={precision}"]
         overrides += [f"train.max_steps={max_steps}", f"checkpoint.resume={tmp_path / resume if resume else 'never'}"]
-        proc = launch(config, tmp_path, overrides, launcher="single")
+        proc = launch(config, tmp_path, overrides, launcher="forked")
         assert proc.returncode == 0, (name, proc.stderr[-2000:])
     assert [r for r in read_rows(tmp_path / "c") if "loss" in r][-1]["step"] == 6
 
@@ -500,7 +500,7 @@ def test_deepspeed_resumed_with_another_grad_clip_norm_clips_at_it_like_ddp(tmp_
         ddp = tiny_lm_config(tmp_path / "ddp", train=keys, checkpoint={"every_steps": 2})
         assert train(from_dict(ddp), single)["step"] == keys["max_steps"]  # in this process: no deepspeed import
         zero = tiny_lm_config(tmp_path / "zero1", train=keys, checkpoint={"every_steps": 2})
-        proc = launch(zero, tmp_path, VARIANTS["zero1"], launcher="single")
+        proc = launch(zero, tmp_path, VARIANTS["zero1"], launcher="forked")
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "zero1")) <= 1e-5
 
@@ -516,7 +516,7 @@ def test_deepspeed_offload_trains_like_ddp(tmp_path):
         "zero3": [*VARIANTS["zero3"], "strategy.offload_optimizer=true", "strategy.offload_params=true"],
     }
     for name, overrides in variants.items():
-        proc = launch(config, tmp_path, [f"run.output_dir={tmp_path / name}", *overrides], launcher="single")
+        proc = launch(config, tmp_path, [f"run.output_dir={tmp_path / name}", *overrides], launcher="forked")
         assert proc.returncode == 0, (name, proc.stderr[-3000:])
     for name in ("zero2", "zero3"):
         assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / name)) <= 1e-5, name
@@ -532,7 +532,7 @@ def test_bf16_deepspeed_reduces_fp32_gradients_like_ddp(tmp_path):
         ("ddp", ["strategy.name=ddp"]),
         ("zero1", ["strategy.name=deepspeed", "strategy.zero_stage=1"]),
     ):
-        proc = launch(config, tmp_path, [f"run.output_dir={tmp_path / name}", *strategy], nproc=2)
+        proc = launch(config, tmp_path, [f"run.output_dir={tmp_path / name}", *strategy], nproc=2, launcher="forked")
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert max_abs_diff(load_weights(tmp_path / "ddp"), load_weights(tmp_path / "zero1")) <= 1e-5
 
@@ -557,10 +557,10 @@ def test_a_checkpoint_the_run_cannot_take_is_one_line(tmp_path, first, then, mes
     config = tiny_lm_config(
         tmp_path / "a", train={"max_steps": 2}, checkpoint={"every_steps": 2}, eval={"at_end": False}
     )
-    proc = launch(config, tmp_path, first, launcher="single")
+    proc = launch(config, tmp_path, first, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     resume = [f"run.output_dir={tmp_path / 'b'}", f"checkpoint.resume={tmp_path / 'a'}"]
-    proc = launch(config, tmp_path, [*first, *then, *resume], launcher="single")
+    proc = launch(config, tmp_path, [*first, *then, *resume], launcher="forked")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert lines[-1].startswith("dist_train: error: checkpoint") and message in lines[-1], lines[-1]
@@ -573,7 +573,7 @@ def test_deepspeed_fp16_without_device_support_is_one_line(tmp_path):
     if get_accelerator().is_fp16_supported():
         pytest.skip("this device runs DeepSpeed's fp16")
     overrides = [*VARIANTS["zero1"], "train.precision=fp16", "train.max_steps=1"]
-    proc = launch(parity_config(tmp_path / "fp16"), tmp_path, overrides, launcher="single")
+    proc = launch(parity_config(tmp_path / "fp16"), tmp_path, overrides, launcher="forked")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert lines[-1].startswith("dist_train: error: train.precision=fp16 with strategy.name=deepspeed") and (
@@ -682,13 +682,13 @@ def test_fsdp_resumes_unsynced_batchnorm_statistics_bit_exact(tmp_path):
         "eval": {"at_end": False},
         "log": {"plot": False},
     }
-    proc = launch(config, tmp_path, nproc=2)
+    proc = launch(config, tmp_path, nproc=2, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     resume = [
         f"run.output_dir={tmp_path / 'resumed'}",
         f"checkpoint.resume={tmp_path / 'whole' / 'checkpoints' / 'step-00000003'}",
     ]
-    proc = launch(config, tmp_path, resume, nproc=2)
+    proc = launch(config, tmp_path, resume, nproc=2, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert read_rows(tmp_path / "resumed")[0] == {"resumed_from": "step-00000003", "step": 3}
     assert max_abs_diff(load_weights(tmp_path / "whole"), load_weights(tmp_path / "resumed")) == 0.0
@@ -827,11 +827,11 @@ def test_per_rank_buffers_that_shape_training_resume_bit_exact(tmp_path, name):
         "log": {"plot": False},
     }
     env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
-    proc = launch(config, tmp_path, VARIANTS[name], nproc=2, env=env)
+    proc = launch(config, tmp_path, VARIANTS[name], nproc=2, env=env, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     step_2 = tmp_path / "whole" / "checkpoints" / "step-00000002"
     resume = [*VARIANTS[name], f"run.output_dir={tmp_path / 'resumed'}", f"checkpoint.resume={step_2}"]
-    proc = launch(config, tmp_path, resume, nproc=2, env=env)
+    proc = launch(config, tmp_path, resume, nproc=2, env=env, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     whole, resumed = load_weights(tmp_path / "whole"), load_weights(tmp_path / "resumed")
     assert whole["seen"] == 8 and max_abs_diff(whole, resumed) == 0.0
@@ -856,10 +856,10 @@ def test_fsdp_trains_weights_tied_across_blocks_like_ddp(tmp_path):
         "log": {"plot": False},
     }
     env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
-    proc = launch(config, tmp_path, launcher="single", env=env)
+    proc = launch(config, tmp_path, launcher="forked", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     fsdp = [*VARIANTS["fsdp"], f"run.output_dir={tmp_path / 'fsdp'}", "train.micro_batch_size=4"]
-    proc = launch(config, tmp_path, fsdp, nproc=2, env=env)
+    proc = launch(config, tmp_path, fsdp, nproc=2, env=env, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     ddp_weights, weights = load_weights(tmp_path / "ddp"), load_weights(tmp_path / "fsdp")
     assert "blocks.2.lin.weight" in weights and "proj.weight" in weights  # every name a tied weight has
@@ -914,7 +914,7 @@ def test_ddp_parameters_unused_in_the_first_step_are_one_line(tmp_path):
         "log": {"plot": False},
     }
     env = {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
-    proc = launch(config, tmp_path, nproc=2, env=env)
+    proc = launch(config, tmp_path, nproc=2, env=env, launcher="forked")
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert (
@@ -922,7 +922,7 @@ def test_ddp_parameters_unused_in_the_first_step_are_one_line(tmp_path):
         "strategy.find_unused_parameters=true" in proc.stderr
     )
     assert not (tmp_path / "run" / "model.safetensors").exists()
-    proc = launch(config, tmp_path, ["strategy.find_unused_parameters=true"], nproc=2, env=env)
+    proc = launch(config, tmp_path, ["strategy.find_unused_parameters=true"], nproc=2, env=env, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -941,7 +941,7 @@ def test_a_0_dimensional_parameter_is_one_line_for_sharded_strategies(tmp_path, 
     }
     config, env = write_config(tmp_path / "config.yaml", raw), {"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"}
     for proc in (
-        launch(config, tmp_path, launcher="single", env=env),
+        launch(config, tmp_path, launcher="forked", env=env),
         run_cli([PYTHON, "-m", "dist_train", "check", str(config)], env=env),
     ):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
