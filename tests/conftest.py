@@ -1,29 +1,41 @@
 """Suite-wide guards."""
 
 import os
+import signal
 
 import pytest
+
+
+def pytest_configure(config):
+    """The launchers' Ctrl-C tests need their commands to start with SIGINT's default action, as a
+    terminal's foreground job does. A suite started in the background by a shell without job control
+    (`(make test &)`) inherits SIGINT ignored, and every command it starts would inherit that too (a
+    SIGINT to spawn.py then did nothing: the run trained to the end, status 0)."""
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Each file's wall time in seconds, measured in the whole suite on three pytest-xdist workers on a
 # 2-core VM. The workers take whole files (--dist loadfile) in collection order (the Makefile passes
 # --no-loadscope-reorder), so the longest go first and the short ones fill in at the end: ordered by
 # their number of tests instead, the suite ended on the longest file alone. A file not listed goes last.
 FILE_SECONDS = {
-    "test_strategies.py": 1191,
-    "test_runtime.py": 643,
-    "test_bench.py": 466,
-    "test_resume.py": 379,
-    "test_tools.py": 336,
-    "test_parity.py": 247,
-    "test_loop_edges.py": 199,
-    "test_slurm.py": 165,
-    "test_fused_loss.py": 145,
-    "test_checkpoint.py": 123,
-    "test_slurm_submit.py": 73,
-    "test_config.py": 58,
-    "test_hf.py": 35,
-    "test_hot_loop.py": 26,
-    "test_qat.py": 21,
+    "test_runtime.py": 650,
+    "test_bench.py": 460,
+    "test_strategies.py": 389,
+    "test_tools.py": 287,
+    "test_resume.py": 279,
+    "test_slurm.py": 209,
+    "test_checkpoint.py": 88,
+    "test_slurm_submit.py": 76,
+    "test_loop_edges.py": 76,
+    "test_fused_loss.py": 73,
+    "test_parity.py": 60,
+    "test_config.py": 48,
+    "test_hot_loop.py": 30,
+    "test_hf.py": 30,
+    "test_grad_checkpointing.py": 24,
+    "test_misfit.py": 21,
+    "test_qat.py": 18,
 }
 
 

@@ -9,6 +9,14 @@ The ranks are forked from a multiprocessing fork server that imported torch (and
 which the first optimizer imports) once for the whole pytest process: a spawned rank spent about
 5 s of CPU importing them, which was a sixth of the suite's CPU time on two cores. Each rank
 takes os.environ as it is when run_ranks is called, not as the fork server found it.
+
+`launch(config, tmp_path, overrides, nproc, launcher)` runs dist_train's command line through a real
+launcher ("single": `python -m dist_train`, "spawn": launch/spawn.py, "torchrun"), or, with
+launcher="forked", runs the same `dist_train.cli.main` in ranks forked from that fork server (which
+has imported deepspeed too): for the tests of what a run does, not of how it is started. A forked
+rank reads no import-time setting from the environment the test passes (TORCHINDUCTOR_*, OpenMP's
+variables: the fork server read them before the test ran), so the tests that set one launch for real,
+as do the tests of the launchers, signals, start-up and imports.
 """
 
 from __future__ import annotations
@@ -159,6 +167,7 @@ def _forked_cli_rank(rank: int, world_size: int, port: int, argv: list[str], env
         )
     sys.path[:0] = [path for path in environ.get("PYTHONPATH", "").split(os.pathsep) if path]
     sys.argv = ["dist_train", *argv]
+    os.chdir(REPO_ROOT)  # as run_cli's commands (the fork server kept the folder it started in)
     for fd, name in ((1, "out"), (2, "err")):
         with open(os.path.join(out_dir, f"rank{rank}.{name}"), "w") as file:
             os.dup2(file.fileno(), fd)
@@ -198,7 +207,7 @@ def run_forked(
             raise subprocess.TimeoutExpired(["dist_train", *argv], timeout)
         codes = [rank.exitcode for rank in ranks]
         outputs = {
-            name: "".join(Path(out_dir, f"rank{rank}.{name}").read_text() for rank in range(nproc))
+            name: "".join(path.read_text() for path in sorted(Path(out_dir).glob(f"rank*.{name}")))
             for name in ("out", "err")
         }
     failed = [code for code in codes if code != 0]
@@ -238,7 +247,7 @@ def launch(
     timeout: float = 300,
     env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run dist_train on `nproc` ranks through `launcher` ("single", "spawn" or "torchrun")."""
+    """Run dist_train on `nproc` ranks through `launcher` ("single", "spawn", "torchrun" or "forked")."""
     if isinstance(config, dict):
         config = write_config(tmp_path / f"config-{len(list(tmp_path.glob('config-*.yaml')))}.yaml", config)
     args = ["--config", str(config), *overrides]

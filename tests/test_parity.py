@@ -32,15 +32,23 @@ def run_ok(config, tmp_path, **kwargs):
 
 @pytest.fixture(scope="module")
 def lm_runs(tmp_path_factory):
-    """Global batch 16 four ways: 1x16, 2 ranks x 4 x accum 2 (spawn, torchrun), 1 x 4 x accum 4."""
+    """Global batch 16 four ways: 1x16, 2 ranks x 4 x accum 2 (spawn, torchrun, the tests' forked ranks), 1 x 4
+    x accum 4."""
     tmp = tmp_path_factory.mktemp("lm")
     shapes = {
         "reference": dict(micro_batch_size=16, grad_accum_steps=1),
         "spawn": dict(micro_batch_size=4, grad_accum_steps=2),
         "torchrun": dict(micro_batch_size=4, grad_accum_steps=2),
+        "forked": dict(micro_batch_size=4, grad_accum_steps=2),
         "accum": dict(micro_batch_size=4, grad_accum_steps=4),
     }
-    launchers = {"reference": ("forked", 1), "spawn": ("spawn", 2), "torchrun": ("torchrun", 2), "accum": ("forked", 1)}
+    launchers = {
+        "reference": ("forked", 1),
+        "spawn": ("spawn", 2),
+        "torchrun": ("torchrun", 2),
+        "forked": ("forked", 2),
+        "accum": ("forked", 1),
+    }
     runs = {}
     for name, shape in shapes.items():
         config = tiny_lm_config(tmp / name, train=shape, schedule={"name": "linear", "warmup_steps": 4})
@@ -60,6 +68,17 @@ def test_transformer_lm_matches_single_rank_big_batch(lm_runs, name):
     for a, b in zip(ref_rows, rows, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_the_tests_forked_launcher_trains_as_spawn_and_torchrun_do(lm_runs):
+    """Most multi-rank tests launch through tests/helpers.py's forked ranks (dist_train's main, forked
+    from a warm interpreter): they train bit for bit as the real launchers' ranks do."""
+    forked = load_weights(lm_runs["forked"])
+    for name in ("spawn", "torchrun"):
+        assert max_abs_diff(load_weights(lm_runs[name]), forked) == 0.0, name
+        assert [{k: r[k] for k in ("step", "loss", "grad_norm") if k in r} for r in read_rows(lm_runs[name])] == [
+            {k: r[k] for k in ("step", "loss", "grad_norm") if k in r} for r in read_rows(lm_runs["forked"])
+        ]
 
 
 def test_logged_lr_follows_the_schedule(lm_runs):

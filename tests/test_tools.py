@@ -8,7 +8,6 @@ import pytest
 import torch
 from helpers import (
     PYTHON,
-    REPO_ROOT,
     as_plain_user,
     ctx_from_env,
     free_port,
@@ -674,7 +673,7 @@ def test_check_checkpoint_bytes_match_a_real_zero2_checkpoint(tmp_path, capsys):
     pytest.importorskip("deepspeed")
     capsys.readouterr()  # DeepSpeed's import warning (stdout) is not check's output
     raw = tiny_lm_config(tmp_path / "run", strategy={"name": "deepspeed", "zero_stage": 2}, train={"max_steps": 1})
-    proc = launch(raw, tmp_path, nproc=2)
+    proc = launch(raw, tmp_path, nproc=2, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "run" / "checkpoints" / ckpt.step_dir_name(1) / "deepspeed"
     written = sum(p.stat().st_size for p in folder.glob("*.pt"))
@@ -691,7 +690,7 @@ def test_check_checkpoint_bytes_count_the_frozen_weights_a_zero3_checkpoint_hold
     capsys.readouterr()  # DeepSpeed's import warning (stdout) is not check's output
     raw = frozen_body_config(tmp_path / "run") | {"strategy": {"name": "deepspeed", "zero_stage": 3}}
     raw["train"] |= {"max_steps": 1}
-    proc = launch(raw, tmp_path, nproc=2, env={"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"})
+    proc = launch(raw, tmp_path, nproc=2, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     folder = tmp_path / "run" / "checkpoints" / ckpt.step_dir_name(1) / "deepspeed"
     saved = 0
@@ -837,7 +836,7 @@ def logged_run(tmp_path_factory):
     """A short single-process run with metrics.png and TensorBoard on."""
     tmp = tmp_path_factory.mktemp("logged")
     config = tiny_lm_config(tmp / "run", log={"plot": True, "tensorboard": True, "every_steps": 1})
-    proc = launch(config, tmp, launcher="single")
+    proc = launch(config, tmp, launcher="forked")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "run"
 
@@ -1058,7 +1057,7 @@ def test_check_probes_the_first_batch_the_run_trains_on(tmp_path, capsys):
         "log": {"every_steps": 1, "plot": False},
     }
     probe = check_json(capsys, write_config(tmp_path / "c.yaml", raw))["first_batch"]
-    proc = launch(raw, tmp_path, launcher="single", env={"PYTHONPATH": f"{REPO_ROOT}:{REPO_ROOT / 'tests'}"})
+    proc = launch(raw, tmp_path, launcher="forked")
     assert proc.returncode == 0, proc.stderr
     assert probe["loss"] == pytest.approx(read_rows(tmp_path / "run")[0]["loss"], rel=1e-6)
 
