@@ -14,6 +14,7 @@ def pytest_configure(config):
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
+
 # Each file's wall time in seconds, measured in the whole suite on three pytest-xdist workers on a
 # 2-core VM. The workers take whole files (--dist loadfile) in collection order (the Makefile passes
 # --no-loadscope-reorder), so the longest go first and the short ones fill in at the end: ordered by
