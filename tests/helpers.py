@@ -21,6 +21,7 @@ as do the tests of the launchers, signals, start-up and imports.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import random
@@ -148,23 +149,24 @@ def run_ranks(
         return results
 
 
+@functools.cache
+def spawn_launcher():
+    """launch/spawn.py, imported as a module (it is a script beside the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dist_train_spawn_launcher", REPO_ROOT / "launch" / "spawn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _forked_cli_rank(rank: int, world_size: int, port: int, argv: list[str], environ: dict[str, str], out_dir: str):
-    """One rank of `launch(..., launcher="forked")`: `python -m dist_train ARGV` in this forked process."""
+    """One rank of `launch(..., launcher="forked")`: `python -m dist_train ARGV` in this forked process,
+    through launch/spawn.py's own rank entry when there are several."""
     import torch
 
     os.environ.clear()
     os.environ.update(environ)
-    if world_size > 1:  # as launch/spawn.py's ranks, rank 0 hosting the rendezvous store
-        os.environ.update(
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(world_size),
-            LOCAL_WORLD_SIZE=str(world_size),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(port),
-            DIST_TRAIN_LAUNCHER="spawn",
-            GLOO_SOCKET_IFNAME=environ.get("GLOO_SOCKET_IFNAME", "lo"),
-        )
     sys.path[:0] = [path for path in environ.get("PYTHONPATH", "").split(os.pathsep) if path]
     sys.argv = ["dist_train", *argv]
     os.chdir(REPO_ROOT)  # as run_cli's commands (the fork server kept the folder it started in)
@@ -172,6 +174,8 @@ def _forked_cli_rank(rank: int, world_size: int, port: int, argv: list[str], env
         with open(os.path.join(out_dir, f"rank{rank}.{name}"), "w") as file:
             os.dup2(file.fileno(), fd)
     torch.set_num_threads(int(environ.get("OMP_NUM_THREADS") or 1))  # the fork server's OpenMP read no variable
+    if world_size > 1:
+        spawn_launcher()._rank_main(rank, world_size, port, argv)  # its environment, main(argv), os._exit
     from dist_train.cli import exit_with, main
 
     exit_with(main(argv))
@@ -181,15 +185,16 @@ def run_forked(
     argv: list[str], nproc: int, env: dict[str, str] | None = None, timeout: float = 300
 ) -> subprocess.CompletedProcess:
     """`python -m dist_train ARGV` on `nproc` ranks forked from the fork server (torch, torch._dynamo and
-    deepspeed imported once per pytest process), as launch/spawn.py would run it. The exit status is the
-    first failing rank's; stdout and stderr are the ranks' in rank order."""
+    deepspeed imported once per pytest process), as launch/spawn.py runs them: its rank entry, and its
+    rendezvous store in this process. The exit status is the first failing rank's; stdout and stderr
+    are the ranks' in rank order."""
     import tempfile
 
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), environ.get("PYTHONPATH", "")])
     context = _fork_server()
+    store, port = spawn_launcher().loopback_store(nproc) if nproc > 1 else (None, 0)
     with tempfile.TemporaryDirectory() as out_dir:
-        port = free_port()
         ranks = [
             context.Process(target=_forked_cli_rank, args=(rank, nproc, port, list(argv), environ, out_dir))
             for rank in range(nproc)
@@ -203,6 +208,7 @@ def run_forked(
         for rank in hung:
             rank.kill()
             rank.join()
+        del store  # the ranks are gone
         if hung:
             raise subprocess.TimeoutExpired(["dist_train", *argv], timeout)
         codes = [rank.exitcode for rank in ranks]
