@@ -13,7 +13,8 @@ takes os.environ as it is when run_ranks is called, not as the fork server found
 `launch(config, tmp_path, overrides, nproc, launcher)` runs dist_train's command line through a real
 launcher ("single": `python -m dist_train`, "spawn": launch/spawn.py, "torchrun"), or, with
 launcher="forked", runs the same `dist_train.cli.main` in ranks forked from that fork server (which
-has imported deepspeed too): for the tests of what a run does, not of how it is started. A forked
+has imported deepspeed too), through launch/spawn.py's own rank entry and rendezvous store: for the
+tests of what a run does, not of how it is started. A forked
 rank reads no import-time setting from the environment the test passes (TORCHINDUCTOR_*, OpenMP's
 variables: the fork server read them before the test ran), so the tests that set one launch for real,
 as do the tests of the launchers, signals, start-up and imports.
@@ -150,7 +151,7 @@ def run_ranks(
 
 
 @functools.cache
-def spawn_launcher():
+def _spawn_launcher():
     """launch/spawn.py, imported as a module (it is a script beside the package)."""
     import importlib.util
 
@@ -175,7 +176,7 @@ def _forked_cli_rank(rank: int, world_size: int, port: int, argv: list[str], env
             os.dup2(file.fileno(), fd)
     torch.set_num_threads(int(environ.get("OMP_NUM_THREADS") or 1))  # the fork server's OpenMP read no variable
     if world_size > 1:
-        spawn_launcher()._rank_main(rank, world_size, port, argv)  # its environment, main(argv), os._exit
+        _spawn_launcher()._rank_main(rank, world_size, port, argv)  # its environment, main(argv), os._exit
     from dist_train.cli import exit_with, main
 
     exit_with(main(argv))
@@ -193,7 +194,7 @@ def run_forked(
     environ = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     environ["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "tests"), environ.get("PYTHONPATH", "")])
     context = _fork_server()
-    store, port = spawn_launcher().loopback_store(nproc) if nproc > 1 else (None, 0)
+    store, port = _spawn_launcher().loopback_store(nproc) if nproc > 1 else (None, 0)
     with tempfile.TemporaryDirectory() as out_dir:
         ranks = [
             context.Process(target=_forked_cli_rank, args=(rank, nproc, port, list(argv), environ, out_dir))
