@@ -73,9 +73,14 @@ def build_run(cfg: Config, ctx: DistContext) -> Built:
 def require_fused_loss_support(cfg: Config, model: nn.Module) -> None:
     """train.fused_loss needs a model whose forward takes the targets and returns the loss sum."""
     if cfg.train.fused_loss and not getattr(model, "supports_fused_loss", False):
+        if refusal := getattr(model, "fused_loss_refusal", None):  # hf_causal_lm: why its head cannot
+            raise UserError(
+                f"train.fused_loss: model {cfg.model.name!r} cannot compute its own loss: {refusal}; "
+                "set train.fused_loss=false"
+            )
         raise UserError(
             f"train.fused_loss: model {cfg.model.name!r} ({type(model).__name__}) does not compute its own loss; "
-            "use transformer_lm, give the model `supports_fused_loss = True` and a forward(inputs, targets=None, "
+            "use transformer_lm or hf_causal_lm, give the model `supports_fused_loss = True` and a forward(inputs, targets=None, "
             "label_smoothing=0.0) that returns the summed loss given targets (dist_train.fused_loss.LMHead), "
             "or set train.fused_loss=false"
         )

@@ -49,7 +49,13 @@ def test_causal_lm_from_config_dict():
 
     with pytest.raises(UserError, match="grad_checkpointing_every applies to the zoo's blocks"):
         enable_grad_checkpointing(model, every=2)  # was silently every layer
-    assert enable_grad_checkpointing(model, every=1) == -1 and model.hf.is_gradient_checkpointing
+    assert enable_grad_checkpointing(model, every=1) == -1
+    flag = (
+        "is_activation_checkpointing"
+        if hasattr(model.hf, "is_activation_checkpointing")
+        else "is_gradient_checkpointing"
+    )
+    assert getattr(model.hf, flag)  # transformers 5 renamed it (the old name warns)
 
 
 @needs_hf
@@ -73,6 +79,107 @@ def test_model_from_local_folder_loads_its_weights(tmp_path):
         build_model("hf_causal_lm", {"path": str(tmp_path)})
     with pytest.raises(UserError, match="model_type"):
         build_model("hf_causal_lm", {"config": {"n_layer": 2}})
+
+
+LLAMA = {"model_type": "llama", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64,
+         "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}  # fmt: skip
+
+
+@needs_hf
+@pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2-tied-head", "llama-own-head"])
+def test_causal_lm_fused_loss_equals_the_loss_of_its_logits(config, monkeypatch):
+    """train.fused_loss on a Hugging Face causal LM: the base model's hidden states through the head's
+    chunked loss (3 chunks here) give the loss and every gradient of cross_entropy on its logits,
+    with right padding masked out, ignored targets and label smoothing."""
+    from dist_train import fused_loss
+
+    monkeypatch.setattr(fused_loss, "CHUNK_BYTES", 4 * 259 * 12)  # 12 tokens a chunk: 3 chunks of 36 tokens
+    torch.manual_seed(0)
+    model = build_model("hf_causal_lm", {"config": config, "dropout": 0.0, "pad_token_id": 0})
+    assert model.supports_fused_loss and type(model.hf.get_output_embeddings()) is fused_loss.LMHead
+    assert (model.hf.get_output_embeddings().weight is model.hf.get_input_embeddings().weight) == (config is GPT2)
+    tokens = torch.randint(3, 259, (3, 12))
+    tokens[0, -3:] = 0  # right padding
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[0, -4:] = -100
+    results = []
+    for fused in (False, True):
+        model.zero_grad()
+        if fused:
+            loss = model(tokens, targets, 0.1)
+        else:
+            logits = model(tokens).flatten(0, 1)
+            loss = torch.nn.functional.cross_entropy(logits, targets.flatten(), reduction="sum", label_smoothing=0.1)
+        loss.backward()
+        results.append((loss.item(), {name: p.grad.clone() for name, p in model.named_parameters()}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    assert fused == pytest.approx(plain, rel=1e-6)
+    assert plain_grads.keys() == fused_grads.keys()
+    for name, grad in plain_grads.items():
+        assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+@needs_hf
+@pytest.mark.parametrize(
+    "model_type, reason",
+    [
+        ("gemma2", "Gemma2ForCausalLM's forward transforms its head's logits (final_logit_softcapping=30.0)"),
+        ("cohere", "CohereForCausalLM's forward transforms its head's logits (logit_scale=0.0625)"),
+        ("gptj", "GPTJForCausalLM's output projection is not a linear layer without bias"),
+    ],
+)
+def test_causal_lm_whose_logits_are_not_its_heads_product_refuses_the_fused_loss(tmp_path, model_type, reason):
+    from dist_train.build import initial_model, require_fused_loss_support
+    from dist_train.config import from_dict
+
+    sizes = {"vocab_size": 64, "hidden_size": 16, "n_embd": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+             "n_layer": 1, "num_attention_heads": 2, "n_head": 2, "num_key_value_heads": 1, "head_dim": 8,
+             "rotary_dim": 4, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}  # fmt: skip
+    config = {
+        "run": {"output_dir": str(tmp_path)},
+        "model": {"name": "hf_causal_lm", "config": {"model_type": model_type, **sizes}},
+        "data": {"name": "synthetic_tokens", "vocab_size": 64, "seq_len": 8},
+        "train": {"fused_loss": True},
+    }
+    cfg = from_dict(config)
+    with pytest.raises(UserError) as raised:
+        require_fused_loss_support(cfg, initial_model(cfg))
+    assert str(raised.value) == (
+        f"train.fused_loss: model 'hf_causal_lm' cannot compute its own loss: {reason}; set train.fused_loss=false"
+    )
+    if model_type == "gemma2":  # soft-capping off: the logits are the head's product again
+        config["model"]["config"]["final_logit_softcapping"] = None
+        cfg = from_dict(config)
+        require_fused_loss_support(cfg, initial_model(cfg))
+
+
+@needs_hf
+@pytest.mark.slow
+def test_causal_lm_fused_loss_trains_as_the_unfused_one_under_fsdp2_and_zero3(tmp_path):
+    """2 ranks, accumulation 2, label smoothing 0.1, GPT-2 with its tied head: unfused DDP against the
+    fused loss under FSDP2 (the head's weight is the root's, gathered around the wrapper's forward)
+    and ZeRO-3 (gathered around the head's own forward, after the base model's)."""
+    from helpers import launch, load_weights, max_abs_diff, tiny_lm_config
+
+    config = tiny_lm_config(tmp_path / "plain", train={"max_steps": 6, "loss_kwargs": {"label_smoothing": 0.1}})
+    gpt2 = {**GPT2, "vocab_size": 64, "n_positions": 16}
+    config["model"] = {"name": "hf_causal_lm", "config": gpt2, "dropout": 0.0}
+    plain = launch(config, tmp_path, nproc=2, launcher="forked")
+    assert plain.returncode == 0, plain.stderr[-3000:]
+    expected = load_weights(tmp_path / "plain")
+    losses = [row["loss"] for row in read_rows(tmp_path / "plain") if "loss" in row]
+    assert len(losses) == 6
+    runs = {"fsdp": ["strategy.name=fsdp"], "zero3": ["strategy.name=deepspeed", "strategy.zero_stage=3"]}
+    for name, overrides in runs.items():
+        out = tmp_path / name
+        result = launch(
+            config, tmp_path, [f"run.output_dir={out}", "train.fused_loss=true", *overrides], nproc=2, launcher="forked"
+        )
+        assert result.returncode == 0, (name, result.stderr[-3000:])
+        fused = [row["loss"] for row in read_rows(out) if "loss" in row]
+        assert len(fused) == 6 and max(abs(a - b) for a, b in zip(fused, losses)) < 1e-5, (name, fused, losses)
+        assert max_abs_diff(load_weights(out), expected) < 2e-5, name
 
 
 def test_the_wrapper_passes_use_cache_only_to_a_forward_that_takes_it():

@@ -69,7 +69,7 @@ class TrainConfig:
     fused_loss: bool = _f(
         False,
         "language models: the output projection and `cross_entropy` in one, a chunk of tokens at a time; the "
-        "whole logits never exist (`transformer_lm`, or a model with `supports_fused_loss`)",
+        "whole logits never exist (`transformer_lm`, `hf_causal_lm`, or a model with `supports_fused_loss`)",
     )
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "`bf16` autocast (CPU, CUDA); `fp16` autocast + GradScaler")
     grad_checkpointing: bool = _f(False, "recompute activations in backward (per block, non-reentrant)")

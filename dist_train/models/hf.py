@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import UserError
+from ..fused_loss import LMHead
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -31,20 +32,35 @@ WEIGHT_FILES = (
 # Config attributes that hold a dropout probability, by suffix (gpt2 `resid_pdrop`, bert
 # `hidden_dropout_prob`, t5 `dropout_rate`, llama `attention_dropout`, ...).
 DROPOUT_SUFFIXES = ("pdrop", "dropout", "dropout_prob", "dropout_rate", "dropout_ratio")
+# Config attributes by which a causal LM's forward changes its head's logits, with the values that
+# leave them alone: Gemma 2/3's soft-capping, Cohere's scale, Granite's divisor. A loss fused into
+# the head (train.fused_loss) would skip them.
+LOGIT_TRANSFORMS = {"final_logit_softcapping": (None,), "logit_scale": (None, 1), "logits_scaling": (None, 1)}
+
+
+def _no_cache(module: nn.Module) -> dict:
+    """No key/value cache while training: for a forward that takes `use_cache` (decoders; transformers
+    5's **kwargs), not transformers 4's encoders (BertForSequenceClassification refuses the argument)."""
+    params = inspect.signature(module.forward).parameters.values()
+    takes = any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
+    return {"use_cache": False} if takes else {}
 
 
 class HFModel(nn.Module):
-    """Returns `.logits` of the wrapped model; exposes what the framework's transforms look for."""
+    """Returns `.logits` of the wrapped model; exposes what the framework's transforms look for.
 
-    def __init__(self, hf_model: nn.Module, pad_token_id: int | None):
+    With `fused_loss` (a causal LM whose head is a plain projection), forward(input_ids, targets)
+    runs the wrapped model's base model and returns the loss its head computes a chunk at a time
+    (train.fused_loss): the (tokens, vocabulary) logits never exist whole."""
+
+    def __init__(self, hf_model: nn.Module, pad_token_id: int | None, fused_loss: str | None = None):
         super().__init__()
         self.hf = hf_model
         self.pad_token_id = pad_token_id
-        # no key/value cache while training: for a forward that takes `use_cache` (decoders; transformers
-        # 5's **kwargs), not transformers 4's encoders (BertForSequenceClassification refuses the argument)
-        params = inspect.signature(hf_model.forward).parameters.values()
-        takes = any(p.name == "use_cache" or p.kind is p.VAR_KEYWORD for p in params)
-        self.no_cache = {"use_cache": False} if takes else {}
+        self.no_cache = _no_cache(hf_model)
+        # `fused_loss`: "" when the head can compute it, else why not (build.require_fused_loss_support)
+        self.supports_fused_loss = fused_loss == ""
+        self.fused_loss_refusal = fused_loss or None
 
     @property
     def config(self) -> Any:
@@ -66,9 +82,16 @@ class HFModel(nn.Module):
         else:
             self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, label_smoothing: float = 0.0
+    ) -> torch.Tensor:
         mask = None if self.pad_token_id is None else (input_ids != self.pad_token_id).long()
-        return self.hf(input_ids=input_ids, attention_mask=mask, **self.no_cache).logits
+        if targets is None:
+            return self.hf(input_ids=input_ids, attention_mask=mask, **self.no_cache).logits
+        base = self.hf.base_model  # the causal LM's forward is its base model, then its head (_fused_head)
+        hidden = base(input_ids=input_ids, attention_mask=mask, **_no_cache(base))[0]
+        # the head's own forward: FSDP2 and ZeRO-3 gather its (tied) weight around it
+        return self.hf.get_output_embeddings()(hidden, targets, label_smoothing)
 
 
 def _transformers():
@@ -146,7 +169,27 @@ def hf_causal_lm(
     attn_implementation: str | None = None,
 ) -> HFModel:
     """AutoModelForCausalLM; logits (B, T, vocab). `pad_token_id` set: those tokens are masked out."""
-    return HFModel(_build("AutoModelForCausalLM", config, path, dropout, {}, attn_implementation), pad_token_id)
+    model = _build("AutoModelForCausalLM", config, path, dropout, {}, attn_implementation)
+    return HFModel(model, pad_token_id, fused_loss=_fused_head(model))
+
+
+def _fused_head(model: nn.Module) -> str:
+    """Makes the causal LM's output projection an LMHead, which given targets returns the fused loss
+    (train.fused_loss); "" when it did, else why it cannot: the logits must be the head's product of
+    the base model's hidden states and nothing more."""
+    name = type(model).__name__
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or head.bias is not None:
+        return f"{name}'s output projection is not a linear layer without bias"
+    if model.base_model is model:
+        return f"{name} has no base model to give the hidden states its head projects"
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for key, leaves_alone in LOGIT_TRANSFORMS.items():
+        value = getattr(text_config, key, None)
+        if value not in leaves_alone:
+            return f"{name}'s forward transforms its head's logits ({key}={value})"
+    head.__class__ = LMHead  # the same module, parameters (tied ones too) and hooks: a subclass's forward
+    return ""
 
 
 def hf_seq_cls(
