@@ -4,8 +4,9 @@
 
 The canonical engine loop (forward, `engine.backward`, `engine.step` every micro-step; the engine
 scales by 1/accumulation and steps at the boundary) with the DeepSpeed config dist_train derives
-(micro-batch, accumulation, clipping, ZeRO stage) and the same torch AdamW param groups (unfused:
-ZeRO steps it on flat partitions), model, data order and seed.
+(micro-batch, accumulation, clipping, ZeRO stage, bf16 as the engine's autocast) and the same torch
+AdamW param groups (unfused: ZeRO steps it on flat partitions), model, data order, seed, and the
+model's own loss when the spec fuses it.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def main() -> None:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
+    if spec["precision"] == "bf16":  # the engine's own autocast, fp32 weights and gradients (as dist_train's)
+        config["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+    elif spec["precision"] != "fp32":
+        raise SystemExit(f"bench.hand_deepspeed: precision {spec['precision']!r} is not written here (fp32, bf16)")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config, dist_init_required=False)
     loader, sampler = train_loader(spec, rank, world_size)
     data = batches(loader, sampler)
@@ -63,8 +68,10 @@ def main() -> None:
         for _ in range(accum):
             inputs, targets = next(data)
             inputs, targets = inputs.to(device), targets.to(device)
-            logits = engine(inputs)
-            loss = loss_fn(logits, targets)
+            if spec.get("fused_loss"):  # the model's chunked loss, summed (dist_train.fused_loss)
+                loss = engine(inputs, targets=targets) / targets.numel()
+            else:
+                loss = loss_fn(engine(inputs), targets)
             engine.backward(loss)
             engine.step()
         if step % spec["log_every"] == 0 and rank == 0:
