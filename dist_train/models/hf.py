@@ -61,6 +61,7 @@ class HFModel(nn.Module):
         # `fused_loss`: "" when the head can compute it, else why not (build.require_fused_loss_support)
         self.supports_fused_loss = fused_loss == ""
         self.fused_loss_refusal = fused_loss or None
+        self.base_no_cache = _no_cache(hf_model.base_model) if self.supports_fused_loss else {}
 
     @property
     def config(self) -> Any:
@@ -89,7 +90,7 @@ class HFModel(nn.Module):
         if targets is None:
             return self.hf(input_ids=input_ids, attention_mask=mask, **self.no_cache).logits
         base = self.hf.base_model  # the causal LM's forward is its base model, then its head (_fused_head)
-        hidden = base(input_ids=input_ids, attention_mask=mask, **_no_cache(base))[0]
+        hidden = base(input_ids=input_ids, attention_mask=mask, **self.base_no_cache)[0]
         # the head's own forward: FSDP2 and ZeRO-3 gather its (tied) weight around it
         return self.hf.get_output_embeddings()(hidden, targets, label_smoothing)
 
