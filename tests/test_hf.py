@@ -120,38 +120,97 @@ def test_causal_lm_fused_loss_equals_the_loss_of_its_logits(config, monkeypatch)
         assert torch.allclose(fused_grads[name], grad, rtol=1e-4, atol=1e-6), name
 
 
+# A tiny causal LM of any type: its sizes under every name the configs use, and what some types need besides.
+TINY = {"vocab_size": 96, "hidden_size": 32, "n_embd": 32, "d_model": 32, "intermediate_size": 64, "ffn_dim": 64,
+        "n_inner": 64, "num_hidden_layers": 2, "n_layer": 2, "n_layers": 2, "num_layers": 2, "num_attention_heads": 4,
+        "n_head": 4, "n_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "rotary_dim": 4,
+        "max_position_embeddings": 64, "n_positions": 64, "max_seq_len": 64, "word_embed_proj_dim": 32,
+        "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}  # fmt: skip
+TINY_EXTRA = {
+    "deepseek_v3": {"n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16, "n_group": 1,
+                    "topk_group": 1, "first_k_dense_replace": 1, "kv_lora_rank": 16, "q_lora_rank": 16,
+                    "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 8, "num_key_value_heads": 4},
+    "falcon": {"new_decoder_architecture": True, "num_kv_heads": 2, "head_dim": None},
+    "gemma2": {"sliding_window": 8, "final_logit_softcapping": None},
+    "gemma3_text": {"sliding_window": 8},
+    "mamba": {"state_size": 4, "expand": 2, "conv_kernel": 4, "time_step_rank": 4},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "mpt": {"expansion_ratio": 2},
+    "qwen2_moe": {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 16,
+                  "shared_expert_intermediate_size": 16},
+    "recurrent_gemma": {"lru_width": 32, "attention_window_size": 8, "block_types": ["recurrent", "attention"]},
+}  # fmt: skip
+
+
+def _tiny_causal_lm(model_type: str, **changes) -> dict:
+    config = {"model_type": model_type, **TINY, **TINY_EXTRA.get(model_type, {}), **changes}
+    return {key: value for key, value in config.items() if value is not None or key == "final_logit_softcapping"}
+
+
+@needs_hf
+def test_every_causal_lm_type_allowed_the_fused_loss_gets_the_loss_of_its_logits():
+    """FUSED_LOSS_MODEL_TYPES is a list of architectures read to be 'base model, then head': a tiny
+    model of each, tied and untied, with its head's weight scaled so that the logits are as large
+    as a trained model's (a soft-cap or scale the fused loss skipped would show), gives the loss
+    of its own logits."""
+    from dist_train.models.hf import FUSED_LOSS_MODEL_TYPES
+
+    wrong = {}
+    for model_type in sorted(FUSED_LOSS_MODEL_TYPES):
+        for tied in (False, True):
+            torch.manual_seed(0)
+            config = _tiny_causal_lm(model_type, tie_word_embeddings=tied)
+            model = build_model("hf_causal_lm", {"config": config, "dropout": 0.0, "pad_token_id": 0}).eval()
+            assert model.supports_fused_loss, (model_type, model.fused_loss_refusal)
+            with torch.no_grad():
+                model.hf.get_output_embeddings().weight.mul_(20)
+            tokens = torch.randint(3, 96, (2, 10))
+            tokens[0, -3:] = 0
+            targets = torch.roll(tokens, -1, dims=1)
+            with torch.no_grad():
+                plain = torch.nn.functional.cross_entropy(
+                    model(tokens).flatten(0, 1), targets.flatten(), reduction="sum"
+                )
+                fused = model(tokens, targets)
+            if abs(fused - plain) > 1e-5 * abs(plain):
+                wrong[model_type, tied] = (fused.item(), plain.item())
+    assert not wrong
+
+
 @needs_hf
 @pytest.mark.parametrize(
     "model_type, reason",
     [
         ("gemma2", "Gemma2ForCausalLM's forward transforms its head's logits (final_logit_softcapping=30.0)"),
+        ("recurrent_gemma", "RecurrentGemmaForCausalLM's forward transforms its head's logits (logits_soft_cap=30.0)"),
         ("cohere", "CohereForCausalLM's forward transforms its head's logits (logit_scale=0.0625)"),
         ("gptj", "GPTJForCausalLM's output projection is not a linear layer without bias"),
+        (
+            "modernbert-decoder",  # its output projection follows a prediction head of its own
+            "ModernBertDecoderForCausalLM (model_type 'modernbert-decoder') is not among the causal LMs whose "
+            "logits are known to be their head's product (dist_train.models.hf.FUSED_LOSS_MODEL_TYPES)",
+        ),
     ],
 )
 def test_causal_lm_whose_logits_are_not_its_heads_product_refuses_the_fused_loss(tmp_path, model_type, reason):
     from dist_train.build import initial_model, require_fused_loss_support
     from dist_train.config import from_dict
 
-    sizes = {"vocab_size": 64, "hidden_size": 16, "n_embd": 16, "intermediate_size": 32, "num_hidden_layers": 1,
-             "n_layer": 1, "num_attention_heads": 2, "n_head": 2, "num_key_value_heads": 1, "head_dim": 8,
-             "rotary_dim": 4, "bos_token_id": 1, "eos_token_id": 1, "pad_token_id": 0}  # fmt: skip
+    changes = {"decoder_bias": False, "local_attention": 8} if model_type == "modernbert-decoder" else {}
     config = {
         "run": {"output_dir": str(tmp_path)},
-        "model": {"name": "hf_causal_lm", "config": {"model_type": model_type, **sizes}},
-        "data": {"name": "synthetic_tokens", "vocab_size": 64, "seq_len": 8},
+        "model": {"name": "hf_causal_lm", "config": _tiny_causal_lm(model_type, **changes)},
+        "data": {"name": "synthetic_tokens", "vocab_size": 96, "seq_len": 8},
         "train": {"fused_loss": True},
     }
+    if model_type == "gemma2":
+        del config["model"]["config"]["final_logit_softcapping"]  # its default: 30.0
     cfg = from_dict(config)
     with pytest.raises(UserError) as raised:
         require_fused_loss_support(cfg, initial_model(cfg))
     assert str(raised.value) == (
         f"train.fused_loss: model 'hf_causal_lm' cannot compute its own loss: {reason}; set train.fused_loss=false"
     )
-    if model_type == "gemma2":  # soft-capping off: the logits are the head's product again
-        config["model"]["config"]["final_logit_softcapping"] = None
-        cfg = from_dict(config)
-        require_fused_loss_support(cfg, initial_model(cfg))
 
 
 @needs_hf

@@ -32,10 +32,25 @@ WEIGHT_FILES = (
 # Config attributes that hold a dropout probability, by suffix (gpt2 `resid_pdrop`, bert
 # `hidden_dropout_prob`, t5 `dropout_rate`, llama `attention_dropout`, ...).
 DROPOUT_SUFFIXES = ("pdrop", "dropout", "dropout_prob", "dropout_rate", "dropout_ratio")
+# train.fused_loss: the causal LMs (config.model_type) whose forward is their base model, then their
+# output projection, and nothing more, so that the loss fused into the projection is theirs: read in
+# transformers 5.24 and checked by tests/test_hf.py (a tiny model of each, fused against unfused).
+FUSED_LOSS_MODEL_TYPES = frozenset(
+    "biogpt bloom deepseek_v3 falcon gemma gemma2 gemma3_text gpt2 gpt_bigcode gpt_neox granite llama mamba "
+    "mistral mixtral mpt olmo olmo2 openai-gpt opt phi3 qwen2 qwen2_moe qwen3 stablelm starcoder2 xglm".split()
+)
 # Config attributes by which a causal LM's forward changes its head's logits, with the values that
-# leave them alone: Gemma 2/3's soft-capping, Cohere's scale, Granite's divisor. A loss fused into
-# the head (train.fused_loss) would skip them.
-LOGIT_TRANSFORMS = {"final_logit_softcapping": (None,), "logit_scale": (None, 1), "logits_scaling": (None, 1)}
+# leave them alone: Gemma 2's soft-capping, Cohere's scale, Granite's divisor and the like. A loss
+# fused into the head would skip them.
+LOGIT_TRANSFORMS = {
+    "final_logit_softcapping": (None,),
+    "logits_soft_cap": (None,),  # recurrent_gemma
+    "output_logit_soft_cap": (None,),  # xlstm
+    "logit_scale": (None, 1),  # cohere
+    "logits_scaling": (None, 1),  # granite
+    "lm_head_multiplier": (None, 1),  # falcon_h1
+    "logits_mup_width_multiplier": (None, 1),
+}
 
 
 def _no_cache(module: nn.Module) -> dict:
@@ -189,6 +204,12 @@ def _fused_head(model: nn.Module) -> str:
         value = getattr(text_config, key, None)
         if value not in leaves_alone:
             return f"{name}'s forward transforms its head's logits ({key}={value})"
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in FUSED_LOSS_MODEL_TYPES:
+        return (
+            f"{name} (model_type {model_type!r}) is not among the causal LMs whose logits are known to be their "
+            "head's product (dist_train.models.hf.FUSED_LOSS_MODEL_TYPES)"
+        )
     head.__class__ = LMHead  # the same module, parameters (tied ones too) and hooks: a subclass's forward
     return ""
 
