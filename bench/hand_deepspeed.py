@@ -4,9 +4,9 @@
 
 The canonical engine loop (forward, `engine.backward`, `engine.step` every micro-step; the engine
 scales by 1/accumulation and steps at the boundary) with the DeepSpeed config dist_train derives
-(micro-batch, accumulation, clipping, ZeRO stage, bf16 as the engine's autocast) and the same torch
-AdamW param groups (unfused: ZeRO steps it on flat partitions), model, data order, seed, and the
-model's own loss when the spec fuses it.
+(micro-batch, accumulation, clipping, ZeRO stage, bf16 as the engine's autocast), torch.compile when
+the spec asks, and the same torch AdamW param groups (unfused: ZeRO steps it on flat partitions),
+model, data order, seed, and the model's own loss when the spec fuses it.
 """
 
 from __future__ import annotations
@@ -42,6 +42,8 @@ def main() -> None:
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
     torch.manual_seed(spec["seed"])
     model = factory(spec["model_factory"])(**spec["model_kwargs"])
+    if spec["compile"]:  # in place, before the engine wraps it (as dist_train's transforms)
+        model.compile(mode=spec["compile_mode"])
     optimizer = torch.optim.AdamW(
         param_groups(model, spec["weight_decay"]), lr=spec["lr"], betas=spec["betas"], eps=spec["eps"]
     )

@@ -205,8 +205,18 @@ def test_gpu_bench_step_time_is_the_mean_between_synchronised_steps():
         (LM, "deepspeed", 3),
         (LM_BF16, "fsdp", 0),
         (dataclasses.replace(LM_BF16, fused_loss=True), "deepspeed", 3),
+        (LM.scaled(compile=True), "deepspeed", 2),
     ],
-    ids=["lm-ddp", "resnet-ddp", "lm-fsdp", "lm-zero2", "lm-zero3", "lm-fsdp-bf16", "lm-zero3-bf16-fused"],
+    ids=[
+        "lm-ddp",
+        "resnet-ddp",
+        "lm-fsdp",
+        "lm-zero2",
+        "lm-zero3",
+        "lm-fsdp-bf16",
+        "lm-zero3-bf16-fused",
+        "lm-zero2-compiled",
+    ],
 )
 def test_both_sides_train_the_same_model(tmp_path, workload, strategy, zero_stage):
     """dist_train and the hand-written loop (2 ranks, accumulation 2 without gradient sync on the first
