@@ -42,13 +42,13 @@ def initial_model(cfg: Config) -> nn.Module:
     # train mode throughout, as after an evaluation: transformers' from_pretrained returns eval mode (no dropout)
     model.train()
     init_weights(model, cfg.model.init, cfg.model.init_std)  # model.init, under the same seed
+    require_fused_loss_support(cfg, model)
     return model
 
 
 def build_run(cfg: Config, ctx: DistContext) -> Built:
     """Model, transforms, strategy, data and loss, in an order whose seeds make every rank alike."""
     model = initial_model(cfg)
-    require_fused_loss_support(cfg, model)
     compression = Compression(cfg, model)  # QAT observers, pruning masks: state_dict keys stable from step 0
     model = apply_transforms(model, cfg, ctx)
     strategy = build_strategy(cfg, ctx)
@@ -71,18 +71,22 @@ def build_run(cfg: Config, ctx: DistContext) -> Built:
 
 
 def require_fused_loss_support(cfg: Config, model: nn.Module) -> None:
-    """train.fused_loss needs a model whose forward takes the targets and returns the loss sum."""
-    if cfg.train.fused_loss and not getattr(model, "supports_fused_loss", False):
-        if refusal := getattr(model, "fused_loss_refusal", None):  # hf_causal_lm: why its head cannot
-            raise UserError(
-                f"train.fused_loss: model {cfg.model.name!r} cannot compute its own loss: {refusal}; "
-                "set train.fused_loss=false"
-            )
+    """train.fused_loss needs a model whose forward takes the targets and returns the loss sum; one
+    that switches to it (`enable_fused_loss()`: hf_causal_lm) does so here, or says why it cannot."""
+    if not cfg.train.fused_loss:
+        return
+    enable = getattr(model, "enable_fused_loss", None)
+    if callable(enable) and (refusal := enable()):
+        raise UserError(
+            f"train.fused_loss: model {cfg.model.name!r} cannot compute its own loss: {refusal}; "
+            "set train.fused_loss=false"
+        )
+    if not getattr(model, "supports_fused_loss", False):
         raise UserError(
             f"train.fused_loss: model {cfg.model.name!r} ({type(model).__name__}) does not compute its own loss; "
-            "use transformer_lm or hf_causal_lm, give the model `supports_fused_loss = True` and a forward(inputs, targets=None, "
-            "label_smoothing=0.0) that returns the summed loss given targets (dist_train.fused_loss.LMHead), "
-            "or set train.fused_loss=false"
+            "use transformer_lm or hf_causal_lm, give the model `supports_fused_loss = True` and a forward(inputs, "
+            "targets=None, label_smoothing=0.0) that returns the summed loss given targets "
+            "(dist_train.fused_loss.LMHead), or set train.fused_loss=false"
         )
 
 

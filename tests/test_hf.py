@@ -87,17 +87,28 @@ LLAMA = {"model_type": "llama", "vocab_size": 259, "hidden_size": 32, "intermedi
 
 
 @needs_hf
-@pytest.mark.parametrize("config", [GPT2, LLAMA], ids=["gpt2-tied-head", "llama-own-head"])
-def test_causal_lm_fused_loss_equals_the_loss_of_its_logits(config, monkeypatch):
+@pytest.mark.parametrize(
+    "config, resized",
+    [(GPT2, False), (LLAMA, False), (LLAMA, True)],
+    ids=["gpt2-tied-head", "llama-own-head", "llama-resized-by-a-factory"],
+)
+def test_causal_lm_fused_loss_equals_the_loss_of_its_logits(config, resized, monkeypatch):
     """train.fused_loss on a Hugging Face causal LM: the base model's hidden states through the head's
-    chunked loss (3 chunks here) give the loss and every gradient of cross_entropy on its logits,
-    with right padding masked out, ignored targets and label smoothing."""
+    chunked loss (3 or 4 chunks here) give the loss and every gradient of cross_entropy on its logits,
+    with right padding masked out, ignored targets and label smoothing. The head becomes an LMHead
+    when the run enables the fused loss, after the factory: one that resized the vocabulary (a new
+    head, untied) is served too; without the fused loss the model is left as transformers built it."""
     from dist_train import fused_loss
 
     monkeypatch.setattr(fused_loss, "CHUNK_BYTES", 4 * 259 * 12)  # 12 tokens a chunk: 3 chunks of 36 tokens
     torch.manual_seed(0)
     model = build_model("hf_causal_lm", {"config": config, "dropout": 0.0, "pad_token_id": 0})
+    if resized:
+        model.hf.resize_token_embeddings(300)
+    assert type(model.hf.get_output_embeddings()) is torch.nn.Linear and not model.supports_fused_loss
+    assert model.enable_fused_loss() is None and model.enable_fused_loss() is None  # twice: as check does
     assert model.supports_fused_loss and type(model.hf.get_output_embeddings()) is fused_loss.LMHead
+    assert model.hf.get_output_embeddings().weight.shape[0] == (300 if resized else 259)
     assert (model.hf.get_output_embeddings().weight is model.hf.get_input_embeddings().weight) == (config is GPT2)
     tokens = torch.randint(3, 259, (3, 12))
     tokens[0, -3:] = 0  # right padding
@@ -161,7 +172,7 @@ def test_every_causal_lm_type_allowed_the_fused_loss_gets_the_loss_of_its_logits
             torch.manual_seed(0)
             config = _tiny_causal_lm(model_type, tie_word_embeddings=tied)
             model = build_model("hf_causal_lm", {"config": config, "dropout": 0.0, "pad_token_id": 0}).eval()
-            assert model.supports_fused_loss, (model_type, model.fused_loss_refusal)
+            assert model.enable_fused_loss() is None, model_type
             with torch.no_grad():
                 model.hf.get_output_embeddings().weight.mul_(20)
             tokens = torch.randint(3, 96, (2, 10))
@@ -207,10 +218,15 @@ def test_causal_lm_whose_logits_are_not_its_heads_product_refuses_the_fused_loss
         del config["model"]["config"]["final_logit_softcapping"]  # its default: 30.0
     cfg = from_dict(config)
     with pytest.raises(UserError) as raised:
-        require_fused_loss_support(cfg, initial_model(cfg))
+        initial_model(cfg)  # the run's model: the fused loss enabled, or refused, once the factory returned
     assert str(raised.value) == (
         f"train.fused_loss: model 'hf_causal_lm' cannot compute its own loss: {reason}; set train.fused_loss=false"
     )
+    if model_type == "gptj":  # and a sequence classifier, which has no per-token head at all
+        config["model"] = {"name": "hf_seq_cls", "config": GPT2}
+        cfg = from_dict(config)
+        with pytest.raises(UserError, match="GPT2ForSequenceClassification classifies whole sequences: it has no"):
+            require_fused_loss_support(cfg, build_model("hf_seq_cls", {"config": GPT2}))
 
 
 @needs_hf

@@ -64,19 +64,35 @@ def _no_cache(module: nn.Module) -> dict:
 class HFModel(nn.Module):
     """Returns `.logits` of the wrapped model; exposes what the framework's transforms look for.
 
-    With `fused_loss` (a causal LM whose head is a plain projection), forward(input_ids, targets)
-    runs the wrapped model's base model and returns the loss its head computes a chunk at a time
-    (train.fused_loss): the (tokens, vocabulary) logits never exist whole."""
+    A causal LM can compute train.fused_loss: once `enable_fused_loss()` has made its output
+    projection an LMHead, forward(input_ids, targets) runs the wrapped model's base model and returns
+    the loss its head computes a chunk at a time: the (tokens, vocabulary) logits never exist whole."""
 
-    def __init__(self, hf_model: nn.Module, pad_token_id: int | None, fused_loss: str | None = None):
+    def __init__(self, hf_model: nn.Module, pad_token_id: int | None, causal: bool = False):
         super().__init__()
         self.hf = hf_model
         self.pad_token_id = pad_token_id
+        self.causal = causal
         self.no_cache = _no_cache(hf_model)
-        # `fused_loss`: "" when the head can compute it, else why not (build.require_fused_loss_support)
-        self.supports_fused_loss = fused_loss == ""
-        self.fused_loss_refusal = fused_loss or None
-        self.base_no_cache = _no_cache(hf_model.base_model) if self.supports_fused_loss else {}
+        self.base_no_cache: dict = {}  # the base model's, for the fused loss (enable_fused_loss)
+
+    @property
+    def supports_fused_loss(self) -> bool:
+        """Whether forward(input_ids, targets) returns the fused loss (after enable_fused_loss)."""
+        return type(self.hf.get_output_embeddings()) is LMHead
+
+    def enable_fused_loss(self) -> str | None:
+        """train.fused_loss, called once the factory has returned (a factory of yours may have resized
+        the vocabulary meanwhile): the causal LM's output projection becomes an LMHead. None when it
+        did, else why it cannot (build.require_fused_loss_support says it)."""
+        if not self.causal:
+            return (
+                f"{type(self.hf).__name__} classifies whole sequences: it has no per-token head to fuse the loss into"
+            )
+        if refusal := _fused_head(self.hf):
+            return refusal
+        self.base_no_cache = _no_cache(self.hf.base_model)
+        return None
 
     @property
     def config(self) -> Any:
@@ -186,16 +202,16 @@ def hf_causal_lm(
 ) -> HFModel:
     """AutoModelForCausalLM; logits (B, T, vocab). `pad_token_id` set: those tokens are masked out."""
     model = _build("AutoModelForCausalLM", config, path, dropout, {}, attn_implementation)
-    return HFModel(model, pad_token_id, fused_loss=_fused_head(model))
+    return HFModel(model, pad_token_id, causal=True)
 
 
-def _fused_head(model: nn.Module) -> str:
+def _fused_head(model: nn.Module) -> str | None:
     """Makes the causal LM's output projection an LMHead, which given targets returns the fused loss
-    (train.fused_loss); "" when it did, else why it cannot: the logits must be the head's product of
-    the base model's hidden states and nothing more."""
+    (train.fused_loss); None when it did (or had), else why it cannot: the logits must be the head's
+    product of the base model's hidden states and nothing more."""
     name = type(model).__name__
     head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or head.bias is not None:
+    if type(head) not in (nn.Linear, LMHead) or head.bias is not None:
         return f"{name}'s output projection is not a linear layer without bias"
     if model.base_model is model:
         return f"{name} has no base model to give the hidden states its head projects"
@@ -211,7 +227,7 @@ def _fused_head(model: nn.Module) -> str:
             "head's product (dist_train.models.hf.FUSED_LOSS_MODEL_TYPES)"
         )
     head.__class__ = LMHead  # the same module, parameters (tied ones too) and hooks: a subclass's forward
-    return ""
+    return None
 
 
 def hf_seq_cls(
