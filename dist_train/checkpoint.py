@@ -111,11 +111,12 @@ def lock_output_dir(output_dir: Path) -> int:
 RUN_OUTPUTS = {"config.yaml": False, "metrics.jsonl": False, "model.safetensors": False, "checkpoints": True}
 
 
-def in_the_way(output_dir: Path) -> str | None:
-    """A folder where the run writes a file, or a file where it keeps its checkpoints folder: said
-    before anything is built (config.yaml failed at once, checkpoints/ at the first save, model.safetensors
-    after the last step, each with a traceback, status 1)."""
-    for name, folder in RUN_OUTPUTS.items():
+def in_the_way(output_dir: Path, tensorboard: bool = False) -> str | None:
+    """A folder where the run writes a file, or a file where it keeps a folder of its own (checkpoints/,
+    and tb/ under log.tensorboard): said before anything is built (config.yaml failed at once,
+    checkpoints/ at the first save, model.safetensors after the last step, tb/ before the first step,
+    each with a traceback, status 1)."""
+    for name, folder in (RUN_OUTPUTS | ({"tb": True} if tensorboard else {})).items():
         path = output_dir / name
         if path.exists() and path.is_dir() != folder:
             return (

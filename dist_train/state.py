@@ -414,7 +414,9 @@ def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int, 
         log.info("wrote %s (%d tensors)", path, len(tensors))
 
 
-def claim_output_dir(output_dir: Path, ctx: DistContext, control: Control, held: contextlib.ExitStack) -> None:
+def claim_output_dir(
+    output_dir: Path, ctx: DistContext, control: Control, held: contextlib.ExitStack, tensorboard: bool = False
+) -> None:
     """Rank 0 creates the run's folder and locks it for this run (the lock closes with `held`); a folder
     it cannot create or write in, one in use by another run, one with a file in the way of the run's
     own, or one in a checkpoint folder is refused on every rank alike."""
@@ -432,7 +434,7 @@ def claim_output_dir(output_dir: Path, ctx: DistContext, control: Control, held:
             except OSError as err:
                 refused = f"run.output_dir {output_dir}: cannot write in it ({err.strerror}); choose another"
             else:
-                refused = ckpt.in_the_way(output_dir)
+                refused = ckpt.in_the_way(output_dir, tensorboard)
     refused = control.broadcast_object(refused)  # every rank stops, not only the one that saw it
     if refused:
         raise on_every_rank(UserError(refused))

@@ -153,7 +153,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
     step_times = step_times_hook()  # benchmarks only (DIST_TRAIN_STEP_TIMES); None otherwise
     output_dir = Path(cfg.run.output_dir)
     control = Control(ctx, cfg.dist.timeout_s, cfg.checkpoint.save_timeout_s)
-    run_state.claim_output_dir(output_dir, ctx, control, held)
+    run_state.claim_output_dir(output_dir, ctx, control, held, cfg.log.tensorboard)
     try:  # a mistake found while building is the config's, met by every rank alike: said once per node
         strategy, compression, data, eval_data, loss_fn, train_loss = build_run(cfg, ctx)
     except UserError as err:

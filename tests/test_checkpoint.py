@@ -678,19 +678,22 @@ def test_retention_counts_no_stray_by_a_step_name(tmp_path):
     assert names == ["latest", "step-00000008", "step-00000010", "step-00000098", "step-00000099"]
 
 
-@pytest.mark.parametrize("name", ["config.yaml", "metrics.jsonl", "model.safetensors", "checkpoints"])
+@pytest.mark.parametrize("name", ["config.yaml", "metrics.jsonl", "model.safetensors", "checkpoints", "tb"])
 def test_a_file_or_folder_in_the_way_of_the_runs_own_is_a_clear_error(tmp_path, name):
     """A folder named model.safetensors failed the export after the last step (checkpoints/ as a file:
-    the first save; config.yaml, metrics.jsonl: the start), each a traceback, status 1."""
+    the first save; config.yaml, metrics.jsonl: the start; tb as a file under log.tensorboard: the
+    start, leaving an empty metrics.jsonl), each a traceback, status 1."""
     out = tmp_path / "out"
-    if name == "checkpoints":
+    if name in ("checkpoints", "tb"):
         out.mkdir()
         (out / name).write_text("")
     else:
         (out / name).mkdir(parents=True)
     with pytest.raises(UserError, match=f"run.output_dir {out}: {name} is a .* move it away or choose another"):
-        run(out)
-    assert not (out / "config.yaml").is_file()  # refused before anything was written
+        run(out, log={"tensorboard": True})
+    assert not (out / "config.yaml").is_file() and not (out / "metrics.jsonl").is_file()  # refused before writing
+    if name == "tb":  # without TensorBoard a file named tb is nobody's business
+        assert run(out)["status"] == "finished"
 
 
 def test_an_output_dir_in_a_checkpoint_folder_is_refused_before_it_damages_it(tmp_path, reference):

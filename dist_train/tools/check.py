@@ -157,7 +157,7 @@ def estimate_activations(cfg: Config, model: nn.Module, sample: torch.Tensor, wh
         return None, f"n/a ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
 
 
-def check_output_dir(output_dir: str) -> None:
+def check_output_dir(output_dir: str, tensorboard: bool = False) -> None:
     """The run's `mkdir -p run.output_dir`, creating nothing: a file in its way (the folder itself or
     one above it), or one in the way of the run's own files inside, makes the run stop with exit 2.
     Permissions are left alone (this machine may not be the one that writes), except a folder this
@@ -173,7 +173,7 @@ def check_output_dir(output_dir: str) -> None:
         reason = errno.EEXIST if existing == path else errno.ENOTDIR
         raise UserError(f"run.output_dir {output_dir}: cannot create it ({os.strerror(reason)}); choose another")
     try:
-        refused = ckpt.in_the_way(Path(output_dir)) if existing == path else None
+        refused = ckpt.in_the_way(Path(output_dir), tensorboard) if existing == path else None
     except PermissionError as err:  # a folder this user may not even look into (another user's, mode 700)
         raise UserError(f"run.output_dir {output_dir}: cannot write in it ({err.strerror}); choose another") from None
     if refused:  # as the run refuses it
@@ -184,7 +184,7 @@ def inspect_config(cfg: Config, world_size: int, world_source: str = "--world-si
     """Everything `check` reports, as a JSON-ready dict. Raises UserError when the run would refuse the config."""
     if world_size < 1:
         raise UserError(f"--world-size must be >= 1, got {world_size}")
-    check_output_dir(cfg.run.output_dir)
+    check_output_dir(cfg.run.output_dir, cfg.log.tensorboard)
     ctx = DistContext(0, 0, world_size, world_size, torch.device("cpu"), None, "single")
     seed_everything(cfg.run.seed + DATA_SEED_OFFSET)  # the run's data, from factories that draw from torch's RNG
     data = build_train_data(cfg, ctx)  # the same checks as the run: batch vs split size, drop_last
