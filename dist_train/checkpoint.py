@@ -340,6 +340,48 @@ def read_latest(root: Path) -> str | None:
 MANIFEST_FIELDS = {"step": int, "world_size": int, "strategy": str, "trainer": dict, "files": dict}
 
 
+def _count(value) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _number(value) -> bool:
+    return type(value) in (int, float)
+
+
+def _text_or_none(value) -> bool:
+    return value is None or type(value) is str
+
+
+# The values a run writes in its manifest's trainer state (state.TrainState) and plateau state
+# (schedules.PlateauState): any other was edited by hand, and resuming it failed steps later (a
+# negative sample count, at the next batch) or trained on from a state no run reached.
+PLATEAU_FIELDS = {
+    "scale": lambda v: _number(v) and v >= 0,
+    "best": lambda v: v is None or _number(v),
+    "bad_evals": _count,
+    "cooldown_left": _count,
+    "reductions": _count,
+    "watched": _text_or_none,
+}
+TRAINER_FIELDS = {
+    "step": _count,
+    "epoch": _count,
+    "samples_in_epoch": _count,
+    "skipped_steps": _count,
+    "nonfinite_streak": lambda v: type(v) is list and len(v) == 2 and all(map(_count, v)),
+    "best_metric": lambda v: v is None or _number(v),
+    "evals_without_improvement": _count,
+    "best_of": _text_or_none,
+    "window_count": lambda v: _number(v) and v >= 0,
+    "lr_schedule": lambda v: (
+        type(v) is dict and all(k in PLATEAU_FIELDS and PLATEAU_FIELDS[k](x) for k, x in v.items())
+    ),
+    "last_eval_step": lambda v: type(v) is int and v >= -1,
+    "early_stopped": lambda v: type(v) is bool,
+    "started_from": _text_or_none,
+}
+
+
 def _check_manifest(folder: Path, manifest) -> None:
     """The fields a resume reads, and a file list that covers every file a load may read."""
     where = f"{folder}/{MANIFEST}"
@@ -351,6 +393,12 @@ def _check_manifest(folder: Path, manifest) -> None:
             raise ValueError(
                 f"{where}: `{key}` is missing or not a {kind.__name__} (edited or not a dist_train manifest)"
             )
+    for key, value in manifest["trainer"].items():  # a field this version does not know: state.py says so
+        if key in TRAINER_FIELDS and not TRAINER_FIELDS[key](value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ValueError(f"{where}: the trainer state's `{key}` is {shown}, not a value a run writes (edited)")
+    if manifest["trainer"].get("step", manifest["step"]) != manifest["step"]:
+        raise ValueError(f"{where}: the trainer state's step is not the manifest's (edited)")
     for name, entry in manifest["files"].items():
         if Path(name).is_absolute() or ".." in Path(name).parts:
             raise ValueError(f"{where}: file name {name!r} points outside the checkpoint")

@@ -2,6 +2,7 @@
 retention, the non-finite guard. Multi-rank resume/signal/elastic tests are in test_resume.py."""
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -228,6 +229,10 @@ def _truncate_unlisted(folder: Path) -> None:
         lambda folder: _edit_manifest(folder, lambda m: m.pop("trainer")),
         lambda folder: _edit_manifest(folder, lambda m: m.pop("world_size")),
         lambda folder: _edit_manifest(folder, lambda m: m.update(trainer="x")),
+        lambda folder: _edit_manifest(folder, lambda m: m["trainer"].update(samples_in_epoch=-7)),
+        lambda folder: _edit_manifest(folder, lambda m: m["trainer"].update(nonfinite_streak="x")),
+        lambda folder: _edit_manifest(folder, lambda m: m["trainer"].update(lr_schedule={"scale": "x"})),
+        lambda folder: _edit_manifest(folder, lambda m: m["trainer"].update(step=5)),
         lambda folder: _edit_manifest(folder, lambda m: m["files"].update({"model.pt": {}})),
         lambda folder: _edit_manifest(folder, lambda m: m["files"].update({"../../x": m["files"]["model.pt"]})),
         _truncate_unlisted,
@@ -241,6 +246,10 @@ def _truncate_unlisted(folder: Path) -> None:
         "no-trainer",
         "no-world-size",
         "trainer-not-a-mapping",
+        "negative-sample-count",  # resumed, it saved a checkpoint from it, then failed at the next batch
+        "streak-not-a-pair",
+        "plateau-state-edited",
+        "trainer-step-not-the-manifests",
         "entry-without-checksum",
         "name-outside",
         "file-not-listed",
@@ -279,6 +288,18 @@ def test_latest_made_a_folder_or_a_link_to_one_is_one_line(tmp_path, reference):
     for resume in ("auto", str(run_dir)):
         with pytest.raises(UserError, match="checkpoints/latest is a folder or a link to one"):
             ckpt.find_resume_checkpoint(resume, run_dir)
+
+
+def test_the_manifest_checks_name_every_field_of_the_trainer_and_plateau_states():
+    """An edited trainer state is damage (skipped by auto, one line by path): every field a run writes
+    has its check, so a field added to TrainState or PlateauState needs one."""
+    from dist_train.schedules import PlateauState
+    from dist_train.state import TrainState
+
+    assert set(ckpt.TRAINER_FIELDS) == {f.name for f in dataclasses.fields(TrainState)}
+    assert set(ckpt.PLATEAU_FIELDS) == {f.name for f in dataclasses.fields(PlateauState)}
+    written = dataclasses.asdict(TrainState(lr_schedule=dataclasses.asdict(PlateauState())))
+    assert all(ckpt.TRAINER_FIELDS[key](value) for key, value in json.loads(json.dumps(written)).items())
 
 
 def test_trainer_state_of_another_version_is_a_clear_error(tmp_path, reference):
