@@ -273,17 +273,30 @@ def test_deepspeed_passthrough_conflicts_are_errors(tmp_path):
         deepspeed_config(cfg, world_size=4)
 
 
-def test_a_passthrough_value_deepspeed_refuses_is_one_line(tmp_path):
+@pytest.mark.parametrize(
+    "bad, said",
+    [
+        (
+            "{zero_optimization: {overlap_comm: maybe}}",
+            "DeepSpeed's DeepSpeedZeroConfig refuses it: overlap_comm: Input should be a valid boolean, unable to "
+            "interpret input (got 'maybe')",
+        ),
+        (  # not its schema's: its parser's own ValueError
+            "{communication_data_type: int3}",
+            "DeepSpeed refuses it (ValueError: Invalid communication_data_type. Supported data types: ['fp16', "
+            "'bf16', 'fp32']. Got: int3); fix or drop the value",
+        ),
+    ],
+    ids=["schema", "parser"],
+)
+def test_a_passthrough_value_deepspeed_refuses_is_one_line(tmp_path, bad, said):
     """DeepSpeed validates its JSON in deepspeed.initialize: a bad strategy.deepspeed_config value was its
-    pydantic ValidationError traceback and status 1."""
-    bad = "strategy.deepspeed_config={zero_optimization: {overlap_comm: maybe}}"
-    proc = launch(parity_config(tmp_path / "run"), tmp_path, [*VARIANTS["zero1"], bad], launcher="forked")
+    pydantic ValidationError traceback, or its parser's ValueError, and status 1."""
+    override = f"strategy.deepspeed_config={bad}"
+    proc = launch(parity_config(tmp_path / "run"), tmp_path, [*VARIANTS["zero1"], override], launcher="forked")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert lines[-1] == (
-        "dist_train: error: strategy.deepspeed_config: DeepSpeed's DeepSpeedZeroConfig refuses it: overlap_comm: "
-        "Input should be a valid boolean, unable to interpret input (got 'maybe')"
-    )
+    assert lines[-1] == f"dist_train: error: strategy.deepspeed_config: {said}"
 
 
 def _batchnorm_bf16(rank, world):

@@ -543,8 +543,10 @@ def test_check_exits_2_on_a_deepspeed_config_value_its_schema_refuses(tmp_path, 
     check said 'No warnings' (exit 0). A valid passthrough still passes, its JSON report unspoilt."""
     pytest.importorskip("deepspeed")
     capsys.readouterr()  # DeepSpeed's import warning (stdout) is not check's output
-    for value, code in (("maybe", 2), (True, 0)):
+    for value, code in (("maybe", 2), ("tag", 2), (True, 0)):
         passthrough = {"zero_optimization": {"overlap_comm": value}}
+        if value == "tag":  # not the schema's: an error of DeepSpeed's own parser
+            passthrough = {"checkpoint": {"tag_validation": "bogus"}}
         strategy = {"name": "deepspeed", "zero_stage": 1, "deepspeed_config": passthrough}
         path = write_config(tmp_path / "c.yaml", tiny_lm_config(tmp_path / "run", strategy=strategy))
         if code == 0:
@@ -558,6 +560,10 @@ def test_check_exits_2_on_a_deepspeed_config_value_its_schema_refuses(tmp_path, 
         assert err == (
             "dist_train: error: strategy.deepspeed_config: DeepSpeed's DeepSpeedZeroConfig refuses it: overlap_comm: "
             "Input should be a valid boolean, unable to interpret input (got 'maybe')\n"
+            if value == "maybe"
+            else "dist_train: error: strategy.deepspeed_config: DeepSpeed refuses it (DeepSpeedConfigError: Checkpoint "
+            "config contains invalid tag_validation value of BOGUS, expecting one of ['WARN', 'IGNORE', 'FAIL']); fix "
+            "or drop the value\n"
         )
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import importlib.util
 import io
 import json
@@ -198,28 +199,53 @@ def skip_shared_memory_allreduce_build() -> None:
         compatible["deepspeed_shm_comm"] = False
 
 
-def check_schema(config: dict) -> None:
-    """DeepSpeed's own schema check of `config`, as `deepspeed.initialize` runs it (`dist-train check`): a
-    value it refuses is the run's UserError. Nothing when deepspeed is not installed; other errors are
-    left to the run (this machine may not be the one that trains)."""
+def check_schema(cfg: Config, config: dict) -> None:
+    """DeepSpeed's own parse of `config`, as `deepspeed.initialize` runs it (`dist-train check`): a value
+    it refuses is the run's UserError. Nothing when deepspeed is not installed; other errors are left
+    to the run (this machine may not be the one that trains)."""
     if importlib.util.find_spec("deepspeed") is None:
         return
     quiet = io.StringIO()  # DeepSpeed's accelerator warnings: not check's report (stdout) nor its one error line
     try:
         with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            from deepspeed.runtime.config import DeepSpeedConfig
-        from pydantic import ValidationError
+            from deepspeed.runtime.config import DeepSpeedConfig  # noqa: F401 - imported quietly, once
     except Exception:  # noqa: BLE001 - a deepspeed that does not import here: the run says why where it trains
         return
     check_torch_autocast(config)
+    with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        refuse_unparsable(cfg, config, 1, one_process=True)
 
-    try:  # one process here: DeepSpeed derives train_batch_size for world size 1 itself
-        with contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-            DeepSpeedConfig({k: copy.deepcopy(v) for k, v in config.items() if k != "train_batch_size"})
+
+def refuse_unparsable(cfg: Config, config: dict, world_size: int, one_process: bool = False) -> None:
+    """A `strategy.deepspeed_config` DeepSpeed's config parser refuses is a UserError in one line: its
+    schema's ValidationError, or an error of its own parser (`communication_data_type: int3`, a
+    ValueError at deepspeed.initialize) where our config without the passthrough parses. Any other
+    failure to parse is left alone (the environment's: the run meets it where it trains).
+    `one_process`: parsed as world size 1 (`dist-train check`), without train_batch_size."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from pydantic import ValidationError
+
+    def parse(settings: dict) -> None:
+        DeepSpeedConfig(
+            {k: copy.deepcopy(v) for k, v in settings.items() if not (one_process and k == "train_batch_size")}
+        )
+
+    try:
+        parse(config)
     except ValidationError as err:
         raise schema_error(err) from None
-    except Exception:  # noqa: BLE001 - not the schema's: the run says it where it trains
-        return
+    except Exception as err:  # noqa: BLE001 - DeepSpeed's parser raises ValueError, TypeError, its own errors
+        if not _passthrough(cfg):
+            return
+        ours = dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, deepspeed_config=None))
+        try:
+            parse(deepspeed_config(ours, world_size))
+        except Exception:  # noqa: BLE001 - ours alone fails too: not the passthrough's doing
+            return
+        message = (str(err).strip().splitlines() or [""])[0]
+        raise UserError(
+            f"strategy.deepspeed_config: DeepSpeed refuses it ({type(err).__name__}: {message}); fix or drop the value"
+        ) from None
 
 
 class DeepSpeedStrategy(Strategy):
@@ -282,6 +308,12 @@ class DeepSpeedStrategy(Strategy):
             )
         except ValidationError as err:  # a strategy.deepspeed_config value its schema refuses: ours are valid
             raise on_every_rank(schema_error(err)) from None
+        except Exception:  # one its parser refuses (a ValueError, say): that one line; anything else as it is
+            try:
+                refuse_unparsable(self.cfg, config, self.ctx.world_size)
+            except UserError as err:
+                raise on_every_rank(err) from None
+            raise
         self.model = self.engine
         self._skipped = 0
         self._scaler_at_min_skips()

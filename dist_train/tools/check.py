@@ -91,7 +91,7 @@ def deepspeed_json(cfg: Config, world_size: int) -> tuple[dict | None, str]:
         return None, f"n/a (the DeepSpeed strategy is not available: {err})"
     try:
         config = deepspeed_config(cfg, world_size)
-        check_schema(config)  # a value DeepSpeed's schema refuses stops the run (exit 2): here too
+        check_schema(cfg, config)  # a value DeepSpeed's parser refuses stops the run (exit 2): here too
         return config, "passed to deepspeed.initialize"
     except UserError:
         raise
