@@ -321,7 +321,7 @@ def restore(
                     f"optimizer group {i} holds {_shown(hyper['names'])}, the checkpoint's {_shown(group['names'])}"
                 )
             group.update(hyper)  # the config's weight decay, betas, lr_scale...: the checkpoint gives state only
-    except (RuntimeError, ValueError, KeyError) as err:  # shape/key mismatch; other optimizer param groups
+    except (RuntimeError, ValueError, KeyError, TypeError) as err:  # shape/key mismatch; other param groups; not ours
         raise on_every_rank(
             UserError(
                 f"checkpoint {folder} does not fit this model or optimizer ({_load_error_summary(err)}): resume with "
@@ -337,22 +337,13 @@ def restore(
         )
     if ctx.is_rank_zero and (moved := max_steps_change(cfg, manifest.get("max_steps"), manifest["step"])):
         log.warning("resuming checkpoint %s: %s", folder.name, moved)
-    window_loss_sum = torch.zeros((), dtype=torch.float64)
-    rank_path = folder / ckpt.rng_file(ctx.rank)
-    if rank_path.exists() and manifest["world_size"] == ctx.world_size:
-        rank_state = ckpt.load_payload(rank_path)
-        ckpt.set_rng_state(rank_state["rng"])
-        window_loss_sum = rank_state["window_loss_sum"]
-        with torch.no_grad():  # the checkpoint's model state holds rank 0's
-            for name, buffer in _persistent_buffers(strategy.module).items():
-                if name in rank_state.get("buffers", {}):
-                    buffer.copy_(rank_state["buffers"][name])
-    elif ctx.is_rank_zero:
-        log.warning("world size changed (%d -> %d): RNG streams start fresh", manifest["world_size"], ctx.world_size)
-        # the open window's loss, summed over the ranks that wrote it: the next logged loss is all-reduced,
-        # so rank 0 carries the whole sum and the window's mean comes out as in the uninterrupted run
-        for rank in range(manifest["world_size"]):
-            window_loss_sum = window_loss_sum + ckpt.load_payload(folder / ckpt.rng_file(rank))["window_loss_sum"]
+    try:
+        window_loss_sum = _restore_rank_state(folder, manifest, strategy, ctx)
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:  # checksums fine, content not ours
+        raise UserError(
+            f"checkpoint {folder}: its per-rank state does not fit this version ({_load_error_summary(err)}): resume "
+            "another checkpoint, or start this run in a new run.output_dir"
+        ) from None
     try:
         state = TrainState(**manifest["trainer"])
         state.started_from = origin or state.started_from
@@ -412,6 +403,28 @@ def export_weights(strategy: Strategy, ctx: DistContext, path: Path, step: int, 
     if ctx.is_rank_zero and tensors is not None:
         save_file(tensors, path, metadata={"format": "pt", "step": str(step)})
         log.info("wrote %s (%d tensors)", path, len(tensors))
+
+
+def _restore_rank_state(folder: Path, manifest: dict, strategy: Strategy, ctx: DistContext) -> torch.Tensor:
+    """This rank's RNG streams and persistent buffers from its rank file (same world size); the open
+    logging window's loss sum, which rank 0 carries for all the ranks that wrote one otherwise."""
+    window_loss_sum = torch.zeros((), dtype=torch.float64)
+    rank_path = folder / ckpt.rng_file(ctx.rank)
+    if rank_path.exists() and manifest["world_size"] == ctx.world_size:
+        rank_state = ckpt.load_payload(rank_path)
+        ckpt.set_rng_state(rank_state["rng"])
+        window_loss_sum = rank_state["window_loss_sum"]
+        with torch.no_grad():  # the checkpoint's model state holds rank 0's
+            for name, buffer in _persistent_buffers(strategy.module).items():
+                if name in rank_state.get("buffers", {}):
+                    buffer.copy_(rank_state["buffers"][name])
+    elif ctx.is_rank_zero:
+        log.warning("world size changed (%d -> %d): RNG streams start fresh", manifest["world_size"], ctx.world_size)
+        # the open window's loss, summed over the ranks that wrote it: the next logged loss is all-reduced,
+        # so rank 0 carries the whole sum and the window's mean comes out as in the uninterrupted run
+        for rank in range(manifest["world_size"]):
+            window_loss_sum = window_loss_sum + ckpt.load_payload(folder / ckpt.rng_file(rank))["window_loss_sum"]
+    return torch.as_tensor(window_loss_sum, dtype=torch.float64)
 
 
 def claim_output_dir(

@@ -302,6 +302,29 @@ def test_the_manifest_checks_name_every_field_of_the_trainer_and_plateau_states(
     assert all(ckpt.TRAINER_FIELDS[key](value) for key, value in json.loads(json.dumps(written)).items())
 
 
+@pytest.mark.parametrize(
+    "name, content, said",
+    [
+        ("rank-00000.pt", {}, "its per-rank state does not fit this version ('rng')"),
+        ("rank-00000.pt", {"rng": "x", "window_loss_sum": 0.0}, "its per-rank state does not fit this version"),
+        ("optimizer.pt", [1, 2], "does not fit this model or optimizer"),
+    ],
+    ids=["rank-file-empty", "rank-file-rng-not-ours", "optimizer-a-list"],
+)
+def test_a_checkpoint_file_of_foreign_content_with_its_checksum_is_one_line(tmp_path, reference, name, content, said):
+    """Checksums recomputed for another payload (a file swapped in by hand): a KeyError or TypeError
+    traceback, status 1, as the load met it."""
+    run_dir, root = _checkpointed_run(tmp_path, reference)
+    folder = root / "step-00000006"
+    torch.save(content, folder / name)
+    entry = {"size": (folder / name).stat().st_size, "sha256": ckpt.sha256_file(folder / name)}
+    _edit_manifest(folder, lambda m: m["files"].update({name: entry}))
+    with pytest.raises(UserError) as refused:
+        run(run_dir, train={"max_steps": 8})
+    assert str(refused.value).startswith(f"checkpoint {folder}") and said in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
 def test_trainer_state_of_another_version_is_a_clear_error(tmp_path, reference):
     """Checksums intact, fields unknown to this version: not damage to skip, but a mismatch to say."""
     run_dir, root = _checkpointed_run(tmp_path, reference)
