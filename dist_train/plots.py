@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 
 from .errors import UserError
@@ -24,6 +23,9 @@ PANELS = (
     ("throughput (samples/s)", ("samples_per_s",)),
 )
 FIGSIZE, DPI = (11, 7), 100  # metrics.png is 1100 x 700 pixels
+
+
+PLOTTABLE = 1e300  # the largest magnitude plotted
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -53,7 +55,8 @@ def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
             points = [p for p in points if p[0] <= row["step"]]
             continue
         value = row.get(key)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        # values past +-1e300 (finite, but their axis range overflows matplotlib's arithmetic) left out, as inf is
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= PLOTTABLE:
             if points and row["step"] <= points[-1][0]:  # started again before its first checkpoint: from here
                 points = [p for p in points if p[0] < row["step"]]  # on, the new attempt's points replace the old
             points.append((row["step"], float(value)))

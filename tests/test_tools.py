@@ -909,6 +909,14 @@ def test_plot_skips_lines_that_are_not_rows(tmp_path, capsys):
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.0}, {"step": 3, "loss": 0.5}]
     code, out, err = run_main(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "m.png"))
     assert code == 0 and "Traceback" not in err, err
+    # finite values whose axis range overflows matplotlib's arithmetic ("arange: cannot compute length")
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 4, "lr": 1e308}\n{"step": 5, "lr": -1e308}\n{"step": 6, "lr": 1e300}\n')
+    from dist_train.plots import series
+
+    assert series(read_metrics(tmp_path), "lr") == [(6, 1e300)]
+    code, out, err = run_main(capsys, "plot", str(tmp_path), "--out", str(tmp_path / "m.png"))
+    assert code == 0 and "Traceback" not in err, err
 
 
 def test_plot_of_a_metrics_file_it_cannot_read_is_one_line(tmp_path):
