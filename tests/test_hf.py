@@ -77,6 +77,29 @@ def test_model_from_local_folder_loads_its_weights(tmp_path):
     assert {p.dtype for p in half.parameters()} == {torch.float32}  # fp32 master weights, as from weights
     with pytest.raises(UserError, match="no config.json"):
         build_model("hf_causal_lm", {"path": str(tmp_path)})
+
+
+@needs_hf
+def test_weights_that_do_not_fit_the_folders_config_are_said_in_one_line(tmp_path, capfd, caplog):
+    """transformers printed its load report, a table of every mismatched weight, before its own error
+    (and a progress bar); weights the folder lacks were initialised fresh, said only in that table."""
+    torch.manual_seed(0)
+    build_model("hf_causal_lm", {"config": GPT2}).hf.save_pretrained(tmp_path / "gpt2")
+    capfd.readouterr()
+    with pytest.raises(UserError) as raised:
+        build_model("hf_causal_lm", {"path": str(tmp_path / "gpt2"), "config": {"n_embd": 64}})
+    assert str(raised.value) == (
+        f"model.path {tmp_path / 'gpt2'}: its weights' shapes differ from those its config.json (with model.config's "
+        "changes) gives the model: make the config's sizes the weights' own"
+    )
+    assert capfd.readouterr().err == ""
+    with caplog.at_level("WARNING", logger="dist_train"):
+        deeper = build_model("hf_causal_lm", {"path": str(tmp_path / "gpt2"), "config": {"n_layer": 3}})
+    assert len(deeper.blocks) == 3 and capfd.readouterr().err == ""
+    assert [r.getMessage() for r in caplog.records] == [
+        f"model.path {tmp_path / 'gpt2'}: 12 weights not in the folder, initialised fresh (transformer.h.2.attn.c_attn"
+        ".bias, transformer.h.2.attn.c_attn.weight, transformer.h.2.attn.c_proj.bias, ...)"
+    ]
     with pytest.raises(UserError, match="model_type"):
         build_model("hf_causal_lm", {"config": {"n_layer": 2}})
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ import torch.nn as nn
 
 from ..errors import UserError
 from ..fused_loss import LMHead
+
+log = logging.getLogger("dist_train")
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -176,8 +179,38 @@ def _build(
     # alone: from_pretrained refuses the meta device
     weights = path and any((Path(path) / name).is_file() for name in WEIGHT_FILES)
     if weights and torch.get_default_device().type != "meta":
-        return auto.from_pretrained(path, config=hf_config, local_files_only=True, **extra)
+        return _from_pretrained(transformers, auto, path, hf_config, extra)
     return auto.from_config(hf_config, **extra)
+
+
+def _from_pretrained(transformers, auto, path: str, hf_config, extra: dict) -> nn.Module:
+    """The folder's weights loaded, with transformers' load report (a table on stderr, before its own
+    error when shapes differ) said in one line: weights the folder lacks (initialised fresh, a new
+    classifier head say) and weights it has that the model does not use."""
+    hf_logging = transformers.utils.logging
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" on stderr, a line of its own before an error
+    try:
+        model, info = auto.from_pretrained(
+            path, config=hf_config, local_files_only=True, output_loading_info=True, **extra
+        )
+    except RuntimeError as err:
+        if "mismatched" not in str(err):
+            raise
+        raise UserError(
+            f"model.path {path}: its weights' shapes differ from those its config.json (with model.config's changes) "
+            "gives the model: make the config's sizes the weights' own"
+        ) from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+    for key, what in (("missing_keys", "not in the folder, initialised fresh"), ("unexpected_keys", "unused")):
+        if names := sorted(info.get(key) or []):
+            shown = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+            log.warning("model.path %s: %d weights %s (%s)", path, len(names), what, shown)
+    return model
 
 
 def _folder_config(path: str) -> dict:
