@@ -80,6 +80,21 @@ def test_model_from_local_folder_loads_its_weights(tmp_path):
 
 
 @needs_hf
+def test_a_model_config_key_its_config_class_lacks_is_warned_about(caplog):
+    """`n_layers` for gpt2's `n_layer` built a 2-layer model without a word (transformers keeps any
+    key as an attribute); its aliases (`hidden_size` for `n_embd`) and num_labels are fields."""
+    config = {**GPT2, "n_layers": 6, "bogus_field": 1, "hidden_size": 32}
+    with caplog.at_level("WARNING", logger="dist_train"):
+        model = build_model("hf_causal_lm", {"config": config})
+        build_model("hf_seq_cls", {"config": GPT2, "num_labels": 3})
+    assert len(model.blocks) == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "model.config.n_layers is not a field of GPT2Config (did you mean n_layer?): nothing reads it",
+        "model.config.bogus_field is not a field of GPT2Config: nothing reads it",
+    ]
+
+
+@needs_hf
 def test_weights_that_do_not_fit_the_folders_config_are_said_in_one_line(tmp_path, capfd, caplog):
     """transformers printed its load report, a table of every mismatched weight, before its own error
     (and a progress bar); weights the folder lacks were initialised fresh, said only in that table."""

@@ -11,6 +11,7 @@ into the bare model (`AutoModel...from_config(cfg).load_state_dict(...)`).
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import json
 import logging
@@ -163,6 +164,7 @@ def _build(
             hf_config = transformers.AutoConfig.for_model(model_type, **overrides)
         except ValueError as err:
             raise UserError(f"model.config: {err}") from None
+    _warn_unknown_fields(hf_config, overrides)
     if dropout is not None:
         for key, value in list(hf_config.to_dict().items()):
             # a probability written as an integer (`attn_pdrop: 0` in YAML or config.json) is one too
@@ -181,6 +183,24 @@ def _build(
     if weights and torch.get_default_device().type != "meta":
         return _from_pretrained(transformers, auto, path, hf_config, extra)
     return auto.from_config(hf_config, **extra)
+
+
+def _warn_unknown_fields(hf_config, overrides: dict) -> None:
+    """model.config keys its config class does not have (a typo: `n_layers` for gpt2's `n_layer`):
+    transformers keeps them as attributes that nothing reads, so the model was built without them."""
+    try:
+        default = type(hf_config)()
+    except Exception:  # noqa: BLE001 - a config class that needs arguments: nothing to compare with
+        return
+    for key in overrides:
+        if key != "model_type" and not hasattr(default, key):
+            close = difflib.get_close_matches(key, list(default.to_dict()), n=1)
+            log.warning(
+                "model.config.%s is not a field of %s%s: nothing reads it",
+                key,
+                type(hf_config).__name__,
+                f" (did you mean {close[0]}?)" if close else "",
+            )
 
 
 def _from_pretrained(transformers, auto, path: str, hf_config, extra: dict) -> nn.Module:
