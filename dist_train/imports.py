@@ -82,7 +82,7 @@ def call_factory(factory: Any, kwargs: dict, what: str, *args: Any) -> Any:
         except TypeError as err:
             params = [p for p in signature.parameters if p not in ("split",)]
             raise UserError(f"{what}: {err} (it takes: {', '.join(params) or 'no arguments'})") from None
-        kwargs = _integral_floats_as_ints(signature, kwargs)
+        kwargs = _checked_kwargs(signature, kwargs, what)
     try:
         return factory(*args, **kwargs)
     except UserError:
@@ -91,15 +91,35 @@ def call_factory(factory: Any, kwargs: dict, what: str, *args: Any) -> Any:
         raise UserError(f"{what}: the factory raised {raised(err)}") from None
 
 
-def _integral_floats_as_ints(signature: Any, kwargs: dict) -> dict:
-    """An argument the factory annotates `int` takes an integral float as that int, as an int key does
-    (`data.num_samples=1e5` is the float 100000.0 in YAML 1.2: torch refused it in the factory)."""
+# Annotations a factory argument is checked against before the call (name: accepted types, said as),
+# `X | None` taking null too: a string where a number belongs failed inside the factory, as "'<' not
+# supported between instances of 'str' and 'int'".
+SIMPLE_ANNOTATIONS = {
+    "int": ((int,), "a whole number"),
+    "float": ((int, float), "a number"),
+    "bool": ((bool,), "true or false"),
+    "str": ((str,), "a string"),
+}
+
+
+def _checked_kwargs(signature: Any, kwargs: dict, what: str) -> dict:
+    """Arguments whose annotation is a plain int, float, bool or str (or one of them | None) must be
+    one; an argument the factory annotates `int` takes an integral float as that int, as an int key
+    does (`data.num_samples=1e5` is the float 100000.0 in YAML 1.2: torch refused it in the factory)."""
     out = dict(kwargs)
     for name, value in kwargs.items():
         param = signature.parameters.get(name)
         annotation = getattr(param, "annotation", None)
-        if annotation in (int, "int") and isinstance(value, float) and value.is_integer():
-            out[name] = int(value)
+        kind = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", None)
+        optional = isinstance(kind, str) and kind.endswith(" | None")
+        kind = kind[: -len(" | None")] if optional else kind
+        if kind not in SIMPLE_ANNOTATIONS or (value is None and optional):
+            continue
+        if kind == "int" and isinstance(value, float) and value.is_integer():
+            out[name] = value = int(value)
+        types, said = SIMPLE_ANNOTATIONS[kind]
+        if not isinstance(value, types) or (isinstance(value, bool) and kind != "bool"):
+            raise UserError(f"{what}: {name} must be {said}{' or null' if optional else ''}, got {value!r}")
     return out
 
 

@@ -399,8 +399,15 @@ def test_a_factory_argument_annotated_int_takes_an_integral_float():
 
     assert len(build_dataset("synthetic_vectors", "train", {"num_samples": 1e2})) == 100
     assert build_model("mlp", {"hidden_dim": 16.0}).head.in_features == 16
-    with pytest.raises(UserError, match="the factory raised TypeError"):
-        build_model("mlp", {"hidden_dim": 2.5})  # not integral: the factory's to refuse
+    with pytest.raises(UserError, match="^model 'mlp': hidden_dim must be a whole number, got 2.5$"):
+        build_model("mlp", {"hidden_dim": 2.5})  # not integral: the factory raised a TypeError
+    # a string where a number belongs: "'<' not supported between instances of 'str' and 'int'"; a bool
+    with pytest.raises(UserError, match="^model 'mlp': hidden_dim must be a whole number, got '64'$"):
+        build_model("mlp", {"hidden_dim": "64"})
+    with pytest.raises(UserError, match="^model 'transformer_lm': dropout must be a number, got True$"):
+        build_model("transformer_lm", {"dropout": True})
+    with pytest.raises(UserError, match="^model 'hf_causal_lm': pad_token_id must be a whole number or null, got 'x'$"):
+        build_model("hf_causal_lm", {"pad_token_id": "x"})
 
     def untyped(width=1, ratio: float = 1.0):
         return width, ratio

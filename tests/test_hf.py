@@ -395,7 +395,12 @@ def test_seq_cls_num_labels_below_one_is_a_config_error(num_labels):
     """num_labels 0 or -1 built a classifier of no outputs, and the run's first step failed in the loss
     ('cannot reshape tensor of 0 elements into shape [-1, 0]') with a traceback, status 1. An integral
     float (2.0, as YAML reads 2e0) is that whole number, as for every factory argument annotated int."""
-    with pytest.raises(UserError, match=rf"model.num_labels must be a whole number >= 1 .*got {num_labels}"):
+    said = (
+        "num_labels must be a whole number, got"
+        if num_labels == 2.5
+        else "model.num_labels must be a whole number >= 1"
+    )
+    with pytest.raises(UserError, match=rf"{said} .*{num_labels}"):
         build_model("hf_seq_cls", {"config": GPT2, "num_labels": num_labels})
     assert sum(p.numel() for p in build_model("hf_seq_cls", {"config": GPT2, "num_labels": 2.0}).parameters()) > 0
 
@@ -770,7 +775,10 @@ def test_block_size_and_max_length_below_one_token_are_config_errors(tmp_path, k
     """data.max_length=0 built empty items and the run's first step failed with a traceback (status 1);
     block_size=0 was a ZeroDivisionError, -5 'too few for one block of -5', 2.5 a TypeError."""
     files = {"train": _write_jsonl(tmp_path / "t.jsonl", [{"text": "some words", "label": 1}] * 4)}
-    with pytest.raises(UserError, match=rf"data.{key} must be a whole number of tokens >= 1, got {value}"):
+    said = (
+        "block_size must be a whole number," if value == 2.5 else f"data.{key} must be a whole number of tokens >= 1,"
+    )
+    with pytest.raises(UserError, match=rf"{said} got {value}"):
         build_dataset("hf", "train", {"files": files, "task": "classification", key: value})
 
 
