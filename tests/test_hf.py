@@ -576,6 +576,18 @@ def test_a_label_written_as_float_in_one_split_and_int_in_the_other_is_one_label
 
 
 @needs_hf
+def test_a_label_that_is_a_list_is_one_line_saying_one_label_a_row(tmp_path):
+    """A multi-label row ("label": [1]) was "the factory raised TypeError: unhashable type: 'list'"."""
+    rows = [{"text": "a", "label": "x"}, {"text": "b", "label": [1, 0]}]
+    files = {"train": _write_jsonl(tmp_path / "train.jsonl", rows)}
+    with pytest.raises(UserError) as raised:
+        build_dataset("hf", "train", {"files": files, "task": "classification", "max_length": 4})
+    assert "data.label_column 'label' of the train split holds lists ([1, 0]): each row needs one label" in str(
+        raised.value
+    )
+
+
+@needs_hf
 def test_numeric_labels_are_numbered_in_numeric_order_and_eval_only_labels_are_warned_about(tmp_path, caplog):
     """jsonl labels "2" and "10" (strings) sorted as text gave "10" id 0; and a label found only in
     the eval split renumbered the train labels without a word."""

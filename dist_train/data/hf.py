@@ -287,6 +287,12 @@ def _preprocess(paths: dict[str, list[Path]], settings: dict, tokenizer: str, fm
 
 def _label_map(splits: dict, column: str) -> dict[str, int] | None:
     """None when every label is already an integer; else sorted distinct labels -> 0..K-1."""
+    for name, ds in splits.items():  # a list or mapping (a multi-label row, a nested field) has no class id
+        if bad := next((v for v in ds[column] if isinstance(v, (list, dict))), None):
+            raise UserError(
+                f"data.label_column {column!r} of the {name} split holds {type(bad).__name__}s ({bad!r:.60}): each "
+                "row needs one label, a string or a number (multi-label targets are not a classification task here)"
+            )
     values = {v for ds in splits.values() for v in ds[column]}
     if None in values:
         raise UserError(f"data.label_column {column!r} has empty labels")
