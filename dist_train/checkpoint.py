@@ -132,11 +132,17 @@ def in_a_checkpoint(output_dir: Path) -> str | None:
     verification (files the manifest does not list), so every later resume skipped or refused it."""
     path = Path(output_dir).resolve()
     for folder in (path, *path.parents):
+        where = "is" if folder == path else "lies inside"
         if STEP_DIR.match(folder.name) and os.path.isfile(folder / MANIFEST):  # False where it may not look
-            where = "is" if folder == path else "lies inside"
             return (
                 f"run.output_dir {output_dir} {where} the checkpoint folder {folder}: the run's files would damage "
                 f"that checkpoint; choose another run.output_dir (checkpoint.resume={folder} starts from it)"
+            )
+        if folder.name == "checkpoints" and os.path.isfile(folder / "latest"):  # another run's checkpoint store
+            return (
+                f"run.output_dir {output_dir} {where} {folder}, the checkpoints of the run in {folder.parent}: its "
+                f"files would mix with them; choose another run.output_dir (checkpoint.resume={folder.parent} resumes "
+                "that run)"
             )
     return None
 

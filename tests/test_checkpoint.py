@@ -753,6 +753,12 @@ def test_an_output_dir_in_a_checkpoint_folder_is_refused_before_it_damages_it(tm
         assert str(refused.value).startswith(f"run.output_dir {out} {where} the checkpoint folder {step}: the run's")
         assert not (step / "new").exists()
         ckpt.verify(step)  # untouched
+    for out in (root, root / "new"):  # the run's checkpoint store: config.yaml, metrics.jsonl... among them
+        with pytest.raises(UserError) as refused:
+            run(out)
+        where = "is" if out == root else "lies inside"
+        assert str(refused.value).startswith(f"run.output_dir {out} {where} {root}, the checkpoints of the run in")
+        assert sorted(p.name for p in root.iterdir()) == ["latest", "step-00000002", "step-00000004", "step-00000006"]
 
 
 def test_a_config_its_first_batch_refuses_leaves_the_folder_as_it_was(tmp_path, reference):
