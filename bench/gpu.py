@@ -99,6 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(dist_train: train.fused_loss; the hand-written loop calls model(inputs, targets=targets))",
     )
     parser.add_argument(
+        "--low-precision-residual",
+        action="store_true",
+        help="the model carries its residual stream in bf16 under autocast, not fp32, on both sides "
+        "(transformer_lm's low_precision_residual: as bf16 parameters would; LayerNorm still computes in fp32)",
+    )
+    parser.add_argument(
         "--strategy",
         choices=("ddp", "fsdp"),
         default="ddp",
@@ -170,11 +176,12 @@ def flops_per_token(workload: Workload) -> float:
     return model_flops_per_token(model, workload.tokens_per_sample())
 
 
-def logged_mfu(run_dir: str) -> float | None:
+def last_logged(run_dir: str, key: str) -> float | None:
+    """The last value of `key` in a dist_train run's metrics.jsonl (None when never logged)."""
     rows = Path(run_dir, "out", "metrics.jsonl")
     if not rows.is_file():
         return None
-    values = [json.loads(line).get("mfu") for line in rows.read_text().splitlines() if line.strip()]
+    values = [json.loads(line).get(key) for line in rows.read_text().splitlines() if line.strip()]
     values = [v for v in values if v is not None]
     return values[-1] if values else None
 
@@ -280,6 +287,8 @@ def build_cell(args: argparse.Namespace) -> Cell:
         changes["sdpa_backend"] = args.sdpa_backend
     if args.fused_loss:
         changes["fused_loss"] = True
+    if args.low_precision_residual:
+        changes["model_kwargs"] = {**workload.model_kwargs, "low_precision_residual": True}
     if args.steps:
         changes["steps"] = args.steps
         every = workload.log_every  # the window starts and ends at a read of the loss (Workload.step_time)
@@ -297,15 +306,17 @@ def measure(record: dict, per_token: float, peak: float | None) -> None:
     if not record["ok"]:
         return
     record["mfu"] = record["tokens_per_s"] * per_token / (peak * 1e12) if peak else None
-    if record["side"] == "dist_train":
-        record["logged_mfu"] = logged_mfu(record["run_dir"])
+    if record["side"] == "dist_train":  # its own MFU, and its last loss: a variant must train as the baseline
+        record["logged_mfu"] = last_logged(record["run_dir"], "mfu")
+        record["logged_loss"] = last_logged(record["run_dir"], "loss")
 
 
 def describe(record: dict) -> str:
     if not record["ok"]:
         return f"{record['side']:<10} FAILED\n{record.get('log_tail', '')}"
     mfu = f"  MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
-    return f"{record['side']:<10} {record['tokens_per_s']:10.0f} tokens/s{mfu}"
+    loss = f"  last loss {record['logged_loss']:.4f}" if record.get("logged_loss") is not None else ""
+    return f"{record['side']:<10} {record['tokens_per_s']:10.0f} tokens/s{mfu}{loss}"
 
 
 if __name__ == "__main__":

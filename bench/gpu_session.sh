@@ -19,7 +19,9 @@
 #                        torch.compile): tokens/s, MFU
 #   variant-NAME         dist_train alone with one change each, in GPU_SESSION_VARIANTS order (default:
 #                        fused-loss, train.fused_loss: the output projection and cross-entropy a chunk of
-#                        tokens at a time, not yet measured on a GPU; then coordinate-descent, Inductor's
+#                        tokens at a time, not yet measured on a GPU; then low-precision-residual, the
+#                        model's residual stream in bf16 (transformer_lm's low_precision_residual); then
+#                        coordinate-descent, Inductor's
 #                        block-size tuning of its generated kernels: +2.3 % on an H100, after over 200 s of
 #                        tuning, so a fresh machine may stop it at its deadline); also defined: max-autotune-no-cudagraphs (tuned
 #                        matrix-product kernels and coordinate descent: minutes of compiling), mb32
@@ -28,6 +30,7 @@
 #   pair                 bench.gpu: dist_train vs hand-written side by side, one pair, with every variant's
 #                        change that beat the baseline (bench.gpu --stack), the compile caches already warm
 #   profile              bench.gpu_profile's GPU time per kernel kind, one micro-step and the update
+# GPU_SESSION_PAIR_ARGS go to the pair's bench.gpu on top of the stacked changes (say --coordinate-descent).
 # BENCH_GPU_ARGS go to every bench.gpu and bench.gpu_profile command: "--tiny --device cpu" smoke-tests
 # this script on a machine without a GPU (PYTHON names the interpreter, default python3).
 # With one 15-minute device budget run `all` once (timeout_s 595) with GPU_SESSION_TESTS_K="cuda_graph or
@@ -43,7 +46,7 @@ variants_end=${GPU_SESSION_VARIANTS_END_S:-470}
 pair_until=${GPU_SESSION_PAIR_S:-480}
 budget=${GPU_SESSION_BUDGET_S:-500}
 limit=${GPU_SESSION_LIMIT_S:-580}
-read -r -a variants <<<"${GPU_SESSION_VARIANTS:-fused-loss coordinate-descent}"
+read -r -a variants <<<"${GPU_SESSION_VARIANTS:-fused-loss low-precision-residual coordinate-descent}"
 mkdir -p "$out"
 out=$(cd "$out" && pwd)
 work=$(mktemp -d)
@@ -88,6 +91,7 @@ stage() {
 # the options of each variant: one change against the baseline
 declare -A variant_args=(
     [fused-loss]="--fused-loss"
+    [low-precision-residual]="--low-precision-residual"
     [coordinate-descent]="--coordinate-descent"
     [max-autotune-no-cudagraphs]="--compile-mode max-autotune-no-cudagraphs"
     [mb32]="--micro-batch 32"
@@ -125,8 +129,9 @@ session() {
         # both sides with what helped; the variants filled the compile caches (a missing report: left out)
         shopt -s nullglob
         measured=("$work"/variant-*.json)
+        read -r -a pair_extra <<<"${GPU_SESSION_PAIR_ARGS:-}"
         stage pair "$pair_until" "$python" -m bench.gpu "${extra[@]}" --repeats 1 --no-warmup-pair --timeout 240 \
-            --stack "$work/baseline.json" "${measured[@]}" --json {json} || status=1
+            --stack "$work/baseline.json" "${measured[@]}" "${pair_extra[@]}" --json {json} || status=1
         stage profile "$python" -m bench.gpu_profile "${extra[@]}"
     fi
     echo "gpu_session $what: exit $status, ${SECONDS}s"

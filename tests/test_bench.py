@@ -283,23 +283,27 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     assert report["summary"]["ok"] and report["flops_per_token"] > 0
     assert report["workload"]["precision"] == "bf16"
     assert [r["side"] for r in report["runs"][0]] == ["dist_train", "hand"]
+    assert 0 < report["runs"][0][0]["logged_loss"] < 10  # dist_train's last logged loss (256 words: ln 256 = 5.5)
 
     # a variant alone (dist_train only), then the variants that beat the baseline stacked
     variant, stacked = tmp_path / "variant.json", tmp_path / "stacked.json"
     only = ["--tiny", "--device", "cpu", "--no-compile", "--repeats", "1", "--dist-train-only"]
-    two = ["--grad-accum", "2", "--sdpa-backend", "cudnn", "--fused-loss"]  # cuDNN: a preference, no-op on a CPU
+    two = ["--grad-accum", "2", "--sdpa-backend", "cudnn", "--fused-loss", "--low-precision-residual"]  # cuDNN: a
+    # preference, no-op on a CPU
     proc = run_cli([PYTHON, "-m", "bench.gpu", *only, *two, "--json", str(variant)], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(variant.read_text())
     assert report["options"]["grad_accum"] == 2 and report["workload"]["grad_accum_steps"] == 2
     assert report["workload"]["sdpa_backend"] == "cudnn" and report["workload"]["fused_loss"] is True
+    assert report["workload"]["model_kwargs"]["low_precision_residual"] is True
     assert [r["side"] for r in report["runs"][0]] == ["dist_train"] and "hand-written" not in proc.stdout
     run = report["runs"][0][0]  # an optimizer step takes two micro-batches of 4 sequences
     assert run["samples_per_s"] == pytest.approx(8 / run["step_time_s"])
     proc = run_cli([PYTHON, "-m", "bench.gpu", *only, "--stack", str(out), str(variant), "--json", str(stacked)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if stacked.is_file():  # accumulation beat the baseline: the stacked run has it
-        assert "bench.gpu --stack: {'grad_accum': 2, 'sdpa_backend': 'cudnn', 'fused_loss': True}" in proc.stdout
+        stack = "{'grad_accum': 2, 'sdpa_backend': 'cudnn', 'fused_loss': True, 'low_precision_residual': True}"
+        assert f"bench.gpu --stack: {stack}" in proc.stdout
         assert json.loads(stacked.read_text())["options"]["grad_accum"] == 2
     else:
         assert "beat the baseline; nothing to run" in proc.stdout

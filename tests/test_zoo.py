@@ -171,6 +171,35 @@ def test_transformer_lm_names_a_fix_for_sequences_longer_than_seq_len_that_works
     assert "raise model.seq_len" in str(err.value) and "data.block_size for hf" in str(err.value)
 
 
+def test_transformer_lm_low_precision_residual_carries_the_stream_in_autocasts_dtype():
+    """low_precision_residual: under bf16 autocast every block reads and returns a bf16 stream (fp32 by
+    default); without autocast nothing changes, bit for bit; the loss stays within bf16's rounding."""
+    kwargs = {"vocab_size": 32, "seq_len": 16, "d_model": 32, "n_layers": 2, "n_heads": 2}
+    torch.manual_seed(0)
+    plain = build_model("transformer_lm", kwargs)
+    low = build_model("transformer_lm", {**kwargs, "low_precision_residual": True})
+    low.load_state_dict(plain.state_dict())
+    tokens = torch.randint(0, 32, (4, 16))
+    dtypes = {}
+    for name, model in (("plain", plain), ("low", low)):
+        seen = dtypes[name] = []
+        for block in model.blocks:
+            block.register_forward_hook(
+                lambda _, inputs, output, seen=seen: seen.append((inputs[0].dtype, output.dtype))
+            )
+    assert torch.equal(plain(tokens), low(tokens))  # fp32: the option does nothing
+    assert dtypes["plain"] == dtypes["low"] == [(torch.float32, torch.float32)] * 2
+    dtypes["plain"].clear(), dtypes["low"].clear()
+    with torch.autocast("cpu", torch.bfloat16):
+        exact, rounded = plain(tokens, targets=tokens), low(tokens, targets=tokens)
+    assert dtypes["plain"] == [(torch.float32, torch.float32)] * 2
+    assert dtypes["low"] == [(torch.bfloat16, torch.bfloat16)] * 2
+    assert not torch.equal(exact, rounded)  # the stream was rounded ...
+    assert rounded.item() == pytest.approx(exact.item(), rel=1e-2)  # ... by bf16's precision, no more
+    rounded.backward()  # and it trains: every parameter gets a finite gradient
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in low.parameters())
+
+
 @pytest.mark.parametrize("name", ["transformer_lm", "transformer_classifier"])
 @pytest.mark.parametrize("kwargs", [{"n_heads": -2}, {"n_heads": 0}, {"n_layers": -1}, {"d_model": -4, "n_heads": -2}])
 def test_transformers_refuse_sizes_below_one(name, kwargs):

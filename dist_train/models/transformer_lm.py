@@ -52,10 +52,19 @@ class TransformerLM(nn.Module):
     supports_fused_loss = True  # forward(tokens, targets=...) returns the summed loss (train.fused_loss)
 
     def __init__(
-        self, vocab_size: int, seq_len: int, d_model: int, n_layers: int, n_heads: int, mlp_ratio: int, dropout: float
+        self,
+        vocab_size: int,
+        seq_len: int,
+        d_model: int,
+        n_layers: int,
+        n_heads: int,
+        mlp_ratio: int,
+        dropout: float,
+        low_precision_residual: bool = False,
     ):
         super().__init__()
         self.seq_len = seq_len
+        self.low_precision_residual = low_precision_residual
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(seq_len, d_model)
         self.drop = nn.Dropout(dropout)
@@ -88,6 +97,11 @@ class TransformerLM(nn.Module):
             )
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
+        device = x.device.type
+        if self.low_precision_residual and torch.is_autocast_enabled(device):
+            # the blocks add their bf16/fp16 outputs to a stream of that dtype, not fp32: the residual adds and
+            # LayerNorms move half the bytes (as bf16 parameters would make it); LayerNorm still computes in fp32
+            x = x.to(torch.get_autocast_dtype(device))
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
@@ -102,6 +116,7 @@ def transformer_lm(
     n_heads: int = 4,
     mlp_ratio: int = 4,
     dropout: float = 0.0,
+    low_precision_residual: bool = False,
 ) -> TransformerLM:
     if min(vocab_size, seq_len, d_model, n_heads, mlp_ratio) < 1 or n_layers < 0:
         raise UserError(
@@ -109,4 +124,4 @@ def transformer_lm(
         )
     if d_model % n_heads:
         raise UserError(f"transformer_lm: d_model ({d_model}) must be divisible by n_heads ({n_heads})")
-    return TransformerLM(vocab_size, seq_len, d_model, n_layers, n_heads, mlp_ratio, dropout)
+    return TransformerLM(vocab_size, seq_len, d_model, n_layers, n_heads, mlp_ratio, dropout, low_precision_residual)
