@@ -29,6 +29,18 @@ def chunk_rows(vocab_size: int) -> int:
     return max(1, CHUNK_BYTES // (4 * vocab_size))
 
 
+def _add_at_targets(grad: torch.Tensor, safe: torch.Tensor, value: float) -> torch.Tensor:
+    """grad[i, safe[i]] += value, for each row i. Eager: in place, a scatter. Compiled: a comparison with
+    the column index, so that Inductor fuses it with the softmax before and the cast after into one pass
+    that writes the bf16 gradient alone; a scatter made it write the chunk's fp32 gradient first and read
+    it back (on an H100 the fused loss ran 5.8 % slower than the unfused one with the scatter). The same
+    fp32 addition on the same element either way: the results are equal, bit for bit."""
+    if not torch.compiler.is_compiling():
+        return grad.scatter_add_(1, safe, grad.new_full(safe.shape, value))
+    columns = torch.arange(grad.shape[1], device=grad.device)
+    return torch.where(columns == safe, grad + value, grad)
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, smoothing: float, rows: int):  # (N, d), (V, d), (N,) -> ()
@@ -54,7 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             # the softmax - (1 - s) one-hot - s / V
             if smoothing:
                 grad.sub_(smoothing / vocab)
-            grad.scatter_add_(1, safe, torch.full_like(lse, smoothing - 1.0).unsqueeze(1))
+            grad = _add_at_targets(grad, safe, smoothing - 1.0)
             grad.mul_(keep.unsqueeze(1))
             grad = grad.to(logits.dtype)
             if want_hidden:  # the products in logits' dtype, as nn.Linear's backward under autocast

@@ -53,6 +53,30 @@ def test_chunked_loss_and_gradients_equal_torch_cross_entropy(small_chunks, smoo
     )
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_the_compiled_form_of_the_target_term_gives_the_same_bits(small_chunks, monkeypatch, smoothing):
+    """Under torch.compile the one-hot term is a comparison with the column index (fused into one
+    pass, no fp32 gradient written), in eager a scatter: the same additions, the same bits; and the
+    loss compiled by Inductor follows the eager one."""
+    results = {}
+    for form, compiling in (("scatter", False), ("comparison", True)):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda compiling=compiling: compiling)
+        hidden, weight, targets = _tokens(torch.float32)
+        loss = fused_loss.linear_cross_entropy(hidden, weight, targets, smoothing)
+        loss.backward()
+        results[form] = (loss, hidden.grad, weight.grad)
+    for a, b in zip(results["scatter"], results["comparison"]):
+        assert torch.equal(a, b)
+    monkeypatch.undo()
+    hidden, weight, targets = _tokens(torch.float32)
+    compiled = torch.compile(fused_loss.linear_cross_entropy)(hidden, weight, targets, smoothing)
+    compiled.backward()
+    eager = results["scatter"]
+    torch.testing.assert_close(compiled, eager[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(hidden.grad, eager[1], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(weight.grad, eager[2], rtol=1e-5, atol=1e-5)
+
+
 def test_without_gradients_only_the_loss_is_computed(small_chunks):
     """Under no_grad (evaluation) one product per chunk, not the three of training."""
     from torch.utils.flop_counter import FlopCounterMode
