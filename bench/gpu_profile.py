@@ -48,6 +48,12 @@ def main() -> None:
         "--fused-loss", action="store_true", help="the model computes its chunked loss (train.fused_loss)"
     )
     parser.add_argument(
+        "--residual",
+        choices=("bf16", "fp32"),
+        default="bf16",
+        help="dtype of the residual stream under autocast (transformer_lm's low_precision_residual)",
+    )
+    parser.add_argument(
         "--compile-mode", choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     )
     parser.add_argument("--sdpa-backend", choices=("torch", "cudnn", "flash", "efficient", "math"), default="torch")
@@ -66,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     from dist_train.models.transformer_lm import transformer_lm
 
-    model = transformer_lm(**spec.model_kwargs).to(device)
+    model = transformer_lm(**spec.model_kwargs, low_precision_residual=args.residual == "bf16").to(device)
     mode = args.compile_mode or "default"
     model.compile(mode=mode)
     loss_fn = loss_function({"compile": not args.no_compile_loss, "compile_mode": mode})
@@ -114,7 +120,7 @@ def main() -> None:
     print(
         f"micro-batch {spec.micro_batch_size}, compile mode {mode}, "
         f"loss {'fused' if args.fused_loss else 'eager' if args.no_compile_loss else 'compiled'}, "
-        f"attention {args.sdpa_backend}: "
+        f"attention {args.sdpa_backend}, residual {args.residual}: "
         f"wall {wall * 1e3:.1f} ms/step, {device.type} busy {gpu_ms:.1f} ms/step, {achieved:.0f} TFLOP/s"
         + (f" = MFU {achieved / peak:.1%}" if peak else "")
     )

@@ -20,7 +20,7 @@ VARIANT_KEYS = (
     "coordinate_descent",
     "sdpa_backend",
     "fused_loss",
-    "low_precision_residual",
+    "residual",
 )
 
 

@@ -281,28 +281,29 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     assert "tokens/s" in proc.stdout
     report = json.loads(out.read_text())
     assert report["summary"]["ok"] and report["flops_per_token"] > 0
-    assert report["workload"]["precision"] == "bf16"
+    assert report["workload"]["precision"] == "bf16" and report["options"]["residual"] == "bf16"
+    assert report["workload"]["model_kwargs"]["low_precision_residual"] is True  # the default: a bf16 stream
     assert [r["side"] for r in report["runs"][0]] == ["dist_train", "hand"]
     assert 0 < report["runs"][0][0]["logged_loss"] < 10  # dist_train's last logged loss (256 words: ln 256 = 5.5)
 
     # a variant alone (dist_train only), then the variants that beat the baseline stacked
     variant, stacked = tmp_path / "variant.json", tmp_path / "stacked.json"
     only = ["--tiny", "--device", "cpu", "--no-compile", "--repeats", "1", "--dist-train-only"]
-    two = ["--grad-accum", "2", "--sdpa-backend", "cudnn", "--fused-loss", "--low-precision-residual"]  # cuDNN: a
+    two = ["--grad-accum", "2", "--sdpa-backend", "cudnn", "--fused-loss", "--residual", "fp32"]  # cuDNN: a
     # preference, no-op on a CPU
     proc = run_cli([PYTHON, "-m", "bench.gpu", *only, *two, "--json", str(variant)], timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(variant.read_text())
     assert report["options"]["grad_accum"] == 2 and report["workload"]["grad_accum_steps"] == 2
     assert report["workload"]["sdpa_backend"] == "cudnn" and report["workload"]["fused_loss"] is True
-    assert report["workload"]["model_kwargs"]["low_precision_residual"] is True
+    assert report["workload"]["model_kwargs"]["low_precision_residual"] is False  # bf16 by default
     assert [r["side"] for r in report["runs"][0]] == ["dist_train"] and "hand-written" not in proc.stdout
     run = report["runs"][0][0]  # an optimizer step takes two micro-batches of 4 sequences
     assert run["samples_per_s"] == pytest.approx(8 / run["step_time_s"])
     proc = run_cli([PYTHON, "-m", "bench.gpu", *only, "--stack", str(out), str(variant), "--json", str(stacked)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     if stacked.is_file():  # accumulation beat the baseline: the stacked run has it
-        stack = "{'grad_accum': 2, 'sdpa_backend': 'cudnn', 'fused_loss': True, 'low_precision_residual': True}"
+        stack = "{'grad_accum': 2, 'sdpa_backend': 'cudnn', 'fused_loss': True, 'residual': 'fp32'}"
         assert f"bench.gpu --stack: {stack}" in proc.stdout
         assert json.loads(stacked.read_text())["options"]["grad_accum"] == 2
     else:
@@ -311,12 +312,13 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_profile_tiny_on_cpu():
-    for fused in ([], ["--fused-loss"]):
+    for fused in ([], ["--fused-loss", "--residual", "fp32"]):
         tiny = ["--tiny", "--device", "cpu", "--steps", "2", "--warmup", "1", *fused]
         proc = run_cli([PYTHON, "-m", "bench.gpu_profile", *tiny])
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        loss = "fused" if fused else "compiled"
+        loss, residual = ("fused", "fp32") if fused else ("compiled", "bf16")
         assert f"micro-batch 4, compile mode default, loss {loss}" in proc.stdout and "top 18 kernels" in proc.stdout
+        assert f"residual {residual}:" in proc.stdout
         shares = [float(line.split()[-1].rstrip("%")) for line in proc.stdout.splitlines() if line.endswith("%")]
         assert shares and sum(shares) == pytest.approx(100, abs=0.5)  # the kinds add up to the busy time
     if not torch.cuda.is_available():
