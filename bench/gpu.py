@@ -317,7 +317,8 @@ def describe(record: dict) -> str:
     if not record["ok"]:
         return f"{record['side']:<10} FAILED\n{record.get('log_tail', '')}"
     mfu = f"  MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
-    loss = f"  last loss {record['logged_loss']:.4f}" if record.get("logged_loss") is not None else ""
+    loss = record.get("logged_loss")  # a float, or "nan"/"inf" as metrics.jsonl writes them
+    loss = f"  last loss {loss:.4f}" if isinstance(loss, float) else "" if loss is None else f"  last loss {loss}"
     return f"{record['side']:<10} {record['tokens_per_s']:10.0f} tokens/s{mfu}{loss}"
 
 

@@ -31,8 +31,9 @@
 #   pair                 bench.gpu: dist_train vs hand-written side by side, one pair, with every variant's
 #                        change that beat the baseline (bench.gpu --stack), the compile caches already warm
 #   profile              bench.gpu_profile's GPU time per kernel kind, one micro-step and the update
-# GPU_SESSION_PAIR_ARGS go to the pair's bench.gpu on top of the stacked changes (say --coordinate-descent
-# --timeout 340: tuning from nothing needs more than the pair's 240 s per run).
+# GPU_SESSION_PAIR_ARGS go to the pair's bench.gpu besides the stacked changes (a stacked change wins where
+# both set one): say --coordinate-descent --timeout 340 (tuning from nothing needs more than the pair's
+# 240 s per run, and about 300 s in all: it fits an `mfu` run, not an `all` one).
 # BENCH_GPU_ARGS go to every bench.gpu and bench.gpu_profile command: "--tiny --device cpu" smoke-tests
 # this script on a machine without a GPU (PYTHON names the interpreter, default python3).
 # With one 15-minute device budget run `all` once (timeout_s 595) with GPU_SESSION_TESTS_K="fused_loss or

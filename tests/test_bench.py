@@ -272,6 +272,17 @@ def test_gpu_bench_without_a_gpu_says_so():
     assert "no CUDA GPU" in proc.stderr and "--tiny --device cpu" in proc.stderr
 
 
+def test_gpu_bench_shows_a_non_finite_last_loss_as_written():
+    """metrics.jsonl writes a non-finite loss as "nan"/"inf": the line says so (it raised ValueError,
+    losing the whole report, in the one case the loss is there to catch)."""
+    from bench.gpu import describe
+
+    record = {"ok": True, "side": "dist_train", "tokens_per_s": 10.0, "mfu": 0.5}
+    assert describe({**record, "logged_loss": "nan"}).endswith("MFU 50.0%  last loss nan")
+    assert describe({**record, "logged_loss": 2.5}).endswith("MFU 50.0%  last loss 2.5000")
+    assert describe({**record, "logged_loss": None}).endswith("MFU 50.0%")
+
+
 @pytest.mark.slow
 def test_gpu_bench_tiny_on_cpu(tmp_path):
     out = tmp_path / "gpu.json"
@@ -296,7 +307,7 @@ def test_gpu_bench_tiny_on_cpu(tmp_path):
     report = json.loads(variant.read_text())
     assert report["options"]["grad_accum"] == 2 and report["workload"]["grad_accum_steps"] == 2
     assert report["workload"]["sdpa_backend"] == "cudnn" and report["workload"]["fused_loss"] is True
-    assert report["workload"]["model_kwargs"]["low_precision_residual"] is False  # bf16 by default
+    assert report["workload"]["model_kwargs"]["low_precision_residual"] is False  # --residual fp32
     assert [r["side"] for r in report["runs"][0]] == ["dist_train"] and "hand-written" not in proc.stdout
     run = report["runs"][0][0]  # an optimizer step takes two micro-batches of 4 sequences
     assert run["samples_per_s"] == pytest.approx(8 / run["step_time_s"])

@@ -198,6 +198,9 @@ def test_transformer_lm_low_precision_residual_carries_the_stream_in_autocasts_d
     assert rounded.item() == pytest.approx(exact.item(), rel=1e-2)  # ... by bf16's precision, no more
     rounded.backward()  # and it trains: every parameter gets a finite gradient
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in low.parameters())
+    with torch.device("meta"):  # `dist-train check` estimates activations with a forward on the meta device
+        meta = build_model("transformer_lm", {**kwargs, "low_precision_residual": True})
+        assert meta(torch.zeros(4, 16, dtype=torch.long)).shape == (4, 16, 32)
 
 
 @pytest.mark.parametrize("name", ["transformer_lm", "transformer_classifier"])
