@@ -229,6 +229,13 @@ def explain(check: str, traits: dict, cfg: Config, excess: float) -> str:
         )
     if check == "accum" and traits["batchnorm"]:
         causes.append("BatchNorm normalises over each micro-batch, so accumulation cannot equal a bigger micro-batch")
+    if check in ("ranks", "accum") and cfg.train.precision != "fp32":
+        causes.append(
+            f"train.precision {cfg.train.precision}: each product rounds to "
+            f"{ {'bf16': 8, 'fp16': 11}[cfg.train.precision] } significant bits, and these runs split the batch "
+            "differently, so their roundings differ by far more than the fp32 tolerance; verify the parity in "
+            "fp32 (train.precision=fp32): the loop is the same"
+        )
     if check in ("ranks", "accum") and traits.get("qat"):
         causes.append(
             "compress.qat: the activation observers set the fake-quant ranges from each forward's micro-batch "
