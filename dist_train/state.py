@@ -138,7 +138,10 @@ def config_changes(manifest: dict, cfg: Config, limit: int = 4) -> str:
     keys = [key for key in sorted(before.keys() | now.keys()) if before.get(key, ()) != now.get(key, ())]
 
     def value(tree: dict, key: str) -> str:
-        return str(tree[key]) if key in tree else "unset"  # a factory argument left to its default
+        if key not in tree:
+            return "unset"  # a factory argument left to its default
+        v = tree[key]  # as the config writes it: true, false, null
+        return json.dumps(v) if v is None or isinstance(v, bool) else str(v)
 
     shown = "; ".join(f"{key}: {value(before, key)} -> {value(now, key)}" for key in keys[:limit])
     return shown + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")

@@ -372,6 +372,21 @@ def test_a_checkpoint_of_another_compress_layout_names_the_compress_key(tmp_path
     assert run(tmp_path / "pruned", train={"max_steps": 4}, eval=plain, compress=structured)["step"] == 4
 
 
+def test_changed_keys_show_their_values_as_the_config_writes_them(tmp_path):
+    """`model.low_precision_residual: False -> True` read as Python, not as the YAML the user wrote."""
+    from helpers import tiny_lm_config
+
+    from dist_train.state import config_changes, recorded_training_config
+
+    def cfg(**model):
+        raw = tiny_lm_config(tmp_path)
+        return from_dict({**raw, "model": {**raw["model"], **model}})
+
+    manifest = {"training_config": recorded_training_config(cfg(low_precision_residual=False, dropout=None))}
+    changed = config_changes(manifest, cfg(low_precision_residual=True, dropout=0.1))
+    assert changed == "model.dropout: null -> 0.1; model.low_precision_residual: false -> true"
+
+
 def test_a_resume_with_other_training_keys_names_them(tmp_path, caplog):
     """The warning said only 'the training config differs from the one checkpoint step-00000002 was
     written with' (and check 'config hash differs'), whichever keys changed: an edited LR and a data
