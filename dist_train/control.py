@@ -66,6 +66,7 @@ class Control:
         self._mask: set[int] | None = None  # the signal mask before `install` blocked the stop signals
         self._pending: tuple[Any, torch.Tensor] | None = None
         self._steps_to_vote, self._steps_since_vote, self._voted_at = 1, 1, 0.0  # vote at the first boundary
+        self._vote_waited = False  # the next vote is waited on at once (after an evaluation: vote_after_pause)
         self._default_armed_at: float | None = None  # monotonic time of the last default arm_watchdog()
         # A separate gloo group bounds the wait of ranks that idle while rank 0 writes a checkpoint,
         # and lets the stop vote run on the CPU without touching the accelerator stream.
@@ -120,27 +121,44 @@ class Control:
         step: each gloo all-reduce costs ~0.2-1 ms of CPU (worker-thread wake-ups), 5% of a 20 ms
         step. Every rank must vote at the same steps, so the interval (in steps) travels with the
         vote: each rank proposes one from its own step time, and the smallest proposal of vote k
-        sets the steps between votes k+1 and k+2. A signal is acted on within two intervals.
+        sets the steps between votes k+1 and k+2. A signal is acted on within two intervals, and at
+        the first boundary after an evaluation (`vote_after_pause`).
         """
         self._take_pending()
         if not self.ctx.is_distributed or self.ctx.world_size == 1:
             return self.signal_received is not None
         self._steps_to_vote -= 1
-        if self._steps_to_vote > 0:
+        if self._steps_to_vote > 0 and not self._vote_waited:
             return False
         decided, interval = False, 1
         if self._pending is not None:
-            work, flag = self._pending
-            work.wait()
-            stop, negative_interval = flag.tolist()  # CPU tensor on the gloo group: no device sync
-            decided, interval = bool(stop), -negative_interval
+            decided, interval = self._result(*self._pending)
         now = time.perf_counter()
         per_step = (now - self._voted_at) / self._steps_since_vote if self._voted_at else VOTE_PERIOD_S
         proposal = max(1, min(MAX_VOTE_INTERVAL, int(VOTE_PERIOD_S / max(per_step, 1e-6))))
         flag = torch.tensor([int(self.signal_received is not None), -proposal], dtype=torch.int64)
         self._pending = (dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True), flag)
+        if self._vote_waited:  # this vote decides now, with the signals received up to here
+            self._vote_waited = False
+            stop, interval = self._result(*self._pending)
+            decided, self._pending = decided or stop, None
         self._voted_at, self._steps_since_vote, self._steps_to_vote = now, interval, interval
         return decided
+
+    @staticmethod
+    def _result(work: Any, flag: torch.Tensor) -> tuple[bool, int]:
+        """(some rank had a stop signal, the agreed steps to the next vote) of a launched vote."""
+        work.wait()
+        stop, negative_interval = flag.tolist()  # CPU tensor on the gloo group: no device sync
+        return bool(stop), -negative_interval
+
+    def vote_after_pause(self) -> None:
+        """Make the next `should_stop` vote at once and wait for it. Called after an evaluation, at the
+        same step on every rank: the interval between votes counts training steps, and an evaluation
+        inside it (seconds, or minutes) made a stop signal wait for several more evaluations (2 ranks,
+        1 s evaluations every 5 steps: stopped 4-7 s and up to 5 evaluations after the signal). One
+        blocking all-reduce after an evaluation costs nothing next to it."""
+        self._vote_waited = True
 
     def finish_vote(self) -> None:
         """Drain the outstanding vote so no collective is left in flight at teardown."""

@@ -288,6 +288,7 @@ def _train(cfg: Config, ctx: DistContext, held: contextlib.ExitStack) -> dict:
                 state.last_eval_step = state.step
                 with throughput.paused():  # evaluation is not training throughput; the watchdog re-armed per batch
                     eval_row = {"step": state.step, **_evaluate(strategy, loss_fn, eval_data, ctx, state.step, control)}
+                control.vote_after_pause()  # a stop signal that came during it is acted on before the next step
                 metrics.emit(eval_row)
                 state.lr_schedule = schedule.observe(eval_row, state.step)  # same metrics, same LR on every rank
                 patience = cfg.eval.early_stopping_patience  # eval.metric is read for early stopping only

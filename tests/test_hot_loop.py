@@ -39,11 +39,17 @@ SYNC_OPS = ("_local_scalar_dense", "nonzero", "masked_select", "equal", "is_nonz
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "barrier")
 # Host-side tensors by construction, read on every step on purpose (see each module):
 #   the sampler's permutation and the DataLoader's collate (CPU batches before `.to(device)`),
-#   Loss.count (counts the host target batch), Control.should_stop (a CPU flag on the gloo group);
+#   Loss.count (counts the host target batch), Control.should_stop and its _result (a CPU flag on the
+#   gloo group);
 #   and once per run, after the first step, Control.broadcast_object (rank 0's verdict on setting aside
 #   the checkpoints the run does not continue: a pickled object in CPU tensors on the gloo group).
 HOST_SIDE = ("dist_train/data/", "torch/utils/data/")
-HOST_SIDE_FUNCTIONS = {("losses.py", "count"), ("control.py", "should_stop"), ("control.py", "broadcast_object")}
+HOST_SIDE_FUNCTIONS = {
+    ("losses.py", "count"),
+    ("control.py", "should_stop"),
+    ("control.py", "_result"),
+    ("control.py", "broadcast_object"),
+}
 LOG_EVERY, STEPS = 5, 12
 
 

@@ -7,6 +7,7 @@ evaluation under the hang watchdog, dataset factories that draw from the global 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -621,3 +622,51 @@ def test_a_prefetch_factor_past_an_epochs_batches_prefetches_the_epoch(tmp_path)
     assert build_train_data(cfg, SINGLE).loader.prefetch_factor == 256 // 16
     assert build_eval_data(cfg, SINGLE).loader.prefetch_factor == 64 // 16
     assert train(cfg, SINGLE)["step"] == 12
+
+
+def _vote_worker(rank: int, init_file: str, out_file: str, after_pause: bool) -> None:
+    import signal
+    import time
+
+    import torch.distributed as dist
+
+    from dist_train.control import Control
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    control = Control(DistContext(rank, rank, 2, 2, torch.device("cpu"), "gloo", "spawn"), 60.0, 60.0)
+    stopped = None
+    for step in range(1, 1001):  # steps of microseconds: votes 100 steps apart by step 300
+        if control.should_stop():
+            stopped = step
+            break
+        if step == 300:  # an evaluation, during which rank 1 gets a stop signal
+            if rank == 1:
+                control.signal_received = signal.SIGUSR1
+            time.sleep(0.3)
+            if after_pause:
+                control.vote_after_pause()
+    control.finish_vote()
+    dist.destroy_process_group()
+    Path(out_file).write_text(str(stopped))
+
+
+def test_a_stop_signal_during_an_evaluation_stops_every_rank_before_the_next_step(tmp_path):
+    """The stop vote's interval counts training steps: a signal during an evaluation waited for the
+    next vote, up to two intervals away, through more evaluations (2 ranks, 1 s evaluations every 5
+    steps: 4-7 s after the signal). The vote right after an evaluation is now waited on at once."""
+    import multiprocessing
+
+    fork = multiprocessing.get_context("fork")
+    stopped = {}
+    for after_pause in (True, False):
+        outs = [tmp_path / f"{after_pause}-{rank}" for rank in range(2)]
+        init = tmp_path / f"init-{after_pause}"
+        procs = [fork.Process(target=_vote_worker, args=(r, str(init), str(outs[r]), after_pause)) for r in range(2)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(60)
+            assert proc.exitcode == 0
+        stopped[after_pause] = [int(out.read_text()) for out in outs]
+    assert stopped[True] == [301, 301]  # both ranks, at the first boundary after the evaluation
+    assert stopped[False][0] == stopped[False][1] > 301  # without the waited vote: later (still together)
