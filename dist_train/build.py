@@ -93,7 +93,10 @@ def require_fused_loss_support(cfg: Config, model: nn.Module) -> None:
 def require_eval_split(cfg: Config, has_eval_split: bool) -> None:
     """Evaluations during training (and early stopping, which counts them) need an eval split (the run
     and `dist-train check`)."""
-    if (cfg.eval.every_steps or cfg.eval.early_stopping_patience) and not has_eval_split:
+    wanted = [key for key in ("every_steps", "early_stopping_patience") if getattr(cfg.eval, key)]
+    if wanted and not has_eval_split:
         raise UserError(
-            f"eval.every_steps/early_stopping_patience set, but dataset {cfg.data.name!r} has no `eval` split"
+            f"{' and '.join('eval.' + key for key in wanted)} set, but dataset {cfg.data.name!r} has no `eval` split "
+            "(none, or an empty one): give it eval samples (data.eval_samples for the synthetic datasets), or set "
+            f"{' and '.join('eval.' + key + '=null' for key in wanted)}"
         )

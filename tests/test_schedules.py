@@ -151,6 +151,17 @@ def test_unknown_plateau_metric_is_a_user_error():
     """Refused with the config, before any step trains: the loss says which metrics an evaluation has."""
     with pytest.raises(UserError, match="plateau_metric='eval_bleu' is not a metric of train.loss=cross_entropy"):
         cfg_with({"name": "plateau", "plateau_metric": "eval_bleu"})
+    # plateau_metric unset follows eval.metric: the key the user set is the one named (it named plateau_metric)
+    with pytest.raises(UserError, match="^eval.metric='eval_bleu' is not a metric of train.loss=cross_entropy"):
+        from_dict(
+            {
+                "run": {"output_dir": "x"},
+                "model": {"name": "mlp"},
+                "data": {"name": "d"},
+                "schedule": {"name": "plateau"},
+                "eval": {"every_steps": 1, "metric": "eval_bleu"},
+            }
+        )
 
 
 # --- in the training loop ---------------------------------------------------------------------------

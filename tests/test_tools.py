@@ -213,7 +213,11 @@ def test_check_text_report_and_config_flag(tmp_path, capsys):
             ["--world-size", "8", "data.num_samples=4", "train.micro_batch_size=1", "train.grad_accum_steps=1"],
             "or train.grad_accum_steps, or run on at most 4 ranks",
         ),
-        (["eval.every_steps=5", "data.eval_samples=0"], "has no `eval` split"),
+        (["eval.every_steps=5", "data.eval_samples=0"], "eval.every_steps set, but dataset 'synthetic_tokens' has no"),
+        (
+            ["eval.every_steps=5", "data.eval_samples=0"],
+            "(data.eval_samples for the synthetic datasets), or set eval.every_steps=null",
+        ),
         (["--world-size", "0"], "--world-size must be >= 1"),
         (["compress.prune=unstructured", "compress.prune_modules=[Linearr]"], "'Linearr' is not a torch.nn module"),
         (["compress.prune=structured", "compress.prune_dim=2"], "blocks.0.attn.qkv.weight has only 2 dimensions"),

@@ -239,7 +239,9 @@ def _watched_metrics(cfg: Config) -> list[tuple[str, str]]:
     if cfg.eval.early_stopping_patience:
         watched.append(("eval.metric", cfg.eval.metric))
     if cfg.schedule.name == "plateau":
-        watched.append(("schedule.plateau_metric", cfg.schedule.plateau_metric or cfg.eval.metric))
+        # an unset plateau_metric follows eval.metric: a bad value is then named as the key the user set
+        key = "schedule.plateau_metric" if cfg.schedule.plateau_metric else "eval.metric"
+        watched.append((key, cfg.schedule.plateau_metric or cfg.eval.metric))
     return watched
 
 
