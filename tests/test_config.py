@@ -46,6 +46,8 @@ def test_int_key_accepts_int_for_float():
             "unknown key `train.micro_batchsize` (did you mean `train.micro_batch_size`?)",
         ),
         ({"trian": {}}, "unknown section `trian` (did you mean `train`?)"),
+        # a whole word of one key: it said `eval.at_end`, the closest spelling
+        ({"eval": {"patience": 3}}, "unknown key `eval.patience` (did you mean `eval.early_stopping_patience`?)"),
         ({"train": {"max_steps": "ten"}}, "`train.max_steps` must be an integer"),
         ({"train": {"max_steps": 2.5}}, "`train.max_steps` must be an integer"),
         ({"train": {"grad_checkpointing": "yes"}}, "`train.grad_checkpointing` must be true or false"),

@@ -15,8 +15,11 @@ MAX_INT = 2**63  # |int key| below it: torch and its C++ take steps, sizes and c
 
 
 def nearest(name: str, options: list[str], prefix: str = "") -> str:
-    """' (did you mean `prefix + option`?)' for the option closest to `name`, else the valid options."""
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    """' (did you mean `prefix + option`?)' for the option closest to `name`, else the valid options.
+    A name that is a whole word of exactly one option is that option (`patience` is
+    `early_stopping_patience`, which spelling alone put behind `at_end`)."""
+    words = [option for option in options if name and set(name.split("_")) <= set(option.split("_"))]
+    close = words if len(words) == 1 else difflib.get_close_matches(name, options, n=1, cutoff=0.5)
     return f" (did you mean `{prefix}{close[0]}`?)" if close else f" (valid: {', '.join(options)})"
 
 
