@@ -168,6 +168,11 @@ def gpu_peak_tflops() -> tuple[str, float | None]:
     return name, peak_tflops(name)
 
 
+def model_kwargs(workload: Workload, residual: str) -> dict:
+    """The workload's transformer_lm arguments with the residual stream's dtype (--residual)."""
+    return {**workload.model_kwargs, "low_precision_residual": residual == "bf16"}
+
+
 def flops_per_token(workload: Workload) -> float:
     import torch
 
@@ -290,7 +295,7 @@ def build_cell(args: argparse.Namespace) -> Cell:
         changes["sdpa_backend"] = args.sdpa_backend
     if args.fused_loss:
         changes["fused_loss"] = True
-    changes["model_kwargs"] = {**workload.model_kwargs, "low_precision_residual": args.residual == "bf16"}
+    changes["model_kwargs"] = model_kwargs(workload, args.residual)
     if args.steps:
         changes["steps"] = args.steps
         every = workload.log_every  # the window starts and ends at a read of the loss (Workload.step_time)
@@ -318,8 +323,8 @@ def describe(record: dict) -> str:
         return f"{record['side']:<10} FAILED\n{record.get('log_tail', '')}"
     mfu = f"  MFU {record['mfu']:.1%}" if record["mfu"] is not None else ""
     loss = record.get("logged_loss")  # a float, or "nan"/"inf" as metrics.jsonl writes them
-    loss = f"  last loss {loss:.4f}" if isinstance(loss, float) else "" if loss is None else f"  last loss {loss}"
-    return f"{record['side']:<10} {record['tokens_per_s']:10.0f} tokens/s{mfu}{loss}"
+    shown = "" if loss is None else f"  last loss {loss:.4f}" if isinstance(loss, float) else f"  last loss {loss}"
+    return f"{record['side']:<10} {record['tokens_per_s']:10.0f} tokens/s{mfu}{shown}"
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import time
 import torch
 
 from .common import attention_preference, loss_function, micro_loss, param_groups
-from .gpu import GPT2_SMALL, TINY, flops_per_token, gpu_peak_tflops
+from .gpu import GPT2_SMALL, TINY, flops_per_token, gpu_peak_tflops, model_kwargs
 from .workloads import CUDA_GRAPH_MODES
 
 KINDS = (  # first match wins, on the lower-cased kernel name
@@ -72,7 +72,7 @@ def main() -> None:
     torch.manual_seed(0)
     from dist_train.models.transformer_lm import transformer_lm
 
-    model = transformer_lm(**spec.model_kwargs, low_precision_residual=args.residual == "bf16").to(device)
+    model = transformer_lm(**model_kwargs(spec, args.residual)).to(device)
     mode = args.compile_mode or "default"
     model.compile(mode=mode)
     loss_fn = loss_function({"compile": not args.no_compile_loss, "compile_mode": mode})

@@ -97,15 +97,12 @@ class TransformerLM(nn.Module):
             )
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         x = self.drop(self.tok_emb(tokens) + self.pos_emb(positions))
-        device = x.device.type
-        if (
-            self.low_precision_residual
-            and torch.amp.is_autocast_available(device)
-            and torch.is_autocast_enabled(device)
-        ):
-            # the blocks add their bf16/fp16 outputs to a stream of that dtype, not fp32: the residual adds and
-            # LayerNorms move half the bytes (as bf16 parameters would make it); LayerNorm still computes in fp32
-            x = x.to(torch.get_autocast_dtype(device))
+        if self.low_precision_residual:
+            device = x.device.type
+            if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+                # the blocks add their bf16/fp16 outputs to a stream of that dtype, not fp32: the residual adds
+                # and LayerNorms move half the bytes (as bf16 parameters would); LayerNorm still computes in fp32
+                x = x.to(torch.get_autocast_dtype(device))
         for block in self.blocks:
             x = block(x)
         x = self.ln_f(x)
